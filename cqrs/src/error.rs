@@ -1,0 +1,262 @@
+//! The framework's errors: [`CQRSError`] and the pieces it carries.
+
+use std::fmt;
+
+use uuid::Uuid;
+
+/// A boxed error from a storage driver or a network client.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything the framework itself can fail with.
+///
+/// An aggregate's own error type converts from it (`Aggregate::Errors: From<CQRSError>`),
+/// so [`CQRSFramework::dispatch`](crate::CQRSFramework::dispatch) returns the domain's error
+/// type and a caller can still match the framework's variant inside it.
+///
+/// Each variant says what a caller should do about it under **Handling**.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CQRSError {
+    /// Another writer appended to the aggregate first: the events this command decided on
+    /// were based on a state that is no longer current, and none of them was stored.
+    ///
+    /// ### Handling
+    /// Reload and run the command again, or let the framework do it with
+    /// [`RetryPolicy`](crate::RetryPolicy). Nothing needs undoing.
+    #[error(
+        "concurrency conflict on {aggregate_type} {aggregate_id}: expected to append after \
+         sequence {expected_sequence}, but another writer got there first"
+    )]
+    Conflict {
+        /// The aggregate's type (`Aggregate::NAME`).
+        aggregate_type: String,
+        /// The aggregate's id.
+        aggregate_id: Uuid,
+        /// The sequence the writer believed was the last one.
+        expected_sequence: i64,
+    },
+
+    /// A stored event could not be turned back into a domain event: its payload does not
+    /// decode, or its (type, version) is not one the event type knows.
+    ///
+    /// ### Handling
+    /// The store is intact and nothing was written. Deploy code that knows the event (or an
+    /// upcaster for its version), or repair the named row.
+    #[error(transparent)]
+    EventDecode(Box<EventDecodeError>),
+
+    /// An event, a piece of metadata, a snapshot or a view could not be serialized to JSON.
+    ///
+    /// ### Handling
+    /// A bug in a `Serialize` implementation (a map with non-string keys, a failing custom
+    /// serializer). Nothing was stored.
+    #[error("could not serialize {what}: {source}")]
+    Serialization {
+        /// What was being serialized, e.g. `event Deposited of BankAccount`.
+        what: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A stored view or snapshot no longer deserializes into its Rust type.
+    ///
+    /// ### Handling
+    /// For a snapshot the framework falls back to a full replay by itself; for a view, bump
+    /// `View::VERSION` so it is rebuilt, or repair the row.
+    #[error("could not deserialize {what}: {source}")]
+    Deserialization {
+        /// What was being deserialized, e.g. `view account_balance/42`.
+        what: String,
+        /// The deserializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// An append reused an event id that the store already holds for a different event (or
+    /// only part of a batch was stored before, which a store never does).
+    ///
+    /// ### Handling
+    /// A retried append must resend exactly the same events; a new append needs new ids.
+    #[error("event id {event_id} is already stored for a different event")]
+    DuplicateEventId {
+        /// The event id that collided.
+        event_id: Uuid,
+    },
+
+    /// The stored history of an aggregate has a hole or is out of order.
+    ///
+    /// ### Handling
+    /// The store was modified outside the framework; repair it. The framework refuses to
+    /// build state from an incomplete history.
+    #[error(
+        "history of {aggregate_type} {aggregate_id} is broken: expected sequence \
+         {expected_sequence}, found {found_sequence}"
+    )]
+    SequenceGap {
+        /// The aggregate's type.
+        aggregate_type: String,
+        /// The aggregate's id.
+        aggregate_id: Uuid,
+        /// The sequence that should have come next.
+        expected_sequence: i64,
+        /// The sequence that was stored there instead.
+        found_sequence: i64,
+    },
+
+    /// The caller handed a store something it must refuse: an empty batch, events of several
+    /// aggregates in one append, sequences that are not contiguous or that skip ahead.
+    ///
+    /// ### Handling
+    /// A bug in the caller; the framework's own dispatcher never does this.
+    #[error("invalid append: {0}")]
+    InvalidAppend(String),
+
+    /// A view row changed since it was loaded: another projector wrote it.
+    ///
+    /// ### Handling
+    /// Reload the view and apply the events again; the projection runner does this.
+    #[error(
+        "view {view}/{view_id} was changed by another writer (expected version {expected_version})"
+    )]
+    ViewConflict {
+        /// The view's table name.
+        view: String,
+        /// The view instance's id.
+        view_id: String,
+        /// The version the writer loaded.
+        expected_version: i64,
+    },
+
+    /// A view's `handle_event` refused an event.
+    ///
+    /// ### Handling
+    /// Fix the view or the event; the projection stops at this event (nothing after it is
+    /// applied) until it can be handled.
+    #[error(
+        "view {view} failed on event {event_type} v{event_version} of {aggregate_type} \
+         {aggregate_id} (sequence {sequence}, position {position}): {message}"
+    )]
+    ViewHandler {
+        /// The view's table name.
+        view: String,
+        /// The aggregate type of the event.
+        aggregate_type: String,
+        /// The aggregate id of the event.
+        aggregate_id: Uuid,
+        /// The event's sequence within its aggregate.
+        sequence: i64,
+        /// The event's global position.
+        position: i64,
+        /// The event's stored type name.
+        event_type: String,
+        /// The event's stored version.
+        event_version: String,
+        /// The handler's error, rendered.
+        message: String,
+    },
+
+    /// The storage back end failed: a connection dropped, a server went away, a disk filled.
+    ///
+    /// ### Handling
+    /// Usually transient. If it happened during an append the outcome is unknown; retrying the
+    /// same append (same event ids) is safe, and the store reports success if the first try
+    /// had in fact committed. Retrying the whole command is safe too: it reloads first.
+    #[error("persistence error: {0}")]
+    PersistenceError(#[source] BoxError),
+
+    /// Waiting for something (a view to reach a position) took longer than allowed.
+    ///
+    /// ### Handling
+    /// Try again later, or read the view as it is.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl CQRSError {
+    /// Wraps a storage driver's error as [`CQRSError::PersistenceError`].
+    pub fn persistence(error: impl Into<BoxError>) -> Self {
+        CQRSError::PersistenceError(error.into())
+    }
+
+    /// True for [`CQRSError::Conflict`]: the command may succeed if run again on fresh state.
+    ///
+    /// ```
+    /// # use cqrs::CQRSError;
+    /// let err = CQRSError::Conflict {
+    ///     aggregate_type: "account".into(),
+    ///     aggregate_id: uuid::Uuid::nil(),
+    ///     expected_sequence: 3,
+    /// };
+    /// assert!(err.is_conflict());
+    /// ```
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, CQRSError::Conflict { .. })
+    }
+}
+
+/// Why one stored event could not be decoded, with the event it came from.
+///
+/// It names the aggregate type, aggregate id, sequence, event type and version, so the row
+/// can be found.
+#[derive(Debug)]
+pub struct EventDecodeError {
+    /// The aggregate type of the stored event.
+    pub aggregate_type: String,
+    /// The aggregate id of the stored event.
+    pub aggregate_id: Uuid,
+    /// The sequence of the stored event within its aggregate.
+    pub sequence: i64,
+    /// The stored event type name.
+    pub event_type: String,
+    /// The stored event version.
+    pub event_version: String,
+    /// What went wrong.
+    pub kind: DecodeError,
+}
+
+impl fmt::Display for EventDecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot decode event {} v{} of {} {} at sequence {}: {}",
+            self.event_type,
+            self.event_version,
+            self.aggregate_type,
+            self.aggregate_id,
+            self.sequence,
+            self.kind
+        )
+    }
+}
+
+impl std::error::Error for EventDecodeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.kind)
+    }
+}
+
+impl From<EventDecodeError> for CQRSError {
+    fn from(error: EventDecodeError) -> Self {
+        CQRSError::EventDecode(Box::new(error))
+    }
+}
+
+/// What went wrong decoding a payload, without the envelope's identity.
+///
+/// [`DomainEvent::decode`](crate::DomainEvent::decode) returns it;
+/// [`DomainEvent::try_from_persisted`](crate::DomainEvent::try_from_persisted) adds the
+/// aggregate, sequence, type and version around it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The event type and version are not among those the Rust type reads.
+    #[error("unknown event type or version")]
+    UnknownEventType,
+    /// The payload is not valid for the event type and version it is stored under.
+    #[error("malformed payload: {0}")]
+    MalformedPayload(#[source] serde_json::Error),
+    /// An upcaster refused to bring an old version up to date.
+    #[error("upcast failed: {0}")]
+    Upcast(String),
+}

@@ -1,0 +1,567 @@
+//! The dispatcher: load, decide, append.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::aggregate::Aggregate;
+use crate::error::CQRSError;
+use crate::event::{DomainEvent, PersistableDomainEvent};
+use crate::store::{EventRepository, Snapshot, SnapshotRepository};
+
+/// What to do when an append loses the race to another writer.
+///
+/// By default ([`RetryPolicy::none`]) the conflict is returned to the caller as
+/// [`CQRSError::Conflict`]. With [`RetryPolicy::attempts`] the framework reloads the
+/// aggregate, runs the command again on the fresh state and appends again, up to the given
+/// number of attempts in all, sleeping a short random backoff between attempts.
+///
+/// ```
+/// use std::time::Duration;
+/// let policy = cqrs::RetryPolicy::attempts(10).with_backoff(Duration::from_micros(200), Duration::from_millis(20));
+/// assert_eq!(policy.max_attempts(), 10);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    base_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+impl RetryPolicy {
+    /// No retry: a conflict is returned to the caller.
+    pub const fn none() -> Self {
+        RetryPolicy {
+            max_attempts: 1,
+            base_backoff: Duration::from_micros(100),
+            max_backoff: Duration::from_millis(50),
+        }
+    }
+
+    /// Up to `max_attempts` attempts in all (at least 1), with the default backoff (random,
+    /// from 100 µs doubling up to 50 ms).
+    pub const fn attempts(max_attempts: u32) -> Self {
+        let mut policy = Self::none();
+        policy.max_attempts = if max_attempts == 0 { 1 } else { max_attempts };
+        policy
+    }
+
+    /// Sets the backoff: attempt `n` sleeps a random time up to `base * 2^n`, capped at `max`.
+    pub const fn with_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.base_backoff = base;
+        self.max_backoff = max;
+        self
+    }
+
+    /// The number of attempts in all.
+    pub const fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base_backoff
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_backoff);
+        // Full jitter: uniform in [0, ceiling]. A v4 UUID is 122 random bits, plenty here.
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        let random = (Uuid::new_v4().as_u128() & u128::from(u64::MAX)) as u64;
+        Duration::from_nanos(random % (nanos + 1))
+    }
+}
+
+/// When to save a snapshot of an aggregate's state.
+///
+/// ```
+/// let policy = cqrs::SnapshotPolicy::every(100);
+/// assert_eq!(policy, cqrs::SnapshotPolicy::Every(100));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotPolicy {
+    /// Never save snapshots (they are still read if a store has them).
+    Never,
+    /// Save one whenever an append crosses a multiple of this many events.
+    Every(u32),
+}
+
+impl SnapshotPolicy {
+    /// A snapshot every `n` events (`n` = 0 means never).
+    pub const fn every(n: u32) -> Self {
+        if n == 0 {
+            SnapshotPolicy::Never
+        } else {
+            SnapshotPolicy::Every(n)
+        }
+    }
+}
+
+/// What a successful dispatch did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchReceipt<E> {
+    /// The events the command caused, as appended (empty if it changed nothing).
+    pub events: Vec<E>,
+    /// The aggregate's last sequence after the dispatch.
+    pub sequence: i64,
+    /// The global position of each appended event: wait for a view to reach the last one
+    /// to read your own write.
+    pub positions: Vec<i64>,
+    /// How many attempts it took (1 without a conflict).
+    pub attempts: u32,
+}
+
+impl<E> DispatchReceipt<E> {
+    /// The highest global position this dispatch wrote, if it wrote anything.
+    pub fn last_position(&self) -> Option<i64> {
+        self.positions.last().copied()
+    }
+}
+
+/// An aggregate's state with the sequence of the last event folded into it.
+#[derive(Debug, Clone)]
+struct Loaded<S> {
+    state: S,
+    sequence: i64,
+}
+
+/// The command side: rebuilds an aggregate from its events, runs a command, appends the
+/// result.
+///
+/// One instance is `Send + Sync` and serves any number of tasks through `&self`. Every
+/// dispatch:
+///
+/// 1. rebuilds the aggregate's state: the newest snapshot (if a snapshot store is set) or
+///    the cached state (if the cache is on), then the events after it, through
+///    `Aggregate::handle_event`;
+/// 2. runs `Aggregate::handle_command` on that state;
+/// 3. appends only the new events, with the sequences that follow the loaded one, in one
+///    atomic append: if another writer got there first nothing is stored and the result is a
+///    conflict (retried per the [`RetryPolicy`]).
+///
+/// ```
+/// # use cqrs::{Aggregate, CQRSError, DomainEvent};
+/// # use serde::{Deserialize, Serialize};
+/// # use uuid::Uuid;
+/// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+/// # enum CounterEvent { Incremented { by: u32 } }
+/// # #[derive(Debug, Clone)] enum CounterCommand { Increment { by: u32 } }
+/// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
+/// # #[derive(Debug, Clone, Default, Serialize, Deserialize)] struct CounterState { value: u32 }
+/// # #[derive(Default)] struct Counter;
+/// # impl Aggregate for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type Events = CounterEvent; type Commands = CounterCommand; type Errors = CounterError; type State = CounterState;
+/// #     async fn handle_command(&self, _: Uuid, _: &CounterState, c: CounterCommand) -> Result<Vec<CounterEvent>, CounterError> {
+/// #         let CounterCommand::Increment { by } = c; Ok(vec![CounterEvent::Incremented { by }]) }
+/// #     fn handle_event(&self, s: &mut CounterState, e: &CounterEvent) { let CounterEvent::Incremented { by } = e; s.value += by; }
+/// # }
+/// use cqrs::{CQRSFramework, MemoryEventRepository};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let framework = CQRSFramework::<Counter>::new(MemoryEventRepository::new());
+/// let id = Uuid::new_v4();
+/// framework.dispatch(id, CounterCommand::Increment { by: 2 }).await?;
+/// let receipt = framework.dispatch(id, CounterCommand::Increment { by: 3 }).await?;
+/// assert_eq!(receipt.sequence, 2);
+/// assert_eq!(framework.load(id).await?.value, 5);
+/// # Ok::<(), CounterError>(())
+/// # }).unwrap();
+/// ```
+pub struct CQRSFramework<A: Aggregate> {
+    aggregate: A,
+    events: Arc<dyn EventRepository>,
+    snapshots: Option<(Arc<dyn SnapshotRepository>, SnapshotPolicy)>,
+    retry: RetryPolicy,
+    cache: Option<StateCache<A::State>>,
+}
+
+impl<A: Aggregate> fmt::Debug for CQRSFramework<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CQRSFramework")
+            .field("aggregate", &A::NAME)
+            .field("snapshots", &self.snapshots.as_ref().map(|(_, p)| *p))
+            .field("retry", &self.retry)
+            .field("cache", &self.cache.as_ref().map(|c| c.capacity))
+            .finish()
+    }
+}
+
+impl<A: Aggregate + Default> CQRSFramework<A> {
+    /// A framework for `A` (built with `A::default()`) on an event store.
+    pub fn new(event_repository: impl EventRepository + 'static) -> Self {
+        Self::with_aggregate(A::default(), event_repository)
+    }
+}
+
+impl<A: Aggregate> CQRSFramework<A> {
+    /// A framework for the given aggregate value (which holds the aggregate's services) on
+    /// an event store.
+    pub fn with_aggregate(aggregate: A, event_repository: impl EventRepository + 'static) -> Self {
+        CQRSFramework {
+            aggregate,
+            events: Arc::new(event_repository),
+            snapshots: None,
+            retry: RetryPolicy::none(),
+            cache: None,
+        }
+    }
+
+    /// Retries conflicting dispatches as the policy says.
+    #[must_use]
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Reads snapshots from `repository` when loading, and saves them as `policy` says.
+    #[must_use]
+    pub fn with_snapshots(
+        mut self,
+        repository: impl SnapshotRepository + 'static,
+        policy: SnapshotPolicy,
+    ) -> Self {
+        self.snapshots = Some((Arc::new(repository), policy));
+        self
+    }
+
+    /// Keeps the state and sequence of up to `capacity` aggregates in memory, so a dispatch
+    /// reads nothing from the store. A cached state that another writer (another process)
+    /// has made stale is caught by the append's conflict check, dropped, reloaded and the
+    /// command run again, without counting against the [`RetryPolicy`].
+    #[must_use]
+    pub fn with_state_cache(mut self, capacity: usize) -> Self {
+        self.cache = Some(StateCache::new(capacity));
+        self
+    }
+
+    /// The aggregate value (its services).
+    pub fn aggregate(&self) -> &A {
+        &self.aggregate
+    }
+
+    /// The event store.
+    pub fn event_repository(&self) -> &Arc<dyn EventRepository> {
+        &self.events
+    }
+
+    /// Runs a command with no metadata (stored as JSON `null`).
+    ///
+    /// # Errors
+    /// The domain's error, or a [`CQRSError`] converted into it: a conflict (after the retry
+    /// policy gave up), a store failure, a stored event that does not decode, a payload that
+    /// does not serialize.
+    pub async fn dispatch(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        self.dispatch_inner(aggregate_id, command, Value::Null)
+            .await
+    }
+
+    /// Runs a command and stores `metadata` (as JSON) with each event it causes.
+    ///
+    /// # Errors
+    /// As [`dispatch`](Self::dispatch), plus [`CQRSError::Serialization`] if the metadata does
+    /// not serialize.
+    pub async fn dispatch_with_metadata<M: Serialize + ?Sized>(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+        metadata: &M,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        let metadata = serde_json::to_value(metadata).map_err(|source| {
+            A::Errors::from(CQRSError::Serialization {
+                what: format!("metadata for {} {aggregate_id}", A::NAME),
+                source,
+            })
+        })?;
+        self.dispatch_inner(aggregate_id, command, metadata).await
+    }
+
+    /// The aggregate's current state, rebuilt from the store (snapshot plus later events).
+    ///
+    /// # Errors
+    /// A store failure or a stored event that does not decode.
+    pub async fn load(&self, aggregate_id: Uuid) -> Result<A::State, A::Errors> {
+        Ok(self.load_from_store(aggregate_id).await?.state)
+    }
+
+    async fn dispatch_inner(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+        metadata: Value,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        let span = tracing::debug_span!(
+            "dispatch",
+            aggregate_type = A::NAME,
+            aggregate_id = %aggregate_id,
+            sequence = tracing::field::Empty,
+        );
+        async move {
+            let mut attempt: u32 = 0;
+            let mut stale_retries: u32 = 0;
+            let mut command = Some(command);
+            loop {
+                attempt += 1;
+                let (loaded, from_cache) =
+                    match self.cache.as_ref().and_then(|c| c.get(aggregate_id)) {
+                        Some(loaded) => (loaded, true),
+                        None => (self.load_from_store(aggregate_id).await?, false),
+                    };
+                let last_try = attempt >= self.retry.max_attempts && !from_cache;
+                let this_command = match command.take() {
+                    Some(c) if last_try => c,
+                    Some(c) => {
+                        command = Some(c.clone());
+                        c
+                    }
+                    // Unreachable: `command` is refilled on every path that loops again.
+                    None => return Err(CQRSError::InvalidAppend("command consumed".into()).into()),
+                };
+                let events = self
+                    .aggregate
+                    .handle_command(aggregate_id, &loaded.state, this_command)
+                    .await?;
+                if events.is_empty() {
+                    return Ok(DispatchReceipt {
+                        events,
+                        sequence: loaded.sequence,
+                        positions: Vec::new(),
+                        attempts: attempt,
+                    });
+                }
+                let persistable =
+                    self.to_persistable(aggregate_id, loaded.sequence, &events, &metadata)?;
+                match self.events.append(persistable).await {
+                    Ok(positions) => {
+                        let sequence = loaded.sequence + events.len() as i64;
+                        tracing::Span::current().record("sequence", sequence);
+                        self.after_append(aggregate_id, loaded, &events).await;
+                        return Ok(DispatchReceipt {
+                            events,
+                            sequence,
+                            positions,
+                            attempts: attempt,
+                        });
+                    }
+                    Err(CQRSError::Conflict { .. }) if from_cache && stale_retries < 1 => {
+                        // The cached state was stale: not a race this caller lost, so try once
+                        // more from the store without spending an attempt.
+                        if let Some(cache) = &self.cache {
+                            cache.remove(aggregate_id);
+                        }
+                        stale_retries += 1;
+                        attempt -= 1;
+                    }
+                    Err(err @ CQRSError::Conflict { .. }) => {
+                        if let Some(cache) = &self.cache {
+                            cache.remove(aggregate_id);
+                        }
+                        if attempt >= self.retry.max_attempts {
+                            tracing::debug!(attempts = attempt, "conflict, giving up");
+                            return Err(err.into());
+                        }
+                        tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    }
+                    Err(err) => {
+                        if let Some(cache) = &self.cache {
+                            cache.remove(aggregate_id);
+                        }
+                        return Err(err.into());
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn to_persistable(
+        &self,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+        events: &[A::Events],
+        metadata: &Value,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| {
+                PersistableDomainEvent::new(
+                    A::NAME,
+                    aggregate_id,
+                    after_sequence + 1 + i as i64,
+                    event,
+                    metadata.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Folds the appended events into the state, then updates the cache and the snapshot.
+    async fn after_append(
+        &self,
+        aggregate_id: Uuid,
+        mut loaded: Loaded<A::State>,
+        events: &[A::Events],
+    ) {
+        let needs_state =
+            self.cache.is_some() || matches!(self.snapshots, Some((_, SnapshotPolicy::Every(_))));
+        if !needs_state {
+            return;
+        }
+        let before = loaded.sequence;
+        for event in events {
+            self.aggregate.handle_event(&mut loaded.state, event);
+        }
+        loaded.sequence += events.len() as i64;
+        if let Some((repository, SnapshotPolicy::Every(n))) = &self.snapshots {
+            let n = i64::from(*n);
+            if before / n != loaded.sequence / n {
+                self.save_snapshot(repository.as_ref(), aggregate_id, &loaded)
+                    .await;
+            }
+        }
+        if let Some(cache) = &self.cache {
+            cache.put(aggregate_id, loaded);
+        }
+    }
+
+    /// Saves a snapshot; a failure is logged, never fails the dispatch (events are committed
+    /// and a snapshot is only an optimisation).
+    async fn save_snapshot(
+        &self,
+        repository: &dyn SnapshotRepository,
+        aggregate_id: Uuid,
+        loaded: &Loaded<A::State>,
+    ) {
+        let state = match serde_json::to_value(&loaded.state) {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::warn!(aggregate_type = A::NAME, %aggregate_id, %error, "snapshot state does not serialize; not saved");
+                return;
+            }
+        };
+        let snapshot = Snapshot {
+            aggregate_type: A::NAME.to_owned(),
+            aggregate_id,
+            sequence: loaded.sequence,
+            state,
+            timestamp: chrono::Utc::now(),
+        };
+        if let Err(error) = repository.save_snapshot(snapshot).await {
+            tracing::warn!(aggregate_type = A::NAME, %aggregate_id, %error, "snapshot not saved");
+        }
+    }
+
+    /// Snapshot (if any and decodable) plus every later event, folded.
+    async fn load_from_store(&self, aggregate_id: Uuid) -> Result<Loaded<A::State>, CQRSError> {
+        let mut loaded = Loaded {
+            state: A::State::default(),
+            sequence: 0,
+        };
+        let mut rewrite_snapshot = false;
+        if let Some((repository, _)) = &self.snapshots {
+            if let Some(snapshot) = repository.load_snapshot(A::NAME, aggregate_id).await? {
+                match serde_json::from_value::<A::State>(snapshot.state) {
+                    Ok(state) => {
+                        loaded.state = state;
+                        loaded.sequence = snapshot.sequence;
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            aggregate_type = A::NAME, %aggregate_id, %error,
+                            "snapshot does not decode; replaying the full history"
+                        );
+                        rewrite_snapshot = true;
+                    }
+                }
+            }
+        }
+        let stored = self
+            .events
+            .load_events(A::NAME, aggregate_id, loaded.sequence)
+            .await?;
+        for event in &stored {
+            let expected = loaded.sequence + 1;
+            if event.sequence != expected {
+                return Err(CQRSError::SequenceGap {
+                    aggregate_type: A::NAME.to_owned(),
+                    aggregate_id,
+                    expected_sequence: expected,
+                    found_sequence: event.sequence,
+                });
+            }
+            let domain_event = A::Events::try_from_persisted(event)?;
+            self.aggregate
+                .handle_event(&mut loaded.state, &domain_event);
+            loaded.sequence = expected;
+        }
+        if rewrite_snapshot {
+            if let Some((repository, _)) = &self.snapshots {
+                self.save_snapshot(repository.as_ref(), aggregate_id, &loaded)
+                    .await;
+            }
+        }
+        Ok(loaded)
+    }
+}
+
+/// States of recently used aggregates. Bounded: when full, an arbitrary entry makes room.
+struct StateCache<S> {
+    capacity: usize,
+    entries: Mutex<HashMap<Uuid, Loaded<S>>>,
+}
+
+impl<S: Clone> StateCache<S> {
+    fn new(capacity: usize) -> Self {
+        StateCache {
+            capacity: capacity.max(1),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Uuid, Loaded<S>>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, id: Uuid) -> Option<Loaded<S>> {
+        self.lock().get(&id).cloned()
+    }
+
+    fn remove(&self, id: Uuid) {
+        self.lock().remove(&id);
+    }
+
+    fn put(&self, id: Uuid, loaded: Loaded<S>) {
+        let mut entries = self.lock();
+        if let Some(existing) = entries.get(&id) {
+            if existing.sequence >= loaded.sequence {
+                return;
+            }
+        } else if entries.len() >= self.capacity {
+            if let Some(victim) = entries.keys().next().copied() {
+                entries.remove(&victim);
+            }
+        }
+        entries.insert(id, loaded);
+    }
+}

@@ -1,0 +1,301 @@
+//! In-memory stores: the same contract as the durable ones, kept in the process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::error::CQRSError;
+use crate::event::PersistableDomainEvent;
+use crate::store::{validate_batch, EventRepository, Snapshot, SnapshotRepository};
+
+/// A thread-safe event store in memory.
+///
+/// It meets the whole [`EventRepository`] contract (optimistic appends, idempotent retries,
+/// gap-free global positions, change notification), so code tested on it behaves the same on
+/// a durable store. Cloning gives another handle to the same store.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use cqrs::{EventRepository, MemoryEventRepository};
+/// let store = MemoryEventRepository::new();
+/// assert_eq!(store.read_all(0, 10).await.unwrap().len(), 0);
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MemoryEventRepository {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: RwLock<Inner>,
+    position: watch::Sender<i64>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// All events; `position` is the index plus one.
+    events: Vec<PersistableDomainEvent>,
+    /// aggregate type -> aggregate id -> indexes into `events`, in sequence order.
+    streams: HashMap<String, HashMap<Uuid, Vec<usize>>>,
+    /// event id -> index into `events`.
+    ids: HashMap<Uuid, usize>,
+}
+
+impl Default for MemoryEventRepository {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryEventRepository {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemoryEventRepository {
+            inner: Arc::new(Shared {
+                state: RwLock::new(Inner::default()),
+                position: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// How many events the store holds.
+    pub fn len(&self) -> usize {
+        self.read().events.len()
+    }
+
+    /// True when the store holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stores an event exactly as given, bypassing every check, with the next position.
+    ///
+    /// For tests that need a store holding what a buggy writer or a hand edit left behind (a
+    /// malformed payload, an unknown event type, a hole in a history). Never use it in
+    /// application code.
+    pub fn insert_unchecked(&self, mut event: PersistableDomainEvent) -> i64 {
+        let mut inner = self.write();
+        let index = inner.events.len();
+        event.position = index as i64 + 1;
+        inner.ids.insert(event.event_id, index);
+        inner
+            .streams
+            .entry(event.aggregate_type.clone())
+            .or_default()
+            .entry(event.aggregate_id)
+            .or_default()
+            .push(index);
+        inner.events.push(event);
+        drop(inner);
+        self.inner.position.send_replace(index as i64 + 1);
+        index as i64 + 1
+    }
+
+    // A poisoned lock only means another thread panicked while holding it; every write below
+    // leaves `Inner` consistent before anything can panic, so the data is still valid.
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl EventRepository for MemoryEventRepository {
+    async fn append(&self, mut events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        let expected = validate_batch(&events)?;
+        let mut inner = self.write();
+
+        // An id we already hold: either this exact batch is being retried, or it is a misuse.
+        if let Some(&index) = inner.ids.get(&events[0].event_id) {
+            let mut positions = Vec::with_capacity(events.len());
+            for event in &events {
+                match inner.ids.get(&event.event_id) {
+                    Some(&i)
+                        if i == index + positions.len()
+                            && inner.events[i].aggregate_id == event.aggregate_id
+                            && inner.events[i].aggregate_type == event.aggregate_type
+                            && inner.events[i].sequence == event.sequence =>
+                    {
+                        positions.push(i as i64 + 1)
+                    }
+                    _ => {
+                        return Err(CQRSError::DuplicateEventId {
+                            event_id: event.event_id,
+                        })
+                    }
+                }
+            }
+            return Ok(positions);
+        }
+        if let Some(dup) = events.iter().find(|e| inner.ids.contains_key(&e.event_id)) {
+            return Err(CQRSError::DuplicateEventId {
+                event_id: dup.event_id,
+            });
+        }
+
+        let first = &events[0];
+        let current = inner
+            .streams
+            .get(first.aggregate_type.as_str())
+            .and_then(|s| s.get(&first.aggregate_id))
+            .and_then(|indexes| indexes.last())
+            .map_or(0, |&i| inner.events[i].sequence);
+        if current != expected {
+            if current > expected {
+                return Err(CQRSError::Conflict {
+                    aggregate_type: first.aggregate_type.clone(),
+                    aggregate_id: first.aggregate_id,
+                    expected_sequence: expected,
+                });
+            }
+            return Err(CQRSError::InvalidAppend(format!(
+                "first sequence {} skips ahead of the stored {current}",
+                expected + 1
+            )));
+        }
+
+        let start = inner.events.len();
+        let aggregate_type = first.aggregate_type.clone();
+        let aggregate_id = first.aggregate_id;
+        let mut positions = Vec::with_capacity(events.len());
+        for (offset, event) in events.iter_mut().enumerate() {
+            event.position = (start + offset) as i64 + 1;
+            positions.push(event.position);
+        }
+        let inner = &mut *inner;
+        for (offset, event) in events.iter().enumerate() {
+            inner.ids.insert(event.event_id, start + offset);
+        }
+        inner
+            .streams
+            .entry(aggregate_type)
+            .or_default()
+            .entry(aggregate_id)
+            .or_default()
+            .extend(start..start + events.len());
+        inner.events.extend(events);
+        let last = inner.events.len() as i64;
+        self.inner.position.send_replace(last);
+        Ok(positions)
+    }
+
+    async fn load_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let inner = self.read();
+        let Some(indexes) = inner
+            .streams
+            .get(aggregate_type)
+            .and_then(|s| s.get(&aggregate_id))
+        else {
+            return Ok(Vec::new());
+        };
+        // Sequences are 1..=n in a store written through `append`; search instead of indexing
+        // so that a history edited with `insert_unchecked` is still read faithfully.
+        let from = indexes.partition_point(|&i| inner.events[i].sequence <= after_sequence);
+        Ok(indexes[from..]
+            .iter()
+            .map(|&i| inner.events[i].clone())
+            .collect())
+    }
+
+    async fn event_sequence(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<i64, CQRSError> {
+        let inner = self.read();
+        Ok(inner
+            .streams
+            .get(aggregate_type)
+            .and_then(|s| s.get(&aggregate_id))
+            .and_then(|indexes| indexes.last())
+            .map_or(0, |&i| inner.events[i].sequence))
+    }
+
+    async fn read_all(
+        &self,
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let inner = self.read();
+        let from = usize::try_from(after_position.max(0))
+            .unwrap_or(usize::MAX)
+            .min(inner.events.len());
+        let to = from.saturating_add(limit).min(inner.events.len());
+        Ok(inner.events[from..to].to_vec())
+    }
+
+    fn subscribe(&self) -> Option<watch::Receiver<i64>> {
+        Some(self.inner.position.subscribe())
+    }
+}
+
+/// A thread-safe snapshot store in memory. Cloning gives another handle to the same store.
+///
+/// ```
+/// let snapshots = cqrs::MemorySnapshotRepository::new();
+/// # let _ = snapshots;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct MemorySnapshotRepository {
+    snapshots: Arc<Mutex<HashMap<(String, Uuid), Snapshot>>>,
+}
+
+impl MemorySnapshotRepository {
+    /// An empty snapshot store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, Uuid), Snapshot>> {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl SnapshotRepository for MemorySnapshotRepository {
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Option<Snapshot>, CQRSError> {
+        Ok(self
+            .lock()
+            .get(&(aggregate_type.to_owned(), aggregate_id))
+            .cloned())
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), CQRSError> {
+        let mut map = self.lock();
+        let key = (snapshot.aggregate_type.clone(), snapshot.aggregate_id);
+        match map.get(&key) {
+            Some(existing) if existing.sequence > snapshot.sequence => {}
+            _ => {
+                map.insert(key, snapshot);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,224 @@
+//! Event stores: the [`EventRepository`] contract, snapshots, and the in-memory store.
+//!
+//! SQLite and PostgreSQL stores live behind the `sqlite` and `postgres` features.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::CQRSError;
+use crate::event::PersistableDomainEvent;
+
+pub mod memory;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub mod sqlite;
+
+/// Where events are appended and read back.
+///
+/// One store holds the events of every aggregate type. The contract every implementation
+/// meets (the testkit's conformance suite checks it):
+///
+/// * **Append is atomic and optimistic.** [`append`](EventRepository::append) takes the
+///   events of one command for one aggregate, with contiguous sequences. The first event's
+///   sequence minus one is the sequence the writer believes is the aggregate's last; if
+///   another writer appended in between, *nothing* is stored and the result is
+///   [`CQRSError::Conflict`]. Of two concurrent writers exactly one wins.
+/// * **Retries are idempotent.** Appending a batch whose event ids are already stored, with
+///   the same aggregate and sequences, stores nothing and succeeds, returning the positions
+///   stored the first time. Reusing an id for a different event is
+///   [`CQRSError::DuplicateEventId`].
+/// * **Global order.** Every stored event gets a global `position`, increasing in commit
+///   order. [`read_all`](EventRepository::read_all) never returns position `p` while an event
+///   with a lower position may still commit: a reader that resumes after the last position it
+///   saw misses nothing.
+#[async_trait]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an event store",
+    note = "use `cqrs::MemoryEventRepository`, a SQL store behind the `sqlite`/`postgres` features, or implement `cqrs::EventRepository`"
+)]
+pub trait EventRepository: Send + Sync {
+    /// Appends the events of one command to one aggregate, atomically, and returns the global
+    /// position given to each, in order.
+    ///
+    /// # Errors
+    /// [`CQRSError::Conflict`] when the aggregate moved on; [`CQRSError::InvalidAppend`] for
+    /// an empty or inconsistent batch; [`CQRSError::DuplicateEventId`];
+    /// [`CQRSError::PersistenceError`] when the back end fails.
+    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError>;
+
+    /// The events of one aggregate with a sequence greater than `after_sequence`, in order.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the back end fails, or a decode error for a row
+    /// that is not a valid stored event.
+    async fn load_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError>;
+
+    /// The sequence of the aggregate's last event, 0 when it has none.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the back end fails.
+    async fn event_sequence(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<i64, CQRSError>;
+
+    /// Up to `limit` events of all aggregates with a position greater than `after_position`,
+    /// in position order, gap-safe (see the trait's docs).
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the back end fails.
+    async fn read_all(
+        &self,
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError>;
+
+    /// A receiver that changes whenever new events may be readable, carrying the highest
+    /// position known to be committed. `None` when the store cannot notify; readers poll
+    /// then.
+    fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        None
+    }
+}
+
+#[async_trait]
+impl<T: EventRepository + ?Sized> EventRepository for std::sync::Arc<T> {
+    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        (**self).append(events).await
+    }
+    async fn load_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        (**self)
+            .load_events(aggregate_type, aggregate_id, after_sequence)
+            .await
+    }
+    async fn event_sequence(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<i64, CQRSError> {
+        (**self).event_sequence(aggregate_type, aggregate_id).await
+    }
+    async fn read_all(
+        &self,
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        (**self).read_all(after_position, limit).await
+    }
+    fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        (**self).subscribe()
+    }
+}
+
+/// An aggregate's state at a sequence, saved so that loading need not replay everything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The aggregate's type.
+    pub aggregate_type: String,
+    /// The aggregate instance's id.
+    pub aggregate_id: Uuid,
+    /// The sequence of the last event folded into `state`.
+    pub sequence: i64,
+    /// The serialized `Aggregate::State`.
+    pub state: Value,
+    /// When it was taken.
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Where snapshots are kept. The newest snapshot of an aggregate replaces older ones.
+#[async_trait]
+pub trait SnapshotRepository: Send + Sync {
+    /// The newest snapshot of an aggregate, if any.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the back end fails.
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Option<Snapshot>, CQRSError>;
+
+    /// Stores a snapshot, unless one at a higher sequence is already stored.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the back end fails.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), CQRSError>;
+}
+
+#[async_trait]
+impl<T: SnapshotRepository + ?Sized> SnapshotRepository for std::sync::Arc<T> {
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Option<Snapshot>, CQRSError> {
+        (**self).load_snapshot(aggregate_type, aggregate_id).await
+    }
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), CQRSError> {
+        (**self).save_snapshot(snapshot).await
+    }
+}
+
+/// Checks that a batch is appendable: non-empty, one aggregate, contiguous sequences from at
+/// least 1, and a consistent `aggregate_type_id`. Every store calls it first.
+///
+/// Returns the sequence the writer expects to be the aggregate's last.
+///
+/// # Errors
+/// [`CQRSError::InvalidAppend`] describing the first problem.
+pub fn validate_batch(events: &[PersistableDomainEvent]) -> Result<i64, CQRSError> {
+    let first = events
+        .first()
+        .ok_or_else(|| CQRSError::InvalidAppend("empty batch".into()))?;
+    if first.sequence < 1 {
+        return Err(CQRSError::InvalidAppend(format!(
+            "sequences start at 1, got {}",
+            first.sequence
+        )));
+    }
+    for (i, event) in events.iter().enumerate() {
+        if event.aggregate_type != first.aggregate_type || event.aggregate_id != first.aggregate_id
+        {
+            return Err(CQRSError::InvalidAppend(
+                "events of more than one aggregate in one append".into(),
+            ));
+        }
+        let expected = first.sequence + i as i64;
+        if event.sequence != expected {
+            return Err(CQRSError::InvalidAppend(format!(
+                "sequence {} where {expected} was expected",
+                event.sequence
+            )));
+        }
+        let key_ok = event
+            .aggregate_type_id
+            .strip_prefix(event.aggregate_type.as_str())
+            .and_then(|rest| rest.strip_prefix(':'))
+            .and_then(|id| Uuid::parse_str(id).ok())
+            == Some(event.aggregate_id);
+        if !key_ok {
+            return Err(CQRSError::InvalidAppend(format!(
+                "aggregate_type_id {:?} does not name {}:{}",
+                event.aggregate_type_id, event.aggregate_type, event.aggregate_id
+            )));
+        }
+    }
+    Ok(first.sequence - 1)
+}

@@ -1,0 +1,1 @@
+//! Event, view and snapshot stores on PostgreSQL (feature `postgres`).

@@ -1,0 +1,1 @@
+//! Event, view and snapshot stores on SQLite (feature `sqlite`).

@@ -1,0 +1,321 @@
+//! The read side: views built from events, where they are kept, and queries over them.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::aggregate::Aggregate;
+use crate::error::CQRSError;
+use crate::event::EventEnvelope;
+
+/// A read model built from one aggregate type's events.
+///
+/// A projection (see [`Projection`](crate::Projection)) feeds every event, in global order,
+/// to the view instance named by [`view_id`](View::view_id) (by default the aggregate id),
+/// and stores the result in a [`ViewRepository`] under [`TABLE_NAME`](View::TABLE_NAME).
+///
+/// `handle_event` is synchronous and must only change `self`: that is what lets a SQL view
+/// store commit the view and the projection's checkpoint in one transaction.
+///
+/// ```
+/// use cqrs::{EventEnvelope, View};
+/// # use cqrs::{Aggregate, CQRSError, DomainEvent};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+/// # enum CounterEvent { Incremented { by: u32 } }
+/// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
+/// # #[derive(Default)] struct Counter;
+/// # impl Aggregate for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type Events = CounterEvent; type Commands = (); type Errors = CounterError; type State = ();
+/// #     async fn handle_command(&self, _: uuid::Uuid, _: &(), _: ()) -> Result<Vec<CounterEvent>, CounterError> { Ok(vec![]) }
+/// #     fn handle_event(&self, _: &mut (), _: &CounterEvent) {}
+/// # }
+///
+/// #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// struct CounterTotal {
+///     total: u64,
+/// }
+///
+/// impl View<Counter> for CounterTotal {
+///     const TABLE_NAME: &'static str = "counter_total";
+///     const VERSION: u64 = 1;
+///
+///     fn handle_event(&mut self, envelope: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
+///         match envelope.event {
+///             CounterEvent::Incremented { by } => self.total += u64::from(by),
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a view of aggregate `{A}`",
+    note = "implement `cqrs::View<{A}>` for it: TABLE_NAME, VERSION and handle_event"
+)]
+pub trait View<A: Aggregate>:
+    Default + Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    /// Where the view is stored (a table name in SQL stores).
+    const TABLE_NAME: &'static str;
+
+    /// The view's schema version. Change it when `handle_event` or the view's shape changes;
+    /// the view is then rebuilt from the first event.
+    const VERSION: u64;
+
+    /// The id of the view instance an event updates, or `None` if the event does not concern
+    /// this view. By default, the event's aggregate id.
+    fn view_id(envelope: &EventEnvelope<A::Events>) -> Option<String> {
+        Some(envelope.aggregate_id.to_string())
+    }
+
+    /// Applies one event to the view.
+    ///
+    /// # Errors
+    /// The domain's error when the event cannot be applied; the projection stops there.
+    fn handle_event(&mut self, envelope: &EventEnvelope<A::Events>) -> Result<(), A::Errors>;
+}
+
+/// A view instance and the version of its stored row, as loaded for an update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewContext<V> {
+    /// The view instance's id.
+    pub view_id: String,
+    /// The view as loaded (`Default` if it did not exist yet).
+    pub view: V,
+    /// The stored row's version: 0 if it did not exist; each commit adds one.
+    pub version: i64,
+}
+
+/// Where a projection's progress is recorded: a name and the last position applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The projection's name.
+    pub name: String,
+    /// The global position of the last event whose effect is in the views.
+    pub position: i64,
+}
+
+/// Where views are kept and how they are loaded and committed.
+///
+/// [`commit`](ViewRepository::commit) writes a batch of view changes and, when given, the
+/// projection's checkpoint, all or nothing. A change is only written if the stored row still
+/// has the version it was loaded with, so a stale projector cannot overwrite a newer view.
+#[async_trait]
+pub trait ViewRepository<A: Aggregate, V: View<A>>: Send + Sync {
+    /// Loads a view instance by id.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] or [`CQRSError::Deserialization`].
+    async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError>;
+
+    /// Loads a view instance with its row version for an update; a missing one comes back
+    /// as `V::default()` with version 0.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] or [`CQRSError::Deserialization`].
+    async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<V>, CQRSError>;
+
+    /// Stores the changed views and the checkpoint (if any) atomically.
+    ///
+    /// # Errors
+    /// [`CQRSError::ViewConflict`] when a row's version moved on since it was loaded (nothing
+    /// is written then); [`CQRSError::PersistenceError`].
+    async fn commit(
+        &self,
+        changes: Vec<ViewContext<V>>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), CQRSError>;
+
+    /// The last position recorded under the checkpoint `name`, 0 if none.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`].
+    async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError>;
+}
+
+/// Reads a view for a caller. The provided method loads the view whose id is the aggregate
+/// id; implement it with an empty body, or override it for other lookups.
+///
+/// ```
+/// # use cqrs::{Aggregate, CQRSError, DomainEvent, EventEnvelope, View};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+/// # enum CounterEvent { Incremented { by: u32 } }
+/// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
+/// # #[derive(Default)] struct Counter;
+/// # impl Aggregate for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type Events = CounterEvent; type Commands = (); type Errors = CounterError; type State = ();
+/// #     async fn handle_command(&self, _: uuid::Uuid, _: &(), _: ()) -> Result<Vec<CounterEvent>, CounterError> { Ok(vec![]) }
+/// #     fn handle_event(&self, _: &mut (), _: &CounterEvent) {}
+/// # }
+/// # #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// # struct CounterTotal { total: u64 }
+/// # impl View<Counter> for CounterTotal {
+/// #     const TABLE_NAME: &'static str = "counter_total";
+/// #     const VERSION: u64 = 1;
+/// #     fn handle_event(&mut self, _: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> { Ok(()) }
+/// # }
+/// struct TotalById;
+/// impl cqrs::Query<Counter, CounterTotal> for TotalById {}
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use cqrs::Query;
+/// let views = cqrs::MemoryViewRepository::<CounterTotal>::new();
+/// let found = TotalById.query(&uuid::Uuid::new_v4(), &views).await.unwrap();
+/// assert!(found.is_none());
+/// # });
+/// ```
+#[async_trait]
+pub trait Query<A: Aggregate, V: View<A>>: Send + Sync {
+    /// Loads the view for `aggregate_id` from `view_repo`.
+    ///
+    /// # Errors
+    /// What the repository's `load` returns.
+    async fn query<R>(&self, aggregate_id: &Uuid, view_repo: &R) -> Result<Option<V>, CQRSError>
+    where
+        R: ViewRepository<A, V> + ?Sized,
+    {
+        view_repo.load(&aggregate_id.to_string()).await
+    }
+}
+
+/// A thread-safe view store in memory, with checkpoints, meeting the same contract as the SQL
+/// view stores. Cloning gives another handle to the same store.
+///
+/// ```
+/// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct Balance;
+/// let views = cqrs::MemoryViewRepository::<Balance>::new();
+/// # let _ = views;
+/// ```
+#[derive(Debug)]
+pub struct MemoryViewRepository<V> {
+    inner: Arc<Mutex<MemoryViews<V>>>,
+}
+
+#[derive(Debug)]
+struct MemoryViews<V> {
+    rows: HashMap<String, (V, i64)>,
+    checkpoints: HashMap<String, i64>,
+}
+
+impl<V> Clone for MemoryViewRepository<V> {
+    fn clone(&self) -> Self {
+        MemoryViewRepository {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<V> Default for MemoryViewRepository<V> {
+    fn default() -> Self {
+        MemoryViewRepository {
+            inner: Arc::new(Mutex::new(MemoryViews {
+                rows: HashMap::new(),
+                checkpoints: HashMap::new(),
+            })),
+        }
+    }
+}
+
+impl<V> MemoryViewRepository<V> {
+    /// An empty view store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemoryViews<V>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl<A, V> ViewRepository<A, V> for MemoryViewRepository<V>
+where
+    A: Aggregate,
+    V: View<A>,
+{
+    async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError> {
+        Ok(self.lock().rows.get(view_id).map(|(view, _)| view.clone()))
+    }
+
+    async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<V>, CQRSError> {
+        let (view, version) = self
+            .lock()
+            .rows
+            .get(view_id)
+            .cloned()
+            .unwrap_or_else(|| (V::default(), 0));
+        Ok(ViewContext {
+            view_id: view_id.to_owned(),
+            view,
+            version,
+        })
+    }
+
+    async fn commit(
+        &self,
+        changes: Vec<ViewContext<V>>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), CQRSError> {
+        let mut inner = self.lock();
+        for change in &changes {
+            let stored = inner.rows.get(&change.view_id).map_or(0, |(_, v)| *v);
+            if stored != change.version {
+                return Err(CQRSError::ViewConflict {
+                    view: V::TABLE_NAME.to_owned(),
+                    view_id: change.view_id.clone(),
+                    expected_version: change.version,
+                });
+            }
+        }
+        for change in changes {
+            inner
+                .rows
+                .insert(change.view_id, (change.view, change.version + 1));
+        }
+        if let Some(checkpoint) = checkpoint {
+            inner
+                .checkpoints
+                .insert(checkpoint.name, checkpoint.position);
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        Ok(self.lock().checkpoints.get(name).copied().unwrap_or(0))
+    }
+}
+
+#[async_trait]
+impl<A, V, T> ViewRepository<A, V> for Arc<T>
+where
+    A: Aggregate,
+    V: View<A>,
+    T: ViewRepository<A, V> + ?Sized,
+{
+    async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError> {
+        (**self).load(view_id).await
+    }
+    async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<V>, CQRSError> {
+        (**self).load_for_update(view_id).await
+    }
+    async fn commit(
+        &self,
+        changes: Vec<ViewContext<V>>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), CQRSError> {
+        (**self).commit(changes, checkpoint).await
+    }
+    async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        (**self).checkpoint(name).await
+    }
+}
