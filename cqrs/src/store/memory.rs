@@ -98,6 +98,62 @@ impl MemoryEventRepository {
         index as i64 + 1
     }
 
+    /// Changes one stored event in place, bypassing every check; returns false if there is
+    /// no event at that aggregate and sequence.
+    ///
+    /// For tests that simulate a corrupted row (a payload that no longer decodes, a renamed
+    /// event type). Never use it in application code.
+    pub fn update_unchecked(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+        change: impl FnOnce(&mut PersistableDomainEvent),
+    ) -> bool {
+        let mut inner = self.write();
+        let inner = &mut *inner;
+        let Some(index) = inner
+            .streams
+            .get(aggregate_type)
+            .and_then(|s| s.get(&aggregate_id))
+            .and_then(|indexes| {
+                indexes
+                    .iter()
+                    .copied()
+                    .find(|&i| inner.events[i].sequence == sequence)
+            })
+        else {
+            return false;
+        };
+        change(&mut inner.events[index]);
+        true
+    }
+
+    /// Removes one event from its aggregate's history (it stays at its global position in
+    /// `read_all`), bypassing every check; returns false if there is no such event.
+    ///
+    /// For tests that simulate a hole in a history. Never use it in application code.
+    pub fn remove_from_history_unchecked(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+    ) -> bool {
+        let mut inner = self.write();
+        let inner = &mut *inner;
+        let events = &inner.events;
+        let Some(indexes) = inner
+            .streams
+            .get_mut(aggregate_type)
+            .and_then(|s| s.get_mut(&aggregate_id))
+        else {
+            return false;
+        };
+        let before = indexes.len();
+        indexes.retain(|&i| events[i].sequence != sequence);
+        before != indexes.len()
+    }
+
     // A poisoned lock only means another thread panicked while holding it; every write below
     // leaves `Inner` consistent before anything can panic, so the data is still valid.
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
