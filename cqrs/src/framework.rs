@@ -334,10 +334,29 @@ impl<A: Aggregate> CQRSFramework<A> {
                     // Unreachable: `command` is refilled on every path that loops again.
                     None => return Err(CQRSError::InvalidAppend("command consumed".into()).into()),
                 };
-                let events = self
+                let events = match self
                     .aggregate
                     .handle_command(aggregate_id, &loaded.state, this_command)
-                    .await?;
+                    .await
+                {
+                    Ok(events) => events,
+                    Err(refusal) if from_cache && stale_retries < 1 => {
+                        // The domain may have refused because the cached state is stale (a
+                        // deposit made by another process is missing). One cheap read tells;
+                        // if so, decide again on the stored state.
+                        let stored = self.events.event_sequence(A::NAME, aggregate_id).await?;
+                        if stored == loaded.sequence {
+                            return Err(refusal);
+                        }
+                        if let Some(cache) = &self.cache {
+                            cache.remove(aggregate_id);
+                        }
+                        stale_retries += 1;
+                        attempt -= 1;
+                        continue;
+                    }
+                    Err(refusal) => return Err(refusal),
+                };
                 if events.is_empty() {
                     return Ok(DispatchReceipt {
                         events,
