@@ -177,12 +177,13 @@ impl<T: SnapshotRepository + ?Sized> SnapshotRepository for std::sync::Arc<T> {
 }
 
 /// Checks that a batch is appendable: non-empty, one aggregate, contiguous sequences from at
-/// least 1, and a consistent `aggregate_type_id`. Every store calls it first.
+/// least 1, a consistent `aggregate_type_id`, no event id twice. Every store calls it first.
 ///
 /// Returns the sequence the writer expects to be the aggregate's last.
 ///
 /// # Errors
-/// [`CQRSError::InvalidAppend`] describing the first problem.
+/// [`CQRSError::InvalidAppend`] describing the first problem, or
+/// [`CQRSError::DuplicateEventId`] for an id used twice in the batch.
 pub fn validate_batch(events: &[PersistableDomainEvent]) -> Result<i64, CQRSError> {
     let first = events
         .first()
@@ -219,6 +220,24 @@ pub fn validate_batch(events: &[PersistableDomainEvent]) -> Result<i64, CQRSErro
                 event.aggregate_type_id, event.aggregate_type, event.aggregate_id
             )));
         }
+    }
+    // Event ids are unique in the whole store, so within one batch too. Most batches are a
+    // handful of events, where a scan beats hashing.
+    let duplicate = if events.len() <= 32 {
+        events
+            .iter()
+            .enumerate()
+            .skip(1)
+            .find(|(i, event)| events[..*i].iter().any(|e| e.event_id == event.event_id))
+            .map(|(_, event)| event)
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(events.len());
+        events.iter().find(|event| !seen.insert(event.event_id))
+    };
+    if let Some(event) = duplicate {
+        return Err(CQRSError::DuplicateEventId {
+            event_id: event.event_id,
+        });
     }
     Ok(first.sequence - 1)
 }
