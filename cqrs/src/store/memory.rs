@@ -9,7 +9,10 @@ use uuid::Uuid;
 
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
-use crate::store::{validate_batch, EventRepository, Snapshot, SnapshotRepository};
+use crate::store::{
+    validate_batch, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
+};
+use crate::view::Checkpoint;
 
 /// A thread-safe event store in memory.
 ///
@@ -352,6 +355,44 @@ impl SnapshotRepository for MemorySnapshotRepository {
                 map.insert(key, snapshot);
             }
         }
+        Ok(())
+    }
+}
+
+/// Thread-safe checkpoints in memory. Cloning gives another handle to the same map.
+///
+/// ```
+/// let checkpoints = cqrs::MemoryCheckpointRepository::new();
+/// # let _ = checkpoints;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct MemoryCheckpointRepository {
+    positions: Arc<Mutex<HashMap<String, i64>>>,
+}
+
+impl MemoryCheckpointRepository {
+    /// No checkpoints yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl CheckpointRepository for MemoryCheckpointRepository {
+    async fn load_checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        let map = self
+            .positions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(map.get(name).copied().unwrap_or(0))
+    }
+
+    async fn save_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), CQRSError> {
+        let mut map = self
+            .positions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(checkpoint.name, checkpoint.position);
         Ok(())
     }
 }

@@ -176,6 +176,45 @@ impl<T: SnapshotRepository + ?Sized> SnapshotRepository for std::sync::Arc<T> {
     }
 }
 
+/// Where a reader that is not a view (an outbox relay, an integration) records how far it has
+/// read the global stream. A projection's checkpoint lives with its views instead (see
+/// [`ViewRepository::commit`](crate::ViewRepository::commit)).
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use cqrs::{Checkpoint, CheckpointRepository, MemoryCheckpointRepository};
+/// let checkpoints = MemoryCheckpointRepository::new();
+/// assert_eq!(checkpoints.load_checkpoint("relay").await?, 0);
+/// checkpoints.save_checkpoint(Checkpoint { name: "relay".into(), position: 42 }).await?;
+/// assert_eq!(checkpoints.load_checkpoint("relay").await?, 42);
+/// # Ok::<(), cqrs::CQRSError>(())
+/// # }).unwrap();
+/// ```
+#[async_trait]
+pub trait CheckpointRepository: Send + Sync {
+    /// The position recorded under `name`, 0 if none.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the back end fails.
+    async fn load_checkpoint(&self, name: &str) -> Result<i64, CQRSError>;
+
+    /// Records a position under a name, replacing the previous one.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the back end fails.
+    async fn save_checkpoint(&self, checkpoint: crate::view::Checkpoint) -> Result<(), CQRSError>;
+}
+
+#[async_trait]
+impl<T: CheckpointRepository + ?Sized> CheckpointRepository for std::sync::Arc<T> {
+    async fn load_checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        (**self).load_checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, checkpoint: crate::view::Checkpoint) -> Result<(), CQRSError> {
+        (**self).save_checkpoint(checkpoint).await
+    }
+}
+
 /// Checks that a batch is appendable: non-empty, one aggregate, contiguous sequences from at
 /// least 1, a consistent `aggregate_type_id`, no event id twice. Every store calls it first.
 ///
