@@ -1,68 +1,51 @@
-//! Derive macros for `cqrs`. Use them through the `cqrs` crate.
+//! Derive and attribute macros for `cqrs`. Use them through the `cqrs` crate, which
+//! re-exports them with their documentation: `cqrs::DomainEvent`, `cqrs::aggregate` and
+//! `cqrs::view`. The code they generate names only `::cqrs::...` paths, so a user's crate needs
+//! `cqrs` (and `serde` for its own derives) and nothing from here.
 //!
-//! Interim implementation: the full one (checks, defaults, errors on exact tokens) replaces it.
-use proc_macro::TokenStream;
-use quote::quote;
-use syn::{parse_macro_input, Data, DeriveInput, LitStr};
+//! The crate is organised like `serde_derive` and `thiserror-impl`: `ast` reads the derive
+//! input into a typed model, `attr` reads the attributes, `check` applies the rules that
+//! span several attributes, `expand` generates code (one module per macro), and
+//! `fallback` emits stub impls beside the errors. Every mistake is collected in a
+//! `ctxt::Ctxt` and reported at once, each at its own token; the macros never panic.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
-/// Derives `cqrs::DomainEvent` from `#[event(name = "..", version = "..")]` on each variant.
+use proc_macro::TokenStream;
+use syn::{parse_macro_input, DeriveInput};
+
+mod ast;
+mod attr;
+mod check;
+mod ctxt;
+mod expand;
+mod fallback;
+mod rules;
+mod symbol;
+#[cfg(test)]
+mod tests;
+
+/// Derives `cqrs::DomainEvent` for an enum (one event per variant) or a struct (one event).
+///
+/// Each event is stored under `#[event(name = "...", version = "...")]`; the name defaults to
+/// the variant's (or struct's) name and the version to `"1"`. See `cqrs::DomainEvent` for the
+/// rules and examples.
 #[proc_macro_derive(DomainEvent, attributes(event))]
 pub fn derive_domain_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
-    match expand(&input) {
-        Ok(ts) => ts.into(),
-        Err(e) => e.to_compile_error().into(),
-    }
+    expand::domain_event::derive(&input).into()
 }
 
-fn read(attrs: &[syn::Attribute], default_name: String) -> syn::Result<(String, String)> {
-    let mut name = default_name;
-    let mut version = "1".to_owned();
-    for attr in attrs.iter().filter(|a| a.path().is_ident("event")) {
-        attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident("name") {
-                name = meta.value()?.parse::<LitStr>()?.value();
-            } else if meta.path.is_ident("version") {
-                version = meta.value()?.parse::<LitStr>()?.value();
-            } else {
-                return Err(meta.error("expected `name` or `version`"));
-            }
-            Ok(())
-        })?;
-    }
-    Ok((name, version))
+/// Writes an aggregate's `NAME` (and the associated types `handle_command` already names) on
+/// `impl Aggregate for X { ... }`. See `cqrs::aggregate`.
+#[proc_macro_attribute]
+pub fn aggregate(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::aggregate::attribute(args.into(), item.into()).into()
 }
 
-fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
-    let ident = &input.ident;
-    let (ig, tg, wc) = input.generics.split_for_impl();
-    let mut arms_n = Vec::new();
-    let mut arms_v = Vec::new();
-    let mut types = Vec::new();
-    match &input.data {
-        Data::Enum(e) => {
-            for v in &e.variants {
-                let (n, ver) = read(&v.attrs, v.ident.to_string())?;
-                let vi = &v.ident;
-                arms_n.push(quote!(Self::#vi { .. } => #n));
-                arms_v.push(quote!(Self::#vi { .. } => #ver));
-                types.push(quote!(::cqrs::EventType::new(#n, #ver)));
-            }
-        }
-        Data::Struct(_) => {
-            let (n, ver) = read(&input.attrs, ident.to_string())?;
-            arms_n.push(quote!(_ => #n));
-            arms_v.push(quote!(_ => #ver));
-            types.push(quote!(::cqrs::EventType::new(#n, #ver)));
-        }
-        Data::Union(_) => return Err(syn::Error::new_spanned(ident, "unions are not supported")),
-    }
-    Ok(quote! {
-        #[automatically_derived]
-        impl #ig ::cqrs::DomainEvent for #ident #tg #wc {
-            const EVENT_TYPES: &'static [::cqrs::EventType] = &[#(#types),*];
-            fn persisted_event_name(&self) -> &'static str { match self { #(#arms_n,)* } }
-            fn persisted_event_version(&self) -> &'static str { match self { #(#arms_v,)* } }
-        }
-    })
+/// Writes a view's `TABLE_NAME` and `VERSION` on `impl View<A> for V { ... }`. See
+/// `cqrs::view`.
+#[proc_macro_attribute]
+pub fn view(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::view::attribute(args.into(), item.into()).into()
 }

@@ -1,0 +1,6 @@
+//! Code generation, one module per macro.
+
+pub mod aggregate;
+pub mod domain_event;
+pub mod impl_block;
+pub mod view;

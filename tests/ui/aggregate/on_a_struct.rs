@@ -1,0 +1,20 @@
+#![allow(unused_imports)]
+
+use cqrs::{Aggregate, CQRSError};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize, cqrs::DomainEvent)]
+enum Event {
+    Happened,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct Error(#[from] CQRSError);
+
+#[cqrs::aggregate(name = "thing")]
+#[derive(Debug, Default)]
+struct Thing;
+
+fn main() {}

@@ -1,0 +1,9 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, cqrs::DomainEvent)]
+enum Event {
+    #[event(name)]
+    Opened,
+}
+
+fn main() {}

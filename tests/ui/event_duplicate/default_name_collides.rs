@@ -1,0 +1,10 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, cqrs::DomainEvent)]
+enum Event {
+    #[event(name = "Closed")]
+    Shut,
+    Closed,
+}
+
+fn main() {}

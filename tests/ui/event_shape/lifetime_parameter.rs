@@ -1,0 +1,8 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, cqrs::DomainEvent)]
+enum Event<'a> {
+    Opened { owner: &'a str },
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize, cqrs::DomainEvent)]
+enum Event {
+    Opened,
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, cqrs::DomainEvent)]
+enum Event {
+    Opened,
+}
+
+fn main() {}

@@ -1,0 +1,44 @@
+use cqrs::{Aggregate, CQRSError};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize, cqrs::DomainEvent)]
+enum Event {
+    Happened,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct Error(#[from] CQRSError);
+
+#[derive(Debug, Default)]
+struct Thing;
+
+#[cqrs::aggregate(name = "thing")]
+impl Aggregate for Thing {
+    async fn handle_command(
+        &self,
+        _id: Uuid,
+        _state: &(),
+        _command: (),
+    ) -> Result<Vec<Event>, Error> {
+        Ok(vec![Event::Happened])
+    }
+
+    fn handle_event(&self, _state: &mut (), _event: &Event) {}
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Total {
+    count: u64,
+}
+
+#[cqrs::view(table = "total", version = 0)]
+impl cqrs::View<Thing> for Total {
+    fn handle_event(&mut self, _envelope: &cqrs::EventEnvelope<Event>) -> Result<(), Error> {
+        self.count += 1;
+        Ok(())
+    }
+}
+
+fn main() {}
