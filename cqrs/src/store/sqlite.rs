@@ -1,1 +1,618 @@
 //! Event, view and snapshot stores on SQLite (feature `sqlite`).
+//!
+//! One file holds everything: the events, the snapshots, the projections' checkpoints and the
+//! views. [`SqliteEventRepository`] is the handle to it; it implements [`EventRepository`]
+//! and [`SnapshotRepository`], and [`SqliteViewRepository`] keeps views beside the events so
+//! that a projection commits a view change and its checkpoint in one transaction.
+//!
+//! * **Durable by default.** The file is in WAL mode with `synchronous=FULL`: an append that
+//!   returned `Ok` survives a power cut. [`Durability::Normal`] trades the last commits
+//!   before a power cut (never a process crash) for fewer fsyncs.
+//! * **Group commit.** Every write goes to one writer task that owns the write connection.
+//!   It takes all writes waiting at once and commits them in one transaction, so concurrent
+//!   dispatches share an fsync; each write still fails or succeeds on its own (a lost race
+//!   is that append's [`CQRSError::Conflict`], not its neighbours').
+//! * **Races are caught by the schema.** `UNIQUE (aggregate_type, aggregate_id, sequence)`
+//!   refuses the second of two writers; `UNIQUE (event_id)` makes a retried append
+//!   recognisable; a trigger refuses a sequence that skips ahead. Nothing is decided by a
+//!   read before the write.
+//! * **Reads** go through a pool of connections that never wait for the writer (WAL).
+//!
+//! The schema and the reasons for each constraint are in `docs/adr/0003-sqlite-store.md`.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use cqrs::{EventRepository, SqliteEventRepository};
+//!
+//! let path = std::env::temp_dir().join(format!("cqrs-doc-{}.sqlite", uuid::Uuid::new_v4()));
+//! let store = SqliteEventRepository::open(&path).await?;
+//! assert_eq!(store.read_all(0, 100).await?.len(), 0);
+//! # drop(store);
+//! # for suffix in ["", "-wal", "-shm"] {
+//! #     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+//! # }
+//! # Ok::<(), cqrs::CQRSError>(())
+//! # }).unwrap();
+//! ```
+
+// `CQRSError` is the crate's one error type and its size is the crate's choice (its largest
+// variant names a whole event); every store function returns it.
+#![allow(clippy::result_large_err)]
+
+mod rows;
+mod schema;
+mod view;
+mod writer;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::ConnectOptions;
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::error::CQRSError;
+use crate::event::PersistableDomainEvent;
+use crate::store::{
+    validate_batch, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
+};
+use crate::view::Checkpoint;
+
+pub use self::rows::CorruptRow;
+pub use self::schema::InvalidTableName;
+pub use self::view::SqliteViewRepository;
+pub use self::writer::WriterError;
+
+/// The sqlx crate this store is built on, for [`SqliteEventRepository::pool`],
+/// [`SqliteEventRepository::from_pool`] and [`SqliteEventRepository::connect_with`] without
+/// a version mismatch.
+#[doc(no_inline)]
+pub use sqlx;
+
+use self::rows::{decode_event, EVENT_COLUMNS};
+use self::writer::{Job, WriteConnection};
+
+/// How hard a commit works to survive a power cut (SQLite's `synchronous` setting, in WAL
+/// mode).
+///
+/// Neither setting can lose or corrupt data when only the *process* dies (a crash, a
+/// `SIGKILL`): a commit is in the operating system's hands once `append` returns. They
+/// differ when the *machine* stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit waits for the write-ahead log to reach the disk. An
+    /// `Ok` from `append` survives a power cut. The default.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: the log is synced only at checkpoints. Much faster on slow
+    /// disks, and the file is never corrupted, but the last commits before a power cut or an
+    /// OS crash may be lost even though `append` returned `Ok`. Views and checkpoints are
+    /// rolled back with them, so the store stays consistent with itself.
+    Normal,
+}
+
+/// Settings for [`SqliteEventRepository::connect`].
+///
+/// ```
+/// use std::time::Duration;
+/// use cqrs::store::sqlite::{Durability, SqliteOptions};
+/// let options = SqliteOptions::default()
+///     .durability(Durability::Normal)
+///     .busy_timeout(Duration::from_secs(10))
+///     .read_connections(8);
+/// assert_eq!(options.get_durability(), Durability::Normal);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteOptions {
+    durability: Durability,
+    busy_timeout: Duration,
+    read_connections: u32,
+    max_group_size: usize,
+    queue_capacity: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            durability: Durability::Full,
+            busy_timeout: Duration::from_secs(5),
+            read_connections: 4,
+            max_group_size: 512,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// The defaults: [`Durability::Full`], a 5 s busy timeout, 4 read connections, up to 512
+    /// writes per group commit.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the durability (`synchronous`) mode.
+    #[must_use]
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// How long a connection waits for another *process* holding the file's write lock
+    /// before failing with a [`CQRSError::PersistenceError`] (default 5 s).
+    #[must_use]
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// The number of connections reads may use at once (default 4, at least 1).
+    #[must_use]
+    pub fn read_connections(mut self, connections: u32) -> Self {
+        self.read_connections = connections.max(1);
+        self
+    }
+
+    /// The most writes one transaction takes (default 512, at least 1). Larger groups share
+    /// an fsync between more writers; smaller ones bound each write's latency.
+    #[must_use]
+    pub fn max_group_size(mut self, writes: usize) -> Self {
+        self.max_group_size = writes.max(1);
+        self
+    }
+
+    /// How many writes may wait for the writer before `append` itself waits (default 4096,
+    /// at least 1).
+    #[must_use]
+    pub fn queue_capacity(mut self, writes: usize) -> Self {
+        self.queue_capacity = writes.max(1);
+        self
+    }
+
+    /// The durability mode.
+    pub fn get_durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// sqlx connection options for `target` (a `sqlite:` URL or a file path) with these
+    /// settings applied: the file is created if missing, in WAL mode.
+    fn connect_options(&self, target: &str) -> Result<SqliteConnectOptions, CQRSError> {
+        let base = if target.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(target).map_err(CQRSError::persistence)?
+        } else {
+            SqliteConnectOptions::new().filename(target)
+        };
+        Ok(self.apply(base))
+    }
+
+    fn apply(&self, options: SqliteConnectOptions) -> SqliteConnectOptions {
+        options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match self.durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(self.busy_timeout)
+    }
+}
+
+/// An event store, snapshot store and checkpoint store in one SQLite file.
+///
+/// Cloning is cheap and gives another handle to the same store (same connections, same
+/// writer). The writer runs as a task on the Tokio runtime that opened the store, until the
+/// last handle is dropped; use the store from that runtime.
+///
+/// See the [module docs](self) for how it works and `docs/adr/0003-sqlite-store.md` for
+/// the schema.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use cqrs::{EventRepository, PersistableDomainEvent, SqliteEventRepository};
+/// # let path = std::env::temp_dir().join(format!("cqrs-doc-{}.sqlite", uuid::Uuid::new_v4()));
+/// let store = SqliteEventRepository::open(&path).await?;
+///
+/// let id = uuid::Uuid::new_v4();
+/// let event = PersistableDomainEvent {
+///     event_id: uuid::Uuid::new_v4(),
+///     aggregate_type_id: PersistableDomainEvent::type_id_for("counter", id),
+///     aggregate_id: id,
+///     aggregate_type: "counter".into(),
+///     sequence: 1,
+///     position: 0,
+///     event_type: "Incremented".into(),
+///     event_version: "1".into(),
+///     payload: serde_json::json!({ "Incremented": { "by": 1 } }),
+///     metadata: serde_json::Value::Null,
+///     timestamp: chrono::Utc::now(),
+/// };
+/// let positions = store.append(vec![event.clone()]).await?;
+/// // A retry of the same append (same event id) stores nothing and reports the same position.
+/// assert_eq!(store.append(vec![event]).await?, positions);
+/// assert_eq!(store.event_sequence("counter", id).await?, 1);
+/// # drop(store);
+/// # for suffix in ["", "-wal", "-shm"] {
+/// #     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+/// # }
+/// # Ok::<(), cqrs::CQRSError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct SqliteEventRepository {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    pool: SqlitePool,
+    jobs: mpsc::Sender<Job>,
+    position: Arc<watch::Sender<i64>>,
+    view_tables: Mutex<HashSet<String>>,
+}
+
+impl fmt::Debug for SqliteEventRepository {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteEventRepository")
+            .field("position", &*self.inner.position.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The same handle serves as the snapshot store: pass a clone of the
+/// [`SqliteEventRepository`] to [`CQRSFramework::with_snapshots`](crate::CQRSFramework::with_snapshots).
+///
+/// Snapshots live in `cqrs_snapshots`, one row per aggregate; a save never replaces a
+/// snapshot taken at a higher sequence. A stored state that is not JSON at all (a hand edit)
+/// is reported as no snapshot, so the aggregate is rebuilt from its events and the row is
+/// replaced by the next snapshot saved.
+pub type SqliteSnapshotRepository = SqliteEventRepository;
+
+impl SqliteEventRepository {
+    /// Opens (creating it if missing) the store in the file at `path` with the default
+    /// [`SqliteOptions`], and creates its tables.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the file cannot be opened or migrated.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, CQRSError> {
+        let options = SqliteOptions::default();
+        let connect = options.apply(SqliteConnectOptions::new().filename(path));
+        let store = Self::connect_with(connect, options).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects to `target`, a file path or a `sqlite:` URL (`sqlite://data/app.sqlite`),
+    /// creating the file if missing. Call [`migrate`](Self::migrate) before the first use.
+    ///
+    /// An in-memory database (`sqlite::memory:`) is not supported: the writer and the
+    /// readers are separate connections. Use [`MemoryEventRepository`](crate::MemoryEventRepository).
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the URL is invalid or the file cannot be opened.
+    pub async fn connect(target: &str, options: SqliteOptions) -> Result<Self, CQRSError> {
+        let connect = options.connect_options(target)?;
+        Self::connect_with(connect, options).await
+    }
+
+    /// Connects with sqlx options of your own (`options` still sets WAL, the durability mode
+    /// and the busy timeout on top of them).
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the file cannot be opened.
+    pub async fn connect_with(
+        connect: SqliteConnectOptions,
+        options: SqliteOptions,
+    ) -> Result<Self, CQRSError> {
+        let connect = options.apply(connect);
+        let writer = connect.connect().await.map_err(CQRSError::persistence)?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.read_connections)
+            .min_connections(0)
+            .connect_with(connect)
+            .await
+            .map_err(CQRSError::persistence)?;
+        Self::start(pool, WriteConnection::Dedicated(Box::new(writer)), &options).await
+    }
+
+    /// A store on a pool you configured yourself. Reads use the pool; the writer takes one
+    /// of its connections for each transaction. The pool's own settings are kept (use WAL
+    /// for readers that never wait); `options` only sets the writer's grouping.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the database cannot be read.
+    pub async fn from_pool(pool: SqlitePool, options: SqliteOptions) -> Result<Self, CQRSError> {
+        Self::start(pool.clone(), WriteConnection::Pool(pool), &options).await
+    }
+
+    async fn start(
+        pool: SqlitePool,
+        writer: WriteConnection,
+        options: &SqliteOptions,
+    ) -> Result<Self, CQRSError> {
+        let initial = last_position(&pool).await?;
+        let position = Arc::new(watch::channel(initial).0);
+        let (jobs, receiver) = mpsc::channel(options.queue_capacity);
+        tokio::spawn(writer::run(
+            writer,
+            receiver,
+            options.max_group_size,
+            Arc::clone(&position),
+        ));
+        Ok(SqliteEventRepository {
+            inner: Arc::new(Shared {
+                pool,
+                jobs,
+                position,
+                view_tables: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// Creates the store's tables if they do not exist yet. Safe to run any number of times,
+    /// from several processes.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`].
+    pub async fn migrate(&self) -> Result<(), CQRSError> {
+        let sql = schema::MIGRATION.to_owned();
+        self.submit(|reply| Job::Execute { sql, reply }).await?;
+        let last = last_position(&self.inner.pool).await?;
+        self.inner.position.send_if_modified(|current| {
+            let newer = last > *current;
+            if newer {
+                *current = last;
+            }
+            newer
+        });
+        Ok(())
+    }
+
+    /// The pool the store reads with. Use it for your own queries on the same file; write
+    /// to the store's tables only through the store.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.inner.pool
+    }
+
+    /// A view store for `V` in the same file (see [`SqliteViewRepository`]).
+    pub fn views<V>(&self) -> SqliteViewRepository<V> {
+        SqliteViewRepository::new(self)
+    }
+
+    /// The position stored under the checkpoint `name`, 0 if none.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`].
+    pub async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        let position: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM cqrs_checkpoints WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(CQRSError::persistence)?;
+        Ok(position.unwrap_or(0))
+    }
+
+    /// Stores a checkpoint on its own (for consumers whose effects are not in this file,
+    /// such as a relay to a message broker). It replaces the stored position whatever it
+    /// was.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`].
+    pub async fn save_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), CQRSError> {
+        self.submit(|reply| Job::Checkpoint { checkpoint, reply })
+            .await
+    }
+
+    /// Sends a job to the writer and waits for its answer.
+    async fn submit<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, CQRSError>>) -> Job,
+    ) -> Result<T, CQRSError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(job(reply))
+            .await
+            .map_err(|_| writer_stopped())?;
+        answer.await.map_err(|_| writer_stopped())?
+    }
+
+    fn view_tables(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.inner
+            .view_tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Creates the table of a view the first time this store meets it.
+    async fn ensure_view_table(&self, table: &str) -> Result<(), CQRSError> {
+        if self.view_tables().contains(table) {
+            return Ok(());
+        }
+        schema::validate_table_name(table)?;
+        let sql = schema::view_table_ddl(table);
+        self.submit(|reply| Job::Execute { sql, reply }).await?;
+        self.view_tables().insert(table.to_owned());
+        Ok(())
+    }
+}
+
+fn writer_stopped() -> CQRSError {
+    CQRSError::persistence(
+        "the SQLite writer task has stopped (its Tokio runtime shut down); reopen the store",
+    )
+}
+
+/// The highest position stored, 0 for an empty or not yet migrated file.
+async fn last_position(pool: &SqlitePool) -> Result<i64, CQRSError> {
+    let exists: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'cqrs_events'",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(CQRSError::persistence)?;
+    if exists == 0 {
+        return Ok(0);
+    }
+    sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM cqrs_events")
+        .fetch_one(pool)
+        .await
+        .map_err(CQRSError::persistence)
+}
+
+#[async_trait]
+impl EventRepository for SqliteEventRepository {
+    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        validate_batch(&events)?;
+        self.submit(|reply| Job::Append { events, reply }).await
+    }
+
+    async fn load_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM cqrs_events \
+             WHERE aggregate_type = ? AND aggregate_id = ? AND sequence > ? ORDER BY sequence"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(aggregate_type)
+            .bind(aggregate_id.to_string())
+            .bind(after_sequence)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(CQRSError::persistence)?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    async fn event_sequence(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<i64, CQRSError> {
+        sqlx::query_scalar(
+            "SELECT COALESCE(MAX(sequence), 0) FROM cqrs_events \
+             WHERE aggregate_type = ? AND aggregate_id = ?",
+        )
+        .bind(aggregate_type)
+        .bind(aggregate_id.to_string())
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(CQRSError::persistence)
+    }
+
+    async fn read_all(
+        &self,
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let page: Result<Option<String>, _> = sqlx::query_scalar(rows::PAGE_SQL)
+            .bind(after_position)
+            .bind(limit)
+            .fetch_one(&self.inner.pool)
+            .await;
+        if let Some(events) = page
+            .ok()
+            .flatten()
+            .and_then(|text| rows::decode_page(&text))
+        {
+            return Ok(events);
+        }
+        // A row the fast path could not take (or a failed query): read row by row, which
+        // names the bad row or reports the database error.
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ? ORDER BY position LIMIT ?"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after_position)
+            .bind(limit)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(CQRSError::persistence)?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    fn subscribe(&self) -> Option<watch::Receiver<i64>> {
+        Some(self.inner.position.subscribe())
+    }
+}
+
+#[async_trait]
+impl SnapshotRepository for SqliteEventRepository {
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Option<Snapshot>, CQRSError> {
+        let row = sqlx::query(
+            "SELECT sequence, state, timestamp FROM cqrs_snapshots \
+             WHERE aggregate_type = ? AND aggregate_id = ?",
+        )
+        .bind(aggregate_type)
+        .bind(aggregate_id.to_string())
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(CQRSError::persistence)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let sequence: i64 = rows::snapshot_column(&row, 0, aggregate_type, aggregate_id)?;
+        let text: String = rows::snapshot_column(&row, 1, aggregate_type, aggregate_id)?;
+        let micros: i64 = rows::snapshot_column(&row, 2, aggregate_type, aggregate_id)?;
+        let state = match serde_json::from_str(&text) {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::warn!(
+                    aggregate_type, %aggregate_id, %error,
+                    "stored snapshot is not JSON; ignoring it"
+                );
+                return Ok(None);
+            }
+        };
+        let timestamp = rows::from_micros(micros)
+            .ok_or_else(|| rows::bad_snapshot_timestamp(aggregate_type, aggregate_id, micros))?;
+        Ok(Some(Snapshot {
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id,
+            sequence,
+            state,
+            timestamp,
+        }))
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), CQRSError> {
+        let state = snapshot.state.to_string();
+        self.submit(|reply| Job::Snapshot {
+            snapshot,
+            state,
+            reply,
+        })
+        .await
+    }
+}
+
+/// Checkpoints in `cqrs_checkpoints`, for consumers whose effects are not in this file (a
+/// relay to a message broker). Views in this file commit theirs with
+/// [`SqliteViewRepository`] instead, in the same transaction as the view rows.
+#[async_trait]
+impl CheckpointRepository for SqliteEventRepository {
+    async fn load_checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        self.checkpoint(name).await
+    }
+
+    async fn save_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), CQRSError> {
+        SqliteEventRepository::save_checkpoint(self, checkpoint).await
+    }
+}
