@@ -105,13 +105,10 @@ pub struct AccountState {
 #[derive(Debug, Default)]
 pub struct BankAccount;
 
+// The attribute writes `NAME` and reads `State`, `Commands`, `Events` and `Errors` from
+// `handle_command`'s signature.
+#[cqrs::aggregate(name = "bank_account")]
 impl Aggregate for BankAccount {
-    const NAME: &'static str = "bank_account";
-    type Events = BankEvent;
-    type Commands = BankCommand;
-    type Errors = BankError;
-    type State = AccountState;
-
     async fn handle_command(
         &self,
         _id: Uuid,
@@ -156,10 +153,8 @@ pub struct BalanceView {
     pub transactions: u64,
 }
 
+#[cqrs::view(table = "account_balance", version = 1)]
 impl View<BankAccount> for BalanceView {
-    const TABLE_NAME: &'static str = "account_balance";
-    const VERSION: u64 = 1;
-
     fn handle_event(&mut self, envelope: &EventEnvelope<BankEvent>) -> Result<(), BankError> {
         match &envelope.event {
             BankEvent::Opened { owner } => self.owner.clone_from(owner),
