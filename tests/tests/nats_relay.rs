@@ -1,0 +1,949 @@
+//! NATS JetStream: the outbox relay (order, headers, deduplication, crash safety under
+//! SIGKILL) and the projection fed from JetStream (equal to a full replay, redelivery applied
+//! once, poison messages).
+//!
+//! These tests need the server named by `CQRS_NATS_URL` (with JetStream). When the variable
+//! is unset they print why and pass; when it is set and the server cannot be reached they
+//! fail. Each test uses its own stream and subject prefix (a fresh uuid) and deletes the
+//! stream when it ends.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cqrs::nats::async_nats;
+use cqrs::nats::async_nats::jetstream;
+use cqrs::nats::async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use cqrs::nats::{
+    NatsProjection, NatsRelay, NatsStreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE,
+    HEADER_EVENT_TYPE, HEADER_EVENT_VERSION, HEADER_POSITION, HEADER_SEQUENCE,
+};
+use cqrs::store::sqlite::{Durability, SqliteOptions};
+use cqrs::{
+    Aggregate, CQRSError, Checkpoint, CheckpointRepository, DomainEvent, EventEnvelope,
+    EventRepository, MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository,
+    PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View, ViewContext, ViewRepository,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+// ---------------------------------------------------------------------------------------
+// The domain: a ledger whose view checks that it sees each event once and in order.
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+enum LedgerEvent {
+    Credited { amount: u64 },
+    Debited { amount: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LedgerError {
+    #[error(transparent)]
+    Framework(#[from] CQRSError),
+    #[error("event {got} applied after {last}: out of order or twice")]
+    OutOfOrder { last: i64, got: i64 },
+}
+
+#[derive(Default)]
+struct Ledger;
+
+impl Aggregate for Ledger {
+    const NAME: &'static str = "ledger";
+    type State = ();
+    type Commands = ();
+    type Events = LedgerEvent;
+    type Errors = LedgerError;
+
+    async fn handle_command(
+        &self,
+        _id: Uuid,
+        _state: &(),
+        _command: (),
+    ) -> Result<Vec<LedgerEvent>, LedgerError> {
+        Ok(Vec::new())
+    }
+
+    fn handle_event(&self, _state: &mut (), _event: &LedgerEvent) {}
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Balance {
+    balance: i64,
+    events: u64,
+    last_sequence: i64,
+    last_position: i64,
+}
+
+impl View<Ledger> for Balance {
+    const TABLE_NAME: &'static str = "nats_balance";
+    const VERSION: u64 = 1;
+
+    fn handle_event(&mut self, envelope: &EventEnvelope<LedgerEvent>) -> Result<(), LedgerError> {
+        // Refuse what a double or out-of-order application would look like.
+        if envelope.position <= self.last_position || envelope.sequence <= self.last_sequence {
+            return Err(LedgerError::OutOfOrder {
+                last: self.last_position,
+                got: envelope.position,
+            });
+        }
+        match envelope.event {
+            LedgerEvent::Credited { amount } => self.balance += amount as i64,
+            LedgerEvent::Debited { amount } => self.balance -= amount as i64,
+        }
+        self.events += 1;
+        self.last_sequence = envelope.sequence;
+        self.last_position = envelope.position;
+        Ok(())
+    }
+}
+
+/// `count` events for one ledger, sequences `first..first + count`.
+fn ledger_events(id: Uuid, first: i64, count: i64) -> Vec<PersistableDomainEvent> {
+    (first..first + count)
+        .map(|sequence| {
+            let event = if sequence % 3 == 0 {
+                LedgerEvent::Debited {
+                    amount: sequence as u64,
+                }
+            } else {
+                LedgerEvent::Credited {
+                    amount: 10 * sequence as u64,
+                }
+            };
+            PersistableDomainEvent::new(
+                Ledger::NAME,
+                id,
+                sequence,
+                &event,
+                serde_json::json!({ "test": "nats" }),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// An event of another aggregate type, which the ledger view must never see.
+fn audit_event(id: Uuid, sequence: i64) -> PersistableDomainEvent {
+    let mut event = PersistableDomainEvent::new(
+        "audit",
+        id,
+        sequence,
+        &LedgerEvent::Credited { amount: 1 },
+        serde_json::Value::Null,
+    )
+    .unwrap();
+    event.event_type = "Audited".into();
+    event
+}
+
+/// Appends `rounds` events to each of `ledgers`, interleaved, plus an audit event per round.
+async fn append_interleaved(
+    store: &impl EventRepository,
+    ledgers: &[Uuid],
+    audit: Uuid,
+    rounds: std::ops::Range<i64>,
+) {
+    for round in rounds {
+        for id in ledgers {
+            store.append(ledger_events(*id, round, 1)).await.unwrap();
+        }
+        store.append(vec![audit_event(audit, round)]).await.unwrap();
+    }
+}
+
+/// The ledger views as a full replay of the store computes them.
+async fn replay(store: &impl EventRepository) -> BTreeMap<String, Balance> {
+    let mut views: BTreeMap<String, Balance> = BTreeMap::new();
+    for stored in store.read_all(0, usize::MAX).await.unwrap() {
+        if stored.aggregate_type != Ledger::NAME {
+            continue;
+        }
+        let envelope = stored.decode::<LedgerEvent>().unwrap();
+        views
+            .entry(envelope.aggregate_id.to_string())
+            .or_default()
+            .handle_event(&envelope)
+            .unwrap();
+    }
+    views
+}
+
+async fn load_views(
+    views: &MemoryViewRepository<Balance>,
+    ids: &[Uuid],
+) -> BTreeMap<String, Balance> {
+    let mut loaded = BTreeMap::new();
+    for id in ids {
+        if let Some(view) = ViewRepository::<Ledger, Balance>::load(views, &id.to_string())
+            .await
+            .unwrap()
+        {
+            loaded.insert(id.to_string(), view);
+        }
+    }
+    loaded
+}
+
+// ---------------------------------------------------------------------------------------
+// The server and a stream per test.
+
+/// The server's URL, or `None` (after saying why) when the suite is not configured.
+fn nats_url() -> Option<String> {
+    match std::env::var("CQRS_NATS_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            eprintln!(
+                "skipping nats suite: set CQRS_NATS_URL=nats://127.0.0.1:4222 (a server with \
+                 JetStream) to run it"
+            );
+            None
+        }
+    }
+}
+
+async fn connect(url: &str) -> jetstream::Context {
+    let client = async_nats::connect(url)
+        .await
+        .unwrap_or_else(|error| panic!("CQRS_NATS_URL={url} is set but unreachable: {error}"));
+    jetstream::new(client)
+}
+
+/// A stream of its own for one test, deleted (best effort) when dropped, even on a failure.
+struct TestStream {
+    url: String,
+    config: NatsStreamConfig,
+}
+
+impl TestStream {
+    fn new(url: &str) -> Self {
+        let tag = Uuid::new_v4().simple().to_string();
+        TestStream {
+            url: url.to_owned(),
+            config: NatsStreamConfig::new(format!("CQRS_TEST_{tag}"), format!("cqrs_test_{tag}")),
+        }
+    }
+}
+
+impl Drop for TestStream {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let name = self.config.stream_name().to_owned();
+        // Drop cannot await; a thread with its own runtime can.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let client = async_nats::connect(url).await.ok()?;
+                jetstream::new(client).delete_stream(name).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Every message of the stream, in stream order.
+async fn stream_messages(
+    jetstream: &jetstream::Context,
+    config: &NatsStreamConfig,
+) -> Vec<jetstream::message::StreamMessage> {
+    let mut stream = jetstream.get_stream(config.stream_name()).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut messages = Vec::new();
+    if state.messages == 0 {
+        return messages;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        messages.push(stream.get_raw_message(sequence).await.unwrap());
+    }
+    messages
+}
+
+fn header<'a>(message: &'a jetstream::message::StreamMessage, name: &str) -> &'a str {
+    // The standard NATS headers are parsed into their own variant, looked up by constant.
+    let found = if name == "Nats-Msg-Id" {
+        message.headers.get(async_nats::header::NATS_MESSAGE_ID)
+    } else {
+        message.headers.get(name)
+    };
+    found
+        .map(|value| value.as_str())
+        .unwrap_or_else(|| panic!("message {} has no {name} header", message.sequence))
+}
+
+/// Checks that the stream holds exactly the store's events, once each, in global order.
+async fn assert_stream_is_store(
+    jetstream: &jetstream::Context,
+    config: &NatsStreamConfig,
+    stored: &[PersistableDomainEvent],
+) {
+    let messages = stream_messages(jetstream, config).await;
+    assert_eq!(
+        messages.len(),
+        stored.len(),
+        "the stream should hold each of the {} events exactly once",
+        stored.len()
+    );
+    for (message, event) in messages.iter().zip(stored) {
+        assert_eq!(
+            header(message, "Nats-Msg-Id"),
+            event.event_id.to_string(),
+            "stream message {} should be the event at position {}",
+            message.sequence,
+            event.position
+        );
+        assert_eq!(header(message, HEADER_POSITION), event.position.to_string());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The relay.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_publishes_every_event_in_global_order_with_headers() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let store = MemoryEventRepository::new();
+    let (a, b, audit) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    append_interleaved(&store, &[a, b], audit, 1..21).await;
+
+    let checkpoints = MemoryCheckpointRepository::new();
+    // Small batches: the order must hold across batch boundaries too.
+    let relay = NatsRelay::new(
+        store.clone(),
+        checkpoints.clone(),
+        jetstream.clone(),
+        test.config.clone(),
+    )
+    .with_batch_size(7);
+    relay.ensure_stream().await.unwrap();
+    let reached = relay.catch_up().await.unwrap();
+
+    let stored = store.read_all(0, usize::MAX).await.unwrap();
+    assert_eq!(stored.len(), 60);
+    assert_eq!(reached, 60);
+    assert_eq!(checkpoints.load_checkpoint(relay.name()).await.unwrap(), 60);
+
+    let messages = stream_messages(&jetstream, &test.config).await;
+    assert_eq!(messages.len(), stored.len());
+    for (message, event) in messages.iter().zip(&stored) {
+        assert_eq!(
+            message.subject.as_str(),
+            format!(
+                "{}.{}.{}",
+                test.config.subject_prefix(),
+                event.aggregate_type,
+                event.event_type
+            )
+        );
+        assert_eq!(header(message, "Nats-Msg-Id"), event.event_id.to_string());
+        assert_eq!(header(message, HEADER_AGGREGATE_TYPE), event.aggregate_type);
+        assert_eq!(
+            header(message, HEADER_AGGREGATE_ID),
+            event.aggregate_id.to_string()
+        );
+        assert_eq!(header(message, HEADER_SEQUENCE), event.sequence.to_string());
+        assert_eq!(header(message, HEADER_POSITION), event.position.to_string());
+        assert_eq!(header(message, HEADER_EVENT_TYPE), event.event_type);
+        assert_eq!(header(message, HEADER_EVENT_VERSION), event.event_version);
+        // The wire format: the stored event as JSON, whole.
+        let body: PersistableDomainEvent = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(&body, event);
+    }
+
+    // Nothing new: nothing published.
+    assert_eq!(relay.relay_once().await.unwrap(), 0);
+    assert_eq!(stream_messages(&jetstream, &test.config).await.len(), 60);
+
+    // The stream is created idempotently, and the duplicate window is kept up to date.
+    let longer = test
+        .config
+        .clone()
+        .with_duplicate_window(Duration::from_secs(1200));
+    longer.ensure_stream(&jetstream).await.unwrap();
+    longer.ensure_stream(&jetstream).await.unwrap();
+    let mut stream = jetstream
+        .get_stream(test.config.stream_name())
+        .await
+        .unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(1200));
+    assert_eq!(info.config.subjects, vec![test.config.subjects()]);
+    assert_eq!(info.state.messages, 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_rerun_from_checkpoint_zero_is_deduplicated_by_the_server() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let store = MemoryEventRepository::new();
+    let (a, audit) = (Uuid::new_v4(), Uuid::new_v4());
+    append_interleaved(&store, &[a], audit, 1..31).await;
+
+    let first = NatsRelay::new(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        jetstream.clone(),
+        test.config.clone(),
+    )
+    .with_batch_size(8);
+    first.ensure_stream().await.unwrap();
+    assert_eq!(first.catch_up().await.unwrap(), 60);
+
+    // A crash before the checkpoint was saved: a new relay starts again from 0.
+    let restarted = NatsRelay::new(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        jetstream.clone(),
+        test.config.clone(),
+    )
+    .with_batch_size(16);
+    assert_eq!(restarted.catch_up().await.unwrap(), 60);
+    let stored = store.read_all(0, usize::MAX).await.unwrap();
+    assert_stream_is_store(&jetstream, &test.config, &stored).await;
+
+    // And it goes on with new events after the duplicates, in order.
+    append_interleaved(&store, &[a], audit, 31..41).await;
+    assert_eq!(restarted.catch_up().await.unwrap(), 80);
+    let stored = store.read_all(0, usize::MAX).await.unwrap();
+    assert_stream_is_store(&jetstream, &test.config, &stored).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_runner_publishes_events_appended_while_it_runs() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let store = MemoryEventRepository::new();
+    let (a, audit) = (Uuid::new_v4(), Uuid::new_v4());
+    append_interleaved(&store, &[a], audit, 1..6).await;
+
+    let checkpoints = MemoryCheckpointRepository::new();
+    let relay = NatsRelay::new(
+        store.clone(),
+        checkpoints.clone(),
+        jetstream.clone(),
+        test.config.clone(),
+    )
+    // Long enough that only the store's notification explains a prompt publish.
+    .with_poll_interval(Duration::from_secs(30));
+    let name = relay.name().to_owned();
+    let handle = relay.start();
+    append_interleaved(&store, &[a], audit, 6..11).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while checkpoints.load_checkpoint(&name).await.unwrap() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the running relay did not publish the new events"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.stop().await.unwrap();
+    let stored = store.read_all(0, usize::MAX).await.unwrap();
+    assert_stream_is_store(&jetstream, &test.config, &stored).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The projection fed from JetStream.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_from_jetstream_equals_a_full_replay_and_redelivery_applies_once() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let store = MemoryEventRepository::new();
+    let ledgers: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    let audit = Uuid::new_v4();
+    append_interleaved(&store, &ledgers, audit, 1..41).await;
+
+    let relay = NatsRelay::new(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        jetstream.clone(),
+        test.config.clone(),
+    );
+    relay.ensure_stream().await.unwrap();
+    relay.catch_up().await.unwrap();
+
+    let views = MemoryViewRepository::<Balance>::new();
+    let durable = format!("balance_{}", Uuid::new_v4().simple());
+    let projection = NatsProjection::<Ledger, Balance>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(durable.clone())
+    .with_batch_size(32);
+    let position = projection.catch_up().await.unwrap();
+    let last_ledger = store
+        .read_all(0, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.aggregate_type == Ledger::NAME)
+        .map(|e| e.position)
+        .max()
+        .unwrap();
+    assert_eq!(position, last_ledger);
+    assert_eq!(load_views(&views, &ledgers).await, replay(&store).await);
+
+    // More events; a restarted projection (new instance, same checkpoint and durable name)
+    // picks up exactly where the view is.
+    append_interleaved(&store, &ledgers, audit, 41..61).await;
+    relay.catch_up().await.unwrap();
+    let restarted = NatsProjection::<Ledger, Balance>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(durable)
+    .with_batch_size(7);
+    restarted.catch_up().await.unwrap();
+    let expected = replay(&store).await;
+    assert_eq!(load_views(&views, &ledgers).await, expected);
+    assert_eq!(expected.values().map(|v| v.events).sum::<u64>(), 5 * 60);
+
+    // Redelivery of everything (a consumer from the first message, as after a crash between
+    // the commit and the acks): every message is acknowledged, none is applied again.
+    let stream = jetstream
+        .get_stream(test.config.stream_name())
+        .await
+        .unwrap();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            filter_subject: test.config.aggregate_subjects(Ledger::NAME),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let checkpoint_before = restarted.position().await.unwrap();
+    let mut redelivered = 0;
+    loop {
+        let mut batch = consumer.fetch().max_messages(64).messages().await.unwrap();
+        let mut messages = Vec::new();
+        while let Some(message) = batch.next().await {
+            messages.push(message.unwrap());
+        }
+        if messages.is_empty() {
+            break;
+        }
+        redelivered += restarted.apply_messages(messages).await.unwrap();
+    }
+    assert_eq!(redelivered, 5 * 60);
+    assert_eq!(restarted.position().await.unwrap(), checkpoint_before);
+    assert_eq!(load_views(&views, &ledgers).await, expected);
+    // They were acknowledged: nothing is left pending on that consumer.
+    let mut consumer = consumer;
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+}
+
+/// A view store whose second commit is written and then reported as failed, as when the
+/// process dies (or the connection drops) between the commit and the acknowledgements.
+#[derive(Clone)]
+struct LostCommitAnswer {
+    views: MemoryViewRepository<Balance>,
+    commits: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl ViewRepository<Ledger, Balance> for LostCommitAnswer {
+    async fn load(&self, view_id: &str) -> Result<Option<Balance>, CQRSError> {
+        ViewRepository::<Ledger, Balance>::load(&self.views, view_id).await
+    }
+    async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<Balance>, CQRSError> {
+        ViewRepository::<Ledger, Balance>::load_for_update(&self.views, view_id).await
+    }
+    async fn commit(
+        &self,
+        changes: Vec<ViewContext<Balance>>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), CQRSError> {
+        ViewRepository::<Ledger, Balance>::commit(&self.views, changes, checkpoint).await?;
+        if self.commits.fetch_add(1, Ordering::SeqCst) == 1 {
+            return Err(CQRSError::persistence("connection lost after the commit"));
+        }
+        Ok(())
+    }
+    async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        ViewRepository::<Ledger, Balance>::checkpoint(&self.views, name).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_applies_once_when_the_commit_succeeded_but_the_acks_were_not_sent() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let store = MemoryEventRepository::new();
+    let ledgers = [Uuid::new_v4(), Uuid::new_v4()];
+    append_interleaved(&store, &ledgers, Uuid::new_v4(), 1..26).await;
+    let relay = NatsRelay::new(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        jetstream.clone(),
+        test.config.clone(),
+    );
+    relay.ensure_stream().await.unwrap();
+    relay.catch_up().await.unwrap();
+
+    let views = MemoryViewRepository::<Balance>::new();
+    let flaky = LostCommitAnswer {
+        views: views.clone(),
+        commits: Arc::new(AtomicUsize::new(0)),
+    };
+    let durable = format!("balance_{}", Uuid::new_v4().simple());
+    let projection =
+        NatsProjection::<Ledger, Balance>::new(jetstream.clone(), test.config.clone(), flaky)
+            .with_durable_name(durable.clone())
+            .with_batch_size(10);
+    // Batch 1 is committed and acknowledged; batch 2 is committed but not acknowledged.
+    let error = projection.catch_up().await.unwrap_err();
+    assert!(matches!(error, CQRSError::PersistenceError(_)), "{error:?}");
+    // 20 ledger events: rounds 1 to 10, two ledgers and one audit event per round.
+    assert_eq!(projection.position().await.unwrap(), 29);
+    // The next run goes on from the checkpoint: batch 2 is not applied a second time (the
+    // view refuses an event it has already seen, so a double application would fail here).
+    projection.catch_up().await.unwrap();
+    assert_eq!(load_views(&views, &ledgers).await, replay(&store).await);
+
+    let stream = jetstream
+        .get_stream(test.config.stream_name())
+        .await
+        .unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer(&durable).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_runner_applies_events_as_they_arrive() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let store = MemoryEventRepository::new();
+    let ledgers = [Uuid::new_v4(), Uuid::new_v4()];
+    let audit = Uuid::new_v4();
+    append_interleaved(&store, &ledgers, audit, 1..11).await;
+    test.config.ensure_stream(&jetstream).await.unwrap();
+    let relay = NatsRelay::new(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        jetstream.clone(),
+        test.config.clone(),
+    )
+    .start();
+    let views = MemoryViewRepository::<Balance>::new();
+    let projection = NatsProjection::<Ledger, Balance>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(format!("balance_{}", Uuid::new_v4().simple()))
+    .with_fetch_wait(Duration::from_millis(200))
+    .start();
+    append_interleaved(&store, &ledgers, audit, 11..31).await;
+
+    let expected = replay(&store).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while load_views(&views, &ledgers).await != expected {
+        assert!(
+            Instant::now() < deadline,
+            "the running projection did not catch up: {:?} vs {expected:?}",
+            load_views(&views, &ledgers).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    projection.stop().await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_never_silently_drops_a_message_it_cannot_apply() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let store = MemoryEventRepository::new();
+    let id = Uuid::new_v4();
+    store.append(ledger_events(id, 1, 3)).await.unwrap();
+    let relay = NatsRelay::new(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        jetstream.clone(),
+        test.config.clone(),
+    );
+    relay.ensure_stream().await.unwrap();
+    relay.catch_up().await.unwrap();
+    // A body that is not an event, on a ledger subject.
+    jetstream
+        .publish(
+            format!("{}.ledger.Credited", test.config.subject_prefix()),
+            "not an event".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // An event whose type the ledger does not know (written by a newer deployment).
+    let mut unknown = ledger_events(id, 4, 1).remove(0);
+    unknown.event_type = "Frozen".into();
+    store.insert_unchecked(unknown);
+    store.append(ledger_events(id, 5, 2)).await.unwrap();
+    relay.catch_up().await.unwrap();
+
+    // Stop (the default): the projection stops at the garbage, after applying what came
+    // before it, and stops there again when restarted.
+    let views = MemoryViewRepository::<Balance>::new();
+    let durable = format!("balance_{}", Uuid::new_v4().simple());
+    let stopping = NatsProjection::<Ledger, Balance>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(durable.clone());
+    for _ in 0..2 {
+        let error = stopping.catch_up().await.unwrap_err();
+        assert!(
+            matches!(error, CQRSError::Deserialization { .. }),
+            "expected a decoding error, got {error:?}"
+        );
+        assert_eq!(stopping.position().await.unwrap(), 3);
+        let view = load_views(&views, &[id]).await;
+        assert_eq!(view[&id.to_string()].events, 3);
+    }
+
+    // SkipAndRecord: the garbage is recorded as undecodable, the unknown event as a dead
+    // letter naming it, and every other event is applied.
+    let skipping = NatsProjection::<Ledger, Balance>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(durable)
+    .with_poison_policy(PoisonPolicy::SkipAndRecord);
+    let result = skipping.catch_up().await;
+    assert!(result.is_ok(), "{result:?}");
+    let undecodable = skipping.undecodable();
+    assert_eq!(undecodable.len(), 1, "{undecodable:?}");
+    assert!(undecodable[0].subject.ends_with(".ledger.Credited"));
+    let letters = skipping.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].sequence, 4);
+    assert_eq!(letters[0].position, 4);
+    assert_eq!(letters[0].event_type, "Frozen");
+    assert_eq!(letters[0].aggregate_id, id);
+    assert_eq!(letters[0].view, "nats_balance");
+    assert_eq!(skipping.position().await.unwrap(), 6);
+    let view = load_views(&views, &[id]).await;
+    assert_eq!(view[&id.to_string()].events, 5);
+    assert_eq!(view[&id.to_string()].last_position, 6);
+}
+
+// ---------------------------------------------------------------------------------------
+// Crash safety: a relay process killed with SIGKILL again and again.
+
+/// The relay's checkpoint in the SQLite file it reads the events from.
+struct SqliteCheckpoints(SqliteEventRepository);
+
+#[async_trait]
+impl CheckpointRepository for SqliteCheckpoints {
+    async fn load_checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        self.0.checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), CQRSError> {
+        self.0.save_checkpoint(checkpoint).await
+    }
+}
+
+const CHILD_DB: &str = "CQRS_NATS_RELAY_CHILD_DB";
+const CHILD_STREAM: &str = "CQRS_NATS_RELAY_CHILD_STREAM";
+const CHILD_PREFIX: &str = "CQRS_NATS_RELAY_CHILD_PREFIX";
+const RELAY_NAME: &str = "crash_relay";
+
+async fn open_sqlite(path: &std::path::Path) -> SqliteEventRepository {
+    let store = SqliteEventRepository::connect(
+        &path.display().to_string(),
+        SqliteOptions::default().durability(Durability::Normal),
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+/// The relay process of `relay_survives_sigkill`: that test runs this test binary with
+/// `--ignored --exact relay_child_process` and the variables above, and kills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of relay_survives_sigkill, started by it"]
+async fn relay_child_process() {
+    let (Ok(db), Ok(stream), Ok(prefix), Some(url)) = (
+        std::env::var(CHILD_DB),
+        std::env::var(CHILD_STREAM),
+        std::env::var(CHILD_PREFIX),
+        nats_url(),
+    ) else {
+        eprintln!("relay_child_process only runs as the child of relay_survives_sigkill");
+        return;
+    };
+    let store = open_sqlite(&PathBuf::from(db)).await;
+    let relay = NatsRelay::new(
+        store.clone(),
+        SqliteCheckpoints(store),
+        connect(&url).await,
+        NatsStreamConfig::new(stream, prefix),
+    )
+    .with_name(RELAY_NAME)
+    .with_batch_size(50)
+    // Appends come from another process: no notification reaches this one.
+    .with_poll_interval(Duration::from_millis(10));
+    let _handle = relay.start();
+    // Runs until killed.
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+/// A number in `low..high` that differs from run to run.
+fn random_between(low: u64, high: u64) -> u64 {
+    low + (Uuid::new_v4().as_u128() % u128::from(high - low)) as u64
+}
+
+fn spawn_relay_child(db: &std::path::Path, config: &NatsStreamConfig) -> tokio::process::Child {
+    let exe = std::env::current_exe().unwrap();
+    tokio::process::Command::new(exe)
+        .args(["relay_child_process", "--exact", "--ignored", "--nocapture"])
+        .env(CHILD_DB, db)
+        .env(CHILD_STREAM, config.stream_name())
+        .env(CHILD_PREFIX, config.subject_prefix())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// 20,000 events are appended (from this process) while a relay process is killed with
+/// SIGKILL at random moments, at least 5 times, and restarted; afterwards the stream holds
+/// every event exactly once, in global order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_survives_sigkill() {
+    const LEDGERS: usize = 40;
+    const EVENTS_PER_APPEND: i64 = 10;
+    const ROUNDS: i64 = 50; // 40 ledgers * 50 rounds * 10 events = 20,000 events
+    const MIN_KILLS: u32 = 5;
+
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    test.config.ensure_stream(&jetstream).await.unwrap();
+    let db = std::env::temp_dir().join(format!("cqrs-nats-crash-{}.sqlite", Uuid::new_v4()));
+    let store = open_sqlite(&db).await;
+
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let ledgers: Vec<Uuid> = (0..LEDGERS).map(|_| Uuid::new_v4()).collect();
+            for round in 0..ROUNDS {
+                for id in &ledgers {
+                    let first = round * EVENTS_PER_APPEND + 1;
+                    store
+                        .append(ledger_events(*id, first, EVENTS_PER_APPEND))
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+    };
+
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut positions_at_kill = Vec::new();
+    let mut unsaved_at_kill = Vec::new();
+    while kills < MIN_KILLS || !writer.is_finished() {
+        let mut child = spawn_relay_child(&db, &test.config);
+        tokio::time::sleep(Duration::from_millis(random_between(150, 900))).await;
+        child.kill().await.unwrap(); // SIGKILL
+        kills += 1;
+        let checkpoint = store.checkpoint(RELAY_NAME).await.unwrap();
+        // Events in the stream beyond the saved checkpoint: the next run republishes them
+        // and the server must drop the copies.
+        let in_stream = jetstream
+            .get_stream(test.config.stream_name())
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages;
+        unsaved_at_kill.push(in_stream as i64 - checkpoint);
+        positions_at_kill.push(checkpoint);
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "appending took too long"
+        );
+    }
+    writer.await.unwrap();
+    let total = LEDGERS as i64 * ROUNDS * EVENTS_PER_APPEND;
+    let last = store.read_all(total - 1, 10).await.unwrap();
+    assert_eq!(last.last().map(|e| e.position), Some(total));
+
+    // A last run, left alone until it has published everything.
+    let mut child = spawn_relay_child(&db, &test.config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.checkpoint(RELAY_NAME).await.unwrap() < total {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not finish: checkpoint {} of {total}",
+            store.checkpoint(RELAY_NAME).await.unwrap()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the relay process exited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().await.unwrap();
+    eprintln!(
+        "relay_survives_sigkill: {total} events, {kills} kills, checkpoints at the kills: \
+         {positions_at_kill:?}, events published beyond the checkpoint at the kills: \
+         {unsaved_at_kill:?}"
+    );
+    assert!(
+        positions_at_kill.windows(2).any(|w| w[0] < w[1]),
+        "the relay should have made progress between kills: {positions_at_kill:?}"
+    );
+
+    let stored = store.read_all(0, usize::MAX).await.unwrap();
+    assert_eq!(stored.len() as i64, total);
+    assert_stream_is_store(&jetstream, &test.config, &stored).await;
+    let ids: HashSet<Uuid> = stream_messages(&jetstream, &test.config)
+        .await
+        .iter()
+        .map(|m| header(m, "Nats-Msg-Id").parse().unwrap())
+        .collect();
+    assert_eq!(
+        ids.len() as i64,
+        total,
+        "an event id appears twice in the stream"
+    );
+
+    drop(store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+}
