@@ -1,0 +1,297 @@
+//! The PostgreSQL schema: identifier validation, the DDL `migrate()` runs, and the SQL text
+//! of every statement, prepared once per store handle.
+//!
+//! Why each table and constraint looks the way it does is in `docs/adr/0004-postgres-store.md`.
+
+use std::fmt;
+
+use crate::error::CQRSError;
+
+/// The longest identifier PostgreSQL keeps (`NAMEDATALEN - 1`); longer ones are truncated
+/// silently, which could make two names collide.
+const MAX_IDENTIFIER_LEN: usize = 63;
+
+/// The store's own tables and function: a view may not use these names.
+const RESERVED: &[&str] = &["cqrs_events", "cqrs_snapshots", "cqrs_checkpoints"];
+
+/// The schema used when none is configured.
+pub(super) const DEFAULT_SCHEMA: &str = "public";
+
+/// A schema or view table name that the PostgreSQL store refuses to splice into SQL.
+///
+/// It reaches callers as the source of a [`CQRSError::PersistenceError`]; downcast to
+/// inspect it. Accepted names are 1 to 63 ASCII letters, digits and underscores, not
+/// starting with a digit, not starting with `pg_` (reserved by PostgreSQL for schemas), and,
+/// for a view table, not one of the store's own tables (`cqrs_events`, `cqrs_snapshots`,
+/// `cqrs_checkpoints`). A name is always double-quoted in SQL, so case is kept as written.
+///
+/// ```
+/// use cqrs::store::postgres::InvalidIdentifier;
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://localhost/db").unwrap();
+/// let err = cqrs::PostgresEventRepository::from_pool(pool)
+///     .with_schema("bad; DROP TABLE x")
+///     .unwrap_err();
+/// let cqrs::CQRSError::PersistenceError(source) = err else { panic!("{err:?}") };
+/// let invalid = source.downcast_ref::<InvalidIdentifier>().unwrap();
+/// assert_eq!(invalid.name, "bad; DROP TABLE x");
+/// # });
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidIdentifier {
+    /// What the name was for: `"schema"` or `"view table"`.
+    pub kind: &'static str,
+    /// The refused name.
+    pub name: String,
+    /// Why it was refused.
+    pub reason: &'static str,
+}
+
+impl fmt::Display for InvalidIdentifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} name {:?} is not usable in PostgreSQL: {}",
+            self.kind, self.name, self.reason
+        )
+    }
+}
+
+impl std::error::Error for InvalidIdentifier {}
+
+impl From<InvalidIdentifier> for CQRSError {
+    fn from(error: InvalidIdentifier) -> Self {
+        CQRSError::persistence(error)
+    }
+}
+
+/// Checks that `name` is a plain SQL identifier we may splice (double-quoted) into SQL.
+pub(super) fn validate_identifier(kind: &'static str, name: &str) -> Result<(), InvalidIdentifier> {
+    let refuse = |reason: &'static str| {
+        Err(InvalidIdentifier {
+            kind,
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    let Some(first) = name.chars().next() else {
+        return refuse("it is empty");
+    };
+    if name.len() > MAX_IDENTIFIER_LEN {
+        return refuse("it is longer than 63 bytes");
+    }
+    if !(first.is_ascii_alphabetic() || first == '_') {
+        return refuse("it must start with an ASCII letter or an underscore");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return refuse("only ASCII letters, digits and underscores are allowed");
+    }
+    if name.to_ascii_lowercase().starts_with("pg_") {
+        return refuse("names starting with `pg_` are reserved by PostgreSQL");
+    }
+    if kind == "view table" && RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
+        return refuse("it is one of the event store's own tables");
+    }
+    Ok(())
+}
+
+/// The columns every event query selects, in the order `decode_event` reads them.
+const EVENT_COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, sequence, \
+     event_type, event_version, payload, metadata, \"timestamp\"";
+
+/// The SQL of every statement of one store handle, with the schema spliced in once.
+#[derive(Debug)]
+pub(super) struct Statements {
+    pub(super) migrate: String,
+    /// One statement, one round trip, in an implicit transaction: all events or none.
+    ///
+    /// `pg_current_xact_id()` in the WHERE clause assigns the transaction its id before the
+    /// first row is projected, and so before the first `nextval` of `position`: a qual is
+    /// evaluated before the row it filters is handed up to the INSERT, whose target list
+    /// holds the identity default (for a volatile qual without columns PostgreSQL even makes
+    /// it a one-time filter run before the scan). The gap-safety argument of `read_all`
+    /// depends on this order; see ADR 0004. `$10` is the sequence the writer believes is the
+    /// last: unless it is 0, it must be stored, otherwise no row is inserted (a batch that
+    /// skips ahead). Rows are inserted in batch order, so positions grow with sequences.
+    pub(super) append: String,
+    /// [`append`](Self::append) for a batch of one event, with scalar parameters: the same
+    /// statement shape and order of evaluation, without the arrays (the common case).
+    pub(super) append_one: String,
+    pub(super) find_ids: String,
+    pub(super) load_events: String,
+    pub(super) event_sequence: String,
+    pub(super) read_all: String,
+    pub(super) load_snapshot: String,
+    pub(super) save_snapshot: String,
+    pub(super) load_checkpoint: String,
+    pub(super) save_checkpoint: String,
+}
+
+impl Statements {
+    /// The statements for `schema`, which must have passed [`validate_identifier`].
+    pub(super) fn new(schema: &str) -> Self {
+        let s = format!("\"{schema}\"");
+        Statements {
+            migrate: migrate_ddl(schema),
+            append: format!(
+                "INSERT INTO {s}.cqrs_events AS e \
+                     (event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                      payload, metadata, \"timestamp\") \
+                 SELECT u.event_id, $2, $3, u.seq, u.event_type, u.event_version, u.payload, \
+                        u.metadata, u.ts \
+                 FROM unnest($1::uuid[], $4::bigint[], $5::text[], $6::text[], $7::jsonb[], \
+                             $8::jsonb[], $9::timestamptz[]) \
+                      WITH ORDINALITY AS u(event_id, seq, event_type, event_version, payload, \
+                                           metadata, ts, ord) \
+                 WHERE pg_current_xact_id() IS NOT NULL \
+                   AND ($10 = 0 OR EXISTS (SELECT 1 FROM {s}.cqrs_events p \
+                        WHERE p.aggregate_type = $2 AND p.aggregate_id = $3 AND p.sequence = $10)) \
+                 ORDER BY u.ord \
+                 RETURNING e.sequence, e.position"
+            ),
+            append_one: format!(
+                "INSERT INTO {s}.cqrs_events AS e \
+                     (event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                      payload, metadata, \"timestamp\") \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+                 WHERE pg_current_xact_id() IS NOT NULL \
+                   AND ($10 = 0 OR EXISTS (SELECT 1 FROM {s}.cqrs_events p \
+                        WHERE p.aggregate_type = $2 AND p.aggregate_id = $3 AND p.sequence = $10)) \
+                 RETURNING e.sequence, e.position"
+            ),
+            find_ids: format!(
+                "SELECT event_id, aggregate_type, aggregate_id, sequence, position \
+                 FROM {s}.cqrs_events WHERE event_id = ANY($1)"
+            ),
+            load_events: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.cqrs_events \
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 \
+                 ORDER BY sequence"
+            ),
+            event_sequence: format!(
+                "SELECT COALESCE(MAX(sequence), 0) FROM {s}.cqrs_events \
+                 WHERE aggregate_type = $1 AND aggregate_id = $2"
+            ),
+            read_all: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.cqrs_events WHERE position > $1 \
+                 ORDER BY position LIMIT $2"
+            ),
+            load_snapshot: format!(
+                "SELECT sequence, state, \"timestamp\" FROM {s}.cqrs_snapshots \
+                 WHERE aggregate_type = $1 AND aggregate_id = $2"
+            ),
+            save_snapshot: format!(
+                "INSERT INTO {s}.cqrs_snapshots AS old \
+                     (aggregate_type, aggregate_id, sequence, state, \"timestamp\") \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+                 SET sequence = EXCLUDED.sequence, state = EXCLUDED.state, \
+                     \"timestamp\" = EXCLUDED.\"timestamp\" \
+                 WHERE old.sequence <= EXCLUDED.sequence"
+            ),
+            load_checkpoint: format!("SELECT position FROM {s}.cqrs_checkpoints WHERE name = $1"),
+            save_checkpoint: format!(
+                "INSERT INTO {s}.cqrs_checkpoints (name, position, updated_at) \
+                 VALUES ($1, $2, now()) \
+                 ON CONFLICT (name) DO UPDATE \
+                 SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at"
+            ),
+        }
+    }
+}
+
+/// The whole schema, idempotent, run in one transaction under an advisory lock keyed by the
+/// schema name so that two processes migrating at once do not race on the catalog.
+fn migrate_ddl(schema: &str) -> String {
+    let s = format!("\"{schema}\"");
+    format!(
+        r#"
+SELECT pg_advisory_xact_lock(hashtextextended('cqrs migrate {schema}', 0));
+
+CREATE SCHEMA IF NOT EXISTS {s};
+
+CREATE TABLE IF NOT EXISTS {s}.cqrs_events (
+    position        BIGINT GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+    event_id        UUID        NOT NULL,
+    aggregate_type  TEXT        NOT NULL,
+    aggregate_id    UUID        NOT NULL,
+    sequence        BIGINT      NOT NULL CHECK (sequence >= 1),
+    event_type      TEXT        NOT NULL,
+    event_version   TEXT        NOT NULL,
+    payload         JSONB       NOT NULL,
+    metadata        JSONB       NOT NULL,
+    "timestamp"     TIMESTAMPTZ NOT NULL,
+    transaction_id  XID8        NOT NULL DEFAULT pg_current_xact_id(),
+    CONSTRAINT cqrs_events_event_id_key UNIQUE (event_id),
+    CONSTRAINT cqrs_events_aggregate_sequence_key UNIQUE (aggregate_type, aggregate_id, sequence)
+);
+
+CREATE TABLE IF NOT EXISTS {s}.cqrs_snapshots (
+    aggregate_type  TEXT        NOT NULL,
+    aggregate_id    UUID        NOT NULL,
+    sequence        BIGINT      NOT NULL CHECK (sequence >= 0),
+    state           JSONB       NOT NULL,
+    "timestamp"     TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
+
+CREATE TABLE IF NOT EXISTS {s}.cqrs_checkpoints (
+    name        TEXT        PRIMARY KEY,
+    position    BIGINT      NOT NULL CHECK (position >= 0),
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"#
+    )
+}
+
+/// `CREATE TABLE` for a view table; both names already validated.
+pub(super) fn view_table_ddl(schema: &str, table: &str) -> String {
+    format!(
+        r#"
+SELECT pg_advisory_xact_lock(hashtextextended('cqrs migrate {schema}', 0));
+
+CREATE TABLE IF NOT EXISTS "{schema}"."{table}" (
+    view_id       TEXT        NOT NULL,
+    view_version  BIGINT      NOT NULL,
+    row_version   BIGINT      NOT NULL CHECK (row_version >= 1),
+    payload       JSONB       NOT NULL,
+    updated_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (view_id, view_version)
+);
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_identifiers() {
+        for name in ["account_balance", "_private", "View2", "a", "t_0123abcd"] {
+            assert!(validate_identifier("view table", name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        let long = "x".repeat(64);
+        for name in [
+            "",
+            "1abc",
+            "a-b",
+            "a b",
+            "a\"b",
+            "x; DROP TABLE cqrs_events",
+            "pg_catalog",
+            "cqrs_events",
+            "CQRS_Snapshots",
+            "é",
+            long.as_str(),
+        ] {
+            let error = validate_identifier("view table", name).unwrap_err();
+            assert_eq!(error.name, name);
+        }
+        assert!(validate_identifier("schema", "cqrs_events").is_ok());
+    }
+}

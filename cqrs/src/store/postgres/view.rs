@@ -1,0 +1,340 @@
+//! Views as JSONB rows, committed with the projection's checkpoint in one transaction.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::Row;
+
+use super::schema::{validate_identifier, view_table_ddl, InvalidIdentifier};
+use super::PostgresEventRepository;
+use crate::aggregate::Aggregate;
+use crate::error::CQRSError;
+use crate::store::CheckpointRepository;
+use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
+
+/// A [`ViewRepository`] in the same PostgreSQL schema as a [`PostgresEventRepository`].
+///
+/// A view `V` lives in the table named by its `TABLE_NAME` (created on first use), one row
+/// per `(view_id, view_version)` where `view_version` is `V::VERSION`, so a new version of a
+/// view is written beside the old one. Each row carries a `row_version`:
+/// [`commit`](ViewRepository::commit) only writes a row whose version is still the one it
+/// was loaded with, otherwise nothing is written and the result is
+/// [`CQRSError::ViewConflict`]. The view changes and the checkpoint commit in one
+/// transaction, so a projection over this store applies every event exactly once.
+///
+/// `TABLE_NAME` must be a plain identifier (see [`InvalidIdentifier`]); anything else is
+/// refused with a [`CQRSError::PersistenceError`] carrying it, never spliced into SQL.
+///
+/// ```no_run
+/// # use cqrs::{Aggregate, CQRSError, DomainEvent, EventEnvelope, View};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+/// # enum CounterEvent { Incremented { by: u32 } }
+/// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
+/// # #[derive(Default)] struct Counter;
+/// # impl Aggregate for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type Events = CounterEvent; type Commands = (); type Errors = CounterError; type State = ();
+/// #     async fn handle_command(&self, _: uuid::Uuid, _: &(), _: ()) -> Result<Vec<CounterEvent>, CounterError> { Ok(vec![]) }
+/// #     fn handle_event(&self, _: &mut (), _: &CounterEvent) {}
+/// # }
+/// # #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// # struct CounterTotal { total: u64 }
+/// # impl View<Counter> for CounterTotal {
+/// #     const TABLE_NAME: &'static str = "counter_total";
+/// #     const VERSION: u64 = 1;
+/// #     fn handle_event(&mut self, _: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> { Ok(()) }
+/// # }
+/// # async fn demo() -> Result<(), CQRSError> {
+/// use cqrs::{PostgresEventRepository, PostgresViewRepository, Projection};
+///
+/// let store = PostgresEventRepository::connect("postgres://postgres@127.0.0.1/test").await?;
+/// store.migrate().await?;
+/// let views = PostgresViewRepository::<CounterTotal>::new(&store);
+/// let projection = Projection::<Counter, CounterTotal>::new(store, views);
+/// projection.catch_up().await?;
+/// # Ok(()) }
+/// ```
+pub struct PostgresViewRepository<V> {
+    store: PostgresEventRepository,
+    _marker: PhantomData<fn() -> V>,
+}
+
+impl<V> Clone for PostgresViewRepository<V> {
+    fn clone(&self) -> Self {
+        PostgresViewRepository {
+            store: self.store.clone(),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<V> fmt::Debug for PostgresViewRepository<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresViewRepository")
+            .field("schema", &self.store.schema())
+            .finish()
+    }
+}
+
+impl<V> PostgresViewRepository<V> {
+    /// Views in the schema (and through the pool) of `store`. Run
+    /// [`PostgresEventRepository::migrate`] first: the checkpoint table is created there.
+    pub fn new(store: &PostgresEventRepository) -> Self {
+        PostgresViewRepository {
+            store: store.clone(),
+            _marker: PhantomData,
+        }
+    }
+
+    /// The event store whose schema and pool this uses.
+    pub fn event_repository(&self) -> &PostgresEventRepository {
+        &self.store
+    }
+}
+
+/// The validated, quoted table name and the `view_version` of `V` seen as a view of `A`;
+/// creates the table the first time this store handle meets it.
+async fn table_of<A: Aggregate, V: View<A>>(
+    store: &PostgresEventRepository,
+) -> Result<(String, i64), CQRSError> {
+    view_table(store, V::TABLE_NAME, V::VERSION).await
+}
+
+/// A boxed, `Send` future: the executor calls live in non-generic functions returning one,
+/// which keeps the `Send` proof of the generic trait methods simple for the compiler.
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The non-generic part of [`table_of`].
+fn view_table<'a>(
+    store: &'a PostgresEventRepository,
+    table: &'static str,
+    version: u64,
+) -> BoxFuture<'a, Result<(String, i64), CQRSError>> {
+    Box::pin(async move {
+        validate_identifier("view table", table)?;
+        let version = i64::try_from(version).map_err(|_| InvalidIdentifier {
+            kind: "view table",
+            name: table.to_owned(),
+            reason: "its VERSION does not fit in a BIGINT",
+        })?;
+        let qualified = format!("\"{}\".\"{table}\"", store.schema());
+        if !store.view_tables().contains(table) {
+            // One simple-query message: PostgreSQL runs it as one implicit transaction, so the
+            // advisory lock it takes is held until the table exists.
+            sqlx::raw_sql(&view_table_ddl(store.schema(), table))
+                .execute(store.pool())
+                .await
+                .map_err(CQRSError::persistence)?;
+            store.view_tables().insert(table.to_owned());
+        }
+        Ok((qualified, version))
+    })
+}
+
+fn decode_view<V: serde::de::DeserializeOwned>(
+    table: &str,
+    view_id: &str,
+    payload: Value,
+) -> Result<V, CQRSError> {
+    serde_json::from_value(payload).map_err(|source| CQRSError::Deserialization {
+        what: format!("view {table}/{view_id}"),
+        source,
+    })
+}
+
+#[async_trait]
+impl<A, V> ViewRepository<A, V> for PostgresViewRepository<V>
+where
+    A: Aggregate,
+    V: View<A>,
+{
+    async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError> {
+        let (table, version) = table_of::<A, V>(&self.store).await?;
+        let payload: Option<Value> = sqlx::query_scalar(&format!(
+            "SELECT payload FROM {table} WHERE view_id = $1 AND view_version = $2"
+        ))
+        .bind(view_id)
+        .bind(version)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(CQRSError::persistence)?;
+        payload
+            .map(|p| decode_view(V::TABLE_NAME, view_id, p))
+            .transpose()
+    }
+
+    async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<V>, CQRSError> {
+        let (table, version) = table_of::<A, V>(&self.store).await?;
+        let row = sqlx::query(&format!(
+            "SELECT payload, row_version FROM {table} WHERE view_id = $1 AND view_version = $2"
+        ))
+        .bind(view_id)
+        .bind(version)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(CQRSError::persistence)?;
+        let (view, row_version) = match row {
+            None => (V::default(), 0),
+            Some(row) => {
+                let payload: Value = row.try_get(0).map_err(CQRSError::persistence)?;
+                let row_version: i64 = row.try_get(1).map_err(CQRSError::persistence)?;
+                (decode_view(V::TABLE_NAME, view_id, payload)?, row_version)
+            }
+        };
+        Ok(ViewContext {
+            view_id: view_id.to_owned(),
+            view,
+            version: row_version,
+        })
+    }
+
+    async fn commit(
+        &self,
+        changes: Vec<ViewContext<V>>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), CQRSError> {
+        let (table, version) = table_of::<A, V>(&self.store).await?;
+        let mut new_ids = Vec::new();
+        let mut new_payloads = Vec::new();
+        let mut old_ids = Vec::new();
+        let mut old_versions = Vec::new();
+        let mut old_payloads = Vec::new();
+        for change in &changes {
+            let payload =
+                serde_json::to_value(&change.view).map_err(|source| CQRSError::Serialization {
+                    what: format!("view {}/{}", V::TABLE_NAME, change.view_id),
+                    source,
+                })?;
+            if change.version == 0 {
+                new_ids.push(change.view_id.clone());
+                new_payloads.push(payload);
+            } else {
+                old_ids.push(change.view_id.clone());
+                old_versions.push(change.version);
+                old_payloads.push(payload);
+            }
+        }
+        write_views(
+            &self.store,
+            ViewRows {
+                view: V::TABLE_NAME,
+                table,
+                version,
+                new_ids,
+                new_payloads,
+                old_ids,
+                old_versions,
+                old_payloads,
+            },
+            checkpoint,
+        )
+        .await
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        CheckpointRepository::load_checkpoint(&self.store, name).await
+    }
+}
+
+/// The rows one `commit` writes, already serialized.
+struct ViewRows {
+    view: &'static str,
+    table: String,
+    version: i64,
+    new_ids: Vec<String>,
+    new_payloads: Vec<Value>,
+    old_ids: Vec<String>,
+    old_versions: Vec<i64>,
+    old_payloads: Vec<Value>,
+}
+
+/// Inserts the new rows, updates the loaded ones if their row version did not move, and
+/// stores the checkpoint, in one transaction.
+fn write_views(
+    store: &PostgresEventRepository,
+    rows: ViewRows,
+    checkpoint: Option<Checkpoint>,
+) -> BoxFuture<'_, Result<(), CQRSError>> {
+    Box::pin(async move {
+        let ViewRows {
+            view,
+            table,
+            version,
+            new_ids,
+            new_payloads,
+            old_ids,
+            old_versions,
+            old_payloads,
+        } = rows;
+        let conflict = |view_id: &str, expected_version: i64| CQRSError::ViewConflict {
+            view: view.to_owned(),
+            view_id: view_id.to_owned(),
+            expected_version,
+        };
+
+        let mut tx = store.pool().begin().await.map_err(CQRSError::persistence)?;
+        if !new_ids.is_empty() {
+            let inserted: Vec<String> = sqlx::query_scalar(&format!(
+                "INSERT INTO {table} (view_id, view_version, row_version, payload, updated_at) \
+                 SELECT u.id, $2, 1, u.payload, now() \
+                 FROM unnest($1::text[], $3::jsonb[]) AS u(id, payload) \
+                 ON CONFLICT (view_id, view_version) DO NOTHING \
+                 RETURNING view_id"
+            ))
+            .bind(&new_ids)
+            .bind(version)
+            .bind(&new_payloads)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(CQRSError::persistence)?;
+            if inserted.len() != new_ids.len() {
+                let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
+                let lost = new_ids
+                    .iter()
+                    .find(|id| !inserted.contains(id.as_str()))
+                    .map_or("", String::as_str);
+                return Err(conflict(lost, 0));
+            }
+        }
+        if !old_ids.is_empty() {
+            let updated: Vec<String> = sqlx::query_scalar(&format!(
+                "UPDATE {table} AS t \
+                 SET row_version = t.row_version + 1, payload = u.payload, updated_at = now() \
+                 FROM unnest($1::text[], $3::bigint[], $4::jsonb[]) AS u(id, row_version, payload) \
+                 WHERE t.view_id = u.id AND t.view_version = $2 AND t.row_version = u.row_version \
+                 RETURNING t.view_id"
+            ))
+            .bind(&old_ids)
+            .bind(version)
+            .bind(&old_versions)
+            .bind(&old_payloads)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(CQRSError::persistence)?;
+            if updated.len() != old_ids.len() {
+                let updated: HashSet<&str> = updated.iter().map(String::as_str).collect();
+                let (lost, expected) = old_ids
+                    .iter()
+                    .zip(old_versions.iter())
+                    .find(|(id, _)| !updated.contains(id.as_str()))
+                    .map_or(("", 0), |(id, v)| (id.as_str(), *v));
+                return Err(conflict(lost, expected));
+            }
+        }
+        if let Some(checkpoint) = checkpoint {
+            sqlx::query(&store.statements().save_checkpoint)
+                .bind(&checkpoint.name)
+                .bind(checkpoint.position)
+                .execute(&mut *tx)
+                .await
+                .map_err(CQRSError::persistence)?;
+        }
+        tx.commit().await.map_err(CQRSError::persistence)
+    })
+}

@@ -1,0 +1,1127 @@
+//! The PostgreSQL store against the server at `CQRS_POSTGRES_URL`.
+//!
+//! Without the variable every test prints why it is skipped and passes; with it, a server
+//! that cannot be reached fails the tests. Each test works in its own schema (`t_<uuid>`),
+//! dropped at the end, so the tests run in parallel and twice in a row.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cqrs::store::postgres::sqlx::postgres::{PgConnection, PgPoolOptions};
+use cqrs::store::postgres::sqlx::{self, Connection, Executor, Row};
+use cqrs::store::postgres::InvalidIdentifier;
+use cqrs::{
+    Aggregate, CQRSError, CQRSFramework, Checkpoint, DecodeError, DomainEvent, EventEnvelope,
+    EventRepository, PersistableDomainEvent, PostgresEventRepository, PostgresViewRepository,
+    Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository, View, ViewContext, ViewRepository,
+};
+use cqrs_testkit::conformance::{check_event_repository, StoreHarness};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const URL_VAR: &str = "CQRS_POSTGRES_URL";
+
+/// The server's URL, or `None` (after saying so) when the suite is to be skipped.
+fn url(test: &str) -> Option<String> {
+    match std::env::var(URL_VAR) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!(
+                "skipping postgres suite ({test}): set {URL_VAR}=postgres://postgres@127.0.0.1:5432/test to run it"
+            );
+            None
+        }
+    }
+}
+
+/// A migrated store in a fresh schema; the schema is dropped by [`Fixture::drop_schema`].
+struct Fixture {
+    store: PostgresEventRepository,
+    url: String,
+}
+
+impl Fixture {
+    async fn new(test: &str) -> Option<Fixture> {
+        let url = url(test)?;
+        Some(Self::with_url(url, 16).await)
+    }
+
+    async fn with_url(url: String, connections: u32) -> Fixture {
+        let pool = PgPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{URL_VAR} is set but the server is unreachable: {e}"));
+        let schema = format!("t_{}", Uuid::new_v4().simple());
+        let store = PostgresEventRepository::from_pool(pool)
+            .with_schema(&schema)
+            .unwrap();
+        store.migrate().await.unwrap();
+        Fixture { store, url }
+    }
+
+    fn schema(&self) -> &str {
+        self.store.schema()
+    }
+
+    /// A connection of its own, outside the store's pool.
+    async fn connection(&self) -> PgConnection {
+        PgConnection::connect(&self.url).await.unwrap()
+    }
+
+    async fn drop_schema(self) {
+        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema());
+        if let Err(error) = self.store.pool().execute(sql.as_str()).await {
+            eprintln!("could not drop schema {}: {error}", self.schema());
+        }
+        self.store.pool().close().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The testkit's conformance suite.
+
+struct PgHarness {
+    url: String,
+    stores: Mutex<Vec<PostgresEventRepository>>,
+}
+
+impl PgHarness {
+    async fn cleanup(&self) {
+        let stores: Vec<_> = std::mem::take(&mut *self.stores.lock().unwrap());
+        for store in stores {
+            let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", store.schema());
+            let _ = store.pool().execute(sql.as_str()).await;
+            store.pool().close().await;
+        }
+    }
+}
+
+impl StoreHarness for PgHarness {
+    type Store = PostgresEventRepository;
+
+    async fn fresh(&self) -> PostgresEventRepository {
+        let store = Fixture::with_url(self.url.clone(), 8).await.store;
+        self.stores.lock().unwrap().push(store.clone());
+        store
+    }
+
+    async fn corrupt_payload(
+        &self,
+        store: &PostgresEventRepository,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+        raw: &str,
+    ) {
+        // jsonb cannot hold invalid JSON: store such text as a JSON string, which no event
+        // decodes from either.
+        let value: Value =
+            serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+        let sql = format!(
+            "UPDATE \"{}\".cqrs_events SET payload = $1 \
+             WHERE aggregate_type = $2 AND aggregate_id = $3 AND sequence = $4",
+            store.schema()
+        );
+        let done = sqlx::query(&sql)
+            .bind(&value)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(sequence)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(done.rows_affected(), 1, "no row to corrupt");
+    }
+
+    async fn set_event_type(
+        &self,
+        store: &PostgresEventRepository,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+        event_type: &str,
+    ) {
+        let sql = format!(
+            "UPDATE \"{}\".cqrs_events SET event_type = $1 \
+             WHERE aggregate_type = $2 AND aggregate_id = $3 AND sequence = $4",
+            store.schema()
+        );
+        let done = sqlx::query(&sql)
+            .bind(event_type)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(sequence)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(done.rows_affected(), 1, "no row to change");
+    }
+
+    async fn delete_event(
+        &self,
+        store: &PostgresEventRepository,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+    ) {
+        let sql = format!(
+            "DELETE FROM \"{}\".cqrs_events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+            store.schema()
+        );
+        let done = sqlx::query(&sql)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(sequence)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(done.rows_affected(), 1, "no row to delete");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_suite() {
+    let Some(url) = url("conformance_suite") else {
+        return;
+    };
+    let harness = PgHarness {
+        url,
+        stores: Mutex::new(Vec::new()),
+    };
+    check_event_repository(&harness).await;
+    harness.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A tiny counter aggregate and a view of it.
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+enum CounterEvent {
+    #[event(name = "Added", version = "1")]
+    Added { by: u64 },
+}
+
+#[derive(Debug, Clone)]
+enum CounterCommand {
+    Add { by: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CounterError {
+    #[error(transparent)]
+    Framework(#[from] CQRSError),
+}
+
+impl CounterError {
+    fn framework(&self) -> &CQRSError {
+        let CounterError::Framework(e) = self;
+        e
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct CounterState {
+    total: u64,
+    count: u64,
+}
+
+#[derive(Default)]
+struct Counter;
+
+impl Aggregate for Counter {
+    const NAME: &'static str = "pg_counter";
+    type Events = CounterEvent;
+    type Commands = CounterCommand;
+    type Errors = CounterError;
+    type State = CounterState;
+
+    async fn handle_command(
+        &self,
+        _id: Uuid,
+        _state: &CounterState,
+        command: CounterCommand,
+    ) -> Result<Vec<CounterEvent>, CounterError> {
+        let CounterCommand::Add { by } = command;
+        Ok(vec![CounterEvent::Added { by }])
+    }
+
+    fn handle_event(&self, state: &mut CounterState, event: &CounterEvent) {
+        let CounterEvent::Added { by } = event;
+        state.total += by;
+        state.count += 1;
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct CounterTotal {
+    total: u64,
+    events: u64,
+}
+
+impl View<Counter> for CounterTotal {
+    const TABLE_NAME: &'static str = "counter_total";
+    const VERSION: u64 = 1;
+
+    fn handle_event(&mut self, envelope: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
+        let CounterEvent::Added { by } = envelope.event;
+        self.total += by;
+        self.events += 1;
+        Ok(())
+    }
+}
+
+fn added(id: Uuid, sequence: i64, by: u64) -> PersistableDomainEvent {
+    PersistableDomainEvent::new(
+        Counter::NAME,
+        id,
+        sequence,
+        &CounterEvent::Added { by },
+        Value::Null,
+    )
+    .unwrap()
+}
+
+/// Inserts `event` on `conn` inside the transaction the caller has open, the way an append
+/// does (transaction id first, then the position), and returns the position it took.
+async fn append_on(conn: &mut PgConnection, schema: &str, event: &PersistableDomainEvent) -> i64 {
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let sql = format!(
+        "INSERT INTO \"{schema}\".cqrs_events (event_id, aggregate_type, aggregate_id, sequence, \
+         event_type, event_version, payload, metadata, \"timestamp\") \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING position"
+    );
+    sqlx::query_scalar(&sql)
+        .bind(event.event_id)
+        .bind(&event.aggregate_type)
+        .bind(event.aggregate_id)
+        .bind(event.sequence)
+        .bind(&event.event_type)
+        .bind(&event.event_version)
+        .bind(&event.payload)
+        .bind(&event.metadata)
+        .bind(event.timestamp)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+}
+
+fn positions(events: &[PersistableDomainEvent]) -> Vec<i64> {
+    events.iter().map(|e| e.position).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Races.
+
+/// 16 tasks x 500 dispatches on one aggregate through one framework.
+async fn race(framework: Arc<CQRSFramework<Counter>>, id: Uuid) -> (u64, u64, Vec<String>) {
+    let mut tasks = Vec::new();
+    for task in 0..16u64 {
+        let framework = Arc::clone(&framework);
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut conflicts, mut other, mut sum) = (0u64, 0u64, Vec::new(), 0u64);
+            for i in 0..500u64 {
+                let by = task * 1000 + i + 1;
+                match framework.dispatch(id, CounterCommand::Add { by }).await {
+                    Ok(_) => {
+                        ok += 1;
+                        sum += by;
+                    }
+                    Err(e) if e.framework().is_conflict() => conflicts += 1,
+                    Err(e) => other.push(format!("{e:?}")),
+                }
+            }
+            (ok, conflicts, other, sum)
+        }));
+    }
+    let (mut ok, mut sum, mut other) = (0, 0, Vec::new());
+    let mut conflicts = 0;
+    for task in tasks {
+        let (o, c, e, s) = task.await.unwrap();
+        ok += o;
+        conflicts += c;
+        sum += s;
+        other.extend(e);
+    }
+    assert_eq!(ok + conflicts + other.len() as u64, 8000);
+    (ok, sum, other)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_writers_race_on_one_aggregate() {
+    let Some(fx) = Fixture::new("sixteen_writers_race_on_one_aggregate").await else {
+        return;
+    };
+    // Without retries: every failure is a conflict and every success is stored exactly once.
+    let framework = Arc::new(
+        CQRSFramework::<Counter>::new(fx.store.clone())
+            .with_snapshots(fx.store.clone(), SnapshotPolicy::every(50)),
+    );
+    let id = Uuid::new_v4();
+    let (ok, sum, other) = race(Arc::clone(&framework), id).await;
+    assert!(other.is_empty(), "failures other than Conflict: {other:?}");
+    let stored = fx.store.load_events(Counter::NAME, id, 0).await.unwrap();
+    let sequences: Vec<i64> = stored.iter().map(|e| e.sequence).collect();
+    assert_eq!(sequences, (1..=ok as i64).collect::<Vec<_>>());
+    let ids: HashSet<Uuid> = stored.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), stored.len());
+    let state = CQRSFramework::<Counter>::new(fx.store.clone())
+        .load(id)
+        .await
+        .unwrap();
+    assert_eq!((state.count, state.total), (ok, sum));
+    assert!(ok < 8000, "16 writers on one aggregate never conflicted");
+
+    // With retries: all 8000 succeed and the sum is exact.
+    let framework = Arc::new(
+        CQRSFramework::<Counter>::new(fx.store.clone())
+            .with_snapshots(fx.store.clone(), SnapshotPolicy::every(50))
+            .with_retry(
+                RetryPolicy::attempts(100_000)
+                    .with_backoff(Duration::from_micros(100), Duration::from_millis(5)),
+            ),
+    );
+    let id = Uuid::new_v4();
+    let (ok, sum, other) = race(framework, id).await;
+    assert!(other.is_empty(), "failures with retries on: {other:?}");
+    assert_eq!(ok, 8000);
+    let state = CQRSFramework::<Counter>::new(fx.store.clone())
+        .load(id)
+        .await
+        .unwrap();
+    assert_eq!(state.count, 8000);
+    assert_eq!(state.total, sum);
+    assert_eq!(
+        state.total,
+        (0..16u64)
+            .map(|t| (0..500u64).map(|i| t * 1000 + i + 1).sum::<u64>())
+            .sum::<u64>()
+    );
+    assert_eq!(
+        fx.store.event_sequence(Counter::NAME, id).await.unwrap(),
+        8000
+    );
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Gap safety.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_never_skips_a_lower_position_that_commits_last() {
+    let Some(fx) = Fixture::new("reader_never_skips_a_lower_position_that_commits_last").await
+    else {
+        return;
+    };
+    let store = fx
+        .store
+        .clone()
+        .with_gap_timeout(Duration::from_millis(200));
+    let first = store
+        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .await
+        .unwrap()[0];
+
+    // A transaction takes the next position and stays open.
+    let mut held = fx.connection().await;
+    held.execute("BEGIN").await.unwrap();
+    let slow = added(Uuid::new_v4(), 1, 2);
+    let low = append_on(&mut held, fx.schema(), &slow).await;
+    // A later append takes a higher position and commits first.
+    let high = store
+        .append(vec![added(Uuid::new_v4(), 1, 3)])
+        .await
+        .unwrap()[0];
+    assert!(first < low && low < high, "{first} < {low} < {high}");
+
+    // The reader must not return the higher position past the open hole.
+    let seen = store.read_all(0, 100).await.unwrap();
+    assert_eq!(positions(&seen), vec![first]);
+    let seen = store.read_all(first, 100).await.unwrap();
+    assert!(
+        seen.is_empty(),
+        "returned {:?} past an open hole",
+        positions(&seen)
+    );
+
+    // Once the slow transaction commits, the same reader sees both, in order.
+    held.execute("COMMIT").await.unwrap();
+    let seen = store.read_all(first, 100).await.unwrap();
+    assert_eq!(positions(&seen), vec![low, high]);
+    assert_eq!(seen[0].event_id, slow.event_id);
+
+    // A rolled-back transaction leaves a hole that is skipped once it is known to be final.
+    held.execute("BEGIN").await.unwrap();
+    let lost = append_on(&mut held, fx.schema(), &added(Uuid::new_v4(), 1, 4)).await;
+    let after = store
+        .append(vec![added(Uuid::new_v4(), 1, 5)])
+        .await
+        .unwrap()[0];
+    assert!(store.read_all(high, 100).await.unwrap().is_empty());
+    held.execute("ROLLBACK").await.unwrap();
+    let seen = store.read_all(high, 100).await.unwrap();
+    assert_eq!(positions(&seen), vec![after]);
+    assert!(lost < after);
+    // Another handle (no memory of that hole) reaches the same answer.
+    let fresh = PostgresEventRepository::from_pool(fx.store.pool().clone())
+        .with_schema(fx.schema())
+        .unwrap();
+    assert_eq!(
+        positions(&fresh.read_all(high, 100).await.unwrap()),
+        vec![after]
+    );
+    drop(held);
+    fx.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reader_sees_every_event_once_in_order() {
+    let Some(fx) = Fixture::new("concurrent_reader_sees_every_event_once_in_order").await else {
+        return;
+    };
+    // Writers append (some losing races, which leaves rolled-back positions) while a reader
+    // follows read_all from where it last was; it must end with every event exactly once.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let store = fx.store.clone();
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut after = 0;
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                let page = store.read_all(after, 50).await.unwrap();
+                if let Some(last) = page.last() {
+                    after = last.position;
+                }
+                let empty = page.is_empty();
+                seen.extend(page);
+                if finished && empty {
+                    return seen;
+                }
+            }
+        })
+    };
+    let framework = Arc::new(
+        CQRSFramework::<Counter>::new(fx.store.clone()).with_retry(RetryPolicy::attempts(1000)),
+    );
+    let shared = Uuid::new_v4();
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let framework = Arc::clone(&framework);
+        writers.push(tokio::spawn(async move {
+            let own = Uuid::new_v4();
+            for i in 0..60 {
+                let id = if i % 3 == 0 { shared } else { own };
+                framework
+                    .dispatch(id, CounterCommand::Add { by: w * 100 + i })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.await.unwrap();
+    let all = fx.store.read_all(0, 10_000).await.unwrap();
+    assert_eq!(all.len(), 8 * 60);
+    assert_eq!(positions(&seen), positions(&all));
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Damaged rows and failures.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_rows_are_typed_errors_naming_the_event() {
+    let Some(fx) = Fixture::new("damaged_rows_are_typed_errors_naming_the_event").await else {
+        return;
+    };
+    let framework = CQRSFramework::<Counter>::new(fx.store.clone());
+    let harness = PgHarness {
+        url: fx.url.clone(),
+        stores: Mutex::new(Vec::new()),
+    };
+
+    let bad_json = Uuid::new_v4();
+    let unknown = Uuid::new_v4();
+    let hole = Uuid::new_v4();
+    for id in [bad_json, unknown, hole] {
+        for by in 1..=3 {
+            framework
+                .dispatch(id, CounterCommand::Add { by })
+                .await
+                .unwrap();
+        }
+    }
+    harness
+        .corrupt_payload(&fx.store, Counter::NAME, bad_json, 2, "{\"Added\": oops")
+        .await;
+    harness
+        .set_event_type(&fx.store, Counter::NAME, unknown, 2, "Subtracted")
+        .await;
+    harness
+        .delete_event(&fx.store, Counter::NAME, hole, 2)
+        .await;
+
+    let error = framework.load(bad_json).await.unwrap_err();
+    match error.framework() {
+        CQRSError::EventDecode(e) => {
+            assert_eq!(
+                (e.aggregate_type.as_str(), e.aggregate_id, e.sequence),
+                (Counter::NAME, bad_json, 2)
+            );
+            assert!(matches!(e.kind, DecodeError::MalformedPayload(_)), "{e:?}");
+        }
+        other => panic!("expected EventDecode, got {other:?}"),
+    }
+    let error = framework
+        .dispatch(unknown, CounterCommand::Add { by: 1 })
+        .await
+        .unwrap_err();
+    match error.framework() {
+        CQRSError::EventDecode(e) => {
+            assert_eq!(
+                (e.aggregate_id, e.sequence, e.event_type.as_str()),
+                (unknown, 2, "Subtracted")
+            );
+            assert!(matches!(e.kind, DecodeError::UnknownEventType), "{e:?}");
+        }
+        other => panic!("expected EventDecode, got {other:?}"),
+    }
+    let error = framework.load(hole).await.unwrap_err();
+    match error.framework() {
+        CQRSError::SequenceGap {
+            aggregate_id,
+            expected_sequence,
+            found_sequence,
+            ..
+        } => assert_eq!(
+            (*aggregate_id, *expected_sequence, *found_sequence),
+            (hole, 2, 3)
+        ),
+        other => panic!("expected SequenceGap, got {other:?}"),
+    }
+    // Nothing was appended by the refused dispatch.
+    assert_eq!(
+        fx.store
+            .event_sequence(Counter::NAME, unknown)
+            .await
+            .unwrap(),
+        3
+    );
+    fx.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_a_persistence_error() {
+    if url("unreachable_server_is_a_persistence_error").is_none() {
+        return;
+    }
+    // Nothing listens on port 1.
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/test")
+        .unwrap();
+    let store = PostgresEventRepository::from_pool(pool);
+    let framework = CQRSFramework::<Counter>::new(store.clone());
+    let error = framework
+        .dispatch(Uuid::new_v4(), CounterCommand::Add { by: 1 })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error.framework(), CQRSError::PersistenceError(_)),
+        "{error:?}"
+    );
+    let error = store
+        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CQRSError::PersistenceError(_)), "{error:?}");
+    assert!(matches!(
+        store.read_all(0, 10).await.unwrap_err(),
+        CQRSError::PersistenceError(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connection_mid_append_is_a_persistence_error_and_a_retry_succeeds() {
+    let Some(fx) =
+        Fixture::new("dropped_connection_mid_append_is_a_persistence_error_and_a_retry_succeeds")
+            .await
+    else {
+        return;
+    };
+    let framework = Arc::new(CQRSFramework::<Counter>::new(fx.store.clone()));
+    let id = Uuid::new_v4();
+
+    // Another transaction holds sequence 1 of the aggregate, uncommitted: our append waits
+    // on the unique key, and we kill its connection while it waits.
+    let mut blocker = fx.connection().await;
+    blocker.execute("BEGIN").await.unwrap();
+    append_on(&mut blocker, fx.schema(), &added(id, 1, 100)).await;
+    let dispatch = {
+        let framework = Arc::clone(&framework);
+        tokio::spawn(async move { framework.dispatch(id, CounterCommand::Add { by: 1 }).await })
+    };
+    let mut killer = fx.connection().await;
+    let pattern = format!("%INSERT INTO \"{}\".cqrs_events%", fx.schema());
+    let mut killed = false;
+    for _ in 0..500 {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(&pattern)
+        .fetch_all(&mut killer)
+        .await
+        .unwrap();
+        if let Some(pid) = pids.first() {
+            let row = sqlx::query("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(&mut killer)
+                .await
+                .unwrap();
+            killed = row.get::<bool, _>(0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(killed, "the append never waited on the held sequence");
+    let error = dispatch.await.unwrap().unwrap_err();
+    assert!(
+        matches!(error.framework(), CQRSError::PersistenceError(_)),
+        "{error:?}"
+    );
+    blocker.execute("ROLLBACK").await.unwrap();
+
+    // The same command again, through the same pool: it succeeds, once.
+    let receipt = framework
+        .dispatch(id, CounterCommand::Add { by: 1 })
+        .await
+        .unwrap();
+    assert_eq!(receipt.sequence, 1);
+    assert_eq!(framework.load(id).await.unwrap().total, 1);
+
+    // An append that committed but whose answer was lost is simply sent again.
+    let batch = vec![added(id, 2, 5), added(id, 3, 6)];
+    let first = fx.store.append(batch.clone()).await.unwrap();
+    let again = fx.store.append(batch).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(fx.store.event_sequence(Counter::NAME, id).await.unwrap(), 3);
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Schema.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_is_idempotent_and_safe_concurrently() {
+    let Some(fx) = Fixture::new("migrate_is_idempotent_and_safe_concurrently").await else {
+        return;
+    };
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let store = PostgresEventRepository::connect(&fx.url)
+            .await
+            .unwrap()
+            .with_schema(&schema)
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            store.migrate().await?;
+            store.migrate().await?;
+            Ok::<_, CQRSError>(store)
+        }));
+    }
+    let mut stores = Vec::new();
+    for task in tasks {
+        stores.push(task.await.unwrap().unwrap());
+    }
+    let positions = stores[0]
+        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .await
+        .unwrap();
+    assert_eq!(stores[3].read_all(0, 10).await.unwrap().len(), 1);
+    assert!(positions[0] >= 1);
+    let sql = format!("DROP SCHEMA \"{schema}\" CASCADE");
+    stores[0].pool().execute(sql.as_str()).await.unwrap();
+
+    for bad in [
+        "",
+        "a b",
+        "x\"; DROP SCHEMA public; --",
+        "pg_temp",
+        "9lives",
+    ] {
+        let error = fx.store.clone().with_schema(bad).unwrap_err();
+        let CQRSError::PersistenceError(source) = error else {
+            panic!("{bad:?}: {error:?}");
+        };
+        assert_eq!(
+            source.downcast_ref::<InvalidIdentifier>().unwrap().name,
+            bad
+        );
+    }
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Snapshots.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_load_the_same_state_as_a_full_replay() {
+    let Some(fx) = Fixture::new("snapshots_load_the_same_state_as_a_full_replay").await else {
+        return;
+    };
+    let with_snapshots = CQRSFramework::<Counter>::new(fx.store.clone())
+        .with_snapshots(fx.store.clone(), SnapshotPolicy::every(10));
+    let replay = CQRSFramework::<Counter>::new(fx.store.clone());
+    let id = Uuid::new_v4();
+    for by in 1..=25 {
+        with_snapshots
+            .dispatch(id, CounterCommand::Add { by })
+            .await
+            .unwrap();
+    }
+    let snapshot = fx
+        .store
+        .load_snapshot(Counter::NAME, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snapshot.sequence, 20);
+    let expected = CounterState {
+        total: (1..=25).sum(),
+        count: 25,
+    };
+    assert_eq!(
+        serde_json::from_value::<CounterState>(snapshot.state.clone()).unwrap(),
+        CounterState {
+            total: (1..=20).sum(),
+            count: 20
+        }
+    );
+    assert_eq!(with_snapshots.load(id).await.unwrap(), expected);
+    assert_eq!(replay.load(id).await.unwrap(), expected);
+
+    // An older snapshot never replaces a newer one.
+    let mut older = snapshot.clone();
+    older.sequence = 10;
+    older.state = json!({ "total": 0, "count": 0 });
+    fx.store.save_snapshot(older).await.unwrap();
+    assert_eq!(
+        fx.store
+            .load_snapshot(Counter::NAME, id)
+            .await
+            .unwrap()
+            .unwrap()
+            .sequence,
+        20
+    );
+
+    // A snapshot that no longer decodes: full replay, and the snapshot is rewritten.
+    let sql = format!(
+        "UPDATE \"{}\".cqrs_snapshots SET state = '\"garbage\"' WHERE aggregate_id = $1",
+        fx.schema()
+    );
+    sqlx::query(&sql)
+        .bind(id)
+        .execute(fx.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(with_snapshots.load(id).await.unwrap(), expected);
+    let rewritten = fx
+        .store
+        .load_snapshot(Counter::NAME, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rewritten.sequence, 25);
+    assert_eq!(
+        serde_json::from_value::<CounterState>(rewritten.state).unwrap(),
+        expected
+    );
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Views.
+
+fn views(fx: &Fixture) -> PostgresViewRepository<CounterTotal> {
+    PostgresViewRepository::new(&fx.store)
+}
+
+async fn checkpoint_of(views: &PostgresViewRepository<CounterTotal>, name: &str) -> i64 {
+    ViewRepository::<Counter, CounterTotal>::checkpoint(views, name)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_view_writer_gets_a_conflict_and_writes_nothing() {
+    let Some(fx) = Fixture::new("stale_view_writer_gets_a_conflict_and_writes_nothing").await
+    else {
+        return;
+    };
+    let views = views(&fx);
+    let repo: &dyn ViewRepository<Counter, CounterTotal> = &views;
+
+    // Two writers create the same new row: the second loses.
+    let mut a = repo.load_for_update("v1").await.unwrap();
+    let mut b = repo.load_for_update("v1").await.unwrap();
+    assert_eq!((a.version, b.version), (0, 0));
+    a.view.total = 10;
+    b.view.total = 20;
+    repo.commit(vec![a], Some(cp("p", 1))).await.unwrap();
+    let error = repo.commit(vec![b], Some(cp("p", 2))).await.unwrap_err();
+    assert!(
+        matches!(&error, CQRSError::ViewConflict { view, view_id, expected_version: 0 } if view == "counter_total" && view_id == "v1"),
+        "{error:?}"
+    );
+    assert_eq!(repo.load("v1").await.unwrap().unwrap().total, 10);
+    assert_eq!(checkpoint_of(&views, "p").await, 1);
+
+    // Two writers update the same row: the stale one loses, and its other changes and its
+    // checkpoint are not written either.
+    let mut fresh = repo.load_for_update("v1").await.unwrap();
+    let mut stale = repo.load_for_update("v1").await.unwrap();
+    let mut other = repo.load_for_update("v2").await.unwrap();
+    assert_eq!(fresh.version, 1);
+    fresh.view.total = 11;
+    stale.view.total = 99;
+    other.view.total = 5;
+    repo.commit(vec![fresh], Some(cp("p", 3))).await.unwrap();
+    let error = repo
+        .commit(vec![other, stale], Some(cp("p", 4)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, CQRSError::ViewConflict { view_id, expected_version: 1, .. } if view_id == "v1"),
+        "{error:?}"
+    );
+    assert_eq!(repo.load("v1").await.unwrap().unwrap().total, 11);
+    assert_eq!(repo.load("v2").await.unwrap(), None);
+    assert_eq!(checkpoint_of(&views, "p").await, 3);
+    let loaded = repo.load_for_update("v1").await.unwrap();
+    assert_eq!(loaded.version, 2);
+    fx.drop_schema().await;
+}
+
+fn cp(name: &str, position: i64) -> Checkpoint {
+    Checkpoint {
+        name: name.to_owned(),
+        position,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_commits_views_and_checkpoint_together() {
+    let Some(fx) = Fixture::new("projection_commits_views_and_checkpoint_together").await else {
+        return;
+    };
+    let framework = CQRSFramework::<Counter>::new(fx.store.clone());
+    let ids = [Uuid::new_v4(), Uuid::new_v4()];
+    for by in 1..=10u64 {
+        framework
+            .dispatch(ids[(by % 2) as usize], CounterCommand::Add { by })
+            .await
+            .unwrap();
+    }
+    let views = views(&fx);
+    let projection = Projection::<Counter, CounterTotal>::new(fx.store.clone(), views.clone())
+        .with_batch_size(3);
+    let reached = projection.catch_up().await.unwrap();
+    let all = fx.store.read_all(0, 100).await.unwrap();
+    assert_eq!(reached, all.last().unwrap().position);
+    let repo: &dyn ViewRepository<Counter, CounterTotal> = &views;
+    let even = repo.load(&ids[0].to_string()).await.unwrap().unwrap();
+    let odd = repo.load(&ids[1].to_string()).await.unwrap().unwrap();
+    assert_eq!((even.total, even.events), (2 + 4 + 6 + 8 + 10, 5));
+    assert_eq!((odd.total, odd.events), (1 + 3 + 5 + 7 + 9, 5));
+    // Restarting applies nothing twice.
+    assert_eq!(projection.catch_up().await.unwrap(), reached);
+    assert_eq!(repo.load(&ids[0].to_string()).await.unwrap().unwrap(), even);
+
+    // A batch whose view write fails leaves the checkpoint where it was: simulate another
+    // projector bumping the row between load and commit.
+    framework
+        .dispatch(ids[0], CounterCommand::Add { by: 100 })
+        .await
+        .unwrap();
+    let mut ctx: ViewContext<CounterTotal> =
+        repo.load_for_update(&ids[0].to_string()).await.unwrap();
+    let bump = repo.load_for_update(&ids[0].to_string()).await.unwrap();
+    repo.commit(vec![bump], None).await.unwrap();
+    ctx.view.total += 100;
+    let name = Projection::<Counter, CounterTotal>::default_name();
+    let before = checkpoint_of(&views, &name).await;
+    let error = repo
+        .commit(vec![ctx], Some(cp(&name, before + 1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CQRSError::ViewConflict { .. }), "{error:?}");
+    assert_eq!(checkpoint_of(&views, &name).await, before);
+    // The projection itself then applies the event exactly once.
+    projection.catch_up().await.unwrap();
+    let even = repo.load(&ids[0].to_string()).await.unwrap().unwrap();
+    assert_eq!((even.total, even.events), (130, 6));
+    fx.drop_schema().await;
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct BadlyNamed;
+
+impl View<Counter> for BadlyNamed {
+    const TABLE_NAME: &'static str = "totals\"; DROP TABLE cqrs_events; --";
+    const VERSION: u64 = 1;
+
+    fn handle_event(&mut self, _: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_table_name_is_validated_not_spliced() {
+    let Some(fx) = Fixture::new("view_table_name_is_validated_not_spliced").await else {
+        return;
+    };
+    fx.store
+        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .await
+        .unwrap();
+    let views = PostgresViewRepository::<BadlyNamed>::new(&fx.store);
+    let repo: &dyn ViewRepository<Counter, BadlyNamed> = &views;
+    for error in [
+        repo.load("x").await.unwrap_err(),
+        repo.load_for_update("x").await.unwrap_err(),
+        repo.commit(Vec::new(), None).await.unwrap_err(),
+    ] {
+        let CQRSError::PersistenceError(source) = error else {
+            panic!("{error:?}");
+        };
+        let invalid = source.downcast_ref::<InvalidIdentifier>().unwrap();
+        assert_eq!(invalid.name, BadlyNamed::TABLE_NAME);
+    }
+    assert_eq!(fx.store.read_all(0, 10).await.unwrap().len(), 1);
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Live delivery.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_hear_of_appends_from_other_processes() {
+    let Some(fx) = Fixture::new("subscribers_hear_of_appends_from_other_processes").await else {
+        return;
+    };
+    // Another "process": its own pool and handle on the same schema.
+    let other = PostgresEventRepository::connect(&fx.url)
+        .await
+        .unwrap()
+        .with_schema(fx.schema())
+        .unwrap();
+    let mut receiver = fx.store.subscribe().unwrap();
+    let id = Uuid::new_v4();
+    let mut heard = None;
+    // The LISTEN starts in the background: append until one is heard (at most ~10 s).
+    for sequence in 1..=20 {
+        let position = other.append(vec![added(id, sequence, 1)]).await.unwrap()[0];
+        let waited = tokio::time::timeout(Duration::from_millis(500), async {
+            while *receiver.borrow_and_update() < position {
+                receiver.changed().await.unwrap();
+            }
+        })
+        .await;
+        if waited.is_ok() {
+            heard = Some(position);
+            break;
+        }
+    }
+    let position = heard.expect("no notification reached the other handle");
+    assert!(*receiver.borrow() >= position);
+    assert!(fx
+        .store
+        .read_all(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.position == position));
+
+    // Without notifications nothing is announced.
+    let quiet = other.clone().with_notifications(false);
+    let last = quiet
+        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .await
+        .unwrap()[0];
+    let waited = tokio::time::timeout(Duration::from_millis(300), async {
+        while *receiver.borrow_and_update() < last {
+            receiver.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(
+        waited.is_err(),
+        "a handle with notifications off announced position {last}"
+    );
+    other.pool().close().await;
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Snapshot plus tail equals full replay, for random histories.
+
+#[test]
+fn snapshot_plus_tail_equals_full_replay_for_random_histories() {
+    use proptest::prelude::*;
+    let Some(url) = url("snapshot_plus_tail_equals_full_replay_for_random_histories") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fx = runtime.block_on(Fixture::with_url(url, 4));
+    let config = ProptestConfig {
+        cases: 24,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(amounts in proptest::collection::vec(1u64..1000, 1..40), every in 1u32..8, cache in any::<bool>())| {
+        let (with_snapshots, replayed, snapshot) = runtime.block_on(async {
+            let mut framework = CQRSFramework::<Counter>::new(fx.store.clone())
+                .with_snapshots(fx.store.clone(), SnapshotPolicy::every(every));
+            if cache {
+                framework = framework.with_state_cache(8);
+            }
+            let id = Uuid::new_v4();
+            for by in &amounts {
+                framework.dispatch(id, CounterCommand::Add { by: *by }).await.unwrap();
+            }
+            // A framework that only reads snapshots, never the cache.
+            let reader = CQRSFramework::<Counter>::new(fx.store.clone())
+                .with_snapshots(fx.store.clone(), SnapshotPolicy::Never);
+            let replay = CQRSFramework::<Counter>::new(fx.store.clone());
+            (
+                reader.load(id).await.unwrap(),
+                replay.load(id).await.unwrap(),
+                fx.store.load_snapshot(Counter::NAME, id).await.unwrap(),
+            )
+        });
+        prop_assert_eq!(&with_snapshots, &replayed);
+        prop_assert_eq!(replayed.count, amounts.len() as u64);
+        prop_assert_eq!(replayed.total, amounts.iter().sum::<u64>());
+        let expected_snapshot = (amounts.len() as i64 / i64::from(every)) * i64::from(every);
+        prop_assert_eq!(snapshot.map_or(0, |s| s.sequence), expected_snapshot);
+    });
+    runtime.block_on(fx.drop_schema());
+}
