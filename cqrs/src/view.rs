@@ -137,6 +137,73 @@ pub trait ViewRepository<A: Aggregate, V: View<A>>: Send + Sync {
     /// # Errors
     /// [`CQRSError::PersistenceError`].
     async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError>;
+
+    /// The [`View::VERSION`] readers of this view's table should use, `None` when no version
+    /// was ever activated.
+    ///
+    /// A [`Projection`](crate::Projection) activates its view's version once it has caught up
+    /// with the store, so while a new version is being rebuilt the old one stays the active
+    /// one. The provided implementation keeps the marker as the checkpoint named
+    /// [`active_version_marker`]`(V::TABLE_NAME)`, which every store that commits checkpoints
+    /// supports; a store may override it with a dedicated table.
+    ///
+    /// # Errors
+    /// What [`checkpoint`](ViewRepository::checkpoint) returns.
+    async fn active_version(&self) -> Result<Option<u64>, CQRSError> {
+        let marker = self
+            .checkpoint(&active_version_marker(V::TABLE_NAME))
+            .await?;
+        Ok(u64::try_from(marker).ok().filter(|version| *version > 0))
+    }
+
+    /// Makes `version` the active version of this view's table, unless a version at least as
+    /// high is active already (the marker never goes back, so an old deployment still running
+    /// cannot switch readers back).
+    ///
+    /// # Errors
+    /// What [`commit`](ViewRepository::commit) returns, other than the
+    /// [`CQRSError::ViewConflict`] of a concurrent activation of a version at least as high.
+    async fn activate_version(&self, version: u64) -> Result<(), CQRSError> {
+        let marker = active_version_marker(V::TABLE_NAME);
+        let position = i64::try_from(version).map_err(CQRSError::persistence)?;
+        if self.checkpoint(&marker).await? >= position {
+            return Ok(());
+        }
+        let checkpoint = Checkpoint {
+            name: marker.clone(),
+            position,
+        };
+        match self.commit(Vec::new(), Some(checkpoint)).await {
+            Err(CQRSError::ViewConflict { .. }) if self.checkpoint(&marker).await? >= position => {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// True when this repository's [`View::VERSION`] is the one readers should use: it is
+    /// the [`active_version`](ViewRepository::active_version), or no version was activated
+    /// yet.
+    ///
+    /// # Errors
+    /// What [`active_version`](ViewRepository::active_version) returns.
+    async fn is_active_version(&self) -> Result<bool, CQRSError> {
+        Ok(self
+            .active_version()
+            .await?
+            .is_none_or(|active| active == V::VERSION))
+    }
+}
+
+/// The name of the checkpoint under which the provided
+/// [`ViewRepository::active_version`] keeps a view table's active version:
+/// `"{table_name}@active"`.
+///
+/// ```
+/// assert_eq!(cqrs::view::active_version_marker("balances"), "balances@active");
+/// ```
+pub fn active_version_marker(table_name: &str) -> String {
+    format!("{table_name}@active")
 }
 
 /// Reads a view for a caller. The provided method loads the view whose id is the aggregate
@@ -277,6 +344,21 @@ where
                 });
             }
         }
+        if let Some(checkpoint) = &checkpoint {
+            // Like the SQL view stores: a checkpoint never goes back, and equal is only
+            // accepted without view changes (a second projector replaying applied events).
+            if let Some(&stored) = inner.checkpoints.get(&checkpoint.name) {
+                if checkpoint.position < stored
+                    || (checkpoint.position == stored && !changes.is_empty())
+                {
+                    return Err(CQRSError::ViewConflict {
+                        view: V::TABLE_NAME.to_owned(),
+                        view_id: format!("checkpoint {}", checkpoint.name),
+                        expected_version: stored,
+                    });
+                }
+            }
+        }
         for change in changes {
             inner
                 .rows
@@ -317,5 +399,14 @@ where
     }
     async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
         (**self).checkpoint(name).await
+    }
+    async fn active_version(&self) -> Result<Option<u64>, CQRSError> {
+        (**self).active_version().await
+    }
+    async fn activate_version(&self, version: u64) -> Result<(), CQRSError> {
+        (**self).activate_version(version).await
+    }
+    async fn is_active_version(&self) -> Result<bool, CQRSError> {
+        (**self).is_active_version().await
     }
 }

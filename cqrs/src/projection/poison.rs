@@ -1,0 +1,223 @@
+//! Poison events: what a projection does with an event its view cannot apply.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::CQRSError;
+use crate::event::PersistableDomainEvent;
+
+/// What a projection does with a poison event: an event its view still refuses (or that does
+/// not decode) after the [`HandlerRetry`] attempts.
+///
+/// Chosen per projection with [`Projection::with_poison_policy`](crate::Projection::with_poison_policy).
+/// Neither policy skips silently: `Stop` fails, `SkipAndRecord` writes a [`DeadLetter`] and
+/// logs it with `tracing::error!`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PoisonPolicy {
+    /// Stop the projection with the handler's error ([`CQRSError::ViewHandler`], naming the
+    /// view, aggregate, sequence, position, event type and version). The events before the
+    /// poison one are committed; the checkpoint stays just before it, so a restart (after a
+    /// fix) resumes with that event.
+    #[default]
+    Stop,
+    /// Record the event in the projection's [`DeadLetters`] sink, log it, and move the
+    /// checkpoint past it. The view never sees the event; the dead letter says which one to
+    /// repair or replay.
+    SkipAndRecord,
+}
+
+/// How often a failing event is tried before the [`PoisonPolicy`] applies, and how long to
+/// wait between tries (doubling from `initial_backoff` up to `max_backoff`).
+///
+/// ```
+/// use std::time::Duration;
+/// let retry = cqrs::projection::HandlerRetry {
+///     attempts: 5,
+///     initial_backoff: Duration::from_millis(10),
+///     max_backoff: Duration::from_secs(1),
+/// };
+/// assert_eq!(retry.backoff(1), Duration::from_millis(10));
+/// assert_eq!(retry.backoff(3), Duration::from_millis(40));
+/// assert_eq!(retry.backoff(30), Duration::from_secs(1));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandlerRetry {
+    /// Tries in all, the first one included (at least 1).
+    pub attempts: u32,
+    /// The wait before the second try.
+    pub initial_backoff: Duration,
+    /// The longest wait between two tries.
+    pub max_backoff: Duration,
+}
+
+impl HandlerRetry {
+    /// A single try: the policy applies at the first failure.
+    pub const fn none() -> Self {
+        HandlerRetry {
+            attempts: 1,
+            initial_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+        }
+    }
+
+    /// The wait after the `failures`-th failed try (1-based).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.initial_backoff
+            .saturating_mul(1u32 << doublings)
+            .min(self.max_backoff)
+    }
+}
+
+impl Default for HandlerRetry {
+    /// Three tries, waiting 100 ms then 200 ms (at most 5 s).
+    fn default() -> Self {
+        HandlerRetry {
+            attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A poison event that a projection skipped under [`PoisonPolicy::SkipAndRecord`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The projection's checkpoint name.
+    pub projection: String,
+    /// The view's table name.
+    pub view: String,
+    /// The event's id.
+    pub event_id: Uuid,
+    /// The event's aggregate type.
+    pub aggregate_type: String,
+    /// The event's aggregate id.
+    pub aggregate_id: Uuid,
+    /// The event's sequence within its aggregate.
+    pub sequence: i64,
+    /// The event's global position.
+    pub position: i64,
+    /// The event's stored type name.
+    pub event_type: String,
+    /// The event's stored version.
+    pub event_version: String,
+    /// The last error, rendered.
+    pub error: String,
+    /// How many times the event was tried.
+    pub attempts: u32,
+    /// When it was skipped.
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl DeadLetter {
+    /// The dead letter of `event`, skipped by `projection` (of view `view`) after `attempts`
+    /// tries that ended with `error`.
+    pub fn new(
+        projection: &str,
+        view: &str,
+        event: &PersistableDomainEvent,
+        error: &CQRSError,
+        attempts: u32,
+    ) -> Self {
+        DeadLetter {
+            projection: projection.to_owned(),
+            view: view.to_owned(),
+            event_id: event.event_id,
+            aggregate_type: event.aggregate_type.clone(),
+            aggregate_id: event.aggregate_id,
+            sequence: event.sequence,
+            position: event.position,
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            error: error.to_string(),
+            attempts,
+            recorded_at: Utc::now(),
+        }
+    }
+}
+
+/// Where skipped poison events are recorded, for a person (or a tool) to read and repair.
+///
+/// A projection records a dead letter *before* it commits the checkpoint past the event, so
+/// a crash in between records it again on restart: [`record`](DeadLetters::record) must be
+/// idempotent per (projection, position). A SQL store can make it exactly once by writing
+/// the dead letter in the transaction of the checkpoint.
+#[async_trait]
+pub trait DeadLetters: Send + Sync {
+    /// Records a dead letter; a second record of the same (projection, position) replaces
+    /// the first.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the sink cannot store it; the projection then
+    /// does not move past the event.
+    async fn record(&self, letter: DeadLetter) -> Result<(), CQRSError>;
+
+    /// The dead letters of the projection named `projection`, in position order.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`].
+    async fn list(&self, projection: &str) -> Result<Vec<DeadLetter>, CQRSError>;
+}
+
+#[async_trait]
+impl<T: DeadLetters + ?Sized> DeadLetters for Arc<T> {
+    async fn record(&self, letter: DeadLetter) -> Result<(), CQRSError> {
+        (**self).record(letter).await
+    }
+    async fn list(&self, projection: &str) -> Result<Vec<DeadLetter>, CQRSError> {
+        (**self).list(projection).await
+    }
+}
+
+/// Dead letters kept in memory (the default sink of a [`Projection`](crate::Projection)).
+/// Cloning gives another handle to the same list.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use cqrs::projection::{DeadLetters, MemoryDeadLetters};
+/// let letters = MemoryDeadLetters::new();
+/// assert!(letters.list("balances_v1").await.unwrap().is_empty());
+/// # });
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct MemoryDeadLetters {
+    letters: Arc<Mutex<Vec<DeadLetter>>>,
+}
+
+impl MemoryDeadLetters {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<DeadLetter>> {
+        self.letters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl DeadLetters for MemoryDeadLetters {
+    async fn record(&self, letter: DeadLetter) -> Result<(), CQRSError> {
+        let mut letters = self.lock();
+        letters.retain(|l| !(l.projection == letter.projection && l.position == letter.position));
+        letters.push(letter);
+        letters.sort_by_key(|l| l.position);
+        Ok(())
+    }
+
+    async fn list(&self, projection: &str) -> Result<Vec<DeadLetter>, CQRSError> {
+        Ok(self
+            .lock()
+            .iter()
+            .filter(|l| l.projection == projection)
+            .cloned()
+            .collect())
+    }
+}

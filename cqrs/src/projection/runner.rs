@@ -1,0 +1,336 @@
+//! Running a projection: catch up, then follow the store live until stopped.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::aggregate::Aggregate;
+use crate::error::CQRSError;
+use crate::view::View;
+
+use super::{DeadLetter, DeadLetters, Projection, Shared, Stop};
+
+/// The longest wait between two tries after a store error.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
+
+impl<A: Aggregate, V: View<A>> Projection<A, V> {
+    /// Catches up, then follows the store until `shutdown` completes or a poison event stops
+    /// it under [`PoisonPolicy::Stop`](super::PoisonPolicy::Stop).
+    ///
+    /// Live, it waits on [`EventRepository::subscribe`](crate::EventRepository::subscribe)
+    /// (no busy polling) and also reads the store every
+    /// [safety poll interval](Projection::with_safety_poll_interval); with a store that gives
+    /// no notification it polls every [poll interval](Projection::with_poll_interval).
+    ///
+    /// **Delivery bound.** An event committed through a store handle of this process is read
+    /// as soon as the runner is woken: the lag is one read and one commit, with no polling
+    /// delay. An event committed by another process that the store does not notify about
+    /// (SQLite; PostgreSQL without LISTEN/NOTIFY) is read within the safety poll interval
+    /// (default 1 s); without any notification, within the poll interval (default 100 ms).
+    ///
+    /// Store errors ([`CQRSError::PersistenceError`]) and conflicts with another projector
+    /// are retried with a backoff (up to 5 s) and recorded as the handle's
+    /// [`last_error`](ProjectionHandle::last_error); the runner keeps going. A shutdown lets
+    /// the batch in flight finish (or not start): it never leaves a half-applied batch.
+    ///
+    /// # Errors
+    /// The poison event's error under `PoisonPolicy::Stop` ([`CQRSError::ViewHandler`] or
+    /// [`CQRSError::EventDecode`]), or a view row that no longer deserializes
+    /// ([`CQRSError::Deserialization`]: bump the view's `VERSION`).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), CQRSError> {
+        let (stop, signal) = watch::channel(false);
+        let work = self.run_until(Stop::on(signal));
+        tokio::pin!(work);
+        tokio::select! {
+            result = &mut work => return result,
+            () = shutdown => {}
+        }
+        let _ = stop.send(true);
+        work.await
+    }
+
+    /// Runs the projection on a tokio task (see [`run`](Projection::run)) and returns its
+    /// handle. Dropping the handle stops the runner, like [`ProjectionHandle::stop`].
+    ///
+    /// ```
+    /// # use cqrs::{Aggregate, CQRSError, DomainEvent, EventEnvelope, View};
+    /// # use serde::{Deserialize, Serialize};
+    /// # use uuid::Uuid;
+    /// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+    /// # enum CounterEvent { Incremented { by: u32 } }
+    /// # #[derive(Debug, Clone)] enum CounterCommand { Increment { by: u32 } }
+    /// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
+    /// # #[derive(Default)] struct Counter;
+    /// # impl Aggregate for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type Events = CounterEvent; type Commands = CounterCommand; type Errors = CounterError; type State = ();
+    /// #     async fn handle_command(&self, _: Uuid, _: &(), c: CounterCommand) -> Result<Vec<CounterEvent>, CounterError> {
+    /// #         let CounterCommand::Increment { by } = c; Ok(vec![CounterEvent::Incremented { by }]) }
+    /// #     fn handle_event(&self, _: &mut (), _: &CounterEvent) {}
+    /// # }
+    /// # #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    /// # struct CounterTotal { total: u64 }
+    /// # impl View<Counter> for CounterTotal {
+    /// #     const TABLE_NAME: &'static str = "counter_total";
+    /// #     const VERSION: u64 = 1;
+    /// #     fn handle_event(&mut self, e: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
+    /// #         let CounterEvent::Incremented { by } = e.event; self.total += u64::from(by); Ok(()) }
+    /// # }
+    /// use std::time::Duration;
+    /// use cqrs::{CQRSFramework, MemoryEventRepository, MemoryViewRepository, Projection, Query};
+    ///
+    /// struct TotalById;
+    /// impl Query<Counter, CounterTotal> for TotalById {}
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let store = MemoryEventRepository::new();
+    /// let views = MemoryViewRepository::<CounterTotal>::new();
+    /// let framework = CQRSFramework::<Counter>::new(store.clone());
+    /// let runner = Projection::<Counter, CounterTotal>::new(store, views.clone()).spawn();
+    ///
+    /// let id = Uuid::new_v4();
+    /// let receipt = framework.dispatch(id, CounterCommand::Increment { by: 4 }).await?;
+    /// // Read your write: wait until the running projection has applied it.
+    /// runner.wait_for(receipt.last_position().unwrap(), Duration::from_secs(5)).await?;
+    /// let total = TotalById.query(&id, &views).await?;
+    /// assert_eq!(total.unwrap().total, 4);
+    /// runner.shutdown().await?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    #[must_use = "dropping the handle stops the projection"]
+    pub fn spawn(self) -> ProjectionHandle {
+        let (stop, signal) = watch::channel(false);
+        let shared = Arc::clone(&self.shared);
+        let dead_letters = Arc::clone(&self.dead_letters);
+        let position = self.progress.subscribe();
+        let name = self.name.clone();
+        let task = tokio::spawn(self.run_until(Stop::on(signal)));
+        ProjectionHandle {
+            name,
+            stop,
+            position,
+            shared,
+            dead_letters,
+            task,
+        }
+    }
+
+    async fn run_until(self, mut stop: Stop) -> Result<(), CQRSError> {
+        let span = tracing::info_span!(
+            "projection",
+            projection = %self.name,
+            view = V::TABLE_NAME,
+            view_version = V::VERSION,
+        );
+        let result = self.follow(&mut stop).instrument(span).await;
+        if let Err(error) = &result {
+            self.shared.set_last_error(Some(error.to_string()));
+        }
+        result
+    }
+
+    async fn follow(&self, stop: &mut Stop) -> Result<(), CQRSError> {
+        let mut changes = self.events.subscribe();
+        let mut failures: u32 = 0;
+        loop {
+            if stop.is_stopped() {
+                return Ok(());
+            }
+            // Mark the current notification seen *before* reading, so one that arrives
+            // during the read wakes the wait below at once.
+            if let Some(rx) = changes.as_mut() {
+                rx.borrow_and_update();
+            }
+            match self.catch_up_until(stop).await {
+                Ok(Some(_)) => failures = 0,
+                Ok(None) => return Ok(()),
+                Err(error) if is_transient(&error) => {
+                    failures = failures.saturating_add(1);
+                    let wait = store_backoff(failures);
+                    tracing::warn!(%error, retry_in = ?wait, "projection failed; retrying");
+                    self.shared.set_last_error(Some(error.to_string()));
+                    if stop.sleep(wait).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(error) => return Err(error),
+            }
+            let woken = match changes.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() { changes = None; },
+                        () = tokio::time::sleep(self.safety_poll_interval) => {}
+                        () = stop.stopped() => {}
+                    }
+                    true
+                }
+                None => !stop.sleep(self.poll_interval).await,
+            };
+            if !woken {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn is_transient(error: &CQRSError) -> bool {
+    matches!(
+        error,
+        CQRSError::PersistenceError(_) | CQRSError::ViewConflict { .. }
+    )
+}
+
+fn store_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(10);
+    Duration::from_millis(50)
+        .saturating_mul(1 << doublings)
+        .min(MAX_STORE_BACKOFF)
+}
+
+/// The projection stopped before it reached the position a caller waits for.
+///
+/// [`ProjectionHandle::wait_for`] returns it wrapped in [`CQRSError::PersistenceError`];
+/// the runner's own error is [`ProjectionHandle::last_error`] or [`ProjectionHandle::wait`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("projection {projection} stopped at position {reached} before reaching {wanted}")]
+pub struct ProjectionStopped {
+    /// The projection's checkpoint name.
+    pub projection: String,
+    /// The last position it applied.
+    pub reached: i64,
+    /// The position waited for.
+    pub wanted: i64,
+}
+
+/// A running projection (see [`Projection::spawn`]): its position, its errors, and a way to
+/// stop it. Dropping the handle stops the projection.
+pub struct ProjectionHandle {
+    name: String,
+    stop: watch::Sender<bool>,
+    position: watch::Receiver<i64>,
+    shared: Arc<Shared>,
+    dead_letters: Arc<dyn DeadLetters>,
+    task: JoinHandle<Result<(), CQRSError>>,
+}
+
+impl fmt::Debug for ProjectionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProjectionHandle")
+            .field("name", &self.name)
+            .field("position", &self.position())
+            .field("live", &self.is_live())
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
+impl ProjectionHandle {
+    /// The projection's checkpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The position of the last event applied (0 until the checkpoint is read).
+    pub fn position(&self) -> i64 {
+        *self.position.borrow()
+    }
+
+    /// A receiver of the position, updated after every committed batch: await
+    /// `changed()` or `wait_for(..)` on it to follow the projection.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.position.clone()
+    }
+
+    /// Waits until the projection has applied every event up to `position` (read your
+    /// writes: pass a [`DispatchReceipt`](crate::DispatchReceipt)'s last position), for at
+    /// most `timeout`. It reads nothing from the store: the runner reports its progress.
+    ///
+    /// # Errors
+    /// [`CQRSError::Timeout`]; [`CQRSError::PersistenceError`] around
+    /// [`ProjectionStopped`] when the runner ended before reaching `position`.
+    pub async fn wait_for(&self, position: i64, timeout: Duration) -> Result<i64, CQRSError> {
+        let mut progress = self.position.clone();
+        let reached = tokio::time::timeout(timeout, async {
+            progress
+                .wait_for(|reached| *reached >= position)
+                .await
+                .map(|reached| *reached)
+        })
+        .await
+        .map_err(|_| CQRSError::Timeout(timeout))?;
+        reached.map_err(|_| {
+            CQRSError::persistence(ProjectionStopped {
+                projection: self.name.clone(),
+                reached: self.position(),
+                wanted: position,
+            })
+        })
+    }
+
+    /// True once the projection has caught up with the store (it then follows it live) and
+    /// activated its view version (see [`Projection`]).
+    pub fn is_live(&self) -> bool {
+        self.shared.live.load(Ordering::Acquire)
+    }
+
+    /// True when the runner has ended (stopped, or failed: see [`wait`](Self::wait)).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// The last error the runner met, rendered: a store error it is retrying, or the error
+    /// it stopped with. `None` when there was none.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The events the projection skipped under
+    /// [`PoisonPolicy::SkipAndRecord`](super::PoisonPolicy::SkipAndRecord).
+    ///
+    /// # Errors
+    /// The dead-letter sink's error.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, CQRSError> {
+        self.dead_letters.list(&self.name).await
+    }
+
+    /// Asks the runner to stop after the batch in flight; see [`wait`](Self::wait).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits for the runner to end and returns how it ended.
+    ///
+    /// # Errors
+    /// The error the runner stopped with (see [`Projection::run`]).
+    pub async fn wait(self) -> Result<(), CQRSError> {
+        let ProjectionHandle { task, stop, .. } = self;
+        let result = task.await;
+        drop(stop);
+        match result {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => Ok(()), // cancelled with its runtime
+        }
+    }
+
+    /// [`stop`](Self::stop), then [`wait`](Self::wait).
+    ///
+    /// # Errors
+    /// The error the runner had stopped with before, if any.
+    pub async fn shutdown(self) -> Result<(), CQRSError> {
+        self.stop();
+        self.wait().await
+    }
+}
