@@ -320,7 +320,6 @@ impl<A: Aggregate> Scenario<A> {
     /// What the projection returns: an event that does not decode, or
     /// [`CQRSError::ViewHandler`] when the view refused an event.
     // The framework's own error type, as every `cqrs` API returns it.
-    #[allow(clippy::result_large_err)]
     pub fn try_view<V: View<A>>(&self, view_id: impl Display) -> Result<Option<V>, CQRSError> {
         let views = MemoryViewRepository::<V>::new();
         let projection = Projection::<A, V>::new(self.store.clone(), views.clone());

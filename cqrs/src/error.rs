@@ -132,29 +132,10 @@ pub enum CQRSError {
     ///
     /// ### Handling
     /// Fix the view or the event; the projection stops at this event (nothing after it is
-    /// applied) until it can be handled.
-    #[error(
-        "view {view} failed on event {event_type} v{event_version} of {aggregate_type} \
-         {aggregate_id} (sequence {sequence}, position {position}): {message}"
-    )]
-    ViewHandler {
-        /// The view's table name.
-        view: String,
-        /// The aggregate type of the event.
-        aggregate_type: String,
-        /// The aggregate id of the event.
-        aggregate_id: Uuid,
-        /// The event's sequence within its aggregate.
-        sequence: i64,
-        /// The event's global position.
-        position: i64,
-        /// The event's stored type name.
-        event_type: String,
-        /// The event's stored version.
-        event_version: String,
-        /// The handler's error, rendered.
-        message: String,
-    },
+    /// applied) until it can be handled, or records it as a dead letter, per its
+    /// `PoisonPolicy`.
+    #[error(transparent)]
+    ViewHandler(Box<ViewHandlerError>),
 
     /// The storage back end failed: a connection dropped, a server went away, a disk filled.
     ///
@@ -259,4 +240,60 @@ pub enum DecodeError {
     /// An upcaster refused to bring an old version up to date.
     #[error("upcast failed: {0}")]
     Upcast(String),
+}
+
+/// A view refused a stored event: which view, which event, and the handler's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "view {view} failed on event {event_type} v{event_version} of {aggregate_type} \
+     {aggregate_id} (sequence {sequence}, position {position}): {message}"
+)]
+pub struct ViewHandlerError {
+    /// The view's table name.
+    pub view: String,
+    /// The aggregate type of the event.
+    pub aggregate_type: String,
+    /// The aggregate id of the event.
+    pub aggregate_id: Uuid,
+    /// The event's sequence within its aggregate.
+    pub sequence: i64,
+    /// The event's global position.
+    pub position: i64,
+    /// The event's stored type name.
+    pub event_type: String,
+    /// The event's stored version.
+    pub event_version: String,
+    /// The handler's error, rendered.
+    pub message: String,
+}
+
+impl ViewHandlerError {
+    /// The error for `view` refusing `stored` with `message`, as a [`CQRSError`].
+    ///
+    /// ```
+    /// # let stored = cqrs::PersistableDomainEvent {
+    /// #     event_id: uuid::Uuid::nil(), aggregate_type_id: "a:00000000-0000-0000-0000-000000000000".into(),
+    /// #     aggregate_id: uuid::Uuid::nil(), aggregate_type: "a".into(), sequence: 3, position: 9,
+    /// #     event_type: "Deposited".into(), event_version: "1".into(), payload: serde_json::Value::Null,
+    /// #     metadata: serde_json::Value::Null, timestamp: chrono::Utc::now(),
+    /// # };
+    /// let err = cqrs::ViewHandlerError::for_event("balance", &stored, "negative balance");
+    /// assert!(err.to_string().contains("sequence 3, position 9"));
+    /// ```
+    pub fn for_event(
+        view: &str,
+        stored: &crate::event::PersistableDomainEvent,
+        message: impl fmt::Display,
+    ) -> CQRSError {
+        CQRSError::ViewHandler(Box::new(ViewHandlerError {
+            view: view.to_owned(),
+            aggregate_type: stored.aggregate_type.clone(),
+            aggregate_id: stored.aggregate_id,
+            sequence: stored.sequence,
+            position: stored.position,
+            event_type: stored.event_type.clone(),
+            event_version: stored.event_version.clone(),
+            message: message.to_string(),
+        }))
+    }
 }

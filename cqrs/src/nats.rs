@@ -82,9 +82,6 @@
 //! # }
 //! ```
 
-// `CQRSError` is the crate's one error type; its size is the crate's choice.
-#![allow(clippy::result_large_err)]
-
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
@@ -104,7 +101,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::aggregate::Aggregate;
-use crate::error::CQRSError;
+use crate::error::{CQRSError, ViewHandlerError};
 use crate::event::PersistableDomainEvent;
 use crate::projection::{DeadLetter, DeadLetters, MemoryDeadLetters, PoisonPolicy, Projection};
 use crate::store::{CheckpointRepository, EventRepository};
@@ -718,9 +715,7 @@ where
 fn is_poison(error: &CQRSError) -> bool {
     matches!(
         error,
-        CQRSError::EventDecode(_)
-            | CQRSError::Deserialization { .. }
-            | CQRSError::ViewHandler { .. }
+        CQRSError::EventDecode(_) | CQRSError::Deserialization { .. } | CQRSError::ViewHandler(_)
     )
 }
 
@@ -1157,16 +1152,7 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
         // Apply to a copy: a refused event must leave the view as it was.
         let mut view = context.view.clone();
         view.handle_event(&envelope)
-            .map_err(|error| CQRSError::ViewHandler {
-                view: V::TABLE_NAME.to_owned(),
-                aggregate_type: stored.aggregate_type.clone(),
-                aggregate_id: stored.aggregate_id,
-                sequence: stored.sequence,
-                position: stored.position,
-                event_type: stored.event_type.clone(),
-                event_version: stored.event_version.clone(),
-                message: error.to_string(),
-            })?;
+            .map_err(|error| ViewHandlerError::for_event(V::TABLE_NAME, stored, error))?;
         context.view = view;
         Ok(())
     }

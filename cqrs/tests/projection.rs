@@ -311,16 +311,17 @@ async fn a_poison_event_under_stop_names_itself_after_the_retries_and_keeps_the_
     let waiter_error = runner.last_error().unwrap();
     let ended = tokio::time::timeout(WAIT, runner.wait()).await.unwrap();
     match ended.unwrap_err() {
-        CQRSError::ViewHandler {
-            view,
-            aggregate_type,
-            aggregate_id,
-            sequence,
-            position,
-            event_type,
-            event_version,
-            message,
-        } => {
+        CQRSError::ViewHandler(handler) => {
+            let cqrs::ViewHandlerError {
+                view,
+                aggregate_type,
+                aggregate_id,
+                sequence,
+                position,
+                event_type,
+                event_version,
+                message,
+            } = *handler;
             assert_eq!(view, "no_thirteen");
             assert_eq!(aggregate_type, "ledger");
             assert_eq!(aggregate_id, id);
@@ -356,7 +357,7 @@ async fn a_poison_event_under_stop_names_itself_after_the_retries_and_keeps_the_
         .await
         .unwrap_err();
     assert!(
-        matches!(again, CQRSError::ViewHandler { sequence: 3, .. }),
+        matches!(&again, CQRSError::ViewHandler(h) if h.sequence == 3),
         "{again:?}"
     );
     assert_eq!(load(&views, &id.to_string()).await.unwrap().sum, 3);

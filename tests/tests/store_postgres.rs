@@ -978,6 +978,39 @@ async fn projection_commits_views_and_checkpoint_together() {
     fx.drop_schema().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_never_goes_back_with_view_changes() {
+    let Some(fx) = Fixture::new("a_checkpoint_never_goes_back_with_view_changes").await else {
+        return;
+    };
+    let views = views(&fx);
+    let repo: &dyn ViewRepository<Counter, CounterTotal> = &views;
+    let id = Uuid::new_v4().to_string();
+    let name = "totals_v1";
+    let mut first = repo.load_for_update(&id).await.unwrap();
+    first.view.total = 5;
+    repo.commit(vec![first], Some(cp(name, 10))).await.unwrap();
+
+    // A stale projector that read checkpoint 4 and loaded the rows after the commit above:
+    // its row versions are current, but its checkpoint is behind. Refused, nothing written.
+    for stale in [4, 10] {
+        let mut row = repo.load_for_update(&id).await.unwrap();
+        row.view.total += 1;
+        let error = repo
+            .commit(vec![row], Some(cp(name, stale)))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, CQRSError::ViewConflict { .. }), "{error:?}");
+        assert_eq!(repo.load(&id).await.unwrap().unwrap().total, 5);
+        assert_eq!(checkpoint_of(&views, name).await, 10);
+    }
+    // The same checkpoint with no row change is a harmless no-op; forward is fine.
+    repo.commit(Vec::new(), Some(cp(name, 10))).await.unwrap();
+    repo.commit(Vec::new(), Some(cp(name, 11))).await.unwrap();
+    assert_eq!(checkpoint_of(&views, name).await, 11);
+    fx.drop_schema().await;
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct BadlyNamed;
 

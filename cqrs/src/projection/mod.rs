@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::aggregate::Aggregate;
-use crate::error::CQRSError;
+use crate::error::{CQRSError, ViewHandlerError};
 use crate::event::PersistableDomainEvent;
 use crate::store::EventRepository;
 use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
@@ -676,16 +676,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
                 .handle_event(&envelope)
                 .map_err(|error| BatchError::Poison {
                     index,
-                    error: CQRSError::ViewHandler {
-                        view: V::TABLE_NAME.to_owned(),
-                        aggregate_type: stored.aggregate_type.clone(),
-                        aggregate_id: stored.aggregate_id,
-                        sequence: stored.sequence,
-                        position: stored.position,
-                        event_type: stored.event_type.clone(),
-                        event_version: stored.event_version.clone(),
-                        message: error.to_string(),
-                    },
+                    error: ViewHandlerError::for_event(V::TABLE_NAME, stored, error),
                 })?;
         }
         Ok(order

@@ -24,10 +24,6 @@
 //! # Ok(()) }
 //! ```
 
-// `CQRSError` is the crate's one error type, returned by every trait method; its size is
-// decided in `error.rs`, not here.
-#![allow(clippy::result_large_err)]
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};

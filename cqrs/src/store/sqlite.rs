@@ -35,10 +35,6 @@
 //! # }).unwrap();
 //! ```
 
-// `CQRSError` is the crate's one error type and its size is the crate's choice (its largest
-// variant names a whole event); every store function returns it.
-#![allow(clippy::result_large_err)]
-
 mod rows;
 mod schema;
 mod view;

@@ -125,6 +125,9 @@ pub(super) struct Statements {
     pub(super) save_snapshot: String,
     pub(super) load_checkpoint: String,
     pub(super) save_checkpoint: String,
+    /// Moves a projection's checkpoint forward with its view changes; returns no row when
+    /// the stored checkpoint is ahead (or equal while rows change): a stale projector.
+    pub(super) advance_checkpoint: String,
 }
 
 impl Statements {
@@ -195,6 +198,14 @@ impl Statements {
                  VALUES ($1, $2, now()) \
                  ON CONFLICT (name) DO UPDATE \
                  SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at"
+            ),
+            advance_checkpoint: format!(
+                "INSERT INTO {s}.cqrs_checkpoints AS c (name, position, updated_at) \
+                 VALUES ($1, $2, now()) \
+                 ON CONFLICT (name) DO UPDATE \
+                 SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at \
+                 WHERE c.position < EXCLUDED.position OR (c.position = EXCLUDED.position AND $3) \
+                 RETURNING c.position"
             ),
         }
     }

@@ -279,6 +279,25 @@ fn write_views(
         };
 
         let mut tx = store.pool().begin().await.map_err(CQRSError::persistence)?;
+        // The checkpoint first: its row lock orders concurrent commits of one projection,
+        // and a projector whose checkpoint is behind (another one applied these events)
+        // is refused before it writes a row. Equal is fine only when no row changes.
+        if let Some(checkpoint) = &checkpoint {
+            let advanced: Option<i64> = sqlx::query_scalar(&store.statements().advance_checkpoint)
+                .bind(&checkpoint.name)
+                .bind(checkpoint.position)
+                .bind(new_ids.is_empty() && old_ids.is_empty())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(CQRSError::persistence)?;
+            if advanced.is_none() {
+                return Err(CQRSError::ViewConflict {
+                    view: view.to_owned(),
+                    view_id: format!("checkpoint {}", checkpoint.name),
+                    expected_version: checkpoint.position,
+                });
+            }
+        }
         if !new_ids.is_empty() {
             let inserted: Vec<String> = sqlx::query_scalar(&format!(
                 "INSERT INTO {table} (view_id, view_version, row_version, payload, updated_at) \
@@ -326,14 +345,6 @@ fn write_views(
                     .map_or(("", 0), |(id, v)| (id.as_str(), *v));
                 return Err(conflict(lost, expected));
             }
-        }
-        if let Some(checkpoint) = checkpoint {
-            sqlx::query(&store.statements().save_checkpoint)
-                .bind(&checkpoint.name)
-                .bind(checkpoint.position)
-                .execute(&mut *tx)
-                .await
-                .map_err(CQRSError::persistence)?;
         }
         tx.commit().await.map_err(CQRSError::persistence)
     })
