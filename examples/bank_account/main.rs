@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cqrs::{
-    Aggregate, CQRSFramework, DomainEvent, EventRepository, MemoryEventRepository,
+    Aggregate, CQRSFramework, Checkpoint, DomainEvent, EventRepository, MemoryEventRepository,
     MemoryViewRepository, PostgresEventRepository, PostgresViewRepository, Projection, Query,
-    SqliteEventRepository, View, ViewRepository, Checkpoint,
+    SqliteEventRepository, View, ViewRepository,
 };
 use cqrs_examples::bank::{BalanceQuery, BalanceView, BankAccount, BankCommand, BankError};
 use uuid::Uuid;
@@ -27,7 +27,8 @@ use uuid::Uuid;
 /// The demo's account: the same id every run, so its history grows across runs.
 const ACCOUNT: Uuid = Uuid::from_u128(0x6a1d_3f0e_0b5c_4c8e_9a51_0000_0000_0001);
 
-const USAGE: &str = "usage: bank_account [--db PATH | --postgres URL | --memory] [demo | rebuild-view | replay]";
+const USAGE: &str =
+    "usage: bank_account [--db PATH | --postgres URL | --memory] [demo | rebuild-view | replay]";
 
 enum Backend {
     Sqlite(String),
@@ -73,7 +74,9 @@ fn parse_args() -> Result<(Backend, Action), String> {
     Ok((backend, action))
 }
 
-async fn open(backend: &Backend) -> Result<(Arc<dyn EventRepository>, Views), Box<dyn std::error::Error>> {
+async fn open(
+    backend: &Backend,
+) -> Result<(Arc<dyn EventRepository>, Views), Box<dyn std::error::Error>> {
     Ok(match backend {
         Backend::Sqlite(path) => {
             println!("store: SQLite file {path}");
@@ -106,14 +109,21 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-async fn demo(events: Arc<dyn EventRepository>, views: Views) -> Result<(), Box<dyn std::error::Error>> {
+async fn demo(
+    events: Arc<dyn EventRepository>,
+    views: Views,
+) -> Result<(), Box<dyn std::error::Error>> {
     let framework = CQRSFramework::<BankAccount>::new(Arc::clone(&events));
-    let projection = Projection::<BankAccount, BalanceView>::new(events, Arc::clone(&views));
+    // The balance view is kept up to date by a projection runner in the background: it
+    // catches up from its checkpoint, then follows new events as they are committed.
+    let runner = Projection::<BankAccount, BalanceView>::new(events, Arc::clone(&views)).spawn();
 
     println!("account {ACCOUNT}");
     let mut steps = Vec::new();
     if !framework.load(ACCOUNT).await?.open {
-        steps.push(BankCommand::Open { owner: "Ada".into() });
+        steps.push(BankCommand::Open {
+            owner: "Ada".into(),
+        });
     }
     steps.extend([
         BankCommand::Deposit { amount: 10_000 },
@@ -121,7 +131,7 @@ async fn demo(events: Arc<dyn EventRepository>, views: Views) -> Result<(), Box<
         BankCommand::Withdraw { amount: 5_000_000 },
         BankCommand::Deposit { amount: 1_234 },
     ]);
-    let mut last_position = projection.position().await?;
+    let mut last_position = 0;
     for command in steps {
         print!("{command:?} -> ");
         match framework.dispatch(ACCOUNT, command).await {
@@ -135,7 +145,9 @@ async fn demo(events: Arc<dyn EventRepository>, views: Views) -> Result<(), Box<
     }
 
     // Read your own write: wait until the view has applied the last event we appended.
-    projection.wait_for(last_position, Duration::from_secs(10)).await?;
+    runner
+        .wait_for(last_position, Duration::from_secs(10))
+        .await?;
     let view = BalanceQuery
         .query(&ACCOUNT, views.as_ref())
         .await?
@@ -147,12 +159,16 @@ async fn demo(events: Arc<dyn EventRepository>, views: Views) -> Result<(), Box<
         view.balance % 100,
         view.transactions
     );
+    runner.shutdown().await?;
     Ok(())
 }
 
 /// Rebuilds the balance views from the first event and stores them, with the projection's
 /// checkpoint at the position reached, in one commit.
-async fn rebuild_view(events: Arc<dyn EventRepository>, views: Views) -> Result<(), Box<dyn std::error::Error>> {
+async fn rebuild_view(
+    events: Arc<dyn EventRepository>,
+    views: Views,
+) -> Result<(), Box<dyn std::error::Error>> {
     let total = last_position(events.as_ref()).await?;
     let mut bar = Progress::new("rebuild", total);
     let mut rebuilt = std::collections::HashMap::<String, BalanceView>::new();
@@ -161,7 +177,10 @@ async fn rebuild_view(events: Arc<dyn EventRepository>, views: Views) -> Result<
         let batch = events.read_all(position, 1_000).await?;
         let Some(last) = batch.last() else { break };
         position = last.position;
-        for stored in batch.iter().filter(|e| e.aggregate_type == BankAccount::NAME) {
+        for stored in batch
+            .iter()
+            .filter(|e| e.aggregate_type == BankAccount::NAME)
+        {
             let envelope = stored.decode::<<BankAccount as Aggregate>::Events>()?;
             if let Some(id) = <BalanceView as View<BankAccount>>::view_id(&envelope) {
                 rebuilt.entry(id).or_default().handle_event(&envelope)?;
@@ -180,7 +199,8 @@ async fn rebuild_view(events: Arc<dyn EventRepository>, views: Views) -> Result<
     let name = Projection::<BankAccount, BalanceView>::default_name();
     // The checkpoint only moves forward; when the projection already reached `position`
     // the rows are replaced and the checkpoint stays.
-    let checkpoint = (views.checkpoint(&name).await? < position).then_some(Checkpoint { name, position });
+    let checkpoint =
+        (views.checkpoint(&name).await? < position).then_some(Checkpoint { name, position });
     // Fails with a view conflict, writing nothing, if a projector changed a row meanwhile.
     views.commit(changes, checkpoint).await?;
     println!("rebuilt {count} balance views from {position} events' worth of history");
@@ -196,16 +216,24 @@ async fn replay(events: Arc<dyn EventRepository>) -> Result<(), Box<dyn std::err
     let mut bar = Progress::new("replay", total);
     let mut position = 0;
     let mut decoded = 0u64;
-    let mut states = std::collections::HashMap::<Uuid, (i64, <BankAccount as Aggregate>::State)>::new();
+    let mut states =
+        std::collections::HashMap::<Uuid, (i64, <BankAccount as Aggregate>::State)>::new();
     loop {
         let batch = events.read_all(position, 1_000).await?;
         let Some(last) = batch.last() else { break };
         position = last.position;
-        for stored in batch.iter().filter(|e| e.aggregate_type == BankAccount::NAME) {
+        for stored in batch
+            .iter()
+            .filter(|e| e.aggregate_type == BankAccount::NAME)
+        {
             let event = <BankAccount as Aggregate>::Events::try_from_persisted(stored)?;
             let (sequence, state) = states.entry(stored.aggregate_id).or_default();
             if stored.sequence != *sequence + 1 {
-                return Err(format!("account {} jumps from sequence {sequence} to {}", stored.aggregate_id, stored.sequence).into());
+                return Err(format!(
+                    "account {} jumps from sequence {sequence} to {}",
+                    stored.aggregate_id, stored.sequence
+                )
+                .into());
             }
             *sequence = stored.sequence;
             BankAccount.handle_event(state, &event);
@@ -214,9 +242,16 @@ async fn replay(events: Arc<dyn EventRepository>) -> Result<(), Box<dyn std::err
         bar.show(position);
     }
     bar.finish();
-    println!("replayed {decoded} events of {} accounts; every one decodes", states.len());
+    println!(
+        "replayed {decoded} events of {} accounts; every one decodes",
+        states.len()
+    );
     if let Some((_, state)) = states.get(&ACCOUNT) {
-        println!("demo account balance from the replay: {}.{:02}", state.balance / 100, state.balance % 100);
+        println!(
+            "demo account balance from the replay: {}.{:02}",
+            state.balance / 100,
+            state.balance % 100
+        );
     }
     Ok(())
 }
@@ -243,11 +278,20 @@ struct Progress {
 
 impl Progress {
     fn new(label: &'static str, total: i64) -> Self {
-        Progress { label, total: total.max(1), started: Instant::now(), drawn: None }
+        Progress {
+            label,
+            total: total.max(1),
+            started: Instant::now(),
+            drawn: None,
+        }
     }
 
     fn show(&mut self, done: i64) {
-        if self.drawn.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) && done < self.total {
+        if self
+            .drawn
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+            && done < self.total
+        {
             return;
         }
         self.drawn = Some(Instant::now());
