@@ -5,7 +5,7 @@ use proc_macro2::Span;
 use syn::ext::IdentExt;
 use syn::{Attribute, Data, DeriveInput, Fields, GenericParam, Generics, Ident};
 
-use crate::attr::{self, EventAttrs, Value};
+use crate::attr::{self, EventAttrs, Upcast, Value};
 use crate::ctxt::Ctxt;
 use crate::rules;
 use crate::symbol::EVENT;
@@ -40,6 +40,17 @@ pub struct Event {
     /// Where the name was written: the `name = "..."` literal, or the variant/type ident
     /// it defaults to.
     pub name_span: Span,
+    /// The `upcast(...)` steps that read its older versions, in declaration order.
+    pub upcasts: Vec<Upcast>,
+    /// An `upcast(...)` was refused (and reported), so the chain is incomplete.
+    pub upcast_refused: bool,
+}
+
+impl Event {
+    /// The name an older version was stored under: the step's `name`, or the event's.
+    pub fn old_name<'e>(&'e self, step: &'e Upcast) -> &'e str {
+        step.name.as_ref().map_or(&self.name, |name| &name.value)
+    }
 }
 
 impl<'a> Input<'a> {
@@ -173,5 +184,7 @@ fn resolve(cx: &mut Ctxt, attrs: EventAttrs, ident: &Ident, owner: &str) -> Opti
         name,
         version,
         name_span,
+        upcasts: attrs.upcasts,
+        upcast_refused: attrs.upcast_refused,
     })
 }

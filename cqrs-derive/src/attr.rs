@@ -8,11 +8,15 @@
 
 use proc_macro2::TokenStream;
 use syn::meta::ParseNestedMeta;
-use syn::{Attribute, Expr, Lit, LitInt, LitStr, Token};
+use syn::spanned::Spanned;
+use syn::{Attribute, Expr, ExprPath, Lit, LitInt, LitStr, Token};
 
 use crate::ctxt::Ctxt;
 use crate::rules;
-use crate::symbol::{self, Symbol, EVENT, EVENT_KEYS, NAME, VERSION};
+use crate::symbol::{
+    self, Symbol, EVENT, EVENT_KEYS, FROM, NAME, RAW, REPEATABLE_EVENT_KEYS, TO, UPCAST,
+    UPCAST_KEYS, VERSION, WITH,
+};
 
 /// Reads the keys of one attribute (possibly split over several `#[attr(..)]` lines).
 pub struct KeyReader<'c> {
@@ -41,19 +45,26 @@ impl<'c> KeyReader<'c> {
     pub fn key(&mut self, meta: &ParseNestedMeta) -> syn::Result<Option<Symbol>> {
         let Some(key) = self.keys.iter().copied().find(|key| meta.path == *key) else {
             let shown = path_to_string(&meta.path);
+            let place = if self.attr == UPCAST {
+                format!("`{}(...)`", self.attr)
+            } else {
+                format!("`#[{}]`", self.attr)
+            };
             self.cx.syn_error(meta.error(format!(
-                "unknown key `{shown}` in `#[{}]`; expected {}",
-                self.attr,
+                "unknown key `{shown}` in {place}; expected {}",
                 symbol::list(self.keys)
             )));
             skip_value(meta)?;
             return Ok(None);
         };
-        if self.seen.contains(&key) {
-            self.cx.syn_error(meta.error(format!(
-                "duplicate key `{key}` in `#[{}]`; give it once",
-                self.attr
-            )));
+        if self.seen.contains(&key) && !REPEATABLE_EVENT_KEYS.contains(&key) {
+            let place = if self.attr == UPCAST {
+                format!("`{}(...)`", self.attr)
+            } else {
+                format!("`#[{}]`", self.attr)
+            };
+            self.cx
+                .syn_error(meta.error(format!("duplicate key `{key}` in {place}; give it once")));
             skip_value(meta)?;
             return Ok(None);
         }
@@ -102,6 +113,26 @@ impl<'c> KeyReader<'c> {
         self.cx.error_spanned_by(
             &expr,
             format!("expected a string literal for `{key}`, like `{key} = {hint}`"),
+        );
+        Ok(None)
+    }
+
+    /// `key = path::to::function`: the path, or `None` (reported) for any other value.
+    pub fn path(
+        &mut self,
+        meta: &ParseNestedMeta,
+        key: Symbol,
+        example: &str,
+    ) -> syn::Result<Option<ExprPath>> {
+        let Some(expr) = self.value(meta, key, example)? else {
+            return Ok(None);
+        };
+        if let Expr::Path(path) = expr {
+            return Ok(Some(path));
+        }
+        self.cx.error_spanned_by(
+            &expr,
+            format!("expected the path of a function for `{key}`, like `{key} = {example}`"),
         );
         Ok(None)
     }
@@ -186,6 +217,132 @@ pub struct EventAttrs {
     pub name: Value<Checked>,
     /// `version = "..."`.
     pub version: Value<Checked>,
+    /// Every complete `upcast(...)`, in order.
+    pub upcasts: Vec<Upcast>,
+    /// Whether an `upcast(...)` was refused (already reported): the chain is then not
+    /// checked as a whole, so a refused step does not also show up as a gap.
+    pub upcast_refused: bool,
+}
+
+/// How a step brings an old payload up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// `with = path`: `fn(Old) -> New`, `Old` deserialized from the old payload.
+    Typed,
+    /// `raw = path`: `fn(Value) -> Result<Upcasted, DecodeError>`.
+    Raw,
+}
+
+/// One `upcast(from = "...", to = "...", with | raw = path, name = "...")`.
+#[derive(Clone)]
+pub struct Upcast {
+    /// `name = "..."`: the name the old version was stored under, if not the event's.
+    pub name: Option<Checked>,
+    /// `from = "..."`: the old version.
+    pub from: Checked,
+    /// `to = "..."`: the version the step produces; `None` for the current version.
+    pub to: Option<Checked>,
+    /// Typed or raw.
+    pub kind: StepKind,
+    /// The step function.
+    pub path: ExprPath,
+}
+
+/// A value rule from `rules.rs`: the reason a value is refused.
+type Rule = fn(&str) -> Result<(), String>;
+
+/// Reads the inside of one `upcast(...)`; `None` (reported) when it is incomplete.
+fn upcast(cx: &mut Ctxt, meta: &ParseNestedMeta) -> syn::Result<Option<Upcast>> {
+    let span = meta.path.span();
+    if !meta.input.peek(syn::token::Paren) {
+        cx.syn_error(
+            meta.error("`upcast` takes a list: `upcast(from = \"1\", with = path::to::step)`"),
+        );
+        skip_value(meta)?;
+        return Ok(None);
+    }
+    let mut reader = KeyReader::new(cx, UPCAST, UPCAST_KEYS);
+    let (mut name, mut from, mut to, mut step) = (None, None, None, None);
+    let mut refused = false;
+    meta.parse_nested_meta(|inner| {
+        let Some(key) = reader.key(&inner)? else {
+            refused = true;
+            return Ok(());
+        };
+        if key == WITH || key == RAW {
+            let example = if key == WITH {
+                "upgrade_v1"
+            } else {
+                "rewrite_v1"
+            };
+            let Some(path) = reader.path(&inner, key, example)? else {
+                refused = true;
+                return Ok(());
+            };
+            if step.is_some() {
+                reader.cx().error_spanned_by(
+                    &path,
+                    "an `upcast(...)` has one step: `with = ...` (typed) or `raw = ...` (JSON), \
+                     not both",
+                );
+                refused = true;
+                return Ok(());
+            }
+            let kind = if key == WITH {
+                StepKind::Typed
+            } else {
+                StepKind::Raw
+            };
+            step = Some((kind, path));
+            return Ok(());
+        }
+        let (rule, example): (Rule, _) = if key == NAME {
+            (rules::check_event_name, "OldName")
+        } else {
+            (rules::check_event_version, "1")
+        };
+        let Some(lit) = reader.string(&inner, key, example)? else {
+            refused = true;
+            return Ok(());
+        };
+        let Some(value) = checked(reader.cx(), lit, rule) else {
+            refused = true;
+            return Ok(());
+        };
+        if key == NAME {
+            name = Some(value);
+        } else if key == FROM {
+            from = Some(value);
+        } else if key == TO {
+            to = Some(value);
+        }
+        Ok(())
+    })?;
+    if refused {
+        return Ok(None);
+    }
+    let Some(from) = from else {
+        cx.syn_error(syn::Error::new(
+            span,
+            "this `upcast(...)` needs `from = \"...\"`: the older version it reads",
+        ));
+        return Ok(None);
+    };
+    let Some((kind, path)) = step else {
+        cx.syn_error(syn::Error::new(
+            span,
+            "this `upcast(...)` needs a step: `with = path` (a typed `fn(Old) -> New`) or \
+             `raw = path` (a `fn(Value) -> Result<Upcasted, DecodeError>`)",
+        ));
+        return Ok(None);
+    };
+    Ok(Some(Upcast {
+        name,
+        from,
+        to,
+        kind,
+        path,
+    }))
 }
 
 /// Reads every `#[event(...)]` in `attrs` (they are merged; a key may appear once overall).
@@ -209,6 +366,11 @@ pub fn event_attrs(cx: &mut Ctxt, attrs: &[Attribute]) -> EventAttrs {
                     out.version =
                         Value::from_checked(checked(reader.cx(), lit, rules::check_event_version));
                 }
+            } else if key == UPCAST {
+                match upcast(reader.cx(), &meta)? {
+                    Some(step) => out.upcasts.push(step),
+                    None => out.upcast_refused = true,
+                }
             }
             Ok(())
         });
@@ -220,11 +382,7 @@ pub fn event_attrs(cx: &mut Ctxt, attrs: &[Attribute]) -> EventAttrs {
 }
 
 /// The literal's value if it passes `rule`; otherwise the rule's reason, at the literal.
-pub fn checked(
-    cx: &mut Ctxt,
-    lit: LitStr,
-    rule: fn(&str) -> Result<(), String>,
-) -> Option<Checked> {
+pub fn checked(cx: &mut Ctxt, lit: LitStr, rule: Rule) -> Option<Checked> {
     let value = lit.value();
     match rule(&value) {
         Ok(()) => Some(Checked { value, lit }),

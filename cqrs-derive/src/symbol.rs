@@ -21,9 +21,23 @@ pub const NAME: Symbol = Symbol("name");
 pub const VERSION: Symbol = Symbol("version");
 /// `table = "..."` in `#[view]`.
 pub const TABLE: Symbol = Symbol("table");
+/// `upcast(...)` in `#[event]`: one older version and the step that brings it up.
+pub const UPCAST: Symbol = Symbol("upcast");
+/// `from = "..."` in `upcast(...)`: the older version.
+pub const FROM: Symbol = Symbol("from");
+/// `to = "..."` in `upcast(...)`: the version the step produces (default: the current one).
+pub const TO: Symbol = Symbol("to");
+/// `with = path` in `upcast(...)`: a typed step, `fn(Old) -> New`.
+pub const WITH: Symbol = Symbol("with");
+/// `raw = path` in `upcast(...)`: a JSON step, `fn(Value) -> Result<Upcasted, DecodeError>`.
+pub const RAW: Symbol = Symbol("raw");
 
 /// The keys `#[event(...)]` accepts, in the order an error message lists them.
-pub const EVENT_KEYS: &[Symbol] = &[NAME, VERSION];
+pub const EVENT_KEYS: &[Symbol] = &[NAME, VERSION, UPCAST];
+/// The keys of `#[event(...)]` that may be given more than once.
+pub const REPEATABLE_EVENT_KEYS: &[Symbol] = &[UPCAST];
+/// The keys `upcast(...)` accepts.
+pub const UPCAST_KEYS: &[Symbol] = &[FROM, TO, WITH, RAW, NAME];
 /// The keys `#[aggregate(...)]` accepts.
 pub const AGGREGATE_KEYS: &[Symbol] = &[NAME];
 /// The keys `#[view(...)]` accepts.

@@ -51,6 +51,100 @@ fn three_mistakes_give_three_errors_and_a_stub() {
 }
 
 #[test]
+fn upcast_steps_expand_to_decode_all_and_old_pairs() {
+    let out = derive(quote! {
+        enum E {
+            #[event(version = "3", upcast(from = "1", to = "2", with = a), upcast(from = "2", raw = b))]
+            A,
+            #[event(upcast(name = "Gone", from = "4", raw = c))]
+            B,
+        }
+    });
+    assert_eq!(errors_in(&out), 0, "{out}");
+    assert!(out.contains("fn decode_all"), "{out}");
+    assert!(out.contains("\"Gone\""), "{out}");
+}
+
+#[test]
+fn every_chain_mistake_is_reported_once() {
+    for (input, expected) in [
+        // gap
+        (
+            quote!(
+                enum E {
+                    #[event(version = "3", upcast(from = "1", raw = f))]
+                    A,
+                }
+            ),
+            1,
+        ),
+        // duplicate, cycle, missing target
+        (
+            quote!(
+                enum E {
+                    #[event(version = "2", upcast(from = "1", raw = f), upcast(from = "1", raw = f))]
+                    A,
+                }
+            ),
+            1,
+        ),
+        (
+            quote!(
+                enum E {
+                    #[event(version = "4", upcast(from = "1", raw = f), upcast(from = "2", to = "3", raw = f), upcast(from = "3", to = "2", raw = f))]
+                    A,
+                }
+            ),
+            1,
+        ),
+        (
+            quote!(
+                enum E {
+                    #[event(version = "2", upcast(from = "1", to = "9", raw = f))]
+                    A,
+                }
+            ),
+            1,
+        ),
+        // a self-loop is a cycle
+        (
+            quote!(
+                enum E {
+                    #[event(version = "3", upcast(from = "1", raw = f), upcast(from = "2", to = "2", raw = f))]
+                    A,
+                }
+            ),
+            1,
+        ),
+        // two events read the same old pair
+        (
+            quote!(
+                enum E {
+                    #[event(version = "2", upcast(name = "X", from = "1", raw = f))]
+                    A,
+                    #[event(upcast(name = "X", from = "1", raw = f))]
+                    B,
+                }
+            ),
+            1,
+        ),
+        // three malformed steps, three errors
+        (
+            quote!(
+                enum E {
+                    #[event(version = "2", upcast, upcast(from = 1, raw = f), upcast(from = "1", with = 3))]
+                    A,
+                }
+            ),
+            3,
+        ),
+    ] {
+        let out = derive(input);
+        assert_eq!(errors_in(&out), expected, "{out}");
+    }
+}
+
+#[test]
 fn unions_and_empty_enums_get_an_error_and_no_impl() {
     for input in [
         quote!(union U { a: u8 }),

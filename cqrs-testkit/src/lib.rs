@@ -7,6 +7,7 @@
 //! | a view's `handle_event` | [`ViewFixture`] → [`ViewThen`] | nothing but the view |
 //! | commands through `CQRSFramework`, stored envelopes, projected views | [`Scenario`] → [`Dispatched`] | in-memory stores (made for you) |
 //! | an `EventRepository` implementation | [`conformance::check_event_repository`] | a [`conformance::StoreHarness`] |
+//! | that every stored event version still decodes | [`schema_lock::SchemaLock`] | recorded payloads committed in your crate |
 //!
 //! # Both test styles, no nested runtimes
 //!
@@ -435,6 +436,14 @@
 //! In a plain `#[test]`, use `when_blocking` and `when_with_metadata_blocking`; the rest is
 //! the same.
 //!
+//! # The schema lock
+//!
+//! [`schema_lock::SchemaLock`] keeps a recorded payload of every (name, version) an event type
+//! reads in a folder of your crate, and fails a test, naming the event and version, when one
+//! of them no longer decodes: changing an event's shape without a new version and an
+//! `#[event(upcast(..))]` step fails CI. Record with `CQRS_SCHEMA_LOCK=record cargo test`,
+//! review the new files with `git diff`, commit them. See the module for the workflow.
+//!
 //! # The store conformance suite
 //!
 //! A store author checks a new [`EventRepository`](cqrs::EventRepository) against the whole
@@ -461,6 +470,7 @@ mod outcome;
 mod report;
 mod runtime;
 mod scenario;
+pub mod schema_lock;
 mod view;
 
 pub use crate::aggregate::{AggregateFixture, Given, Then};

@@ -5,8 +5,8 @@ use std::fmt::{self, Debug, Display};
 
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, DispatchReceipt, DomainEvent, EventEnvelope,
-    EventRepository, MemoryEventRepository, MemoryViewRepository, PersistableDomainEvent,
-    Projection, View, ViewRepository,
+    EventRepository, HandlerRetry, MemoryEventRepository, MemoryViewRepository,
+    PersistableDomainEvent, Projection, View, ViewRepository,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -322,7 +322,10 @@ impl<A: Aggregate> Scenario<A> {
     // The framework's own error type, as every `cqrs` API returns it.
     pub fn try_view<V: View<A>>(&self, view_id: impl Display) -> Result<Option<V>, CQRSError> {
         let views = MemoryViewRepository::<V>::new();
-        let projection = Projection::<A, V>::new(self.store.clone(), views.clone());
+        // No handler retry: a refusal is reported at once (a retry would sleep, and the
+        // in-memory stores are polled without a timer).
+        let projection = Projection::<A, V>::new(self.store.clone(), views.clone())
+            .with_handler_retry(HandlerRetry::none());
         ready("view", projection.catch_up())?;
         ready(
             "view",

@@ -115,21 +115,136 @@ pub trait DomainEvent:
         Ok(event)
     }
 
+    /// Decodes a stored payload into every event it stands for today: usually one, but an old
+    /// version whose upcast step split it stands for several, and one that is now dropped
+    /// stands for none.
+    ///
+    /// The framework folds history with this method, so an aggregate sees every event an old
+    /// row became. The default is `vec![Self::decode(..)?]`; `#[derive(DomainEvent)]`
+    /// overrides it when an `#[event(upcast(..))]` step can split or drop an event.
+    ///
+    /// ```
+    /// use cqrs::DomainEvent;
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+    /// enum Event {
+    ///     Happened { n: u32 },
+    /// }
+    ///
+    /// let payload = serde_json::json!({ "Happened": { "n": 1 } });
+    /// assert_eq!(Event::decode_all("Happened", "1", &payload)?, vec![Event::Happened { n: 1 }]);
+    /// # Ok::<(), cqrs::DecodeError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`DomainEvent::decode`], plus [`DecodeError::Upcast`] when an upcast step refuses.
+    fn decode_all(
+        event_type: &str,
+        event_version: &str,
+        payload: &Value,
+    ) -> Result<Vec<Self>, DecodeError> {
+        Ok(vec![Self::decode(event_type, event_version, payload)?])
+    }
+
     /// Turns a stored event back into a domain event.
     ///
     /// # Errors
     /// [`CQRSError::EventDecode`] naming the aggregate, sequence, event type and version.
     fn try_from_persisted(event: &PersistableDomainEvent) -> Result<Self, CQRSError> {
-        Self::decode(&event.event_type, &event.event_version, &event.payload).map_err(|kind| {
-            CQRSError::from(EventDecodeError {
-                aggregate_type: event.aggregate_type.clone(),
-                aggregate_id: event.aggregate_id,
-                sequence: event.sequence,
-                event_type: event.event_type.clone(),
-                event_version: event.event_version.clone(),
-                kind,
-            })
-        })
+        Self::decode(&event.event_type, &event.event_version, &event.payload)
+            .map_err(|kind| decode_error(event, kind))
+    }
+
+    /// Turns a stored event back into every domain event it stands for today
+    /// ([`DomainEvent::decode_all`]): what folding a history should use.
+    ///
+    /// # Errors
+    /// [`CQRSError::EventDecode`] naming the aggregate, sequence, event type and version.
+    fn try_all_from_persisted(event: &PersistableDomainEvent) -> Result<Vec<Self>, CQRSError> {
+        Self::decode_all(&event.event_type, &event.event_version, &event.payload)
+            .map_err(|kind| decode_error(event, kind))
+    }
+}
+
+fn decode_error(event: &PersistableDomainEvent, kind: DecodeError) -> CQRSError {
+    CQRSError::from(EventDecodeError {
+        aggregate_type: event.aggregate_type.clone(),
+        aggregate_id: event.aggregate_id,
+        sequence: event.sequence,
+        event_type: event.event_type.clone(),
+        event_version: event.event_version.clone(),
+        kind,
+    })
+}
+
+/// What a raw upcast step (`#[event(upcast(from = "1", raw = path))]`) makes of an old
+/// payload.
+///
+/// A raw step is `fn(serde_json::Value) -> Result<Upcasted, cqrs::DecodeError>`. It either
+/// rewrites the payload into the shape of the version its step goes to
+/// ([`Upcasted::Payload`]), or replaces the stored event with other stored events
+/// ([`Upcasted::Events`]): one under another name (a rename), several (a split), or none (an
+/// event that is dropped). Those events are decoded in turn, through their own chains.
+///
+/// ```
+/// use cqrs::{Upcasted, UpcastEvent};
+/// use serde_json::json;
+///
+/// // A rename: the old row is read as a `MoneyDeposited` version 2.
+/// let renamed = Upcasted::renamed("MoneyDeposited", "2", json!({ "amount": 5 }));
+/// assert!(matches!(renamed, Upcasted::Events(ref events) if events.len() == 1));
+/// // A dropped event: nothing is left of it.
+/// assert!(matches!(Upcasted::dropped(), Upcasted::Events(ref events) if events.is_empty()));
+/// # let _ = UpcastEvent::new("x", "1", json!(null));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Upcasted {
+    /// The payload in the shape of the version the step goes to (its `to`, by default the
+    /// current version).
+    Payload(Value),
+    /// Stored events that replace the old one, decoded in turn (possibly none).
+    Events(Vec<UpcastEvent>),
+}
+
+impl Upcasted {
+    /// The old event becomes one event stored under `name` and `version`.
+    pub fn renamed(name: impl Into<String>, version: impl Into<String>, payload: Value) -> Self {
+        Upcasted::Events(vec![UpcastEvent::new(name, version, payload)])
+    }
+
+    /// The old event becomes several events, in this order.
+    pub fn split(events: impl IntoIterator<Item = UpcastEvent>) -> Self {
+        Upcasted::Events(events.into_iter().collect())
+    }
+
+    /// The old event no longer means anything: it is skipped when read.
+    pub fn dropped() -> Self {
+        Upcasted::Events(Vec::new())
+    }
+}
+
+/// One event a raw upcast step produces: a (name, version, payload) decoded as if it had been
+/// stored that way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpcastEvent {
+    /// The event name to decode it under.
+    pub name: String,
+    /// The event version to decode it under.
+    pub version: String,
+    /// Its payload.
+    pub payload: Value,
+}
+
+impl UpcastEvent {
+    /// An event stored under `name` and `version` with `payload`.
+    pub fn new(name: impl Into<String>, version: impl Into<String>, payload: Value) -> Self {
+        UpcastEvent {
+            name: name.into(),
+            version: version.into(),
+            payload,
+        }
     }
 }
 
@@ -213,6 +328,29 @@ impl PersistableDomainEvent {
             metadata,
             timestamp: Utc::now(),
         })
+    }
+
+    /// Decodes the payload into every event it stands for today (see
+    /// [`DomainEvent::decode_all`]), each wrapped in this row's envelope. Use it where a
+    /// history is folded or projected, so an old event that an upcast step split or dropped is
+    /// applied as what it became.
+    ///
+    /// # Errors
+    /// [`CQRSError::EventDecode`] naming the aggregate, sequence, event type and version.
+    pub fn decode_all<E: DomainEvent>(&self) -> Result<Vec<EventEnvelope<E>>, CQRSError> {
+        Ok(E::try_all_from_persisted(self)?
+            .into_iter()
+            .map(|event| EventEnvelope {
+                event_id: self.event_id,
+                aggregate_type: self.aggregate_type.clone(),
+                aggregate_id: self.aggregate_id,
+                sequence: self.sequence,
+                position: self.position,
+                event,
+                metadata: self.metadata.clone(),
+                timestamp: self.timestamp,
+            })
+            .collect())
     }
 
     /// Decodes the payload into `E` and wraps it with this event's envelope.

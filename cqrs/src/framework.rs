@@ -527,9 +527,11 @@ impl<A: Aggregate> CQRSFramework<A> {
                     found_sequence: event.sequence,
                 });
             }
-            let domain_event = A::Events::try_from_persisted(event)?;
-            self.aggregate
-                .handle_event(&mut loaded.state, &domain_event);
+            // One stored row may stand for several events, or none, after upcasting.
+            for domain_event in A::Events::try_all_from_persisted(event)? {
+                self.aggregate
+                    .handle_event(&mut loaded.state, &domain_event);
+            }
             loaded.sequence = expected;
         }
         if rewrite_snapshot {

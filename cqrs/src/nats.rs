@@ -1137,23 +1137,25 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
         touched: &mut HashMap<String, ViewContext<V>>,
         order: &mut Vec<String>,
     ) -> Result<(), CQRSError> {
-        let envelope = stored.decode::<A::Events>()?;
-        let Some(view_id) = V::view_id(&envelope) else {
-            return Ok(());
-        };
-        if !touched.contains_key(&view_id) {
-            let context = self.views.load_for_update(&view_id).await?;
-            order.push(view_id.clone());
-            touched.insert(view_id.clone(), context);
+        // An upcast may turn one stored event into several, or none.
+        for envelope in stored.decode_all::<A::Events>()? {
+            let Some(view_id) = V::view_id(&envelope) else {
+                continue;
+            };
+            if !touched.contains_key(&view_id) {
+                let context = self.views.load_for_update(&view_id).await?;
+                order.push(view_id.clone());
+                touched.insert(view_id.clone(), context);
+            }
+            let Some(context) = touched.get_mut(&view_id) else {
+                continue;
+            };
+            // Apply to a copy: a refused event must leave the view as it was.
+            let mut view = context.view.clone();
+            view.handle_event(&envelope)
+                .map_err(|error| ViewHandlerError::for_event(V::TABLE_NAME, stored, error))?;
+            context.view = view;
         }
-        let Some(context) = touched.get_mut(&view_id) else {
-            return Ok(());
-        };
-        // Apply to a copy: a refused event must leave the view as it was.
-        let mut view = context.view.clone();
-        view.handle_event(&envelope)
-            .map_err(|error| ViewHandlerError::for_event(V::TABLE_NAME, stored, error))?;
-        context.view = view;
         Ok(())
     }
 

@@ -14,10 +14,19 @@ pub enum BankEvent {
         owner: String,
     },
     /// Money was paid in.
-    #[event(name = "MoneyDeposited", version = "1")]
+    ///
+    /// Version 1 had no currency; stored v1 events are read as version 2 in
+    /// [`DEFAULT_CURRENCY`] by [`deposited_v1_to_v2`].
+    #[event(
+        name = "MoneyDeposited",
+        version = "2",
+        upcast(from = "1", with = deposited_v1_to_v2)
+    )]
     Deposited {
         /// Amount in cents.
         amount: u64,
+        /// ISO 4217 code of the currency, e.g. `"EUR"`.
+        currency: String,
     },
     /// Money was taken out.
     #[event(name = "MoneyWithdrawn", version = "1")]
@@ -25,6 +34,55 @@ pub enum BankEvent {
         /// Amount in cents.
         amount: u64,
     },
+}
+
+/// The currency of deposits made before version 2 of `MoneyDeposited` recorded one, and of
+/// every deposit made through [`BankCommand::Deposit`].
+pub const DEFAULT_CURRENCY: &str = "EUR";
+
+impl BankEvent {
+    /// A deposit of `amount` cents in [`DEFAULT_CURRENCY`].
+    ///
+    /// ```
+    /// use cqrs_examples::bank::BankEvent;
+    /// assert_eq!(
+    ///     BankEvent::deposited(5),
+    ///     BankEvent::Deposited { amount: 5, currency: "EUR".into() }
+    /// );
+    /// ```
+    pub fn deposited(amount: u64) -> Self {
+        BankEvent::Deposited {
+            amount,
+            currency: DEFAULT_CURRENCY.to_owned(),
+        }
+    }
+}
+
+/// `MoneyDeposited` version 1 as it was stored: `{"Deposited": {"amount": 100}}` (serde's
+/// default, externally tagged form of the enum, so the old shape is an enum too).
+#[derive(Debug, Clone, Deserialize)]
+pub enum MoneyDepositedV1 {
+    /// A deposit without a currency.
+    Deposited {
+        /// Amount in cents.
+        amount: u64,
+    },
+}
+
+/// The upcast step from `MoneyDeposited` version 1 to version 2: the deposit was in
+/// [`DEFAULT_CURRENCY`].
+///
+/// ```
+/// use cqrs::DomainEvent;
+/// use cqrs_examples::bank::BankEvent;
+///
+/// let v1 = serde_json::json!({ "Deposited": { "amount": 100 } });
+/// assert_eq!(BankEvent::decode("MoneyDeposited", "1", &v1)?, BankEvent::deposited(100));
+/// # Ok::<(), cqrs::DecodeError>(())
+/// ```
+pub fn deposited_v1_to_v2(old: MoneyDepositedV1) -> BankEvent {
+    let MoneyDepositedV1::Deposited { amount } = old;
+    BankEvent::deposited(amount)
 }
 
 /// What a caller can ask an account to do.
@@ -122,7 +180,7 @@ impl Aggregate for BankAccount {
             BankCommand::Deposit { amount: 0 } | BankCommand::Withdraw { amount: 0 } => {
                 Err(BankError::ZeroAmount)
             }
-            BankCommand::Deposit { amount } => Ok(vec![BankEvent::Deposited { amount }]),
+            BankCommand::Deposit { amount } => Ok(vec![BankEvent::deposited(amount)]),
             BankCommand::Withdraw { amount } if amount > state.balance => {
                 Err(BankError::Overdraft {
                     balance: state.balance,
@@ -136,7 +194,7 @@ impl Aggregate for BankAccount {
     fn handle_event(&self, state: &mut AccountState, event: &BankEvent) {
         match event {
             BankEvent::Opened { .. } => state.open = true,
-            BankEvent::Deposited { amount } => state.balance += amount,
+            BankEvent::Deposited { amount, .. } => state.balance += amount,
             BankEvent::Withdrawn { amount } => state.balance -= amount,
         }
     }
@@ -158,7 +216,7 @@ impl View<BankAccount> for BalanceView {
     fn handle_event(&mut self, envelope: &EventEnvelope<BankEvent>) -> Result<(), BankError> {
         match &envelope.event {
             BankEvent::Opened { owner } => self.owner.clone_from(owner),
-            BankEvent::Deposited { amount } => {
+            BankEvent::Deposited { amount, .. } => {
                 self.balance += amount;
                 self.transactions += 1;
             }

@@ -50,9 +50,9 @@ mod plain {
     #[test]
     fn depositing() {
         account()
-            .given([opened(), BankEvent::Deposited { amount: 100 }])
+            .given([opened(), BankEvent::deposited(100)])
             .when_blocking(BankCommand::Deposit { amount: 250 })
-            .then_expect_events([BankEvent::Deposited { amount: 250 }])
+            .then_expect_events([BankEvent::deposited(250)])
             .then_expect_state(AccountState {
                 open: true,
                 balance: 350,
@@ -89,7 +89,7 @@ mod plain {
     #[test]
     fn withdrawing_everything() {
         account()
-            .given([opened(), BankEvent::Deposited { amount: 300 }])
+            .given([opened(), BankEvent::deposited(300)])
             .when_blocking(BankCommand::Withdraw { amount: 300 })
             .then_expect_events([BankEvent::Withdrawn { amount: 300 }])
             .then_verify_state(|state| assert_eq!(state.balance, 0));
@@ -101,7 +101,7 @@ mod plain {
     )]
     fn a_wrong_expectation_names_the_field() {
         account()
-            .given([opened(), BankEvent::Deposited { amount: 1000 }])
+            .given([opened(), BankEvent::deposited(1000)])
             .when_blocking(BankCommand::Withdraw { amount: 500 })
             .then_expect_events([BankEvent::Withdrawn { amount: 50 }]);
     }
@@ -111,7 +111,7 @@ mod plain {
         ViewFixture::<BankAccount, BalanceView>::new()
             .given([
                 opened(),
-                BankEvent::Deposited { amount: 500 },
+                BankEvent::deposited(500),
                 BankEvent::Withdrawn { amount: 200 },
             ])
             .then_expect_view(BalanceView {
@@ -144,7 +144,7 @@ mod plain {
             BankCommand::Deposit { amount: 1000 },
             &json!({ "teller": "t1" }),
         )
-        .then_expect_stored([Stored::event(&BankEvent::Deposited { amount: 1000 })
+        .then_expect_stored([Stored::event(&BankEvent::deposited(1000))
             .at_sequence(2)
             .with_metadata(json!({ "teller": "t1" }))]);
         bank.when_blocking(
@@ -168,7 +168,7 @@ mod plain {
             alice,
             [
                 Stored::named("AccountOpened", "1").with_metadata(json!(null)),
-                Stored::named("MoneyDeposited", "1"),
+                Stored::named("MoneyDeposited", "2"),
                 Stored::named("MoneyWithdrawn", "1").with_metadata(json!(null)),
             ],
         )
@@ -205,7 +205,7 @@ mod tokio_style {
     #[tokio::test]
     async fn withdrawing() {
         account()
-            .given([opened(), BankEvent::Deposited { amount: 500 }])
+            .given([opened(), BankEvent::deposited(500)])
             .when(BankCommand::Withdraw { amount: 200 })
             .await
             .then_expect_events([BankEvent::Withdrawn { amount: 200 }])
@@ -218,7 +218,7 @@ mod tokio_style {
     #[tokio::test]
     async fn overdraft_is_refused() {
         let then = account()
-            .given([opened(), BankEvent::Deposited { amount: 100 }])
+            .given([opened(), BankEvent::deposited(100)])
             .when(BankCommand::Withdraw { amount: 101 })
             .await;
         then.then_expect_error(BankError::Overdraft {
@@ -306,15 +306,14 @@ mod tokio_style {
                 BankEvent::Opened {
                     owner: "bob".into(),
                 },
-                BankEvent::Deposited { amount: 70 },
+                BankEvent::deposited(70),
             ],
         )
         .then_expect_stored(
             bob,
             [
                 Stored::any(),
-                Stored::event(&BankEvent::Deposited { amount: 70 })
-                    .with_metadata(json!({ "via": "atm" })),
+                Stored::event(&BankEvent::deposited(70)).with_metadata(json!({ "via": "atm" })),
             ],
         )
         .then_expect_view(

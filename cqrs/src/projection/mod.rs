@@ -657,27 +657,31 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
             if stored.aggregate_type != A::NAME {
                 continue;
             }
-            let envelope = stored
-                .decode::<A::Events>()
+            // An upcast may turn one stored event into several, or none (then only the
+            // checkpoint moves past it).
+            let envelopes = stored
+                .decode_all::<A::Events>()
                 .map_err(|error| BatchError::Poison { index, error })?;
-            let Some(view_id) = V::view_id(&envelope) else {
-                continue;
-            };
-            if !touched.contains_key(&view_id) {
-                let context = self.views.load_for_update(&view_id).await?;
-                order.push(view_id.clone());
-                touched.insert(view_id.clone(), context);
+            for envelope in &envelopes {
+                let Some(view_id) = V::view_id(envelope) else {
+                    continue;
+                };
+                if !touched.contains_key(&view_id) {
+                    let context = self.views.load_for_update(&view_id).await?;
+                    order.push(view_id.clone());
+                    touched.insert(view_id.clone(), context);
+                }
+                let Some(context) = touched.get_mut(&view_id) else {
+                    continue;
+                };
+                context
+                    .view
+                    .handle_event(envelope)
+                    .map_err(|error| BatchError::Poison {
+                        index,
+                        error: ViewHandlerError::for_event(V::TABLE_NAME, stored, error),
+                    })?;
             }
-            let Some(context) = touched.get_mut(&view_id) else {
-                continue;
-            };
-            context
-                .view
-                .handle_event(&envelope)
-                .map_err(|error| BatchError::Poison {
-                    index,
-                    error: ViewHandlerError::for_event(V::TABLE_NAME, stored, error),
-                })?;
         }
         Ok(order
             .into_iter()

@@ -2,7 +2,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, cqrs::DomainEvent)]
 enum Event {
-    #[event(name = "Opened", upcast(from = "1"))]
+    #[event(name = "Opened", migrate(from = "1"))]
     Opened,
 }
 

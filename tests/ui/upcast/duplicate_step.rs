@@ -1,0 +1,13 @@
+use serde::{Deserialize, Serialize};
+
+fn step(payload: serde_json::Value) -> Result<cqrs::Upcasted, cqrs::DecodeError> {
+    Ok(cqrs::Upcasted::Payload(payload))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, cqrs::DomainEvent)]
+enum Event {
+    #[event(version = "2", upcast(from = "1", raw = step), upcast(from = "1", raw = step))]
+    Happened,
+}
+
+fn main() {}
