@@ -1,0 +1,436 @@
+//! The machine's limits: plain inserts through sqlx with the durability our stores use, and
+//! our stores at the same concurrency, measured alternately in the same run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cqrs::store::sqlite::SqliteOptions;
+use cqrs::{CQRSFramework, PostgresEventRepository, SqliteEventRepository};
+use cqrs_examples::bank::{BankAccount, BankCommand};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection};
+use uuid::Uuid;
+
+use crate::{median, report, BoxResult};
+
+/// Rows (events) per SQLite measurement.
+const SQLITE_ROWS: usize = 2_000;
+/// Rows per 1-row-per-transaction measurement (every row is an fsync).
+const SQLITE_SINGLE_ROWS: usize = 300;
+/// Commands per PostgreSQL measurement, all producers together.
+const POSTGRES_COMMANDS: usize = 3_200;
+
+/// SQLite figures, events/s.
+pub struct SqliteLimits {
+    pub plain_batch1: f64,
+    pub plain_batch8: f64,
+    pub plain_batch512: f64,
+    pub ours_1: f64,
+    pub ours_8: f64,
+    pub ours_8_cache: f64,
+    /// 8 producers with `read_connections(8)` instead of the default 4.
+    pub ours_8_readers_8: f64,
+}
+
+fn temp_file(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("bench-compare-{tag}-{}.sqlite", Uuid::new_v4()))
+}
+
+fn remove_sqlite(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+const PLAIN_SQLITE_TABLE: &str = "CREATE TABLE IF NOT EXISTS plain_events (
+    position       INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id       TEXT    NOT NULL UNIQUE,
+    aggregate_type TEXT    NOT NULL,
+    aggregate_id   TEXT    NOT NULL,
+    sequence       INTEGER NOT NULL,
+    event_type     TEXT    NOT NULL,
+    event_version  TEXT    NOT NULL,
+    payload        TEXT    NOT NULL,
+    metadata       TEXT    NOT NULL,
+    timestamp      INTEGER NOT NULL,
+    UNIQUE (aggregate_type, aggregate_id, sequence)
+) STRICT";
+
+/// Plain INSERTs of `rows` event rows, `batch` per transaction, WAL + synchronous=FULL (the
+/// settings of `Durability::Full`), one connection; rows/s.
+async fn sqlite_plain(rows: usize, batch: usize) -> BoxResult<f64> {
+    let path = temp_file("plain");
+    let mut conn = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .connect()
+        .await?;
+    sqlx::raw_sql(PLAIN_SQLITE_TABLE).execute(&mut conn).await?;
+    let payload = r#"{"Deposited":{"amount":100,"currency":"EUR"}}"#;
+    let ids: Vec<Uuid> = (0..rows / 10 + 1).map(|_| Uuid::new_v4()).collect();
+    let start = Instant::now();
+    let mut written = 0;
+    while written < rows {
+        let mut tx = conn.begin().await?;
+        for i in written..(written + batch).min(rows) {
+            sqlx::query(
+                "INSERT INTO plain_events (event_id, aggregate_type, aggregate_id, sequence, \
+                 event_type, event_version, payload, metadata, timestamp) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(Uuid::new_v4().to_string())
+            .bind("bank_account")
+            .bind(ids[i / 10].to_string())
+            .bind((i % 10 + 1) as i64)
+            .bind("MoneyDeposited")
+            .bind("2")
+            .bind(payload)
+            .bind("null")
+            .bind(chrono::Utc::now().timestamp_micros())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        written = (written + batch).min(rows);
+    }
+    let rate = rows as f64 / start.elapsed().as_secs_f64();
+    drop(conn);
+    remove_sqlite(&path);
+    Ok(rate)
+}
+
+/// `producers` tasks dispatching `total` commands in all (open + 9 deposits per aggregate,
+/// each task on its own aggregates) through our framework; commands/s.
+async fn ours_producers(
+    framework: Arc<CQRSFramework<BankAccount>>,
+    producers: usize,
+    total: usize,
+) -> BoxResult<f64> {
+    let per_task = total / producers;
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(producers);
+    for _ in 0..producers {
+        let framework = Arc::clone(&framework);
+        tasks.push(tokio::spawn(async move {
+            let mut id = Uuid::new_v4();
+            for i in 0..per_task {
+                let command = if i % 10 == 0 {
+                    id = Uuid::new_v4();
+                    BankCommand::Open {
+                        owner: "alice".to_owned(),
+                    }
+                } else {
+                    BankCommand::Deposit { amount: 100 }
+                };
+                framework.dispatch(id, command).await?;
+            }
+            Ok::<(), cqrs_examples::bank::BankError>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok((per_task * producers) as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn sqlite_ours(
+    producers: usize,
+    total: usize,
+    cache: bool,
+    options: SqliteOptions,
+) -> BoxResult<f64> {
+    let path = temp_file("ours");
+    let store = SqliteEventRepository::connect(&path.display().to_string(), options).await?;
+    store.migrate().await?;
+    let mut framework = CQRSFramework::<BankAccount>::new(store.clone());
+    if cache {
+        framework = framework.with_state_cache(total);
+    }
+    let rate = ours_producers(Arc::new(framework), producers, total).await?;
+    drop(store);
+    // Let the writer task notice the last handle is gone before the files go.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    remove_sqlite(&path);
+    Ok(rate)
+}
+
+/// Every SQLite figure, median of `runs`, measurements alternating.
+pub async fn sqlite(runs: usize) -> BoxResult<SqliteLimits> {
+    let mut v: [Vec<f64>; 7] = Default::default();
+    for _ in 0..runs {
+        v[0].push(sqlite_plain(SQLITE_ROWS, 8).await?);
+        v[1].push(sqlite_ours(8, SQLITE_ROWS, false, SqliteOptions::default()).await?);
+        v[2].push(sqlite_plain(SQLITE_ROWS * 10, 512).await?);
+        v[3].push(sqlite_ours(8, SQLITE_ROWS, true, SqliteOptions::default()).await?);
+        v[4].push(sqlite_plain(SQLITE_SINGLE_ROWS, 1).await?);
+        v[5].push(sqlite_ours(1, SQLITE_SINGLE_ROWS, false, SqliteOptions::default()).await?);
+        let readers = SqliteOptions::default().read_connections(8);
+        v[6].push(sqlite_ours(8, SQLITE_ROWS, false, readers).await?);
+    }
+    let [a, b, c, d, e, f, g] = &mut v;
+    Ok(SqliteLimits {
+        plain_batch8: median(a),
+        ours_8: median(b),
+        plain_batch512: median(c),
+        ours_8_cache: median(d),
+        plain_batch1: median(e),
+        ours_1: median(f),
+        ours_8_readers_8: median(g),
+    })
+}
+
+/// PostgreSQL figures at one concurrency, events/s.
+pub struct PostgresRow {
+    pub concurrency: usize,
+    pub plain: f64,
+    pub ours: f64,
+    pub ours_cache: f64,
+}
+
+async fn pg_pool(url: &str, connections: usize) -> BoxResult<sqlx::PgPool> {
+    let pool = PgPoolOptions::new()
+        .max_connections(connections as u32)
+        .connect(url)
+        .await?;
+    // Open every connection before the clock starts.
+    let mut held = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        held.push(pool.acquire().await?);
+    }
+    drop(held);
+    Ok(pool)
+}
+
+/// Single-row INSERT commits (autocommit, one round trip each) from `concurrency` tasks on a
+/// pool of as many connections, into a table like ours; rows/s.
+async fn postgres_plain(url: &str, schema: &str, concurrency: usize) -> BoxResult<f64> {
+    let pool = pg_pool(url, concurrency).await?;
+    sqlx::raw_sql(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {schema}.plain_events (
+            position        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            event_id        UUID        NOT NULL UNIQUE,
+            aggregate_type  TEXT        NOT NULL,
+            aggregate_id    UUID        NOT NULL,
+            sequence        BIGINT      NOT NULL,
+            event_type      TEXT        NOT NULL,
+            event_version   TEXT        NOT NULL,
+            payload         JSONB       NOT NULL,
+            metadata        JSONB       NOT NULL,
+            \"timestamp\"   TIMESTAMPTZ NOT NULL,
+            UNIQUE (aggregate_type, aggregate_id, sequence));"
+    ))
+    .execute(&pool)
+    .await?;
+    let sql: Arc<str> = format!(
+        "INSERT INTO {schema}.plain_events (event_id, aggregate_type, aggregate_id, sequence, \
+         event_type, event_version, payload, metadata, \"timestamp\") \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    )
+    .into();
+    let per_task = POSTGRES_COMMANDS / concurrency;
+    let payload = serde_json::json!({ "Deposited": { "amount": 100, "currency": "EUR" } });
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let pool = pool.clone();
+        let sql = Arc::clone(&sql);
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut id = Uuid::new_v4();
+            for i in 0..per_task {
+                if i % 10 == 0 {
+                    id = Uuid::new_v4();
+                }
+                sqlx::query(&sql)
+                    .bind(Uuid::new_v4())
+                    .bind("bank_account")
+                    .bind(id)
+                    .bind((i % 10 + 1) as i64)
+                    .bind("MoneyDeposited")
+                    .bind("2")
+                    .bind(sqlx::types::Json(&payload))
+                    .bind(sqlx::types::Json(serde_json::Value::Null))
+                    .bind(chrono::Utc::now())
+                    .execute(&pool)
+                    .await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let rate = (per_task * concurrency) as f64 / start.elapsed().as_secs_f64();
+    pool.close().await;
+    Ok(rate)
+}
+
+async fn postgres_ours(url: &str, schema: &str, concurrency: usize, cache: bool) -> BoxResult<f64> {
+    let pool = pg_pool(url, concurrency).await?;
+    let store = PostgresEventRepository::from_pool(pool.clone()).with_schema(schema)?;
+    store.migrate().await?;
+    let mut framework = CQRSFramework::<BankAccount>::new(store.clone());
+    if cache {
+        framework = framework.with_state_cache(POSTGRES_COMMANDS);
+    }
+    let rate = ours_producers(Arc::new(framework), concurrency, POSTGRES_COMMANDS).await?;
+    drop(store);
+    pool.close().await;
+    Ok(rate)
+}
+
+/// Every PostgreSQL figure at each concurrency, median of `runs`, measurements alternating.
+/// Each measurement writes into a fresh schema, dropped at the end.
+pub async fn postgres(url: &str, runs: usize, levels: &[usize]) -> BoxResult<Vec<PostgresRow>> {
+    let tag = Uuid::new_v4().simple().to_string();
+    let mut schemas = Vec::new();
+    let mut rows = Vec::new();
+    for &concurrency in levels {
+        let (mut plain, mut ours, mut ours_cache) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..runs {
+            let s_plain = format!("bench_plain_{tag}_{concurrency}_{run}");
+            let s_ours = format!("bench_ours_{tag}_{concurrency}_{run}");
+            let s_cache = format!("bench_cache_{tag}_{concurrency}_{run}");
+            plain.push(postgres_plain(url, &s_plain, concurrency).await?);
+            ours.push(postgres_ours(url, &s_ours, concurrency, false).await?);
+            ours_cache.push(postgres_ours(url, &s_cache, concurrency, true).await?);
+            schemas.extend([s_plain, s_ours, s_cache]);
+        }
+        rows.push(PostgresRow {
+            concurrency,
+            plain: median(&mut plain),
+            ours: median(&mut ours),
+            ours_cache: median(&mut ours_cache),
+        });
+    }
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    for schema in schemas {
+        sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(&mut conn)
+            .await?;
+    }
+    Ok(rows)
+}
+
+/// Where a durable dispatch's time goes: `append` alone, `load_events` alone, `dispatch`,
+/// one producer, against one plain single-row commit (`BENCH_PROFILE=sqlite`).
+pub async fn sqlite_parts() -> BoxResult<()> {
+    use cqrs::EventRepository;
+    const N: usize = 200;
+    let path = temp_file("parts");
+    let store =
+        SqliteEventRepository::connect(&path.display().to_string(), SqliteOptions::default())
+            .await?;
+    store.migrate().await?;
+    let ids: Vec<Uuid> = (0..N).map(|_| Uuid::new_v4()).collect();
+    let start = Instant::now();
+    for id in &ids {
+        let event = cqrs::PersistableDomainEvent::new(
+            "bank_account",
+            *id,
+            1,
+            &cqrs_examples::bank::BankEvent::Opened {
+                owner: "alice".to_owned(),
+            },
+            serde_json::Value::Null,
+        )?;
+        store.append(vec![event]).await?;
+    }
+    report!(
+        "sqlite append alone:      {:>8.0} us",
+        start.elapsed().as_secs_f64() * 1e6 / N as f64
+    );
+    let start = Instant::now();
+    for id in &ids {
+        store.load_events("bank_account", *id, 0).await?;
+    }
+    report!(
+        "sqlite load_events alone: {:>8.0} us",
+        start.elapsed().as_secs_f64() * 1e6 / N as f64
+    );
+    let framework = CQRSFramework::<BankAccount>::new(store.clone());
+    let start = Instant::now();
+    for id in &ids {
+        framework
+            .dispatch(*id, BankCommand::Deposit { amount: 100 })
+            .await?;
+    }
+    report!(
+        "sqlite dispatch:          {:>8.0} us",
+        start.elapsed().as_secs_f64() * 1e6 / N as f64
+    );
+    report!(
+        "plain 1-row commit:       {:>8.0} us",
+        1e6 / sqlite_plain(N, 1).await?
+    );
+    drop(framework);
+    drop(store);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    remove_sqlite(&path);
+    Ok(())
+}
+
+/// Where a PostgreSQL dispatch's time goes at `concurrency` (`BENCH_PROFILE=postgres`):
+/// plain single-row INSERTs, our `append` alone (one event per call, no read), and
+/// `dispatch` (read + decide + append), each on a fresh schema.
+pub async fn postgres_parts(url: &str, concurrency: usize) -> BoxResult<()> {
+    use cqrs::EventRepository;
+    let tag = Uuid::new_v4().simple().to_string();
+    let (s_plain, s_append, s_dispatch) = (
+        format!("bench_pplain_{tag}"),
+        format!("bench_pappend_{tag}"),
+        format!("bench_pdispatch_{tag}"),
+    );
+    let plain = postgres_plain(url, &s_plain, concurrency).await?;
+    report!("postgres plain INSERT, {concurrency} tasks:  {plain:>8.0} /s");
+
+    let pool = pg_pool(url, concurrency).await?;
+    let store = PostgresEventRepository::from_pool(pool.clone()).with_schema(&s_append)?;
+    store.migrate().await?;
+    let per_task = POSTGRES_COMMANDS / concurrency;
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut id = Uuid::new_v4();
+            for i in 0..per_task {
+                if i % 10 == 0 {
+                    id = Uuid::new_v4();
+                }
+                let sequence = (i % 10 + 1) as i64;
+                let event = cqrs::PersistableDomainEvent::new(
+                    "bank_account",
+                    id,
+                    sequence,
+                    &cqrs_examples::bank::BankEvent::deposited(100),
+                    serde_json::Value::Null,
+                )?;
+                store.append(vec![event]).await?;
+            }
+            Ok::<(), cqrs::CQRSError>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let append = (per_task * concurrency) as f64 / start.elapsed().as_secs_f64();
+    report!("ours append alone, {concurrency} tasks:      {append:>8.0} /s");
+    drop(store);
+    pool.close().await;
+
+    let dispatch = postgres_ours(url, &s_dispatch, concurrency, false).await?;
+    report!("ours dispatch, {concurrency} tasks:          {dispatch:>8.0} /s");
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    for schema in [s_plain, s_append, s_dispatch] {
+        sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(&mut conn)
+            .await?;
+    }
+    Ok(())
+}
