@@ -513,11 +513,9 @@ impl<A: Aggregate> CQRSFramework<A> {
                 }
             }
         }
-        let stored = self
-            .events
-            .load_events(A::NAME, aggregate_id, loaded.sequence)
-            .await?;
-        for event in &stored {
+        let after = loaded.sequence;
+        let aggregate = &self.aggregate;
+        let mut fold = |event: &PersistableDomainEvent| {
             let expected = loaded.sequence + 1;
             if event.sequence != expected {
                 return Err(CQRSError::SequenceGap {
@@ -529,11 +527,14 @@ impl<A: Aggregate> CQRSFramework<A> {
             }
             // One stored row may stand for several events, or none, after upcasting.
             for domain_event in A::Events::try_all_from_persisted(event)? {
-                self.aggregate
-                    .handle_event(&mut loaded.state, &domain_event);
+                aggregate.handle_event(&mut loaded.state, &domain_event);
             }
             loaded.sequence = expected;
-        }
+            Ok(())
+        };
+        self.events
+            .fold_events(A::NAME, aggregate_id, after, &mut fold)
+            .await?;
         if rewrite_snapshot {
             if let Some((repository, _)) = &self.snapshots {
                 self.save_snapshot(repository.as_ref(), aggregate_id, &loaded)

@@ -277,6 +277,30 @@ impl EventRepository for MemoryEventRepository {
             .collect())
     }
 
+    async fn fold_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+        visit: &mut (dyn for<'e> FnMut(&'e PersistableDomainEvent) -> Result<(), CQRSError> + Send),
+    ) -> Result<(), CQRSError> {
+        // Lend the stored events under the read lock instead of cloning them: `visit` is
+        // synchronous, so the lock is never held across an await.
+        let inner = self.read();
+        let Some(indexes) = inner
+            .streams
+            .get(aggregate_type)
+            .and_then(|s| s.get(&aggregate_id))
+        else {
+            return Ok(());
+        };
+        let from = indexes.partition_point(|&i| inner.events[i].sequence <= after_sequence);
+        for &i in &indexes[from..] {
+            visit(&inner.events[i])?;
+        }
+        Ok(())
+    }
+
     async fn event_sequence(
         &self,
         aggregate_type: &str,

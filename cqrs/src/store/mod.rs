@@ -64,6 +64,31 @@ pub trait EventRepository: Send + Sync {
         after_sequence: i64,
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError>;
 
+    /// Calls `visit` with each event of one aggregate with a sequence greater than
+    /// `after_sequence`, in order, stopping at the first error `visit` returns.
+    ///
+    /// This is how the framework rebuilds state. The default loads the events with
+    /// [`load_events`](EventRepository::load_events); a store that holds events in memory
+    /// overrides it to lend them without copying.
+    ///
+    /// # Errors
+    /// What `load_events` or `visit` returns.
+    async fn fold_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+        visit: &mut (dyn for<'e> FnMut(&'e PersistableDomainEvent) -> Result<(), CQRSError> + Send),
+    ) -> Result<(), CQRSError> {
+        for event in &self
+            .load_events(aggregate_type, aggregate_id, after_sequence)
+            .await?
+        {
+            visit(event)?;
+        }
+        Ok(())
+    }
+
     /// The sequence of the aggregate's last event, 0 when it has none.
     ///
     /// # Errors
@@ -106,6 +131,17 @@ impl<T: EventRepository + ?Sized> EventRepository for std::sync::Arc<T> {
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
         (**self)
             .load_events(aggregate_type, aggregate_id, after_sequence)
+            .await
+    }
+    async fn fold_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+        visit: &mut (dyn for<'e> FnMut(&'e PersistableDomainEvent) -> Result<(), CQRSError> + Send),
+    ) -> Result<(), CQRSError> {
+        (**self)
+            .fold_events(aggregate_type, aggregate_id, after_sequence, visit)
             .await
     }
     async fn event_sequence(
