@@ -194,16 +194,7 @@ async fn load_views(
 
 /// The server's URL, or `None` (after saying why) when the suite is not configured.
 fn nats_url() -> Option<String> {
-    match std::env::var("CQRS_NATS_URL") {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            eprintln!(
-                "skipping nats suite: set CQRS_NATS_URL=nats://127.0.0.1:4222 (a server with \
-                 JetStream) to run it"
-            );
-            None
-        }
-    }
+    cqrs_tests::server_url("CQRS_NATS_URL", "nats (JetStream)", "nats://127.0.0.1:4222")
 }
 
 async fn connect(url: &str) -> jetstream::Context {

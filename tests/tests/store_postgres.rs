@@ -25,15 +25,12 @@ const URL_VAR: &str = "CQRS_POSTGRES_URL";
 
 /// The server's URL, or `None` (after saying so) when the suite is to be skipped.
 fn url(test: &str) -> Option<String> {
-    match std::env::var(URL_VAR) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!(
-                "skipping postgres suite ({test}): set {URL_VAR}=postgres://postgres@127.0.0.1:5432/test to run it"
-            );
-            None
-        }
-    }
+    let _ = test;
+    cqrs_tests::server_url(
+        URL_VAR,
+        "postgres store",
+        "postgres://postgres@127.0.0.1:5432/test",
+    )
 }
 
 /// A migrated store in a fresh schema; the schema is dropped by [`Fixture::drop_schema`].
