@@ -68,12 +68,14 @@ fn memory_dispatch(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("plain", |b| {
         b.to_async(&rt).iter_custom(|iters| async move {
-            let framework = CQRSFramework::<BankAccount>::new(MemoryEventRepository::new());
+            let framework = CQRSFramework::<BankAccount>::new(MemoryEventRepository::new())
+                .without_state_cache();
             dispatch_accounts(&framework, iters).await
         });
     });
     group.bench_function("state_cache", |b| {
         b.to_async(&rt).iter_custom(|iters| async move {
+            // The default configuration, with room for every account of a long run.
             let framework = CQRSFramework::<BankAccount>::new(MemoryEventRepository::new())
                 .with_state_cache(100_000);
             dispatch_accounts(&framework, iters).await

@@ -29,12 +29,12 @@ pub const AMOUNT: u64 = 100;
 /// How a framework rebuilds an aggregate before a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
-    /// Replays every event from the store.
+    /// Replays every event from the store (`without_state_cache`).
     Plain,
     /// Loads the newest snapshot (policy: every [`SNAPSHOT_EVERY`] events) and the events
-    /// after it.
+    /// after it, without the state cache.
     Snapshots,
-    /// Keeps the state in memory after the first load (`with_state_cache`).
+    /// Keeps the state in memory after the first load (the default; `with_state_cache`).
     StateCache,
 }
 
@@ -172,12 +172,12 @@ pub async fn prefilled(
     }
     let framework = CQRSFramework::<BankAccount>::new(store);
     let framework = match variant {
-        Variant::Plain => framework,
-        Variant::Snapshots => {
-            framework.with_snapshots(snapshots, SnapshotPolicy::every(SNAPSHOT_EVERY))
-        }
+        Variant::Plain => framework.without_state_cache(),
+        Variant::Snapshots => framework
+            .without_state_cache()
+            .with_snapshots(snapshots, SnapshotPolicy::every(SNAPSHOT_EVERY)),
         Variant::StateCache => {
-            let framework = framework.with_state_cache(accounts.max(1));
+            let framework = framework.with_state_cache(accounts.max(2));
             for &id in &ids {
                 framework.dispatch(id, bank_command(written)).await?;
             }

@@ -110,6 +110,10 @@ impl SnapshotPolicy {
     }
 }
 
+/// How many aggregates' states a [`CQRSFramework`] keeps in memory unless told otherwise
+/// ([`CQRSFramework::with_state_cache`], [`CQRSFramework::without_state_cache`]).
+pub const DEFAULT_STATE_CACHE_CAPACITY: usize = 10_000;
+
 /// What a successful dispatch did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DispatchReceipt<E> {
@@ -129,6 +133,20 @@ impl<E> DispatchReceipt<E> {
     pub fn last_position(&self) -> Option<i64> {
         self.positions.last().copied()
     }
+
+    fn with_attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts;
+        self
+    }
+}
+
+/// How one decide-and-append try ended.
+enum Outcome<E, Err> {
+    Appended(DispatchReceipt<E>),
+    /// The domain refused the command.
+    Refused(Err),
+    /// The append (or building it) failed; a conflict is retried per the policy.
+    Failed(CQRSError),
 }
 
 /// An aggregate's state with the sequence of the last event folded into it.
@@ -144,8 +162,9 @@ struct Loaded<S> {
 /// One instance is `Send + Sync` and serves any number of tasks through `&self`. Every
 /// dispatch:
 ///
-/// 1. rebuilds the aggregate's state: the newest snapshot (if a snapshot store is set) or
-///    the cached state (if the cache is on), then the events after it, through
+/// 1. gets the aggregate's state: from the in-process state cache (on by default, see
+///    [`with_state_cache`](Self::with_state_cache)), or else rebuilt from the store: the
+///    newest snapshot (if a snapshot store is set), then the events after it, through
 ///    `Aggregate::handle_event`;
 /// 2. runs `Aggregate::handle_command` on that state;
 /// 3. appends only the new events, with the sequences that follow the loaded one, in one
@@ -216,7 +235,7 @@ impl<A: Aggregate> CQRSFramework<A> {
             events: Arc::new(event_repository),
             snapshots: None,
             retry: RetryPolicy::none(),
-            cache: None,
+            cache: Some(StateCache::new(DEFAULT_STATE_CACHE_CAPACITY)),
         }
     }
 
@@ -238,13 +257,46 @@ impl<A: Aggregate> CQRSFramework<A> {
         self
     }
 
-    /// Keeps the state and sequence of up to `capacity` aggregates in memory, so a dispatch
-    /// reads nothing from the store. A cached state that another writer (another process)
-    /// has made stale is caught by the append's conflict check, dropped, reloaded and the
-    /// command run again, without counting against the [`RetryPolicy`].
+    /// Keeps the state and sequence of up to `capacity` recently used aggregates in memory
+    /// (the default is [`DEFAULT_STATE_CACHE_CAPACITY`]), so a dispatch on a cached aggregate
+    /// reads nothing from the store and costs the same however long its history is.
+    ///
+    /// A cached state that another writer (another process, or another framework on the same
+    /// store) has made stale is caught by the append's conflict check, dropped, reloaded and
+    /// the command run again, without counting against the [`RetryPolicy`]; a command the
+    /// domain refuses on a cached state is checked against the stored sequence (one cheap
+    /// read) and decided again on the stored state if the cache was behind.
     #[must_use]
     pub fn with_state_cache(mut self, capacity: usize) -> Self {
         self.cache = Some(StateCache::new(capacity));
+        self
+    }
+
+    /// Turns the state cache off: every dispatch rebuilds the state from the store
+    /// (snapshot plus later events). Useful when state is large and commands are rare, or
+    /// to see every stored event decoded on each dispatch.
+    ///
+    /// ```
+    /// # use cqrs::{Aggregate, CQRSError, DomainEvent};
+    /// # use serde::{Deserialize, Serialize};
+    /// # use uuid::Uuid;
+    /// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+    /// # enum E { Happened }
+    /// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct Error(#[from] CQRSError);
+    /// # #[derive(Default)] struct Thing;
+    /// # impl Aggregate for Thing {
+    /// #     const NAME: &'static str = "thing";
+    /// #     type Events = E; type Commands = (); type Errors = Error; type State = ();
+    /// #     async fn handle_command(&self, _: Uuid, _: &(), _: ()) -> Result<Vec<E>, Error> { Ok(vec![E::Happened]) }
+    /// #     fn handle_event(&self, _: &mut (), _: &E) {}
+    /// # }
+    /// let framework = cqrs::CQRSFramework::<Thing>::new(cqrs::MemoryEventRepository::new())
+    ///     .without_state_cache();
+    /// assert!(format!("{framework:?}").contains("cache: None"));
+    /// ```
+    #[must_use]
+    pub fn without_state_cache(mut self) -> Self {
+        self.cache = None;
         self
     }
 
@@ -315,100 +367,137 @@ impl<A: Aggregate> CQRSFramework<A> {
         );
         async move {
             let mut attempt: u32 = 0;
-            let mut stale_retries: u32 = 0;
-            let mut command = Some(command);
+            // A cached state found stale is reloaded once without spending an attempt.
+            let mut stale_retry_left = true;
             loop {
                 attempt += 1;
                 let (loaded, from_cache) =
-                    match self.cache.as_ref().and_then(|c| c.get(aggregate_id)) {
+                    match self.cache.as_ref().and_then(|c| c.take(aggregate_id)) {
                         Some(loaded) => (loaded, true),
                         None => (self.load_from_store(aggregate_id).await?, false),
                     };
-                let last_try = attempt >= self.retry.max_attempts && !from_cache;
-                let this_command = match command.take() {
-                    Some(c) if last_try => c,
-                    Some(c) => {
-                        command = Some(c.clone());
-                        c
-                    }
-                    // Unreachable: `command` is refilled on every path that loops again.
-                    None => return Err(CQRSError::InvalidAppend("command consumed".into()).into()),
-                };
-                let events = match self
-                    .aggregate
-                    .handle_command(aggregate_id, &loaded.state, this_command)
+                let may_run_again =
+                    (from_cache && stale_retry_left) || attempt < self.retry.max_attempts;
+                if !may_run_again {
+                    // The last try consumes the command; any outcome is final.
+                    return match self
+                        .try_once(aggregate_id, loaded, command, &metadata)
+                        .await
+                    {
+                        Outcome::Appended(receipt) => Ok(receipt.with_attempts(attempt)),
+                        Outcome::Refused(refusal) => Err(refusal),
+                        Outcome::Failed(error) => Err(error.into()),
+                    };
+                }
+                let sequence = loaded.sequence;
+                match self
+                    .try_once(aggregate_id, loaded, command.clone(), &metadata)
                     .await
                 {
-                    Ok(events) => events,
-                    Err(refusal) if from_cache && stale_retries < 1 => {
+                    Outcome::Appended(receipt) => return Ok(receipt.with_attempts(attempt)),
+                    Outcome::Refused(refusal) if from_cache && stale_retry_left => {
                         // The domain may have refused because the cached state is stale (a
                         // deposit made by another process is missing). One cheap read tells;
                         // if so, decide again on the stored state.
-                        let stored = self.events.event_sequence(A::NAME, aggregate_id).await?;
-                        if stored == loaded.sequence {
+                        if self.events.event_sequence(A::NAME, aggregate_id).await? == sequence {
                             return Err(refusal);
                         }
-                        if let Some(cache) = &self.cache {
-                            cache.remove(aggregate_id);
-                        }
-                        stale_retries += 1;
+                        self.forget(aggregate_id);
+                        stale_retry_left = false;
                         attempt -= 1;
-                        continue;
                     }
-                    Err(refusal) => return Err(refusal),
-                };
-                if events.is_empty() {
-                    return Ok(DispatchReceipt {
-                        events,
-                        sequence: loaded.sequence,
-                        positions: Vec::new(),
-                        attempts: attempt,
-                    });
-                }
-                let persistable =
-                    self.to_persistable(aggregate_id, loaded.sequence, &events, &metadata)?;
-                match self.events.append(persistable).await {
-                    Ok(positions) => {
-                        let sequence = loaded.sequence + events.len() as i64;
-                        tracing::Span::current().record("sequence", sequence);
-                        self.after_append(aggregate_id, loaded, &events).await;
-                        return Ok(DispatchReceipt {
-                            events,
-                            sequence,
-                            positions,
-                            attempts: attempt,
-                        });
-                    }
-                    Err(CQRSError::Conflict { .. }) if from_cache && stale_retries < 1 => {
+                    Outcome::Refused(refusal) => return Err(refusal),
+                    Outcome::Failed(CQRSError::Conflict { .. })
+                        if from_cache && stale_retry_left =>
+                    {
                         // The cached state was stale: not a race this caller lost, so try once
                         // more from the store without spending an attempt.
-                        if let Some(cache) = &self.cache {
-                            cache.remove(aggregate_id);
-                        }
-                        stale_retries += 1;
+                        stale_retry_left = false;
                         attempt -= 1;
                     }
-                    Err(err @ CQRSError::Conflict { .. }) => {
-                        if let Some(cache) = &self.cache {
-                            cache.remove(aggregate_id);
-                        }
+                    Outcome::Failed(error @ CQRSError::Conflict { .. }) => {
                         if attempt >= self.retry.max_attempts {
                             tracing::debug!(attempts = attempt, "conflict, giving up");
-                            return Err(err.into());
+                            return Err(error.into());
                         }
                         tokio::time::sleep(self.retry.backoff(attempt)).await;
                     }
-                    Err(err) => {
-                        if let Some(cache) = &self.cache {
-                            cache.remove(aggregate_id);
-                        }
-                        return Err(err.into());
-                    }
+                    Outcome::Failed(error) => return Err(error.into()),
                 }
             }
         }
         .instrument(span)
         .await
+    }
+
+    /// Decides on `loaded` and appends the result once. The state goes back into the cache
+    /// when it is still current (after an append or a refusal); a failed append leaves it out.
+    async fn try_once(
+        &self,
+        aggregate_id: Uuid,
+        loaded: Loaded<A::State>,
+        command: A::Commands,
+        metadata: &Value,
+    ) -> Outcome<A::Events, A::Errors> {
+        let events = match self
+            .aggregate
+            .handle_command(aggregate_id, &loaded.state, command)
+            .await
+        {
+            Ok(events) => events,
+            Err(refusal) => {
+                self.keep(aggregate_id, loaded);
+                return Outcome::Refused(refusal);
+            }
+        };
+        if events.is_empty() {
+            let sequence = loaded.sequence;
+            self.keep(aggregate_id, loaded);
+            return Outcome::Appended(DispatchReceipt {
+                events,
+                sequence,
+                positions: Vec::new(),
+                attempts: 1,
+            });
+        }
+        let persistable =
+            match self.to_persistable(aggregate_id, loaded.sequence, &events, metadata) {
+                Ok(persistable) => persistable,
+                Err(error) => {
+                    self.keep(aggregate_id, loaded);
+                    return Outcome::Failed(error);
+                }
+            };
+        match self.events.append(persistable).await {
+            Ok(positions) => {
+                let sequence = loaded.sequence + events.len() as i64;
+                tracing::Span::current().record("sequence", sequence);
+                self.after_append(aggregate_id, loaded, &events).await;
+                Outcome::Appended(DispatchReceipt {
+                    events,
+                    sequence,
+                    positions,
+                    attempts: 1,
+                })
+            }
+            // The state is stale (a conflict) or its fate unknown (a store failure): it stays
+            // out of the cache and the next dispatch reads the store.
+            Err(error) => Outcome::Failed(error),
+        }
+    }
+
+    /// Puts a state that is still current back into the cache.
+    fn keep(&self, aggregate_id: Uuid, loaded: Loaded<A::State>) {
+        if let Some(cache) = &self.cache {
+            cache.put(aggregate_id, loaded);
+        }
+    }
+
+    /// Drops a cached state known to be stale.
+    fn forget(&self, aggregate_id: Uuid) {
+        if let Some(cache) = &self.cache {
+            cache.remove(aggregate_id);
+        }
     }
 
     fn to_persistable(
@@ -545,45 +634,133 @@ impl<A: Aggregate> CQRSFramework<A> {
     }
 }
 
-/// States of recently used aggregates. Bounded: when full, an arbitrary entry makes room.
+/// States of recently used aggregates, bounded.
+///
+/// Two generations approximate least-recently-used eviction in O(1): new and refreshed
+/// entries go to `young`; when `young` holds half the capacity, `old` is dropped and `young`
+/// becomes `old`. An entry used since then moves back to `young` when the dispatch puts it
+/// back. A dispatch *takes* its entry out (no clone of the state) and puts the new state
+/// back after its append, so a concurrent dispatch on the same aggregate reads the store.
 struct StateCache<S> {
     capacity: usize,
-    entries: Mutex<HashMap<Uuid, Loaded<S>>>,
+    generations: Mutex<Generations<S>>,
 }
 
-impl<S: Clone> StateCache<S> {
+/// Keyed by ids that callers choose: a seeded hasher, much cheaper than SipHash.
+type CacheMap<S> = HashMap<Uuid, Loaded<S>, foldhash::quality::RandomState>;
+
+struct Generations<S> {
+    young: CacheMap<S>,
+    old: CacheMap<S>,
+}
+
+impl<S> StateCache<S> {
     fn new(capacity: usize) -> Self {
         StateCache {
-            capacity: capacity.max(1),
-            entries: Mutex::new(HashMap::new()),
+            capacity: capacity.max(2),
+            generations: Mutex::new(Generations {
+                young: CacheMap::default(),
+                old: CacheMap::default(),
+            }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Uuid, Loaded<S>>> {
-        self.entries
+    fn lock(&self) -> MutexGuard<'_, Generations<S>> {
+        // A poisoned lock means a panic elsewhere while it was held; the maps are still
+        // valid maps, and a wrong entry is caught by the append's conflict check anyway.
+        self.generations
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn get(&self, id: Uuid) -> Option<Loaded<S>> {
-        self.lock().get(&id).cloned()
+    fn take(&self, id: Uuid) -> Option<Loaded<S>> {
+        let mut generations = self.lock();
+        match generations.young.remove(&id) {
+            Some(loaded) => Some(loaded),
+            None => generations.old.remove(&id),
+        }
     }
 
     fn remove(&self, id: Uuid) {
-        self.lock().remove(&id);
+        let mut generations = self.lock();
+        generations.young.remove(&id);
+        generations.old.remove(&id);
     }
 
     fn put(&self, id: Uuid, loaded: Loaded<S>) {
-        let mut entries = self.lock();
-        if let Some(existing) = entries.get(&id) {
-            if existing.sequence >= loaded.sequence {
-                return;
+        let mut generations = self.lock();
+        let generations = &mut *generations;
+        let loaded = match generations.old.remove(&id) {
+            Some(older) if older.sequence > loaded.sequence => older,
+            _ => loaded,
+        };
+        match generations.young.get(&id) {
+            // Another dispatch put a newer state meanwhile: keep it.
+            Some(existing) if existing.sequence >= loaded.sequence => return,
+            Some(_) => {}
+            None if generations.young.len() >= self.capacity / 2 => {
+                generations.old = std::mem::take(&mut generations.young);
             }
-        } else if entries.len() >= self.capacity {
-            if let Some(victim) = entries.keys().next().copied() {
-                entries.remove(&victim);
-            }
+            None => {}
         }
-        entries.insert(id, loaded);
+        generations.young.insert(id, loaded);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let generations = self.lock();
+        generations.young.len() + generations.old.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Loaded, StateCache};
+    use uuid::Uuid;
+
+    fn loaded(sequence: i64) -> Loaded<i64> {
+        Loaded {
+            state: sequence * 10,
+            sequence,
+        }
+    }
+
+    #[test]
+    fn cache_is_bounded_and_keeps_recently_used_entries() {
+        let cache = StateCache::new(4);
+        let hot = Uuid::new_v4();
+        cache.put(hot, loaded(1));
+        for n in 0..100 {
+            cache.put(Uuid::new_v4(), loaded(n));
+            // The hot entry is used on every round, as a dispatch would: taken, put back.
+            let entry = cache.take(hot).expect("a recently used entry stays cached");
+            cache.put(hot, entry);
+            assert!(
+                cache.len() <= 4,
+                "{} entries for a capacity of 4",
+                cache.len()
+            );
+        }
+    }
+
+    #[test]
+    fn an_older_state_never_replaces_a_newer_one() {
+        let cache = StateCache::new(8);
+        let id = Uuid::new_v4();
+        cache.put(id, loaded(5));
+        cache.put(id, loaded(3));
+        assert_eq!(cache.take(id).map(|l| l.sequence), Some(5));
+        assert!(cache.take(id).is_none(), "take removes the entry");
+    }
+
+    #[test]
+    fn a_newer_state_in_the_old_generation_wins_over_an_older_put() {
+        let cache = StateCache::new(2);
+        let id = Uuid::new_v4();
+        cache.put(id, loaded(7));
+        // Fills the young generation so that `id` moves to the old one.
+        cache.put(Uuid::new_v4(), loaded(1));
+        cache.put(id, loaded(6));
+        assert_eq!(cache.take(id).map(|l| (l.sequence, l.state)), Some((7, 70)));
     }
 }

@@ -19,7 +19,9 @@ pub use crate::error::{BoxError, CQRSError, DecodeError, EventDecodeError, ViewH
 pub use crate::event::{
     DomainEvent, EventEnvelope, EventType, PersistableDomainEvent, UpcastEvent, Upcasted,
 };
-pub use crate::framework::{CQRSFramework, DispatchReceipt, RetryPolicy, SnapshotPolicy};
+pub use crate::framework::{
+    CQRSFramework, DispatchReceipt, RetryPolicy, SnapshotPolicy, DEFAULT_STATE_CACHE_CAPACITY,
+};
 // nats re-exports (owned by the nats integration)
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]

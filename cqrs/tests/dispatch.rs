@@ -272,6 +272,9 @@ async fn a_corrupted_payload_gives_a_typed_error_naming_the_event() {
     assert!(store.update_unchecked(Account::NAME, id, 2, |e| {
         e.payload = json!({"Deposited": {"amount": "five"}});
     }));
+    // `framework` holds the state in its cache and would not read the damaged row again: a
+    // framework without the cache (or a restarted process) rebuilds from the store.
+    let framework = CQRSFramework::<Account>::new(store.clone()).without_state_cache();
     let err = framework
         .dispatch(id, AccountCommand::Deposit(1))
         .await

@@ -14,6 +14,10 @@ use crate::store::{
 };
 use crate::view::Checkpoint;
 
+/// A fast hasher with a random per-process seed: the default SipHash was about a sixth of an
+/// in-memory dispatch.
+type Hasher = foldhash::quality::RandomState;
+
 /// A thread-safe event store in memory.
 ///
 /// It meets the whole [`EventRepository`] contract (optimistic appends, idempotent retries,
@@ -46,9 +50,9 @@ struct Inner {
     /// All events; `position` is the index plus one.
     events: Vec<PersistableDomainEvent>,
     /// aggregate type -> aggregate id -> indexes into `events`, in sequence order.
-    streams: HashMap<String, HashMap<Uuid, Vec<usize>>>,
+    streams: HashMap<String, HashMap<Uuid, Vec<usize>, Hasher>, Hasher>,
     /// event id -> index into `events`.
-    ids: HashMap<Uuid, usize>,
+    ids: HashMap<Uuid, usize, Hasher>,
 }
 
 impl Default for MemoryEventRepository {
@@ -230,24 +234,27 @@ impl EventRepository for MemoryEventRepository {
         }
 
         let start = inner.events.len();
-        let aggregate_type = first.aggregate_type.clone();
-        let aggregate_id = first.aggregate_id;
+        let inner = &mut *inner;
+        for (offset, event) in events.iter().enumerate() {
+            inner.ids.insert(event.event_id, start + offset);
+        }
+        // Look the type up by `&str` first: only a new aggregate type allocates its key.
+        let streams = match inner.streams.get_mut(first.aggregate_type.as_str()) {
+            Some(streams) => streams,
+            None => inner
+                .streams
+                .entry(first.aggregate_type.clone())
+                .or_default(),
+        };
+        streams
+            .entry(first.aggregate_id)
+            .or_insert_with(|| Vec::with_capacity(8))
+            .extend(start..start + events.len());
         let mut positions = Vec::with_capacity(events.len());
         for (offset, event) in events.iter_mut().enumerate() {
             event.position = (start + offset) as i64 + 1;
             positions.push(event.position);
         }
-        let inner = &mut *inner;
-        for (offset, event) in events.iter().enumerate() {
-            inner.ids.insert(event.event_id, start + offset);
-        }
-        inner
-            .streams
-            .entry(aggregate_type)
-            .or_default()
-            .entry(aggregate_id)
-            .or_default()
-            .extend(start..start + events.len());
         inner.events.extend(events);
         let last = inner.events.len() as i64;
         self.inner.position.send_replace(last);
