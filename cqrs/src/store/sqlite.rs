@@ -11,12 +11,16 @@
 //! * **Group commit.** Every write goes to one writer task that owns the write connection.
 //!   It takes all writes waiting at once and commits them in one transaction, so concurrent
 //!   dispatches share an fsync; each write still fails or succeeds on its own (a lost race
-//!   is that append's [`CQRSError::Conflict`], not its neighbours').
+//!   is that append's [`CQRSError::Conflict`], not its neighbours'). It waits briefly for
+//!   dispatches still reading their aggregate, and inserts a group's events with one
+//!   statement, so a group of small appends costs one round trip to SQLite.
 //! * **Races are caught by the schema.** `UNIQUE (aggregate_type, aggregate_id, sequence)`
 //!   refuses the second of two writers; `UNIQUE (event_id)` makes a retried append
 //!   recognisable; a trigger refuses a sequence that skips ahead. Nothing is decided by a
 //!   read before the write.
-//! * **Reads** go through a pool of connections that never wait for the writer (WAL).
+//! * **Reads** never wait for the writer (WAL). Event reads (`load_events`, `read_all`) run
+//!   on read-only connections of the store's own, one blocking-thread job per read that
+//!   also decodes the rows; other reads use the sqlx pool ([`pool`](SqliteEventRepository::pool)).
 //!
 //! The schema and the reasons for each constraint are in `docs/adr/0003-sqlite-store.md`.
 //!
@@ -35,6 +39,8 @@
 //! # }).unwrap();
 //! ```
 
+mod dead_letters;
+mod reader;
 mod rows;
 mod schema;
 mod view;
@@ -62,6 +68,7 @@ use crate::store::{
 };
 use crate::view::Checkpoint;
 
+pub use self::dead_letters::SqliteDeadLetters;
 pub use self::rows::CorruptRow;
 pub use self::schema::InvalidTableName;
 pub use self::view::SqliteViewRepository;
@@ -73,8 +80,9 @@ pub use self::writer::WriterError;
 #[doc(no_inline)]
 pub use sqlx;
 
+use self::reader::EventReader;
 use self::rows::{decode_event, EVENT_COLUMNS};
-use self::writer::{Job, WriteConnection};
+use self::writer::{Job, Readers, WriteConnection};
 
 /// How hard a commit works to survive a power cut (SQLite's `synchronous` setting, in WAL
 /// mode).
@@ -249,6 +257,9 @@ struct Shared {
     pool: SqlitePool,
     jobs: mpsc::Sender<Job>,
     position: Arc<watch::Sender<i64>>,
+    readers: Arc<Readers>,
+    /// Event reads off sqlx (see `reader.rs`); `None` on a pool given to `from_pool`.
+    reader: Option<Arc<EventReader>>,
     view_tables: Mutex<HashSet<String>>,
 }
 
@@ -299,6 +310,11 @@ impl SqliteEventRepository {
     /// Connects with sqlx options of your own (`options` still sets WAL, the durability mode
     /// and the busy timeout on top of them).
     ///
+    /// Event reads (`load_events`, `read_all`) use read-only connections of the store's own
+    /// to the same file, opened with SQLite's defaults and the busy timeout, not with these
+    /// options; use [`from_pool`](Self::from_pool) if every read must go through
+    /// connections you configured.
+    ///
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the file cannot be opened.
     pub async fn connect_with(
@@ -307,13 +323,19 @@ impl SqliteEventRepository {
     ) -> Result<Self, CQRSError> {
         let connect = options.apply(connect);
         let writer = connect.connect().await.map_err(CQRSError::persistence)?;
+        let reader = EventReader::new(
+            connect.get_filename(),
+            options.busy_timeout,
+            options.read_connections,
+        );
         let pool = SqlitePoolOptions::new()
             .max_connections(options.read_connections)
             .min_connections(0)
             .connect_with(connect)
             .await
             .map_err(CQRSError::persistence)?;
-        Self::start(pool, WriteConnection::Dedicated(Box::new(writer)), &options).await
+        let writer = WriteConnection::Dedicated(Box::new(writer));
+        Self::start(pool, writer, reader, &options).await
     }
 
     /// A store on a pool you configured yourself. Reads use the pool; the writer takes one
@@ -323,28 +345,33 @@ impl SqliteEventRepository {
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the database cannot be read.
     pub async fn from_pool(pool: SqlitePool, options: SqliteOptions) -> Result<Self, CQRSError> {
-        Self::start(pool.clone(), WriteConnection::Pool(pool), &options).await
+        Self::start(pool.clone(), WriteConnection::Pool(pool), None, &options).await
     }
 
     async fn start(
         pool: SqlitePool,
         writer: WriteConnection,
+        reader: Option<EventReader>,
         options: &SqliteOptions,
     ) -> Result<Self, CQRSError> {
         let initial = last_position(&pool).await?;
         let position = Arc::new(watch::channel(initial).0);
         let (jobs, receiver) = mpsc::channel(options.queue_capacity);
+        let readers = Arc::new(Readers::default());
         tokio::spawn(writer::run(
             writer,
             receiver,
             options.max_group_size,
             Arc::clone(&position),
+            Arc::clone(&readers),
         ));
         Ok(SqliteEventRepository {
             inner: Arc::new(Shared {
                 pool,
                 jobs,
                 position,
+                readers,
+                reader: reader.map(Arc::new),
                 view_tables: Mutex::new(HashSet::new()),
             }),
         })
@@ -475,6 +502,13 @@ impl EventRepository for SqliteEventRepository {
         aggregate_id: Uuid,
         after_sequence: i64,
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        // The caller is likely about to append: the writer waits for it (group commit).
+        let _reading = self.inner.readers.enter();
+        if let Some(reader) = &self.inner.reader {
+            return reader
+                .load_events(aggregate_type, &aggregate_id.to_string(), after_sequence)
+                .await;
+        }
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM cqrs_events \
              WHERE aggregate_type = ? AND aggregate_id = ? AND sequence > ? ORDER BY sequence"
@@ -514,6 +548,9 @@ impl EventRepository for SqliteEventRepository {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        if let Some(reader) = &self.inner.reader {
+            return reader.read_all(after_position, limit).await;
+        }
         let page: Result<Option<String>, _> = sqlx::query_scalar(rows::PAGE_SQL)
             .bind(after_position)
             .bind(limit)

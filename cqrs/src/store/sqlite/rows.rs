@@ -60,12 +60,27 @@ pub(super) fn from_micros(micros: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros)
 }
 
-fn column<'r, T>(row: &'r SqliteRow, index: usize, position: i64) -> Result<T, CQRSError>
-where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-{
-    row.try_get::<T, _>(index)
-        .map_err(|error| corrupt("cqrs_events", format_args!("at position {position}"), error))
+/// A stored event row, read column by column without copying: a row from sqlx or one from
+/// the event reader's own connections (`reader.rs`). Errors are the driver's message.
+pub(super) trait EventRow {
+    /// An `INTEGER` column.
+    fn integer(&self, index: usize) -> Result<i64, String>;
+    /// A `TEXT` column.
+    fn text(&self, index: usize) -> Result<&str, String>;
+}
+
+impl EventRow for SqliteRow {
+    fn integer(&self, index: usize) -> Result<i64, String> {
+        self.try_get(index).map_err(|error| error.to_string())
+    }
+
+    fn text(&self, index: usize) -> Result<&str, String> {
+        self.try_get(index).map_err(|error| error.to_string())
+    }
+}
+
+fn corrupt_at(position: i64) -> impl Fn(String) -> CQRSError {
+    move |error| corrupt("cqrs_events", format_args!("at position {position}"), error)
 }
 
 /// Decodes one row selected with [`EVENT_COLUMNS`].
@@ -73,62 +88,73 @@ where
 /// A payload or metadata that is not JSON, a bad event id or timestamp: an
 /// [`EventDecodeError`] naming the aggregate and sequence. A row whose aggregate id or
 /// sequence cannot be read: a [`CorruptRow`] naming its position.
-pub(super) fn decode_event(row: &SqliteRow) -> Result<PersistableDomainEvent, CQRSError> {
+pub(super) fn decode_event(row: &impl EventRow) -> Result<PersistableDomainEvent, CQRSError> {
     let position: i64 = row
-        .try_get(0)
+        .integer(0)
         .map_err(|error| corrupt("cqrs_events", "with an unreadable position", error))?;
-    let aggregate_type: String = column(row, 2, position)?;
-    let raw_aggregate_id: String = column(row, 3, position)?;
-    let aggregate_id = Uuid::parse_str(&raw_aggregate_id).map_err(|error| {
+    let at = corrupt_at(position);
+    let aggregate_type = row.text(2).map_err(&at)?;
+    let raw_aggregate_id = row.text(3).map_err(&at)?;
+    let aggregate_id = Uuid::parse_str(raw_aggregate_id).map_err(|error| {
         corrupt(
             "cqrs_events",
             format_args!("at position {position}"),
             format_args!("aggregate_id {raw_aggregate_id:?} is not a UUID: {error}"),
         )
     })?;
-    let sequence: i64 = column(row, 4, position)?;
-    let event_type: String = column(row, 5, position)?;
-    let event_version: String = column(row, 6, position)?;
+    let sequence = row.integer(4).map_err(&at)?;
+    let event_type = row.text(5).map_err(&at)?;
+    let event_version = row.text(6).map_err(&at)?;
     let malformed = |problem: serde_json::Error| {
         CQRSError::from(EventDecodeError {
-            aggregate_type: aggregate_type.clone(),
+            aggregate_type: aggregate_type.to_owned(),
             aggregate_id,
             sequence,
-            event_type: event_type.clone(),
-            event_version: event_version.clone(),
+            event_type: event_type.to_owned(),
+            event_version: event_version.to_owned(),
             kind: DecodeError::MalformedPayload(problem),
         })
     };
     let invalid = |what: String| malformed(<serde_json::Error as serde::de::Error>::custom(what));
 
-    let raw_event_id: String = column(row, 1, position)?;
-    let event_id = Uuid::parse_str(&raw_event_id)
+    let raw_event_id = row.text(1).map_err(&at)?;
+    let event_id = Uuid::parse_str(raw_event_id)
         .map_err(|error| invalid(format!("event_id {raw_event_id:?} is not a UUID: {error}")))?;
-    let payload_text: String = column(row, 7, position)?;
-    let payload: Value = serde_json::from_str(&payload_text).map_err(&malformed)?;
-    let metadata_text: String = column(row, 8, position)?;
-    let metadata: Value = serde_json::from_str(&metadata_text)
+    let payload: Value = serde_json::from_str(row.text(7).map_err(&at)?).map_err(&malformed)?;
+    let metadata: Value = serde_json::from_str(row.text(8).map_err(&at)?)
         .map_err(|error| invalid(format!("metadata is not JSON: {error}")))?;
-    let micros: i64 = column(row, 9, position)?;
+    let micros = row.integer(9).map_err(&at)?;
     let timestamp = from_micros(micros)
         .ok_or_else(|| invalid(format!("timestamp {micros} is out of range")))?;
 
     Ok(PersistableDomainEvent {
         event_id,
-        aggregate_type_id: PersistableDomainEvent::type_id_for(&aggregate_type, aggregate_id),
+        aggregate_type_id: type_id(aggregate_type, aggregate_id),
         aggregate_id,
-        aggregate_type,
+        aggregate_type: aggregate_type.to_owned(),
         sequence,
         position,
-        event_type,
-        event_version,
+        event_type: event_type.to_owned(),
+        event_version: event_version.to_owned(),
         payload,
         metadata,
         timestamp,
     })
 }
 
-/// `read_all`'s fast path: one page of events as a single JSON text built by SQLite, so
+/// [`PersistableDomainEvent::type_id_for`] without the formatting machinery.
+fn type_id(aggregate_type: &str, aggregate_id: Uuid) -> String {
+    let mut buffer = Uuid::encode_buffer();
+    let id = aggregate_id.hyphenated().encode_lower(&mut buffer);
+    let mut key = String::with_capacity(aggregate_type.len() + 1 + id.len());
+    key.push_str(aggregate_type);
+    key.push(':');
+    key.push_str(id);
+    key
+}
+
+/// `read_all`'s fast path on the sqlx pool (stores made by `from_pool`; the others read with
+/// `reader.rs`): one page of events as a single JSON text built by SQLite, so
 /// that sqlx moves one value instead of ten per event (about twice the catch-up rate).
 /// `json(payload)` fails the whole query on a payload that is not JSON; the caller then
 /// reads the page row by row to name the bad row.

@@ -54,7 +54,12 @@ CREATE TABLE IF NOT EXISTS cqrs_checkpoints (
 pub(super) const GAP_MARKER: &str = "cqrs_sequence_gap";
 
 /// The store's own tables: a view may not take one of these names.
-const RESERVED: [&str; 3] = ["cqrs_events", "cqrs_snapshots", "cqrs_checkpoints"];
+const RESERVED: [&str; 4] = [
+    "cqrs_events",
+    "cqrs_snapshots",
+    "cqrs_checkpoints",
+    "cqrs_dead_letters",
+];
 
 /// Longest accepted view table name.
 const MAX_IDENTIFIER_LEN: usize = 63;
@@ -78,7 +83,7 @@ pub(super) fn view_table_ddl(name: &str) -> String {
 /// It reaches callers as the source of a [`CQRSError::PersistenceError`]; downcast to
 /// inspect it. Accepted names are 1 to 63 ASCII letters, digits and underscores, not
 /// starting with a digit, not starting with `sqlite_` and not one of the store's own tables
-/// (`cqrs_events`, `cqrs_snapshots`, `cqrs_checkpoints`). The name is never spliced into SQL
+/// (`cqrs_events`, `cqrs_snapshots`, `cqrs_checkpoints`, `cqrs_dead_letters`). The name is never spliced into SQL
 /// unless it passes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidTableName {
@@ -152,6 +157,7 @@ mod tests {
             "sqlite_master",
             "CQRS_EVENTS",
             "cqrs_checkpoints",
+            "cqrs_dead_letters",
             "vïew",
             &"x".repeat(64),
         ] {

@@ -2,7 +2,11 @@
 //! transaction (group commit) while each keeps its own outcome.
 //!
 //! The task owns the write connection and a queue. It takes every job waiting (up to a
-//! limit), runs `BEGIN IMMEDIATE`, applies the jobs one after the other, and commits once.
+//! limit, after waiting for the appends of reads in progress), runs `BEGIN IMMEDIATE`,
+//! inserts the events of the group's appends with one statement (sent with the `BEGIN` and
+//! the `COMMIT` as one script when nothing else is in the group), applies the other jobs
+//! one after the other, and commits once. If a constraint refuses the grouped statement,
+//! the appends are inserted one by one instead.
 //! A job that fails on a constraint (a lost race, a duplicate id, a stale view) is undone on
 //! its own, by the statement's own rollback or by a savepoint, and answered with its error;
 //! its neighbours still commit. Only an unexpected database error (disk full, I/O) undoes
@@ -11,13 +15,15 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{Sqlite, SqliteConnection};
 use sqlx::{Row, SqlitePool};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -35,6 +41,9 @@ const ROWS_PER_INSERT: usize = 100;
 
 /// SQLite's primary result code for every constraint violation (`SQLITE_CONSTRAINT`).
 const SQLITE_CONSTRAINT: i32 = 19;
+
+/// SQLite's primary result code for a lock held by another connection (`SQLITE_BUSY`).
+const SQLITE_BUSY: i32 = 5;
 
 /// What the writer is asked to do.
 pub(super) enum Job {
@@ -180,57 +189,175 @@ impl WriteConnection {
     }
 }
 
+/// Reads of aggregates in progress (`load_events`): their callers are about to append, so
+/// the writer waits for them before it commits a group (see [`run`]).
+#[derive(Debug, Default)]
+pub(super) struct Readers {
+    in_flight: AtomicUsize,
+    finished: Notify,
+}
+
+/// Counts one read in progress until dropped.
+pub(super) struct Reading<'a>(&'a Readers);
+
+impl Readers {
+    /// Marks a read as started; the guard marks it finished.
+    pub(super) fn enter(&self) -> Reading<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Reading(self)
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.finished.notify_one();
+        }
+    }
+}
+
+/// The longest a group waits for the appends of reads in progress.
+const MAX_GATHER: Duration = Duration::from_millis(2);
+
 /// Runs the writer until every handle to the store is dropped.
+///
+/// A group is every job waiting, plus those of callers still reading the aggregate they
+/// are about to append to: one fsync then serves every concurrent dispatch instead of
+/// the few that happened to be first. The wait ends when the last such read has finished
+/// (and its caller had a moment to send its append), after [`MAX_GATHER`], or at the group
+/// limit; a lone writer never waits.
 pub(super) async fn run(
     mut connection: WriteConnection,
     mut jobs: mpsc::Receiver<Job>,
     max_group: usize,
     position: Arc<watch::Sender<i64>>,
+    readers: Arc<Readers>,
 ) {
     let mut group = Vec::with_capacity(max_group);
     while jobs.recv_many(&mut group, max_group).await > 0 {
+        gather(&mut jobs, &mut group, max_group, &readers).await;
         let span = tracing::trace_span!("sqlite_group_commit", jobs = group.len());
         commit_group(&mut connection, std::mem::take(&mut group), &position)
             .instrument(span)
             .await;
+        // The callers just answered are ready to run: let those on this thread send their
+        // next write before the next group is taken.
+        tokio::task::yield_now().await;
     }
 }
+
+/// Adds to `group` the jobs of callers whose reads are in progress (see [`run`]).
+async fn gather(
+    jobs: &mut mpsc::Receiver<Job>,
+    group: &mut Vec<Job>,
+    max_group: usize,
+    readers: &Readers,
+) {
+    if !readers.busy() {
+        return;
+    }
+    let start = Instant::now();
+    while group.len() < max_group && readers.busy() && start.elapsed() < MAX_GATHER {
+        let finished = readers.finished.notified();
+        tokio::select! {
+            received = jobs.recv_many(group, max_group - group.len()) => {
+                if received == 0 {
+                    return;
+                }
+            }
+            () = finished => {}
+        }
+    }
+    // The last reader sends its append right after its read, possibly on another thread.
+    for _ in 0..GRACE_YIELDS {
+        tokio::task::yield_now().await;
+        while group.len() < max_group {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Yields after the last read finished, for its append to arrive.
+const GRACE_YIELDS: usize = 2;
 
 async fn commit_group(
     connection: &mut WriteConnection,
     mut pending: Vec<Job>,
     position: &watch::Sender<i64>,
 ) {
+    // The jobs of a group were all sent before any of them was answered: any order is one
+    // they could have had. Appends go first, to be inserted together.
+    pending.sort_by_key(|job| !matches!(job, Job::Append { .. }));
+    let mut together = true;
     while !pending.is_empty() {
         let mut lease = match connection.lease().await {
             Ok(lease) => lease,
             Err(error) => return fail_all(pending, error),
         };
         let conn = lease.connection();
-        if let Err(error) = execute(conn, "BEGIN IMMEDIATE").await {
-            return fail_all(pending, error);
-        }
         let mut outcomes = Vec::with_capacity(pending.len());
-        let mut failure = None;
-        for (index, job) in pending.iter().enumerate() {
-            match apply(conn, job).await {
-                Ok(outcome) => outcomes.push(outcome),
-                Err(error) => {
-                    failure = Some((index, error));
-                    break;
+        let mut committed = false;
+        let mut begun = false;
+        if together {
+            together = false;
+            match insert_together(conn, &pending).await {
+                Together::Committed(positions) => {
+                    outcomes.extend(positions.into_iter().map(|p| Outcome::Positions(Ok(p))));
+                    committed = true;
+                }
+                Together::Inserted(positions) => {
+                    outcomes.extend(positions.into_iter().map(|p| Outcome::Positions(Ok(p))));
+                    begun = true;
+                }
+                Together::Refused => begun = true,
+                Together::Skipped => {}
+                Together::Failed(error) => {
+                    rollback(conn).await;
+                    // Another process held the write lock for the whole busy timeout: a
+                    // second try would only wait as long again.
+                    if error_code(&error) == Some(SQLITE_BUSY) {
+                        return fail_all(pending, error);
+                    }
+                    // Unknown state: run the group one job at a time, which tells which job
+                    // the error belongs to.
+                    tracing::debug!(%error, "grouped INSERT failed; retrying job by job");
                 }
             }
         }
-        if let Some((index, error)) = failure {
-            tracing::warn!(%error, "SQLite write failed; transaction rolled back");
-            rollback(conn).await;
-            pending.remove(index).fail(&Arc::new(error));
-            continue;
-        }
-        if let Err(error) = execute(conn, "COMMIT").await {
-            tracing::warn!(%error, "SQLite commit failed; transaction rolled back");
-            rollback(conn).await;
-            return fail_all(pending, error);
+        if !committed {
+            if !begun {
+                if let Err(error) = execute(conn, "BEGIN IMMEDIATE").await {
+                    return fail_all(pending, error);
+                }
+            }
+            let mut failure = None;
+            for (index, job) in pending.iter().enumerate().skip(outcomes.len()) {
+                match apply(conn, job).await {
+                    Ok(outcome) => outcomes.push(outcome),
+                    Err(error) => {
+                        failure = Some((index, error));
+                        break;
+                    }
+                }
+            }
+            if let Some((index, error)) = failure {
+                tracing::warn!(%error, "SQLite write failed; transaction rolled back");
+                rollback(conn).await;
+                pending.remove(index).fail(&Arc::new(error));
+                continue;
+            }
+            if let Err(error) = execute(conn, "COMMIT").await {
+                tracing::warn!(%error, "SQLite commit failed; transaction rolled back");
+                rollback(conn).await;
+                return fail_all(pending, error);
+            }
         }
         let highest = outcomes
             .iter()
@@ -252,6 +379,122 @@ async fn commit_group(
             job.finish(outcome);
         }
     }
+}
+
+/// What [`insert_together`] did.
+enum Together {
+    /// Every job was an append and all are committed; their positions, in job order.
+    Committed(Vec<Vec<i64>>),
+    /// The first appends (as many as there are position lists) are inserted in the open
+    /// transaction; the other jobs are still to run.
+    Inserted(Vec<Vec<i64>>),
+    /// The transaction is open but a constraint refused the grouped `INSERT` (which SQLite
+    /// undid): every job is still to run, one at a time, each to learn its own outcome.
+    Refused,
+    /// Nothing was run: the first job is not a small append.
+    Skipped,
+    /// An unexpected error; the transaction's state is unknown.
+    Failed(sqlx::Error),
+}
+
+/// Opens the transaction and inserts the events of the leading appends of `pending` with
+/// one multi-row `INSERT`, committing too when nothing else is left: one statement, one
+/// round trip to the connection's thread, for the common group of small appends.
+///
+/// A constraint violation by any of them undoes the whole statement (never the
+/// transaction); the caller then inserts the appends one by one, so that only the
+/// refused one fails.
+async fn insert_together(conn: &mut SqliteConnection, pending: &[Job]) -> Together {
+    let mut batches: Vec<&[PersistableDomainEvent]> = Vec::new();
+    let mut rows = 0;
+    for job in pending {
+        let Job::Append { events, .. } = job else {
+            break;
+        };
+        if rows + events.len() > ROWS_PER_INSERT {
+            break;
+        }
+        rows += events.len();
+        batches.push(events);
+    }
+    if batches.is_empty() {
+        return Together::Skipped;
+    }
+    let all = batches.len() == pending.len();
+    let sql = group_sql(rows, all);
+    let mut query = sqlx::query(sql);
+    for event in batches.iter().flat_map(|events| events.iter()) {
+        query = bind_event(query, event);
+    }
+    match execute_query(conn, query).await {
+        Ok(last) => {
+            // The rows got consecutive positions ending at `last` (see `insert_chunk`).
+            let mut next = last - rows as i64 + 1;
+            let positions = batches
+                .iter()
+                .map(|events| {
+                    let count = events.len() as i64;
+                    let range = (next..next + count).collect();
+                    next += count;
+                    range
+                })
+                .collect();
+            if all {
+                Together::Committed(positions)
+            } else {
+                Together::Inserted(positions)
+            }
+        }
+        Err(error) if constraint_violation(&error).is_some() => Together::Refused,
+        Err(error) => Together::Failed(error),
+    }
+}
+
+/// `BEGIN IMMEDIATE`, the `INSERT` of `rows` events, and `COMMIT` if `commit`, as one
+/// script (sqlx runs the statements in order on one round trip, binding the parameters
+/// across them, and stops at the first error). Built once per shape.
+fn group_sql(rows: usize, commit: bool) -> &'static str {
+    static SQL: OnceLock<[Vec<String>; 2]> = OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        let script = |commit: bool| {
+            (1..=ROWS_PER_INSERT)
+                .map(|rows| {
+                    let end = if commit { "; COMMIT" } else { "" };
+                    format!("BEGIN IMMEDIATE; {}{end}", insert_sql(rows))
+                })
+                .collect()
+        };
+        [script(false), script(true)]
+    });
+    all[usize::from(commit)][rows.clamp(1, ROWS_PER_INSERT) - 1].as_str()
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+fn bind_event<'q>(query: SqliteQuery<'q>, event: &'q PersistableDomainEvent) -> SqliteQuery<'q> {
+    query
+        .bind(event.event_id.to_string())
+        .bind(event.aggregate_type.as_str())
+        .bind(event.aggregate_id.to_string())
+        .bind(event.sequence)
+        .bind(event.event_type.as_str())
+        .bind(event.event_version.as_str())
+        .bind(event.payload.to_string())
+        .bind(event.metadata.to_string())
+        .bind(to_micros(event.timestamp))
+}
+
+/// Runs a script; `Ok` carries the connection's last inserted rowid.
+fn execute_query<'a>(
+    conn: &'a mut SqliteConnection,
+    query: SqliteQuery<'a>,
+) -> BoxFuture<'a, Result<i64, sqlx::Error>> {
+    Box::pin(async move {
+        query
+            .execute(conn)
+            .await
+            .map(|done| done.last_insert_rowid())
+    })
 }
 
 fn fail_all(pending: Vec<Job>, error: sqlx::Error) {
@@ -278,13 +521,20 @@ async fn rollback(conn: &mut SqliteConnection) {
     }
 }
 
-/// The extended result code of a constraint violation, `None` for any other error.
+/// The primary result code of a database error.
+fn error_code(error: &sqlx::Error) -> Option<i32> {
+    let sqlx::Error::Database(database) = error else {
+        return None;
+    };
+    Some(database.code()?.parse::<i32>().ok()? & 0xff)
+}
+
+/// The database error of a constraint violation, `None` for any other error.
 fn constraint_violation(error: &sqlx::Error) -> Option<&dyn sqlx::error::DatabaseError> {
     let sqlx::Error::Database(database) = error else {
         return None;
     };
-    let code = database.code()?.parse::<i32>().ok()?;
-    (code & 0xff == SQLITE_CONSTRAINT).then_some(database.as_ref())
+    (error_code(error) == Some(SQLITE_CONSTRAINT)).then_some(database.as_ref())
 }
 
 /// Applies one job inside the open transaction. `Ok` carries the job's own answer (which may
@@ -345,16 +595,7 @@ async fn insert_chunk_inner(
 ) -> Result<Vec<i64>, sqlx::Error> {
     let mut query = sqlx::query(insert_sql(chunk.len()));
     for event in chunk {
-        query = query
-            .bind(event.event_id.to_string())
-            .bind(event.aggregate_type.as_str())
-            .bind(event.aggregate_id.to_string())
-            .bind(event.sequence)
-            .bind(event.event_type.as_str())
-            .bind(event.event_version.as_str())
-            .bind(event.payload.to_string())
-            .bind(event.metadata.to_string())
-            .bind(to_micros(event.timestamp));
+        query = bind_event(query, event);
     }
     let done = query.execute(&mut *conn).await?;
     let count = chunk.len() as i64;
@@ -616,4 +857,96 @@ async fn write_views(
         save_checkpoint(conn, checkpoint).await?;
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use uuid::Uuid;
+
+    use crate::event::PersistableDomainEvent;
+    use crate::store::sqlite::SqliteEventRepository;
+    use crate::store::EventRepository;
+
+    fn batch(id: Uuid, from: i64, count: i64) -> Vec<PersistableDomainEvent> {
+        (from..from + count)
+            .map(|sequence| PersistableDomainEvent {
+                event_id: Uuid::new_v4(),
+                aggregate_type_id: PersistableDomainEvent::type_id_for("counter", id),
+                aggregate_id: id,
+                aggregate_type: "counter".into(),
+                sequence,
+                position: 0,
+                event_type: "Added".into(),
+                event_version: "1".into(),
+                payload: serde_json::json!({ "Added": sequence }),
+                metadata: serde_json::Value::Null,
+                timestamp: chrono::Utc::now(),
+            })
+            .collect()
+    }
+
+    /// Appends sent together are inserted by one statement: each must get the positions
+    /// its own events were stored at, and a retry or a lost race in the same group must
+    /// not disturb its neighbours.
+    #[tokio::test]
+    async fn grouped_appends_get_the_positions_of_their_own_events() {
+        let path = std::env::temp_dir().join(format!("cqrs-writer-{}.sqlite", Uuid::new_v4()));
+        let store = SqliteEventRepository::open(&path).await.unwrap();
+        let retried = batch(Uuid::new_v4(), 1, 2);
+        let first = store.append(retried.clone()).await.unwrap();
+        let contested = Uuid::new_v4();
+        store.append(batch(contested, 1, 1)).await.unwrap();
+
+        // First a group of clean appends (one grouped INSERT, committed in the same round
+        // trip), then one holding a retry and a lost race (the grouped INSERT is refused
+        // and the appends run one by one).
+        for troubled in [false, true] {
+            let mut tasks = Vec::new();
+            for i in 0..40_i64 {
+                let store = store.clone();
+                let events = match i {
+                    0 if troubled => retried.clone(),
+                    1 if troubled => batch(contested, 1, 1),
+                    _ => batch(Uuid::new_v4(), 1, 1 + i % 3),
+                };
+                tasks.push(tokio::spawn(async move {
+                    let result = store.append(events.clone()).await;
+                    (events, result)
+                }));
+            }
+            let mut outcomes = Vec::new();
+            for task in tasks {
+                outcomes.push(task.await.unwrap());
+            }
+            let stored: HashMap<Uuid, i64> = store
+                .read_all(0, 1000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|event| (event.event_id, event.position))
+                .collect();
+            for (i, (events, result)) in outcomes.into_iter().enumerate() {
+                match (i, result) {
+                    (0, Ok(positions)) if troubled => assert_eq!(positions, first),
+                    (1, Err(crate::CQRSError::Conflict { .. })) if troubled => {}
+                    (_, Ok(positions)) => {
+                        let expected: Vec<i64> =
+                            events.iter().map(|e| stored[&e.event_id]).collect();
+                        assert_eq!(positions, expected, "append {i}");
+                    }
+                    (i, other) => panic!("append {i}: {other:?}"),
+                }
+            }
+        }
+        let clean: i64 = (0..40).map(|i| 1 + i % 3).sum();
+        let troubled: i64 = (2..40).map(|i| 1 + i % 3).sum();
+        let total = store.read_all(0, 1000).await.unwrap().len() as i64;
+        assert_eq!(total, 3 + clean + troubled);
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
 }

@@ -1,0 +1,187 @@
+//! Event reads on read-only connections of their own, run on Tokio's blocking threads.
+//!
+//! sqlx's SQLite driver runs each connection on a thread of its own and sends every row it
+//! steps to the caller's task through a channel, copying every column into a value of its
+//! own on the way: a row costs more in that hand-over than SQLite takes to read it. Here a
+//! whole read (the statement, every row, and decoding the rows into events) is one job on a
+//! blocking thread, on a `rusqlite` connection (the same SQLite library as sqlx's, through
+//! the same `libsqlite3-sys`), and the caller's task is woken once with the result.
+//!
+//! The connections open the file read-only. Like the sqlx readers they never wait for the
+//! writer (WAL) and each statement reads one committed state of the file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::Semaphore;
+
+use crate::error::CQRSError;
+use crate::event::PersistableDomainEvent;
+
+use super::rows::{decode_event, EventRow, EVENT_COLUMNS};
+
+/// Read-only connections to the store's file, at most `connections` in use at once.
+pub(super) struct EventReader {
+    path: PathBuf,
+    busy_timeout: Duration,
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+impl fmt::Debug for EventReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventReader")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventReader {
+    /// A reader of the file at `path`, or `None` when `path` does not name a plain file
+    /// (an in-memory or URI database): reads then stay on the sqlx pool.
+    pub(super) fn new(path: &Path, busy_timeout: Duration, connections: u32) -> Option<Self> {
+        let name = path.to_str()?;
+        if name.is_empty() || name.starts_with(':') || name.starts_with("file:") {
+            return None;
+        }
+        Some(EventReader {
+            path: path.to_owned(),
+            busy_timeout,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(connections.max(1) as usize),
+        })
+    }
+
+    fn idle(&self) -> MutexGuard<'_, Vec<Connection>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn open(&self) -> Result<Connection, rusqlite::Error> {
+        let connection = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        connection.busy_timeout(self.busy_timeout)?;
+        Ok(connection)
+    }
+
+    /// Runs `read` on a connection, on a blocking thread.
+    async fn run<T, F>(self: &Arc<Self>, read: F) -> Result<T, CQRSError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, CQRSError> + Send + 'static,
+    {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| CQRSError::persistence("the SQLite event reader is closed"))?;
+        let idle = self.idle().pop();
+        let this = Arc::clone(self);
+        let (connection, result) = tokio::task::spawn_blocking(move || {
+            let connection = match idle {
+                Some(connection) => connection,
+                None => match this.open() {
+                    Ok(connection) => connection,
+                    Err(error) => return (None, Err(CQRSError::persistence(error))),
+                },
+            };
+            let result = read(&connection);
+            (Some(connection), result)
+        })
+        .await
+        .map_err(CQRSError::persistence)?;
+        if let Some(connection) = connection {
+            self.idle().push(connection);
+        }
+        result
+    }
+
+    /// `EventRepository::load_events`.
+    pub(super) async fn load_events(
+        self: &Arc<Self>,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_sequence: i64,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let (aggregate_type, aggregate_id) = (aggregate_type.to_owned(), aggregate_id.to_owned());
+        self.run(move |connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM cqrs_events \
+                     WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence > ?3 \
+                     ORDER BY sequence"
+                ))
+                .map_err(CQRSError::persistence)?;
+            let rows = statement
+                .query((aggregate_type, aggregate_id, after_sequence))
+                .map_err(CQRSError::persistence)?;
+            decode_rows(rows, 0)
+        })
+        .await
+    }
+
+    /// `EventRepository::read_all`.
+    pub(super) async fn read_all(
+        self: &Arc<Self>,
+        after_position: i64,
+        limit: i64,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        self.run(move |connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 \
+                     ORDER BY position LIMIT ?2"
+                ))
+                .map_err(CQRSError::persistence)?;
+            let rows = statement
+                .query((after_position, limit))
+                .map_err(CQRSError::persistence)?;
+            decode_rows(rows, usize::try_from(limit).unwrap_or(0).min(4096))
+        })
+        .await
+    }
+}
+
+fn decode_rows(
+    mut rows: rusqlite::Rows<'_>,
+    capacity: usize,
+) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+    let mut events = Vec::with_capacity(capacity);
+    while let Some(row) = rows.next().map_err(CQRSError::persistence)? {
+        events.push(decode_event(&Columns(row))?);
+    }
+    Ok(events)
+}
+
+/// A rusqlite row as an [`EventRow`].
+struct Columns<'a, 'r>(&'a rusqlite::Row<'r>);
+
+impl EventRow for Columns<'_, '_> {
+    fn integer(&self, index: usize) -> Result<i64, String> {
+        match self.0.get_ref(index).map_err(|error| error.to_string())? {
+            ValueRef::Integer(value) => Ok(value),
+            other => Err(format!(
+                "column {index} is {:?}, not INTEGER",
+                other.data_type()
+            )),
+        }
+    }
+
+    fn text(&self, index: usize) -> Result<&str, String> {
+        match self.0.get_ref(index).map_err(|error| error.to_string())? {
+            ValueRef::Text(bytes) => std::str::from_utf8(bytes)
+                .map_err(|error| format!("column {index} is not UTF-8: {error}")),
+            other => Err(format!(
+                "column {index} is {:?}, not TEXT",
+                other.data_type()
+            )),
+        }
+    }
+}
