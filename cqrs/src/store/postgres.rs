@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures_util::stream::{BoxStream, TryStreamExt};
 use serde_json::Value;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
@@ -44,9 +45,11 @@ use crate::store::{
 };
 use crate::view::Checkpoint;
 
+mod dead_letters;
 mod schema;
 mod view;
 
+pub use self::dead_letters::PostgresDeadLetters;
 pub use self::schema::InvalidIdentifier;
 use self::schema::{validate_identifier, Statements, DEFAULT_SCHEMA};
 pub use self::view::PostgresViewRepository;
@@ -58,6 +61,11 @@ pub use ::sqlx;
 /// How long [`read_all`](EventRepository::read_all) waits, by default, for the transactions
 /// that may still fill a hole in the positions before it returns only the events below it.
 pub const DEFAULT_GAP_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The shortest time, by default, between two `pg_notify`s of one handle: appends that commit
+/// in between are announced together by the next one (see
+/// [`with_notify_interval`](PostgresEventRepository::with_notify_interval)).
+pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(10);
 
 /// An event store (and snapshot store) in one schema of a PostgreSQL database.
 ///
@@ -96,19 +104,27 @@ pub struct PostgresEventRepository {
     inner: Arc<Inner>,
 }
 
+/// What a handle was configured with; a builder method copies it into a new handle.
+#[derive(Clone)]
+struct Settings {
+    schema: String,
+    gap_timeout: Duration,
+    /// Whether appends announce themselves with `pg_notify` (after their commit).
+    notify: bool,
+    /// The shortest time between two notifications.
+    notify_interval: Duration,
+}
+
 struct Inner {
     pool: PgPool,
-    schema: String,
+    settings: Settings,
     sql: Statements,
-    gap_timeout: Duration,
     /// Every position at or below this is final: stored and visible, or never to be stored.
     settled: AtomicI64,
     /// The highest position this handle knows to be committed.
     position: watch::Sender<i64>,
     /// View tables already created through this handle.
     view_tables: Mutex<HashSet<String>>,
-    /// Whether appends announce themselves with `pg_notify` (after their commit).
-    notify: bool,
     /// The `LISTEN`/`NOTIFY` channel of this schema.
     channel: String,
     /// Wakes the notifier task after an append.
@@ -128,8 +144,10 @@ impl Drop for Inner {
 impl std::fmt::Debug for PostgresEventRepository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresEventRepository")
-            .field("schema", &self.inner.schema)
-            .field("gap_timeout", &self.inner.gap_timeout)
+            .field("schema", &self.inner.settings.schema)
+            .field("gap_timeout", &self.inner.settings.gap_timeout)
+            .field("notify", &self.inner.settings.notify)
+            .field("notify_interval", &self.inner.settings.notify_interval)
             .field("settled", &self.inner.settled.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -151,21 +169,27 @@ impl PostgresEventRepository {
 
     /// A store on an existing pool (to choose its size and timeouts), in the schema `public`.
     pub fn from_pool(pool: PgPool) -> Self {
-        Self::build(pool, DEFAULT_SCHEMA.to_owned(), DEFAULT_GAP_TIMEOUT, true)
+        Self::build(
+            pool,
+            Settings {
+                schema: DEFAULT_SCHEMA.to_owned(),
+                gap_timeout: DEFAULT_GAP_TIMEOUT,
+                notify: true,
+                notify_interval: DEFAULT_NOTIFY_INTERVAL,
+            },
+        )
     }
 
-    fn build(pool: PgPool, schema: String, gap_timeout: Duration, notify: bool) -> Self {
+    fn build(pool: PgPool, settings: Settings) -> Self {
         PostgresEventRepository {
             inner: Arc::new(Inner {
                 pool,
-                sql: Statements::new(&schema),
-                channel: channel_name(&schema),
-                schema,
-                gap_timeout,
+                sql: Statements::new(&settings.schema),
+                channel: channel_name(&settings.schema),
+                settings,
                 settled: AtomicI64::new(0),
                 position: watch::channel(0).0,
                 view_tables: Mutex::new(HashSet::new()),
-                notify,
                 wake: Arc::new(Notify::new()),
                 notifier_started: AtomicBool::new(false),
                 listener_started: AtomicBool::new(false),
@@ -183,12 +207,15 @@ impl PostgresEventRepository {
     /// or `pg_`). It is never spliced into SQL otherwise.
     pub fn with_schema(self, schema: &str) -> Result<Self, CQRSError> {
         validate_identifier("schema", schema)?;
-        Ok(Self::build(
-            self.inner.pool.clone(),
-            schema.to_owned(),
-            self.inner.gap_timeout,
-            self.inner.notify,
-        ))
+        Ok(self.rebuild(|settings| settings.schema = schema.to_owned()))
+    }
+
+    /// A new handle on the same pool with changed settings (and fresh state: watermark,
+    /// background tasks).
+    fn rebuild(&self, change: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.inner.settings.clone();
+        change(&mut settings);
+        Self::build(self.inner.pool.clone(), settings)
     }
 
     /// How long [`read_all`](EventRepository::read_all) may wait for in-flight transactions
@@ -196,27 +223,35 @@ impl PostgresEventRepository {
     /// returns the events below the hole (possibly none) and the caller reads again later.
     #[must_use]
     pub fn with_gap_timeout(self, timeout: Duration) -> Self {
-        Self::build(
-            self.inner.pool.clone(),
-            self.inner.schema.clone(),
-            timeout,
-            self.inner.notify,
-        )
+        self.rebuild(|settings| settings.gap_timeout = timeout)
     }
 
     /// Whether appends announce new positions to other processes with `pg_notify` (default
     /// true). The notification is sent after the append commits, from a background task
-    /// that coalesces bursts into one `NOTIFY`, never inside the append transaction
-    /// (PostgreSQL serialises the commits of notifying transactions). Handles in this
-    /// process learn of this handle's appends without it.
+    /// that coalesces bursts into one `NOTIFY` (at most one per
+    /// [`with_notify_interval`](Self::with_notify_interval)), never inside the append
+    /// transaction (PostgreSQL serialises the commits of notifying transactions). Handles in
+    /// this process learn of this handle's appends without it.
     #[must_use]
     pub fn with_notifications(self, notify: bool) -> Self {
-        Self::build(
-            self.inner.pool.clone(),
-            self.inner.schema.clone(),
-            self.inner.gap_timeout,
-            notify,
-        )
+        self.rebuild(|settings| settings.notify = notify)
+    }
+
+    /// The shortest time between two notifications of this handle (default
+    /// [`DEFAULT_NOTIFY_INTERVAL`], 10 ms).
+    ///
+    /// An append after a quiet spell is announced at once; during a burst, the appends
+    /// that commit within `interval` of the previous notification are announced together
+    /// by one `pg_notify` when the interval ends. So another process hears of a committed
+    /// append at most `interval` plus one round trip after its commit (while the database
+    /// is reachable), and a busy writer sends at most one notification per interval instead
+    /// of one per commit. Each notification is a small transaction of its own; it commits
+    /// with `synchronous_commit = off` (a lost notification only delays listeners, which
+    /// poll as a fallback), so it never waits for a WAL flush. `Duration::ZERO` sends one
+    /// notification after another, as fast as they go.
+    #[must_use]
+    pub fn with_notify_interval(self, interval: Duration) -> Self {
+        self.rebuild(|settings| settings.notify_interval = interval)
     }
 
     /// The `LISTEN`/`NOTIFY` channel on which appends to this schema are announced; the
@@ -232,7 +267,7 @@ impl PostgresEventRepository {
 
     /// The schema holding the tables.
     pub fn schema(&self) -> &str {
-        &self.inner.schema
+        &self.inner.settings.schema
     }
 
     /// Creates the schema and the tables if they do not exist.
@@ -334,10 +369,8 @@ impl PostgresEventRepository {
         let rows = sqlx::query(&self.inner.sql.read_all)
             .bind(after_position)
             .bind(limit)
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(CQRSError::persistence)?;
-        rows.iter().map(decode_event).collect()
+            .fetch(&self.inner.pool);
+        collect_events(rows, usize::try_from(limit).unwrap_or(usize::MAX)).await
     }
 
     /// Waits until every transaction in progress now has ended, for at most the gap timeout.
@@ -348,12 +381,12 @@ impl PostgresEventRepository {
                 .fetch_all(&self.inner.pool)
                 .await
                 .map_err(CQRSError::persistence)?;
-        let deadline = Instant::now() + self.inner.gap_timeout;
+        let deadline = Instant::now() + self.inner.settings.gap_timeout;
         let mut pause = Duration::from_micros(250);
         while !in_flight.is_empty() {
             if Instant::now() >= deadline {
                 tracing::debug!(
-                    schema = %self.inner.schema,
+                    schema = %self.inner.settings.schema,
                     in_flight = in_flight.len(),
                     "read_all: transactions still in flight after the gap timeout"
                 );
@@ -380,17 +413,20 @@ impl PostgresEventRepository {
     /// Wakes the notifier task (starting it on first use) so other processes hear of an
     /// append.
     fn announce(&self) {
-        if !self.inner.notify {
+        if !self.inner.settings.notify {
             return;
         }
         if !self.inner.notifier_started.swap(true, Ordering::AcqRel) {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
-                    runtime.spawn(notifier(
-                        Arc::downgrade(&self.inner),
-                        Arc::clone(&self.inner.wake),
-                        self.inner.shutdown.subscribe(),
-                    ));
+                    runtime.spawn(notifier(Notifier {
+                        pool: self.inner.pool.clone(),
+                        channel: self.inner.channel.clone(),
+                        interval: self.inner.settings.notify_interval,
+                        position: self.inner.position.subscribe(),
+                        wake: Arc::clone(&self.inner.wake),
+                        shutdown: self.inner.shutdown.subscribe(),
+                    }));
                 }
                 Err(_) => {
                     self.inner.notifier_started.store(false, Ordering::Release);
@@ -447,28 +483,58 @@ fn channel_name(schema: &str) -> String {
     format!("{}_{hash:016x}", &full[..46])
 }
 
-/// Sends `pg_notify(channel, position)` after appends, one at a time: appends that commit
-/// while a notification is being sent are covered by the next one.
-async fn notifier(inner: Weak<Inner>, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+/// What the notifier task needs; it holds no strong reference to the handle.
+struct Notifier {
+    pool: PgPool,
+    channel: String,
+    interval: Duration,
+    /// The handle's highest committed position.
+    position: watch::Receiver<i64>,
+    wake: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The notification: one statement, its own transaction, committed without waiting for the
+/// WAL flush. (`pg_notify` gives the transaction an id, so with the server's default
+/// `synchronous_commit` it would wait for a disk flush holding PostgreSQL's database-wide
+/// notify lock.) `set_config(.., true)` is local to this transaction: the pooled connection
+/// keeps its settings.
+const NOTIFY_SQL: &str = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)";
+
+/// Sends `pg_notify(channel, position)` after appends, at most one per interval: appends that
+/// commit while a notification is due or being sent are covered by the next one. After the
+/// last handle is dropped it sends what is still due, then ends.
+async fn notifier(mut task: Notifier) {
+    let mut last_sent: Option<(tokio::time::Instant, i64)> = None;
     loop {
-        tokio::select! {
-            () = wake.notified() => {}
-            _ = shutdown.wait_for(|closed| *closed) => return,
-        }
-        let Some(strong) = inner.upgrade() else {
-            return;
+        let mut closing = tokio::select! {
+            () = task.wake.notified() => false,
+            _ = task.shutdown.wait_for(|closed| *closed) => true,
         };
-        let position = *strong.position.borrow();
-        let (pool, channel) = (strong.pool.clone(), strong.channel.clone());
-        drop(strong);
-        let sent = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(&channel)
-            .bind(position.to_string())
-            .execute(&pool)
-            .await;
-        if let Err(error) = sent {
-            // Listeners fall back to polling; the next append notifies again.
-            tracing::debug!(%channel, %error, "could not send the append notification");
+        if let (Some((sent_at, _)), false) = (last_sent, closing) {
+            tokio::select! {
+                () = tokio::time::sleep_until(sent_at + task.interval) => {}
+                _ = task.shutdown.wait_for(|closed| *closed) => closing = true,
+            }
+        }
+        // Read after the pause: it covers every append that committed during it.
+        let position = *task.position.borrow_and_update();
+        if last_sent.is_none_or(|(_, sent)| position > sent) {
+            let sent = sqlx::query(NOTIFY_SQL)
+                .bind(&task.channel)
+                .bind(position.to_string())
+                .execute(&task.pool)
+                .await;
+            match sent {
+                Ok(_) => last_sent = Some((tokio::time::Instant::now(), position)),
+                // Listeners fall back to polling; the next append notifies again.
+                Err(error) => {
+                    tracing::debug!(channel = %task.channel, %error, "could not send the append notification");
+                }
+            }
+        }
+        if closing {
+            return;
         }
     }
 }
@@ -533,6 +599,19 @@ struct StoredIdentity {
     aggregate_id: Uuid,
     sequence: i64,
     position: i64,
+}
+
+/// Decodes rows of `cqrs_events` as they arrive, while the server is still sending the rest
+/// (`fetch_all` would buffer every row first, then decode).
+async fn collect_events(
+    mut rows: BoxStream<'_, Result<PgRow, sqlx::Error>>,
+    expected: usize,
+) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+    let mut events = Vec::with_capacity(expected.min(1024));
+    while let Some(row) = rows.try_next().await.map_err(CQRSError::persistence)? {
+        events.push(decode_event(&row)?);
+    }
+    Ok(events)
 }
 
 /// Reads one row of `cqrs_events` (columns in `EVENT_COLUMNS` order).
@@ -680,10 +759,8 @@ impl EventRepository for PostgresEventRepository {
             .bind(aggregate_type)
             .bind(aggregate_id)
             .bind(after_sequence)
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(CQRSError::persistence)?;
-        rows.iter().map(decode_event).collect()
+            .fetch(&self.inner.pool);
+        collect_events(rows, 16).await
     }
 
     async fn event_sequence(

@@ -12,7 +12,12 @@ use crate::error::CQRSError;
 const MAX_IDENTIFIER_LEN: usize = 63;
 
 /// The store's own tables and function: a view may not use these names.
-const RESERVED: &[&str] = &["cqrs_events", "cqrs_snapshots", "cqrs_checkpoints"];
+const RESERVED: &[&str] = &[
+    "cqrs_events",
+    "cqrs_snapshots",
+    "cqrs_checkpoints",
+    "cqrs_dead_letters",
+];
 
 /// The schema used when none is configured.
 pub(super) const DEFAULT_SCHEMA: &str = "public";
@@ -23,7 +28,7 @@ pub(super) const DEFAULT_SCHEMA: &str = "public";
 /// inspect it. Accepted names are 1 to 63 ASCII letters, digits and underscores, not
 /// starting with a digit, not starting with `pg_` (reserved by PostgreSQL for schemas), and,
 /// for a view table, not one of the store's own tables (`cqrs_events`, `cqrs_snapshots`,
-/// `cqrs_checkpoints`). A name is always double-quoted in SQL, so case is kept as written.
+/// `cqrs_checkpoints`, `cqrs_dead_letters`). A name is always double-quoted in SQL, so case is kept as written.
 ///
 /// ```
 /// use cqrs::store::postgres::InvalidIdentifier;
