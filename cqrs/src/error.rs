@@ -152,6 +152,17 @@ pub enum CQRSError {
     /// Try again later, or read the view as it is.
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
+
+    /// A projection ended before it reached the position a caller was waiting for
+    /// ([`ProjectionHandle::wait_for`](crate::projection::ProjectionHandle::wait_for)).
+    ///
+    /// ### Handling
+    /// The projection's own error says why it ended
+    /// ([`ProjectionHandle::wait`](crate::projection::ProjectionHandle::wait)): usually a
+    /// poison event under `PoisonPolicy::Stop`. Fix it and start the projection again; the
+    /// view is correct up to the position it reached.
+    #[error(transparent)]
+    ProjectionStopped(#[from] crate::projection::ProjectionStopped),
 }
 
 impl CQRSError {

@@ -302,10 +302,9 @@ async fn a_poison_event_under_stop_names_itself_after_the_retries_and_keeps_the_
     // A reader waiting for a position past the poison event learns that the runner ended.
     let waited = runner.wait_for(4, WAIT).await.unwrap_err();
     match &waited {
-        CQRSError::PersistenceError(source) => {
-            let stopped = source.downcast_ref::<ProjectionStopped>().unwrap();
-            assert_eq!((stopped.reached, stopped.wanted), (2, 4));
-        }
+        CQRSError::ProjectionStopped(ProjectionStopped {
+            reached, wanted, ..
+        }) => assert_eq!((*reached, *wanted), (2, 4)),
         other => panic!("expected ProjectionStopped, got {other:?}"),
     }
     let waiter_error = runner.last_error().unwrap();

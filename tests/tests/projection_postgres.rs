@@ -7,7 +7,7 @@
 //! the server is unreachable, the tests fail.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,132 +15,17 @@ use cqrs::projection::HandlerRetry;
 use cqrs::store::postgres::sqlx::postgres::PgPoolOptions;
 use cqrs::store::postgres::sqlx::Executor;
 use cqrs::{
-    Aggregate, CQRSError, CQRSFramework, DomainEvent, EventEnvelope, EventRepository,
-    PostgresEventRepository, PostgresViewRepository, Projection, View, ViewRepository,
+    CQRSFramework, EventRepository, PostgresEventRepository, PostgresViewRepository, Projection,
+    View, ViewRepository,
 };
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 const URL_VAR: &str = "CQRS_POSTGRES_URL";
 const WAIT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
-enum LedgerEvent {
-    #[event(name = "Deposited", version = "1")]
-    Deposited { amount: u64 },
-}
+mod common;
 
-#[derive(Debug, thiserror::Error)]
-enum LedgerError {
-    #[error("sequence {got} after {last}: an event applied twice or missed")]
-    OutOfOrder { last: i64, got: i64 },
-    #[error("the gate is closed")]
-    Gated,
-    #[error(transparent)]
-    Framework(#[from] CQRSError),
-}
-
-#[derive(Default)]
-struct Ledger;
-
-impl Aggregate for Ledger {
-    const NAME: &'static str = "ledger";
-    type Events = LedgerEvent;
-    type Commands = Vec<u64>;
-    type Errors = LedgerError;
-    type State = ();
-
-    async fn handle_command(
-        &self,
-        _id: Uuid,
-        _state: &(),
-        amounts: Vec<u64>,
-    ) -> Result<Vec<LedgerEvent>, LedgerError> {
-        Ok(amounts
-            .into_iter()
-            .map(|amount| LedgerEvent::Deposited { amount })
-            .collect())
-    }
-
-    fn handle_event(&self, _state: &mut (), _event: &LedgerEvent) {}
-}
-
-/// Version 1 of the balance view: refuses an event that is not the next of its ledger, so a
-/// double apply or a miss stops the projection.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct BalanceV1 {
-    sum: u64,
-    last_sequence: i64,
-}
-
-impl View<Ledger> for BalanceV1 {
-    const TABLE_NAME: &'static str = "balances";
-    const VERSION: u64 = 1;
-
-    fn handle_event(&mut self, envelope: &EventEnvelope<LedgerEvent>) -> Result<(), LedgerError> {
-        if envelope.sequence != self.last_sequence + 1 {
-            return Err(LedgerError::OutOfOrder {
-                last: self.last_sequence,
-                got: envelope.sequence,
-            });
-        }
-        let LedgerEvent::Deposited { amount } = envelope.event;
-        self.sum += amount;
-        self.last_sequence = envelope.sequence;
-        Ok(())
-    }
-}
-
-/// While closed, version 2 refuses events past `GATE_AT`: its rebuild stays in progress.
-static GATE_OPEN: AtomicBool = AtomicBool::new(false);
-const GATE_AT: i64 = 150;
-
-/// Version 2 of the same table: another shape (counts deposits and keeps the largest).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct BalanceV2 {
-    total: u64,
-    deposits: u64,
-    largest: u64,
-}
-
-impl View<Ledger> for BalanceV2 {
-    const TABLE_NAME: &'static str = "balances";
-    const VERSION: u64 = 2;
-
-    fn handle_event(&mut self, envelope: &EventEnvelope<LedgerEvent>) -> Result<(), LedgerError> {
-        if envelope.position > GATE_AT && !GATE_OPEN.load(Ordering::SeqCst) {
-            return Err(LedgerError::Gated);
-        }
-        let LedgerEvent::Deposited { amount } = envelope.event;
-        self.total += amount;
-        self.deposits += 1;
-        self.largest = self.largest.max(amount);
-        Ok(())
-    }
-}
-
-/// One row for every ledger, trusting the projection: a double apply shows in its count.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct GrandTotal {
-    sum: u64,
-    events: u64,
-}
-
-impl View<Ledger> for GrandTotal {
-    const TABLE_NAME: &'static str = "grand_total";
-    const VERSION: u64 = 1;
-
-    fn view_id(_envelope: &EventEnvelope<LedgerEvent>) -> Option<String> {
-        Some("all".to_owned())
-    }
-
-    fn handle_event(&mut self, envelope: &EventEnvelope<LedgerEvent>) -> Result<(), LedgerError> {
-        let LedgerEvent::Deposited { amount } = envelope.event;
-        self.sum += amount;
-        self.events += 1;
-        Ok(())
-    }
-}
+use common::ledger::*;
 
 /// A store in a fresh schema, or `None` (and a line saying so) without `CQRS_POSTGRES_URL`.
 async fn store(test: &str) -> Option<PostgresEventRepository> {

@@ -9,31 +9,40 @@
 //! Delivery guarantees, poison events and view version switches are described in
 //! `docs/adr/0005-projections.md` and on [`Projection`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::{stream, StreamExt, TryStreamExt};
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::aggregate::Aggregate;
 use crate::error::{CQRSError, ViewHandlerError};
-use crate::event::PersistableDomainEvent;
+use crate::event::{EventEnvelope, PersistableDomainEvent};
 use crate::store::EventRepository;
 use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
 
 mod poison;
 mod runner;
 
-pub use poison::{DeadLetter, DeadLetters, HandlerRetry, MemoryDeadLetters, PoisonPolicy};
+pub use poison::{
+    DeadLetter, DeadLetterSkip, DeadLetters, HandlerRetry, MemoryDeadLetters, PoisonPolicy,
+};
 pub use runner::{ProjectionHandle, ProjectionStopped};
 
 /// How many times in a row a batch may find its checkpoint moved by another projector before
 /// [`Projection::catch_up`] gives up with [`CQRSError::ViewConflict`].
 const MAX_STALE_IN_A_ROW: u32 = 64;
+
+/// How many view rows a batch loads at once, by default.
+const LOAD_CONCURRENCY: usize = 8;
+
+/// The envelopes of one stored event, each with the id of the view instance it updates.
+type Targets<A> = Vec<(String, EventEnvelope<<A as Aggregate>::Events>)>;
 
 /// Keeps one view up to date from the event store.
 ///
@@ -115,6 +124,7 @@ pub struct Projection<A: Aggregate, V: View<A>> {
     retry: HandlerRetry,
     poll_interval: Duration,
     safety_poll_interval: Duration,
+    load_concurrency: usize,
     dead_letters: Arc<dyn DeadLetters>,
     /// The checkpoint position as far as this projection knows it; dropped with the
     /// projection, which tells a handle's waiters that the runner ended.
@@ -152,6 +162,7 @@ impl<A: Aggregate, V: View<A>> fmt::Debug for Projection<A, V> {
             .field("retry", &self.retry)
             .field("poll_interval", &self.poll_interval)
             .field("safety_poll_interval", &self.safety_poll_interval)
+            .field("load_concurrency", &self.load_concurrency)
             .finish()
     }
 }
@@ -246,6 +257,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
             retry: HandlerRetry::default(),
             poll_interval: Duration::from_millis(100),
             safety_poll_interval: Duration::from_secs(1),
+            load_concurrency: LOAD_CONCURRENCY,
             dead_letters: Arc::new(MemoryDeadLetters::new()),
             progress: watch::channel(0).0,
             shared: Arc::new(Shared {
@@ -320,6 +332,15 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
         self
     }
 
+    /// How many view rows a batch loads at once (default 8, at least 1). A batch decodes
+    /// its events, loads the rows they touch concurrently, then applies the events in order;
+    /// 1 loads them one after the other.
+    #[must_use]
+    pub fn with_load_concurrency(mut self, loads: usize) -> Self {
+        self.load_concurrency = loads.max(1);
+        self
+    }
+
     /// The checkpoint name.
     pub fn name(&self) -> &str {
         &self.name
@@ -354,7 +375,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// [`CQRSError::EventDecode`]. Everything before the failing event is committed; the
     /// checkpoint stays just before it.
     pub async fn catch_up(&self) -> Result<i64, CQRSError> {
-        let position = self.catch_up_until(&mut Stop::never()).await?;
+        let position = self.catch_up_until(&mut Stop::never(), None).await?;
         Ok(position.unwrap_or_default())
     }
 
@@ -392,8 +413,20 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     }
 
     /// Catches up; `None` if stopped first.
-    async fn catch_up_until(&self, stop: &mut Stop) -> Result<Option<i64>, CQRSError> {
-        let mut position = self.views.checkpoint(&self.name).await?;
+    ///
+    /// `known` is the checkpoint as this projection last committed it (a running projection
+    /// passes it to spare a read per wake-up); `None` reads it. A wrong `known` costs only a
+    /// wasted batch: every commit re-reads the checkpoint first and a moved one is a
+    /// [`Applied::Stale`] batch, redone from the stored checkpoint.
+    async fn catch_up_until(
+        &self,
+        stop: &mut Stop,
+        known: Option<i64>,
+    ) -> Result<Option<i64>, CQRSError> {
+        let mut position = match known {
+            Some(position) => position,
+            None => self.views.checkpoint(&self.name).await?,
+        };
         self.publish(position);
         let mut stale = 0;
         loop {
@@ -595,20 +628,29 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
                     return Ok(Applied::Stale);
                 }
                 let letter = DeadLetter::new(&self.name, V::TABLE_NAME, event, &error, failures);
+                // A sink on the view store's database records the letter with the checkpoint
+                // that skips the event, in one transaction: exactly once.
+                let skipped = self.dead_letters.record_and_skip(&letter, from).await?;
+                if skipped != DeadLetterSkip::Unsupported {
+                    let now = self.views.checkpoint(&self.name).await?;
+                    if skipped == DeadLetterSkip::Committed && now >= event.position {
+                        self.log_skipped(event, failures, &error, "exactly once");
+                        self.publish(event.position);
+                        return Ok(Applied::Committed);
+                    }
+                    if now != from {
+                        return Ok(Applied::Stale);
+                    }
+                    tracing::warn!(
+                        projection = %self.name,
+                        "the dead-letter sink does not keep this view store's checkpoints; \
+                         recording the dead letter before the checkpoint instead"
+                    );
+                }
+                // Recorded before the checkpoint moves: at least once, idempotent per
+                // (projection, position).
                 self.dead_letters.record(letter).await?;
-                tracing::error!(
-                    projection = %self.name,
-                    view = V::TABLE_NAME,
-                    aggregate_type = %event.aggregate_type,
-                    aggregate_id = %event.aggregate_id,
-                    sequence = event.sequence,
-                    position = event.position,
-                    event_type = %event.event_type,
-                    event_version = %event.event_version,
-                    attempts = failures,
-                    %error,
-                    "poison event skipped and recorded as a dead letter"
-                );
+                self.log_skipped(event, failures, &error, "at least once");
                 let checkpoint = Checkpoint {
                     name: self.name.clone(),
                     position: event.position,
@@ -623,6 +665,30 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
                 }
             }
         }
+    }
+
+    /// Logs a poison event skipped under [`PoisonPolicy::SkipAndRecord`].
+    fn log_skipped(
+        &self,
+        event: &PersistableDomainEvent,
+        attempts: u32,
+        error: &CQRSError,
+        recorded: &'static str,
+    ) {
+        tracing::error!(
+            projection = %self.name,
+            view = V::TABLE_NAME,
+            aggregate_type = %event.aggregate_type,
+            aggregate_id = %event.aggregate_id,
+            sequence = event.sequence,
+            position = event.position,
+            event_type = %event.event_type,
+            event_version = %event.event_version,
+            attempts,
+            %error,
+            recorded,
+            "poison event skipped and recorded as a dead letter"
+        );
     }
 
     /// Applies `events` (the events right after checkpoint `from`) and commits them with the
@@ -647,45 +713,80 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     }
 
     /// Loads the touched view rows and applies `events` to them, without writing.
+    ///
+    /// The events are decoded first (up to the first one that does not decode) to learn
+    /// which rows they touch; the rows are then loaded concurrently (up to
+    /// [`with_load_concurrency`](Self::with_load_concurrency) at a time), so a batch costs about one load's latency rather than
+    /// one per row, and the events are applied in order.
     async fn apply_in_memory(
         &self,
         events: &[PersistableDomainEvent],
     ) -> Result<Vec<ViewContext<V>>, BatchError> {
-        let mut touched: HashMap<String, ViewContext<V>> = HashMap::new();
+        // Per event of `A` (by index in `events`): the view ids it touches, with its envelopes.
+        let mut decoded: Vec<(usize, Targets<A>)> = Vec::new();
+        let mut undecodable = None;
         let mut order: Vec<String> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
         for (index, stored) in events.iter().enumerate() {
             if stored.aggregate_type != A::NAME {
                 continue;
             }
             // An upcast may turn one stored event into several, or none (then only the
             // checkpoint moves past it).
-            let envelopes = stored
-                .decode_all::<A::Events>()
-                .map_err(|error| BatchError::Poison { index, error })?;
-            for envelope in &envelopes {
-                let Some(view_id) = V::view_id(envelope) else {
-                    continue;
-                };
-                if !touched.contains_key(&view_id) {
-                    let context = self.views.load_for_update(&view_id).await?;
-                    order.push(view_id.clone());
-                    touched.insert(view_id.clone(), context);
+            match stored.decode_all::<A::Events>() {
+                Ok(envelopes) => {
+                    let mut targets = Vec::with_capacity(envelopes.len());
+                    for envelope in envelopes {
+                        let Some(view_id) = V::view_id(&envelope) else {
+                            continue;
+                        };
+                        if seen.insert(view_id.clone()) {
+                            order.push(view_id.clone());
+                        }
+                        targets.push((view_id, envelope));
+                    }
+                    decoded.push((index, targets));
                 }
-                let Some(context) = touched.get_mut(&view_id) else {
+                Err(error) => {
+                    undecodable = Some(BatchError::Poison { index, error });
+                    break;
+                }
+            }
+        }
+        // Boxed futures collected first: a closure held across the await would trip the
+        // compiler's `Send` proof of the spawned runner.
+        let loads: Vec<_> = order
+            .iter()
+            .map(|view_id| self.views.load_for_update(view_id))
+            .collect();
+        let loaded: Vec<ViewContext<V>> = stream::iter(loads)
+            .buffered(self.load_concurrency)
+            .try_collect()
+            .await?;
+        let mut touched: HashMap<&str, ViewContext<V>> =
+            order.iter().map(String::as_str).zip(loaded).collect();
+        for (index, targets) in &decoded {
+            let stored = &events[*index];
+            for (view_id, envelope) in targets {
+                let Some(context) = touched.get_mut(view_id.as_str()) else {
                     continue;
                 };
                 context
                     .view
                     .handle_event(envelope)
                     .map_err(|error| BatchError::Poison {
-                        index,
+                        index: *index,
                         error: ViewHandlerError::for_event(V::TABLE_NAME, stored, error),
                     })?;
             }
         }
+        // An event that does not decode fails after the events before it applied cleanly.
+        if let Some(poison) = undecodable {
+            return Err(poison);
+        }
         Ok(order
-            .into_iter()
-            .filter_map(|id| touched.remove(&id))
+            .iter()
+            .filter_map(|id| touched.remove(id.as_str()))
             .collect())
     }
 

@@ -141,12 +141,30 @@ impl DeadLetter {
     }
 }
 
+/// What [`DeadLetters::record_and_skip`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterSkip {
+    /// The dead letter is recorded and the checkpoint moved past the event, in one
+    /// transaction: exactly once.
+    Committed,
+    /// The checkpoint was no longer where the projection left it (another projector moved
+    /// it): nothing was written.
+    Stale,
+    /// The sink cannot move checkpoints (the provided implementation): the projection
+    /// [`record`](DeadLetters::record)s the letter, then commits the checkpoint through its
+    /// view store (at least once).
+    Unsupported,
+}
+
 /// Where skipped poison events are recorded, for a person (or a tool) to read and repair.
 ///
-/// A projection records a dead letter *before* it commits the checkpoint past the event, so
-/// a crash in between records it again on restart: [`record`](DeadLetters::record) must be
-/// idempotent per (projection, position). A SQL store can make it exactly once by writing
-/// the dead letter in the transaction of the checkpoint.
+/// A projection first offers the letter to [`record_and_skip`](DeadLetters::record_and_skip):
+/// a sink on the store that keeps the view's checkpoint (the SQL sinks
+/// `SqliteDeadLetters` and `PostgresDeadLetters`) writes the letter and the checkpoint past
+/// the event in one transaction, exactly once. Any other sink records the dead letter
+/// *before* the projection commits the checkpoint past the event, so a crash in between
+/// records it again on restart: [`record`](DeadLetters::record) must be idempotent per
+/// (projection, position).
 #[async_trait]
 pub trait DeadLetters: Send + Sync {
     /// Records a dead letter; a second record of the same (projection, position) replaces
@@ -162,6 +180,27 @@ pub trait DeadLetters: Send + Sync {
     /// # Errors
     /// [`CQRSError::PersistenceError`].
     async fn list(&self, projection: &str) -> Result<Vec<DeadLetter>, CQRSError>;
+
+    /// Records `letter` and, in the same transaction, moves the checkpoint named
+    /// `letter.projection` from `from` to `letter.position` (just past the poison event),
+    /// only if it is still at `from`.
+    ///
+    /// Only a sink on the store (file, schema) whose checkpoints the projection's view
+    /// store commits may do this; the projection checks the view store's checkpoint
+    /// afterwards and falls back to [`record`](DeadLetters::record) plus its own commit when
+    /// the two disagree. The provided implementation writes nothing and returns
+    /// [`DeadLetterSkip::Unsupported`].
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`]; nothing is written then.
+    async fn record_and_skip(
+        &self,
+        letter: &DeadLetter,
+        from: i64,
+    ) -> Result<DeadLetterSkip, CQRSError> {
+        let _ = (letter, from);
+        Ok(DeadLetterSkip::Unsupported)
+    }
 }
 
 #[async_trait]
@@ -171,6 +210,13 @@ impl<T: DeadLetters + ?Sized> DeadLetters for Arc<T> {
     }
     async fn list(&self, projection: &str) -> Result<Vec<DeadLetter>, CQRSError> {
         (**self).list(projection).await
+    }
+    async fn record_and_skip(
+        &self,
+        letter: &DeadLetter,
+        from: i64,
+    ) -> Result<DeadLetterSkip, CQRSError> {
+        (**self).record_and_skip(letter, from).await
     }
 }
 

@@ -139,6 +139,8 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     async fn follow(&self, stop: &mut Stop) -> Result<(), CQRSError> {
         let mut changes = self.events.subscribe();
         let mut failures: u32 = 0;
+        // The checkpoint as this runner last committed it; `None` after an error.
+        let mut known = None;
         loop {
             if stop.is_stopped() {
                 return Ok(());
@@ -148,10 +150,14 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
             if let Some(rx) = changes.as_mut() {
                 rx.borrow_and_update();
             }
-            match self.catch_up_until(stop).await {
-                Ok(Some(_)) => failures = 0,
+            match self.catch_up_until(stop, known).await {
+                Ok(Some(position)) => {
+                    failures = 0;
+                    known = Some(position);
+                }
                 Ok(None) => return Ok(()),
                 Err(error) if is_transient(&error) => {
+                    known = None;
                     failures = failures.saturating_add(1);
                     let wait = store_backoff(failures);
                     tracing::warn!(%error, retry_in = ?wait, "projection failed; retrying");
@@ -197,8 +203,8 @@ fn store_backoff(failures: u32) -> Duration {
 
 /// The projection stopped before it reached the position a caller waits for.
 ///
-/// [`ProjectionHandle::wait_for`] returns it wrapped in [`CQRSError::PersistenceError`];
-/// the runner's own error is [`ProjectionHandle::last_error`] or [`ProjectionHandle::wait`].
+/// [`ProjectionHandle::wait_for`] returns it as [`CQRSError::ProjectionStopped`]; the
+/// runner's own error is [`ProjectionHandle::last_error`] or [`ProjectionHandle::wait`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("projection {projection} stopped at position {reached} before reaching {wanted}")]
 pub struct ProjectionStopped {
@@ -254,8 +260,8 @@ impl ProjectionHandle {
     /// most `timeout`. It reads nothing from the store: the runner reports its progress.
     ///
     /// # Errors
-    /// [`CQRSError::Timeout`]; [`CQRSError::PersistenceError`] around
-    /// [`ProjectionStopped`] when the runner ended before reaching `position`.
+    /// [`CQRSError::Timeout`]; [`CQRSError::ProjectionStopped`] when the runner ended
+    /// before reaching `position`.
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> Result<i64, CQRSError> {
         let mut progress = self.position.clone();
         let reached = tokio::time::timeout(timeout, async {
@@ -267,7 +273,7 @@ impl ProjectionHandle {
         .await
         .map_err(|_| CQRSError::Timeout(timeout))?;
         reached.map_err(|_| {
-            CQRSError::persistence(ProjectionStopped {
+            CQRSError::ProjectionStopped(ProjectionStopped {
                 projection: self.name.clone(),
                 reached: self.position(),
                 wanted: position,

@@ -1,0 +1,3 @@
+//! Test support shared by several suites in this folder.
+
+pub mod ledger;

@@ -1,0 +1,378 @@
+//! Durable dead letters on the SQL stores: under `PoisonPolicy::SkipAndRecord` a poison
+//! event ends up in `cqrs_dead_letters` naming the projection, view, aggregate and sequence,
+//! the view skips it and goes on, and a restart (even one that re-meets the poison event)
+//! does not duplicate the record.
+//!
+//! SQLite always; PostgreSQL when `CQRS_POSTGRES_URL` is set (e.g.
+//! `postgres://postgres@127.0.0.1:5432/test`), each test in its own schema.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::Utc;
+use cqrs::projection::{DeadLetter, DeadLetterSkip, DeadLetters, HandlerRetry};
+use cqrs::store::postgres::sqlx::postgres::PgPoolOptions;
+use cqrs::store::postgres::sqlx::Executor;
+use cqrs::store::postgres::PostgresDeadLetters;
+use cqrs::store::sqlite::SqliteDeadLetters;
+use cqrs::{
+    CQRSFramework, Checkpoint, CheckpointRepository, EventEnvelope, EventRepository, PoisonPolicy,
+    PostgresEventRepository, PostgresViewRepository, Projection, SqliteEventRepository, View,
+    ViewRepository,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+mod common;
+
+use common::ledger::{Ledger, LedgerError, LedgerEvent};
+
+const URL_VAR: &str = "CQRS_POSTGRES_URL";
+const POISON: u64 = 13;
+
+/// Sums a ledger's deposits; refuses the amount 13 (the poison event).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Balance {
+    sum: u64,
+    deposits: u64,
+}
+
+impl View<Ledger> for Balance {
+    const TABLE_NAME: &'static str = "dl_balances";
+    const VERSION: u64 = 1;
+
+    fn handle_event(&mut self, envelope: &EventEnvelope<LedgerEvent>) -> Result<(), LedgerError> {
+        let LedgerEvent::Deposited { amount } = envelope.event;
+        if amount == POISON {
+            return Err(LedgerError::Unlucky(amount));
+        }
+        self.sum += amount;
+        self.deposits += 1;
+        Ok(())
+    }
+}
+
+/// One back end: its event store, views, dead-letter sink, and raw access for the checks.
+trait Backend {
+    type Store: EventRepository + CheckpointRepository + Clone + 'static;
+    type Views: ViewRepository<Ledger, Balance> + Clone + 'static;
+    type Sink: DeadLetters + Clone + 'static;
+
+    fn store(&self) -> Self::Store;
+    fn views(&self) -> Self::Views;
+    fn sink(&self) -> Self::Sink;
+    /// Rows in `cqrs_dead_letters`, all projections.
+    async fn rows(&self) -> i64;
+}
+
+struct Sqlite {
+    path: PathBuf,
+    store: SqliteEventRepository,
+}
+
+impl Sqlite {
+    async fn new() -> Self {
+        let path =
+            std::env::temp_dir().join(format!("cqrs-dead-letters-{}.sqlite", Uuid::new_v4()));
+        let store = SqliteEventRepository::open(&path).await.unwrap();
+        Sqlite { path, store }
+    }
+}
+
+impl Drop for Sqlite {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+        }
+    }
+}
+
+impl Backend for Sqlite {
+    type Store = SqliteEventRepository;
+    type Views = cqrs::SqliteViewRepository<Balance>;
+    type Sink = SqliteDeadLetters;
+
+    fn store(&self) -> Self::Store {
+        self.store.clone()
+    }
+    fn views(&self) -> Self::Views {
+        self.store.views()
+    }
+    fn sink(&self) -> Self::Sink {
+        SqliteDeadLetters::new(&self.store)
+    }
+    async fn rows(&self) -> i64 {
+        cqrs::store::sqlite::sqlx::query_scalar("SELECT count(*) FROM cqrs_dead_letters")
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap()
+    }
+}
+
+struct Postgres {
+    store: PostgresEventRepository,
+}
+
+impl Postgres {
+    /// A store in a fresh schema, or `None` (and a line saying so) without the variable.
+    async fn new() -> Option<Self> {
+        let url = cqrs_tests::server_url(
+            URL_VAR,
+            "postgres dead letters",
+            "postgres://postgres@127.0.0.1:5432/test",
+        )?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{URL_VAR} is set but the server is unreachable: {e}"));
+        let schema = format!("dl_{}", Uuid::new_v4().simple());
+        let store = PostgresEventRepository::from_pool(pool)
+            .with_schema(&schema)
+            .unwrap();
+        store.migrate().await.unwrap();
+        Some(Postgres { store })
+    }
+
+    async fn drop_schema(self) {
+        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.store.schema());
+        if let Err(error) = self.store.pool().execute(sql.as_str()).await {
+            eprintln!("could not drop schema {}: {error}", self.store.schema());
+        }
+        self.store.pool().close().await;
+    }
+}
+
+impl Backend for Postgres {
+    type Store = PostgresEventRepository;
+    type Views = PostgresViewRepository<Balance>;
+    type Sink = PostgresDeadLetters;
+
+    fn store(&self) -> Self::Store {
+        self.store.clone()
+    }
+    fn views(&self) -> Self::Views {
+        PostgresViewRepository::new(&self.store)
+    }
+    fn sink(&self) -> Self::Sink {
+        PostgresDeadLetters::new(&self.store)
+    }
+    async fn rows(&self) -> i64 {
+        let sql = format!(
+            "SELECT count(*) FROM \"{}\".cqrs_dead_letters",
+            self.store.schema()
+        );
+        cqrs::store::postgres::sqlx::query_scalar(&sql)
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap()
+    }
+}
+
+fn projection<B: Backend>(backend: &B) -> Projection<Ledger, Balance> {
+    Projection::new(backend.store(), backend.views())
+        .with_poison_policy(PoisonPolicy::SkipAndRecord)
+        .with_handler_retry(HandlerRetry::none())
+        .with_dead_letters(backend.sink())
+}
+
+async fn balance<B: Backend>(backend: &B, id: Uuid) -> Option<Balance> {
+    backend.views().load(&id.to_string()).await.unwrap()
+}
+
+/// The poison event is recorded with everything that names it, skipped, and recorded once
+/// however often the projection restarts, even when a restart meets it again.
+async fn poison_event_is_recorded_once<B: Backend>(backend: &B) {
+    let framework = CQRSFramework::<Ledger>::new(backend.store());
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    framework.dispatch(a, vec![1, 2]).await.unwrap(); // positions 1, 2
+    let poison = framework.dispatch(a, vec![POISON]).await.unwrap(); // position 3
+    let poison_position = poison.last_position().unwrap();
+
+    let first = projection(backend);
+    let name = first.name().to_owned();
+    assert_eq!(first.catch_up().await.unwrap(), poison_position);
+    assert_eq!(
+        balance(backend, a).await,
+        Some(Balance {
+            sum: 3,
+            deposits: 2
+        }),
+        "the view skipped the poison event and kept the others"
+    );
+
+    let letters = first.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.projection, name);
+    assert_eq!(letter.view, "dl_balances");
+    assert_eq!(letter.aggregate_type, "ledger");
+    assert_eq!(letter.aggregate_id, a);
+    assert_eq!(letter.sequence, 3);
+    assert_eq!(letter.position, poison_position);
+    assert_eq!(letter.event_type, "Deposited");
+    assert_eq!(letter.event_version, "1");
+    assert_eq!(letter.attempts, 1);
+    assert!(
+        letter.error.contains("unlucky amount 13"),
+        "{}",
+        letter.error
+    );
+    assert!(letter.error.contains("dl_balances"), "{}", letter.error);
+    assert_eq!(backend.rows().await, 1);
+    drop(first);
+
+    // A restart after the skip: nothing to do, nothing recorded again.
+    let second = projection(backend);
+    assert_eq!(second.catch_up().await.unwrap(), poison_position);
+    assert_eq!(backend.rows().await, 1);
+
+    // A restart that meets the poison event again (its checkpoint put back before it, as
+    // after a crash between a record and its checkpoint): still one record.
+    backend
+        .store()
+        .save_checkpoint(Checkpoint {
+            name: name.clone(),
+            position: poison_position - 1,
+        })
+        .await
+        .unwrap();
+    let third = projection(backend);
+    assert_eq!(third.catch_up().await.unwrap(), poison_position);
+    assert_eq!(backend.rows().await, 1);
+    assert_eq!(third.dead_letters().await.unwrap().len(), 1);
+    assert_eq!(balance(backend, a).await.unwrap().sum, 3);
+
+    // The view goes on past it.
+    let after = framework.dispatch(b, vec![5]).await.unwrap();
+    assert_eq!(
+        third.catch_up().await.unwrap(),
+        after.last_position().unwrap()
+    );
+    assert_eq!(
+        balance(backend, b).await,
+        Some(Balance {
+            sum: 5,
+            deposits: 1
+        })
+    );
+    assert_eq!(backend.rows().await, 1);
+}
+
+/// The sink on its own: a second record of a (projection, position) replaces the first,
+/// and `record_and_skip` writes nothing when the checkpoint is not where it is told.
+async fn sink_is_idempotent_and_checks_the_checkpoint<B: Backend>(backend: &B) {
+    let sink = backend.sink();
+    let letter = DeadLetter {
+        projection: "p_v1".to_owned(),
+        view: "p".to_owned(),
+        event_id: Uuid::new_v4(),
+        aggregate_type: "ledger".to_owned(),
+        aggregate_id: Uuid::new_v4(),
+        sequence: 4,
+        position: 10,
+        event_type: "Deposited".to_owned(),
+        event_version: "1".to_owned(),
+        error: "it's got a 'quote' and a \"double\" one".to_owned(),
+        attempts: 3,
+        recorded_at: Utc::now(),
+    };
+    sink.record(letter.clone()).await.unwrap();
+    let again = DeadLetter {
+        attempts: 5,
+        ..letter.clone()
+    };
+    sink.record(again.clone()).await.unwrap();
+    let listed = sink.list("p_v1").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].attempts, 5);
+    assert_eq!(listed[0].error, letter.error);
+    assert_eq!(
+        listed[0].recorded_at.timestamp_micros(),
+        letter.recorded_at.timestamp_micros()
+    );
+    assert!(sink.list("other_v1").await.unwrap().is_empty());
+
+    // The checkpoint `p_v1` does not exist; from 7 it is stale: nothing written.
+    let later = DeadLetter {
+        position: 20,
+        ..letter.clone()
+    };
+    assert_eq!(
+        sink.record_and_skip(&later, 7).await.unwrap(),
+        DeadLetterSkip::Stale
+    );
+    assert_eq!(backend.rows().await, 1);
+    // From 0 it creates the checkpoint and the record together.
+    assert_eq!(
+        sink.record_and_skip(&later, 0).await.unwrap(),
+        DeadLetterSkip::Committed
+    );
+    assert_eq!(backend.store().load_checkpoint("p_v1").await.unwrap(), 20);
+    assert_eq!(sink.list("p_v1").await.unwrap().len(), 2);
+    // Once moved, the same skip is stale.
+    assert_eq!(
+        sink.record_and_skip(&later, 0).await.unwrap(),
+        DeadLetterSkip::Stale
+    );
+    assert_eq!(backend.rows().await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_poison_event_is_recorded_once() {
+    poison_event_is_recorded_once(&Sqlite::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_sink_is_idempotent_and_checks_the_checkpoint() {
+    sink_is_idempotent_and_checks_the_checkpoint(&Sqlite::new().await).await;
+}
+
+/// A sink on another file than the views: the projection notices that the sink did not
+/// move the view's checkpoint and records the letter before committing the checkpoint
+/// itself (at least once), still skipping the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_sink_on_another_file_falls_back_to_at_least_once() {
+    let (views, elsewhere) = (Sqlite::new().await, Sqlite::new().await);
+    let framework = CQRSFramework::<Ledger>::new(views.store());
+    let a = Uuid::new_v4();
+    let poison = framework.dispatch(a, vec![1, POISON, 2]).await.unwrap();
+    let projection = Projection::<Ledger, Balance>::new(views.store(), views.views())
+        .with_poison_policy(PoisonPolicy::SkipAndRecord)
+        .with_handler_retry(HandlerRetry::none())
+        .with_dead_letters(elsewhere.sink());
+    assert_eq!(
+        projection.catch_up().await.unwrap(),
+        poison.last_position().unwrap()
+    );
+    assert_eq!(
+        balance(&views, a).await,
+        Some(Balance {
+            sum: 3,
+            deposits: 2
+        })
+    );
+    let letters = projection.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].sequence, 2);
+    assert_eq!(elsewhere.rows().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_poison_event_is_recorded_once() {
+    let Some(backend) = Postgres::new().await else {
+        return;
+    };
+    poison_event_is_recorded_once(&backend).await;
+    backend.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sink_is_idempotent_and_checks_the_checkpoint() {
+    let Some(backend) = Postgres::new().await else {
+        return;
+    };
+    sink_is_idempotent_and_checks_the_checkpoint(&backend).await;
+    backend.drop_schema().await;
+}
