@@ -103,7 +103,9 @@ use uuid::Uuid;
 use crate::aggregate::Aggregate;
 use crate::error::{CQRSError, ViewHandlerError};
 use crate::event::PersistableDomainEvent;
-use crate::projection::{DeadLetter, DeadLetters, MemoryDeadLetters, PoisonPolicy, Projection};
+use crate::projection::{
+    DeadLetter, DeadLetters, HandlerRetry, MemoryDeadLetters, PoisonPolicy, Projection,
+};
 use crate::store::{CheckpointRepository, EventRepository};
 use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
 
@@ -676,6 +678,7 @@ pub struct NatsProjection<A: Aggregate, V: View<A>> {
     ack_wait: Duration,
     fetch_wait: Duration,
     policy: PoisonPolicy,
+    retry: HandlerRetry,
     dead_letters: Arc<dyn DeadLetters>,
     consumer: tokio::sync::Mutex<Option<ConsumerState>>,
     undecodable: Arc<Mutex<Vec<UndecodableMessage>>>,
@@ -690,6 +693,7 @@ impl<A: Aggregate, V: View<A>> fmt::Debug for NatsProjection<A, V> {
             .field("stream", &self.stream)
             .field("batch_size", &self.batch_size)
             .field("policy", &self.policy)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -739,6 +743,7 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
             ack_wait: Duration::from_secs(30),
             fetch_wait: Duration::from_millis(500),
             policy: PoisonPolicy::Stop,
+            retry: HandlerRetry::default(),
             dead_letters: Arc::new(MemoryDeadLetters::new()),
             consumer: tokio::sync::Mutex::new(None),
             undecodable: Arc::new(Mutex::new(Vec::new())),
@@ -771,6 +776,18 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
     #[must_use]
     pub fn with_poison_policy(mut self, policy: PoisonPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// How often a view handler that fails is tried again before the [`PoisonPolicy`]
+    /// applies (default [`HandlerRetry::default`]: 3 tries, 100 ms then 200 ms), as for
+    /// [`Projection::with_handler_retry`]. Keep the total wait well under the ack wait.
+    #[must_use]
+    pub fn with_handler_retry(mut self, retry: HandlerRetry) -> Self {
+        self.retry = HandlerRetry {
+            attempts: retry.attempts.max(1),
+            ..retry
+        };
         self
     }
 
@@ -1066,7 +1083,23 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
                 continue;
             }
             if event.aggregate_type == A::NAME {
-                if let Err(error) = self.apply_event(&event, &mut touched, &mut order).await {
+                let mut result = self.apply_event(&event, &mut touched, &mut order).await;
+                let mut failures = 1;
+                while failures < self.retry.attempts {
+                    let Err(error) = &result else { break };
+                    if !is_poison(error) {
+                        break;
+                    }
+                    let wait = self.retry.backoff(failures);
+                    tracing::warn!(
+                        projection = %self.name, position = event.position, attempt = failures,
+                        retry_in = ?wait, %error, "view handler failed; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                    result = self.apply_event(&event, &mut touched, &mut order).await;
+                    failures += 1;
+                }
+                if let Err(error) = result {
                     if !is_poison(&error) {
                         failure = Some(error);
                         handled -= 1;
@@ -1079,7 +1112,8 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
                     if self.policy == PoisonPolicy::SkipAndRecord {
                         // Recorded before the checkpoint moves past it (the sink is
                         // idempotent per position), terminated after the commit below.
-                        let letter = DeadLetter::new(&self.name, V::TABLE_NAME, &event, &error, 1);
+                        let letter =
+                            DeadLetter::new(&self.name, V::TABLE_NAME, &event, &error, failures);
                         if let Err(sink_error) = self.dead_letters.record(letter).await {
                             failure = Some(sink_error);
                             handled -= 1;
@@ -1137,7 +1171,10 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
         touched: &mut HashMap<String, ViewContext<V>>,
         order: &mut Vec<String>,
     ) -> Result<(), CQRSError> {
-        // An upcast may turn one stored event into several, or none.
+        // An upcast may turn one stored event into several, or none. All of them apply to
+        // copies, written back only when every one succeeded: a refused event leaves every
+        // view as it was, so it can be tried again or skipped.
+        let mut updated: Vec<(String, V)> = Vec::new();
         for envelope in stored.decode_all::<A::Events>()? {
             let Some(view_id) = V::view_id(&envelope) else {
                 continue;
@@ -1147,14 +1184,22 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
                 order.push(view_id.clone());
                 touched.insert(view_id.clone(), context);
             }
-            let Some(context) = touched.get_mut(&view_id) else {
+            let current = match updated.iter().rposition(|(id, _)| *id == view_id) {
+                Some(index) => Some(&updated[index].1),
+                None => touched.get(&view_id).map(|context| &context.view),
+            };
+            let Some(current) = current else {
                 continue;
             };
-            // Apply to a copy: a refused event must leave the view as it was.
-            let mut view = context.view.clone();
+            let mut view = current.clone();
             view.handle_event(&envelope)
                 .map_err(|error| ViewHandlerError::for_event(V::TABLE_NAME, stored, error))?;
-            context.view = view;
+            updated.push((view_id, view));
+        }
+        for (view_id, view) in updated {
+            if let Some(context) = touched.get_mut(&view_id) {
+                context.view = view;
+            }
         }
         Ok(())
     }

@@ -26,7 +26,8 @@ use cqrs::store::sqlite::{Durability, SqliteOptions};
 use cqrs::{
     Aggregate, CQRSError, Checkpoint, CheckpointRepository, DomainEvent, EventEnvelope,
     EventRepository, MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository,
-    PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View, ViewContext, ViewRepository,
+    HandlerRetry, PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View, ViewContext,
+    ViewRepository,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -742,6 +743,97 @@ async fn projection_never_silently_drops_a_message_it_cannot_apply() {
     let view = load_views(&views, &[id]).await;
     assert_eq!(view[&id.to_string()].events, 5);
     assert_eq!(view[&id.to_string()].last_position, 6);
+}
+
+/// Failures left before the flaky view accepts the event at position 2.
+static FLAKY_FAILURES_LEFT: AtomicUsize = AtomicUsize::new(0);
+
+/// A view whose handler fails for the event at position 2 while `FLAKY_FAILURES_LEFT` is
+/// above zero (a dependency that is briefly down), and counts the events it applied.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Flaky {
+    applied: Vec<i64>,
+}
+
+impl View<Ledger> for Flaky {
+    const TABLE_NAME: &'static str = "nats_flaky";
+    const VERSION: u64 = 1;
+
+    fn handle_event(&mut self, envelope: &EventEnvelope<LedgerEvent>) -> Result<(), LedgerError> {
+        if envelope.position == 2
+            && FLAKY_FAILURES_LEFT
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(LedgerError::OutOfOrder {
+                last: 0,
+                got: envelope.position,
+            });
+        }
+        self.applied.push(envelope.position);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_retries_a_failing_handler_before_the_poison_policy() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let store = MemoryEventRepository::new();
+    let id = Uuid::new_v4();
+    store.append(ledger_events(id, 1, 3)).await.unwrap();
+    let relay = NatsRelay::new(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        jetstream.clone(),
+        test.config.clone(),
+    );
+    relay.ensure_stream().await.unwrap();
+    relay.catch_up().await.unwrap();
+    let retry = HandlerRetry {
+        attempts: 3,
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+    };
+
+    // Two failures, three tries: the third try applies it, nothing is skipped, and the
+    // view holds every event once, in order.
+    FLAKY_FAILURES_LEFT.store(2, Ordering::SeqCst);
+    let views = MemoryViewRepository::<Flaky>::new();
+    let projection = NatsProjection::<Ledger, Flaky>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(format!("flaky_{}", Uuid::new_v4().simple()))
+    .with_handler_retry(retry);
+    assert_eq!(projection.catch_up().await.unwrap(), 3);
+    assert!(projection.dead_letters().await.unwrap().is_empty());
+    let view = ViewRepository::<Ledger, Flaky>::load(&views, &id.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.applied, vec![1, 2, 3]);
+    assert_eq!(FLAKY_FAILURES_LEFT.load(Ordering::SeqCst), 0);
+
+    // Three failures, three tries: the policy (Stop) applies, with the event named.
+    FLAKY_FAILURES_LEFT.store(3, Ordering::SeqCst);
+    let views = MemoryViewRepository::<Flaky>::new();
+    let projection = NatsProjection::<Ledger, Flaky>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(format!("flaky_{}", Uuid::new_v4().simple()))
+    .with_handler_retry(retry);
+    let error = projection.catch_up().await.unwrap_err();
+    let CQRSError::ViewHandler(handler) = &error else {
+        panic!("expected a view handler error, got {error:?}");
+    };
+    assert_eq!((handler.aggregate_id, handler.sequence), (id, 2));
+    assert_eq!(projection.position().await.unwrap(), 1);
+    assert_eq!(FLAKY_FAILURES_LEFT.load(Ordering::SeqCst), 0, "tried exactly 3 times");
 }
 
 // ---------------------------------------------------------------------------------------
