@@ -40,18 +40,18 @@ pub fn draw(
             RGBColor(214, 39, 40),
         ),
         (
-            "ours, plain replay",
-            &latency.ours_plain,
+            "ours, without_state_cache (full replay)",
+            &latency.ours_no_cache,
             RGBColor(31, 119, 180),
         ),
         (
-            "ours, snapshots every 100",
+            "ours, no cache, snapshots every 100",
             &latency.ours_snapshots,
             RGBColor(255, 127, 14),
         ),
         (
-            "ours, state cache",
-            &latency.ours_cache,
+            "ours, default (state cache)",
+            &latency.ours_default,
             RGBColor(44, 160, 44),
         ),
     ];

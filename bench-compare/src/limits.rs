@@ -146,7 +146,7 @@ async fn sqlite_ours(
     let path = temp_file("ours");
     let store = SqliteEventRepository::connect(&path.display().to_string(), options).await?;
     store.migrate().await?;
-    let mut framework = CQRSFramework::<BankAccount>::new(store.clone());
+    let mut framework = CQRSFramework::<BankAccount>::new(store.clone()).without_state_cache();
     if cache {
         framework = framework.with_state_cache(total);
     }
@@ -274,7 +274,7 @@ async fn postgres_ours(url: &str, schema: &str, concurrency: usize, cache: bool)
     let pool = pg_pool(url, concurrency).await?;
     let store = PostgresEventRepository::from_pool(pool.clone()).with_schema(schema)?;
     store.migrate().await?;
-    let mut framework = CQRSFramework::<BankAccount>::new(store.clone());
+    let mut framework = CQRSFramework::<BankAccount>::new(store.clone()).without_state_cache();
     if cache {
         framework = framework.with_state_cache(POSTGRES_COMMANDS);
     }
@@ -318,7 +318,8 @@ pub async fn postgres(url: &str, runs: usize, levels: &[usize]) -> BoxResult<Vec
 }
 
 /// Where a durable dispatch's time goes: `append` alone, `load_events` alone, `dispatch`,
-/// one producer, against one plain single-row commit (`BENCH_PROFILE=sqlite`).
+/// one producer, against one plain single-row commit; then the SQLite limits of the full
+/// run alone, with their ratios (`BENCH_PROFILE=sqlite`).
 pub async fn sqlite_parts() -> BoxResult<()> {
     use cqrs::EventRepository;
     const N: usize = 200;
@@ -372,25 +373,50 @@ pub async fn sqlite_parts() -> BoxResult<()> {
     drop(store);
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     remove_sqlite(&path);
+    // The 8-producer comparison of the full run, alone (BENCH_LIMIT_RUNS runs, default 3).
+    let runs = std::env::var("BENCH_LIMIT_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&v: &usize| v > 0)
+        .unwrap_or(3);
+    let s = sqlite(runs).await?;
+    report!("sqlite limits, median of {runs}, events/s:");
+    report!(
+        "  plain 8/txn {:.0}, 512/txn {:.0}, 1/txn {:.0}",
+        s.plain_batch8,
+        s.plain_batch512,
+        s.plain_batch1
+    );
+    report!(
+        "  ours 8 producers {:.0}, cache {:.0}, 8 readers {:.0}, 1 producer {:.0}",
+        s.ours_8,
+        s.ours_8_cache,
+        s.ours_8_readers_8,
+        s.ours_1
+    );
+    for (name, ratio) in [
+        ("8_producers_vs_plain_8_per_txn", s.ours_8 / s.plain_batch8),
+        (
+            "8_producers_cache_vs_plain_8_per_txn",
+            s.ours_8_cache / s.plain_batch8,
+        ),
+        (
+            "8_producers_8_readers_vs_plain_8_per_txn",
+            s.ours_8_readers_8 / s.plain_batch8,
+        ),
+        ("1_producer_vs_plain_1_per_txn", s.ours_1 / s.plain_batch1),
+    ] {
+        report!("ratio sqlite_{name} {ratio:.2}");
+    }
     Ok(())
 }
 
-/// Where a PostgreSQL dispatch's time goes at `concurrency` (`BENCH_PROFILE=postgres`):
-/// plain single-row INSERTs, our `append` alone (one event per call, no read), and
-/// `dispatch` (read + decide + append), each on a fresh schema.
-pub async fn postgres_parts(url: &str, concurrency: usize) -> BoxResult<()> {
+/// `append` alone: `concurrency` tasks on a pool of as many connections, one event per call
+/// (open + 9 deposits per aggregate, no read); events/s.
+async fn postgres_append(url: &str, schema: &str, concurrency: usize) -> BoxResult<f64> {
     use cqrs::EventRepository;
-    let tag = Uuid::new_v4().simple().to_string();
-    let (s_plain, s_append, s_dispatch) = (
-        format!("bench_pplain_{tag}"),
-        format!("bench_pappend_{tag}"),
-        format!("bench_pdispatch_{tag}"),
-    );
-    let plain = postgres_plain(url, &s_plain, concurrency).await?;
-    report!("postgres plain INSERT, {concurrency} tasks:  {plain:>8.0} /s");
-
     let pool = pg_pool(url, concurrency).await?;
-    let store = PostgresEventRepository::from_pool(pool.clone()).with_schema(&s_append)?;
+    let store = PostgresEventRepository::from_pool(pool.clone()).with_schema(schema)?;
     store.migrate().await?;
     let per_task = POSTGRES_COMMANDS / concurrency;
     let start = Instant::now();
@@ -419,15 +445,181 @@ pub async fn postgres_parts(url: &str, concurrency: usize) -> BoxResult<()> {
     for task in tasks {
         task.await??;
     }
-    let append = (per_task * concurrency) as f64 / start.elapsed().as_secs_f64();
-    report!("ours append alone, {concurrency} tasks:      {append:>8.0} /s");
+    let rate = (per_task * concurrency) as f64 / start.elapsed().as_secs_f64();
     drop(store);
     pool.close().await;
+    Ok(rate)
+}
 
-    let dispatch = postgres_ours(url, &s_dispatch, concurrency, false).await?;
-    report!("ours dispatch, {concurrency} tasks:          {dispatch:>8.0} /s");
+/// `read_all` catching up through 10,000 events (1,000 accounts of 10, one append each) in
+/// pages of 500, as a projection does (`BENCH_PG_PARTS=catch_up`): events/s of each of
+/// `BENCH_LIMIT_RUNS` (default 5) full reads, and their median.
+pub async fn postgres_catch_up(url: &str) -> BoxResult<()> {
+    use cqrs::EventRepository;
+    const ACCOUNTS: usize = 1_000;
+    const PER_ACCOUNT: i64 = 10;
+    const PAGE: usize = 500;
+    let runs = std::env::var("BENCH_LIMIT_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&v: &usize| v > 0)
+        .unwrap_or(5);
+    let schema = format!("bench_pcatchup_{}", Uuid::new_v4().simple());
+    let pool = pg_pool(url, 8).await?;
+    let store = PostgresEventRepository::from_pool(pool.clone()).with_schema(&schema)?;
+    store.migrate().await?;
+    for _ in 0..ACCOUNTS {
+        let id = Uuid::new_v4();
+        let mut events = Vec::with_capacity(PER_ACCOUNT as usize);
+        for sequence in 1..=PER_ACCOUNT {
+            let event = if sequence == 1 {
+                cqrs_examples::bank::BankEvent::Opened {
+                    owner: "alice".to_owned(),
+                }
+            } else {
+                cqrs_examples::bank::BankEvent::deposited(100)
+            };
+            events.push(cqrs::PersistableDomainEvent::new(
+                "bank_account",
+                id,
+                sequence,
+                &event,
+                serde_json::Value::Null,
+            )?);
+        }
+        store.append(events).await?;
+    }
+    let total = ACCOUNTS * PER_ACCOUNT as usize;
+    let mut rates = Vec::with_capacity(runs);
+    // CPU time (clock ticks) of this process and of the database's backends, for the split.
+    let backends: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+         AND backend_type = 'client backend'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let ticks = |pid: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+                Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0)
+    };
+    let cpu = || {
+        let server: u64 = backends.iter().map(|pid| ticks(&pid.to_string())).sum();
+        (ticks("self"), server)
+    };
+    let (client_before, server_before) = cpu();
+    for run in 0..runs {
+        // A fresh handle each time: no settled watermark carried over.
+        let reader = PostgresEventRepository::from_pool(pool.clone()).with_schema(&schema)?;
+        let start = Instant::now();
+        let (mut after, mut read) = (0, 0);
+        loop {
+            let page = reader.read_all(after, PAGE).await?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = last.position;
+            read += page.len();
+        }
+        let rate = read as f64 / start.elapsed().as_secs_f64();
+        if read != total {
+            return Err(format!("catch-up read {read} of {total} events").into());
+        }
+        report!("postgres catch_up, run {run}: {rate:>9.0} events/s");
+        rates.push(rate);
+    }
+    let (client_after, server_after) = cpu();
+    let per_event = |ticks: u64| ticks as f64 * 1e4 / (runs * total) as f64;
+    report!(
+        "postgres catch_up: {:>9.0} events/s (median of {runs}); CPU per event: this process {:.2} us, backends {:.2} us",
+        median(&mut rates),
+        per_event(client_after.saturating_sub(client_before)),
+        per_event(server_after.saturating_sub(server_before))
+    );
+    drop(store);
+    sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// Where a PostgreSQL dispatch's time goes at `concurrency` (`BENCH_PROFILE=postgres`), in
+/// `BENCH_LIMIT_RUNS` (default 5) interleaved rounds, each measurement on a fresh schema:
+/// plain single-row INSERTs, our `append` alone (one event per call, no read), `dispatch`
+/// (read + decide + append) and `dispatch` with the state cache. Prints each round, then
+/// the medians and the medians of the per-round ratios against the plain INSERTs.
+pub async fn postgres_parts(url: &str, concurrency: usize) -> BoxResult<()> {
+    match std::env::var("BENCH_PG_PARTS").as_deref() {
+        Ok("catch_up") if concurrency == 8 => return postgres_catch_up(url).await,
+        Ok("catch_up") => return Ok(()),
+        _ => {}
+    }
+    let runs = std::env::var("BENCH_LIMIT_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&v: &usize| v > 0)
+        .unwrap_or(5);
+    // Only one of our variants, for a profiler: `dispatch` or `dispatch_cache`.
+    if let Ok(only) = std::env::var("BENCH_PG_ONLY") {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        for run in 0..runs {
+            let schema = format!("bench_ponly_{}", Uuid::new_v4().simple());
+            let rate = match only.as_str() {
+                "append" => postgres_append(url, &schema, concurrency).await?,
+                "plain" => postgres_plain(url, &schema, concurrency).await?,
+                _ => postgres_ours(url, &schema, concurrency, only == "dispatch_cache").await?,
+            };
+            report!("postgres {concurrency:>2} tasks, {only} run {run}: {rate:>6.0} /s");
+            sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .execute(&mut conn)
+                .await?;
+        }
+        return Ok(());
+    }
+    let tag = Uuid::new_v4().simple().to_string();
+    let names = ["plain", "append", "dispatch", "dispatch_cache"];
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    let mut ratios: [Vec<f64>; 3] = Default::default();
+    let mut schemas = Vec::new();
+    for run in 0..runs {
+        let s: Vec<String> = names
+            .iter()
+            .map(|n| format!("bench_p{n}_{tag}_{concurrency}_{run}"))
+            .collect();
+        let round = [
+            postgres_plain(url, &s[0], concurrency).await?,
+            postgres_append(url, &s[1], concurrency).await?,
+            postgres_ours(url, &s[2], concurrency, false).await?,
+            postgres_ours(url, &s[3], concurrency, true).await?,
+        ];
+        report!(
+            "postgres {concurrency:>2} tasks, round {run}: plain {:>6.0}  append {:>6.0}  dispatch {:>6.0}  dispatch_cache {:>6.0} /s",
+            round[0], round[1], round[2], round[3]
+        );
+        for (i, rate) in round.iter().enumerate() {
+            rates[i].push(*rate);
+            if i > 0 {
+                ratios[i - 1].push(rate / round[0]);
+            }
+        }
+        schemas.extend(s);
+    }
+    for (name, values) in names.iter().zip(rates.iter_mut()) {
+        report!(
+            "postgres {concurrency:>2} tasks, {name:<15} {:>8.0} /s (median of {runs})",
+            median(values)
+        );
+    }
+    for (name, values) in names[1..].iter().zip(ratios.iter_mut()) {
+        report!("ratio postgres_{concurrency}_{name}_vs_plain {:.2} (median of {runs} per-round ratios)", median(values));
+    }
     let mut conn = sqlx::PgConnection::connect(url).await?;
-    for schema in [s_plain, s_append, s_dispatch] {
+    for schema in schemas {
         sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
             .execute(&mut conn)
             .await?;

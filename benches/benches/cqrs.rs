@@ -231,15 +231,18 @@ fn postgres_dispatch(c: &mut Criterion) {
                 .iter_custom(|iters| producers(Arc::clone(&framework), count, iters));
         });
         drop(framework);
-        rt.block_on(async {
-            if let Ok(mut conn) = sqlx::PgConnection::connect(&url).await {
-                let _ = sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                    .execute(&mut conn)
-                    .await;
-            }
-        });
+        rt.block_on(drop_schema(&url, &schema));
     }
     group.finish();
+}
+
+/// Drops a benchmark's schema (best effort: a leftover schema only takes space).
+async fn drop_schema(url: &str, schema: &str) {
+    if let Ok(mut conn) = sqlx::PgConnection::connect(url).await {
+        let _ = sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(&mut conn)
+            .await;
+    }
 }
 
 /// Reads the whole store in pages, as a projection catching up does.
@@ -279,6 +282,25 @@ fn catch_up_read(c: &mut Criterion) {
     group.bench_function("sqlite", |b| {
         b.to_async(&rt).iter(|| read_everything(&sqlite));
     });
+    if let Some(url) = postgres_url() {
+        let schema = format!("cqrs_bench_{}", Uuid::new_v4().simple());
+        let postgres = rt.block_on(async {
+            let store = PostgresEventRepository::connect(&url)
+                .await
+                .expect("connect postgres")
+                .with_schema(&schema)
+                .expect("schema name");
+            store.migrate().await.expect("migrate postgres");
+            fill(&store, READ_EVENTS / 10, 10)
+                .await
+                .expect("fill postgres");
+            store
+        });
+        group.bench_function("postgres", |b| {
+            b.to_async(&rt).iter(|| read_everything(&postgres));
+        });
+        rt.block_on(drop_schema(&url, &schema));
+    }
     group.finish();
     drop(sqlite);
     rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
