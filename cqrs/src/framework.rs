@@ -257,9 +257,10 @@ impl<A: Aggregate> CQRSFramework<A> {
         self
     }
 
-    /// Keeps the state and sequence of up to `capacity` recently used aggregates in memory
-    /// (the default is [`DEFAULT_STATE_CACHE_CAPACITY`]), so a dispatch on a cached aggregate
-    /// reads nothing from the store and costs the same however long its history is.
+    /// Keeps the state and sequence of the `capacity` most recently used aggregates in
+    /// memory (the default is [`DEFAULT_STATE_CACHE_CAPACITY`]; up to twice as many are held
+    /// between two evictions), so a dispatch on a cached aggregate reads nothing from the
+    /// store and costs the same however long its history is.
     ///
     /// A cached state that another writer (another process, or another framework on the same
     /// store) has made stale is caught by the append's conflict check, dropped, reloaded and
@@ -637,9 +638,10 @@ impl<A: Aggregate> CQRSFramework<A> {
 /// States of recently used aggregates, bounded.
 ///
 /// Two generations approximate least-recently-used eviction in O(1): new and refreshed
-/// entries go to `young`; when `young` holds half the capacity, `old` is dropped and `young`
-/// becomes `old`. An entry used since then moves back to `young` when the dispatch puts it
-/// back. A dispatch *takes* its entry out (no clone of the state) and puts the new state
+/// entries go to `young`; when `young` holds `capacity` entries, `old` is dropped and
+/// `young` becomes `old`. An entry used since then moves back to `young` when the dispatch
+/// puts it back. So the `capacity` most recently used states are always kept, and at most
+/// twice that many are held. A dispatch *takes* its entry out (no clone of the state) and puts the new state
 /// back after its append, so a concurrent dispatch on the same aggregate reads the store.
 struct StateCache<S> {
     capacity: usize,
@@ -698,7 +700,7 @@ impl<S> StateCache<S> {
             // Another dispatch put a newer state meanwhile: keep it.
             Some(existing) if existing.sequence >= loaded.sequence => return,
             Some(_) => {}
-            None if generations.young.len() >= self.capacity / 2 => {
+            None if generations.young.len() >= self.capacity => {
                 generations.old = std::mem::take(&mut generations.young);
             }
             None => {}
@@ -736,10 +738,32 @@ mod tests {
             let entry = cache.take(hot).expect("a recently used entry stays cached");
             cache.put(hot, entry);
             assert!(
-                cache.len() <= 4,
+                cache.len() <= 8,
                 "{} entries for a capacity of 4",
                 cache.len()
             );
+        }
+    }
+
+    #[test]
+    fn the_capacity_most_recently_used_entries_are_always_kept() {
+        // Round robin over exactly `capacity` aggregates: every one stays cached.
+        let cache = StateCache::new(16);
+        let ids: Vec<Uuid> = (0..16).map(|_| Uuid::new_v4()).collect();
+        for &id in &ids {
+            cache.put(id, loaded(1));
+        }
+        for round in 2..10 {
+            for &id in &ids {
+                let entry = cache.take(id).expect("one of the 16 most recently used");
+                cache.put(
+                    id,
+                    Loaded {
+                        sequence: round,
+                        ..entry
+                    },
+                );
+            }
         }
     }
 
