@@ -25,9 +25,9 @@ use cqrs::nats::{
 use cqrs::store::sqlite::{Durability, SqliteOptions};
 use cqrs::{
     Aggregate, CQRSError, Checkpoint, CheckpointRepository, DomainEvent, EventEnvelope,
-    EventRepository, MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository,
-    HandlerRetry, PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View, ViewContext,
-    ViewRepository,
+    EventRepository, HandlerRetry, MemoryCheckpointRepository, MemoryEventRepository,
+    MemoryViewRepository, PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View,
+    ViewContext, ViewRepository,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -801,13 +801,10 @@ async fn projection_retries_a_failing_handler_before_the_poison_policy() {
     // view holds every event once, in order.
     FLAKY_FAILURES_LEFT.store(2, Ordering::SeqCst);
     let views = MemoryViewRepository::<Flaky>::new();
-    let projection = NatsProjection::<Ledger, Flaky>::new(
-        jetstream.clone(),
-        test.config.clone(),
-        views.clone(),
-    )
-    .with_durable_name(format!("flaky_{}", Uuid::new_v4().simple()))
-    .with_handler_retry(retry);
+    let projection =
+        NatsProjection::<Ledger, Flaky>::new(jetstream.clone(), test.config.clone(), views.clone())
+            .with_durable_name(format!("flaky_{}", Uuid::new_v4().simple()))
+            .with_handler_retry(retry);
     assert_eq!(projection.catch_up().await.unwrap(), 3);
     assert!(projection.dead_letters().await.unwrap().is_empty());
     let view = ViewRepository::<Ledger, Flaky>::load(&views, &id.to_string())
@@ -820,20 +817,21 @@ async fn projection_retries_a_failing_handler_before_the_poison_policy() {
     // Three failures, three tries: the policy (Stop) applies, with the event named.
     FLAKY_FAILURES_LEFT.store(3, Ordering::SeqCst);
     let views = MemoryViewRepository::<Flaky>::new();
-    let projection = NatsProjection::<Ledger, Flaky>::new(
-        jetstream.clone(),
-        test.config.clone(),
-        views.clone(),
-    )
-    .with_durable_name(format!("flaky_{}", Uuid::new_v4().simple()))
-    .with_handler_retry(retry);
+    let projection =
+        NatsProjection::<Ledger, Flaky>::new(jetstream.clone(), test.config.clone(), views.clone())
+            .with_durable_name(format!("flaky_{}", Uuid::new_v4().simple()))
+            .with_handler_retry(retry);
     let error = projection.catch_up().await.unwrap_err();
     let CQRSError::ViewHandler(handler) = &error else {
         panic!("expected a view handler error, got {error:?}");
     };
     assert_eq!((handler.aggregate_id, handler.sequence), (id, 2));
     assert_eq!(projection.position().await.unwrap(), 1);
-    assert_eq!(FLAKY_FAILURES_LEFT.load(Ordering::SeqCst), 0, "tried exactly 3 times");
+    assert_eq!(
+        FLAKY_FAILURES_LEFT.load(Ordering::SeqCst),
+        0,
+        "tried exactly 3 times"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,9 +3,8 @@
 //! process killed with SIGKILL at random moments while events are appended, restarted each
 //! time, ends with views equal to a full replay, nothing applied twice or missed.
 //!
-//! The crash test appends 50 000 events by default, to stay near 40 s in a debug build on a
-//! busy 2-core machine; `CQRS_CRASH_EVENTS=100000` runs the full figure (about 70 s
-//! there). The test re-runs this test binary as the projector child process: the ignored
+//! The crash test appends the 100 000 events (`CQRS_CRASH_EVENTS` sets another
+//! count) while the projector is killed at least five times. The test re-runs this test binary as the projector child process: the ignored
 //! test `projector_child` is its entry point, selected by the `CQRS_PROJECTOR_CHILD_DB`
 //! variable.
 
@@ -290,7 +289,7 @@ async fn a_projector_killed_at_random_moments_applies_every_event_exactly_once()
     let events: u64 = std::env::var("CQRS_CRASH_EVENTS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(50_000);
+        .unwrap_or(100_000);
     const KILLS: usize = 5;
     const LEDGERS: u64 = 200;
     const PER_COMMAND: u64 = 10;
