@@ -664,11 +664,18 @@ async fn projection_runner_applies_events_as_they_arrive() {
     relay.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn projection_never_silently_drops_a_message_it_cannot_apply() {
-    let Some(url) = nats_url() else { return };
-    let jetstream = connect(&url).await;
-    let test = TestStream::new(&url);
+/// A fresh test stream holding one ledger's events 1 to 3, published by a relay.
+struct Relayed {
+    jetstream: jetstream::Context,
+    test: TestStream,
+    store: MemoryEventRepository,
+    id: Uuid,
+    relay: NatsRelay,
+}
+
+async fn three_events_relayed(url: &str) -> Relayed {
+    let jetstream = connect(url).await;
+    let test = TestStream::new(url);
     let store = MemoryEventRepository::new();
     let id = Uuid::new_v4();
     store.append(ledger_events(id, 1, 3)).await.unwrap();
@@ -680,6 +687,25 @@ async fn projection_never_silently_drops_a_message_it_cannot_apply() {
     );
     relay.ensure_stream().await.unwrap();
     relay.catch_up().await.unwrap();
+    Relayed {
+        jetstream,
+        test,
+        store,
+        id,
+        relay,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_never_silently_drops_a_message_it_cannot_apply() {
+    let Some(url) = nats_url() else { return };
+    let Relayed {
+        jetstream,
+        test,
+        store,
+        id,
+        relay,
+    } = three_events_relayed(&url).await;
     // A body that is not an event, on a ledger subject.
     jetstream
         .publish(
@@ -778,19 +804,12 @@ impl View<Ledger> for Flaky {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projection_retries_a_failing_handler_before_the_poison_policy() {
     let Some(url) = nats_url() else { return };
-    let jetstream = connect(&url).await;
-    let test = TestStream::new(&url);
-    let store = MemoryEventRepository::new();
-    let id = Uuid::new_v4();
-    store.append(ledger_events(id, 1, 3)).await.unwrap();
-    let relay = NatsRelay::new(
-        store.clone(),
-        MemoryCheckpointRepository::new(),
-        jetstream.clone(),
-        test.config.clone(),
-    );
-    relay.ensure_stream().await.unwrap();
-    relay.catch_up().await.unwrap();
+    let Relayed {
+        jetstream,
+        test,
+        id,
+        ..
+    } = three_events_relayed(&url).await;
     let retry = HandlerRetry {
         attempts: 3,
         initial_backoff: Duration::from_millis(5),
