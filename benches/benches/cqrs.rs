@@ -348,8 +348,8 @@ fn decode(c: &mut Criterion) {
     }
     // A deposit stored before `MoneyDeposited` version 2: decoding it runs the upcast step.
     let mut stored_v1 = events[1].clone();
-    stored_v1.event_version = "1".to_owned();
-    stored_v1.payload = serde_json::json!({ "Deposited": { "amount": AMOUNT } });
+    stored_v1.event_version = "1".into();
+    stored_v1.payload = serde_json::json!({ "Deposited": { "amount": AMOUNT } }).into();
     group.bench_function(
         BenchmarkId::new("try_from_persisted", "deposited_v1_upcast"),
         |b| {

@@ -48,11 +48,11 @@
 //!     async fn corrupt_payload(&self, store: &Self::Store, aggregate_type: &str, aggregate_id: Uuid, sequence: i64, raw: &str) {
 //!         // e.g. UPDATE events SET payload = $raw WHERE ...
 //!         let raw = serde_json::Value::String(raw.to_owned());
-//!         assert!(store.update_unchecked(aggregate_type, aggregate_id, sequence, |e| e.payload = raw));
+//!         assert!(store.update_unchecked(aggregate_type, aggregate_id, sequence, |e| e.payload = raw.into()));
 //!     }
 //!
 //!     async fn set_event_type(&self, store: &Self::Store, aggregate_type: &str, aggregate_id: Uuid, sequence: i64, event_type: &str) {
-//!         assert!(store.update_unchecked(aggregate_type, aggregate_id, sequence, |e| e.event_type = event_type.to_owned()));
+//!         assert!(store.update_unchecked(aggregate_type, aggregate_id, sequence, |e| e.event_type = event_type.into()));
 //!     }
 //!
 //!     async fn delete_event(&self, store: &Self::Store, aggregate_type: &str, aggregate_id: Uuid, sequence: i64) {
@@ -79,7 +79,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, DecodeError, DomainEvent, EventRepository,
-    MemoryEventRepository, PersistableDomainEvent,
+    MemoryEventRepository, Payload, PersistableDomainEvent,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -162,7 +162,7 @@ impl StoreHarness for MemoryHarness {
         raw: &str,
     ) {
         let found = store.update_unchecked(aggregate_type, aggregate_id, sequence, |event| {
-            event.payload = Value::String(raw.to_owned());
+            event.payload = Payload::from_value(&Value::String(raw.to_owned()));
         });
         assert!(
             found,
@@ -179,7 +179,7 @@ impl StoreHarness for MemoryHarness {
         event_type: &str,
     ) {
         let found = store.update_unchecked(aggregate_type, aggregate_id, sequence, |event| {
-            event.event_type = event_type.to_owned();
+            event.event_type = event_type.into();
         });
         assert!(
             found,
@@ -346,11 +346,11 @@ fn event(aggregate_type: &str, id: Uuid, sequence: i64) -> PersistableDomainEven
         event_id: Uuid::new_v4(),
         aggregate_type_id: PersistableDomainEvent::type_id_for(aggregate_type, id),
         aggregate_id: id,
-        aggregate_type: aggregate_type.to_owned(),
+        aggregate_type: aggregate_type.into(),
         sequence,
         position: 0,
-        event_type: domain.persisted_event_name().to_owned(),
-        event_version: domain.persisted_event_version().to_owned(),
+        event_type: domain.persisted_event_name().into(),
+        event_version: domain.persisted_event_version().into(),
         payload,
         metadata,
         timestamp,
@@ -935,7 +935,7 @@ pub async fn check_duplicate_event_id<H: StoreHarness>(harness: &H) {
     longer.push(event(AGGREGATE, id, 4));
     let mut moved = pair[0].clone();
     moved.position = 0;
-    moved.aggregate_type = OTHER_AGGREGATE.to_owned();
+    moved.aggregate_type = OTHER_AGGREGATE.into();
     moved.aggregate_type_id = PersistableDomainEvent::type_id_for(OTHER_AGGREGATE, id);
     moved.sequence = 1;
     for (what, events) in [

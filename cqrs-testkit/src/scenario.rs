@@ -611,10 +611,12 @@ impl Stored {
         Stored {
             event_type: Some(event.persisted_event_name().to_owned()),
             event_version: Some(event.persisted_event_version().to_owned()),
-            payload: Some(match event.to_payload() {
-                Ok(payload) => payload,
-                Err(error) => Value::String(format!("<does not serialize: {error}>")),
-            }),
+            payload: Some(
+                match event.to_payload().and_then(|payload| payload.to_value()) {
+                    Ok(payload) => payload,
+                    Err(error) => Value::String(format!("<does not serialize: {error}>")),
+                },
+            ),
             ..Self::default()
         }
     }
@@ -675,7 +677,11 @@ impl Stored {
             ));
         }
         if let Some(payload) = &self.payload {
-            if let Some(difference) = report::first_json_difference(payload, &stored.payload) {
+            let stored_payload = match stored.payload.to_value() {
+                Ok(value) => value,
+                Err(error) => return Some(format!("payload does not parse: {error}")),
+            };
+            if let Some(difference) = report::first_json_difference(payload, &stored_payload) {
                 return Some(format!("payload {difference}"));
             }
         }

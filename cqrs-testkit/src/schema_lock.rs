@@ -46,7 +46,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use cqrs::DomainEvent;
+use cqrs::{DomainEvent, Payload};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -195,9 +195,11 @@ impl<E: DomainEvent> SchemaLock<E> {
         let mut problems = Vec::new();
         let recorded = self.read_all(&mut problems);
         for (file, record) in &recorded {
-            if let Err(error) =
-                E::decode_all(&record.event_type, &record.event_version, &record.payload)
-            {
+            if let Err(error) = E::decode_all(
+                &record.event_type,
+                &record.event_version,
+                &Payload::from_value(&record.payload),
+            ) {
                 problems.push(SchemaProblem::NoLongerDecodes {
                     event_type: record.event_type.clone(),
                     event_version: record.event_version.clone(),
@@ -243,7 +245,8 @@ impl<E: DomainEvent> SchemaLock<E> {
             );
             let file = self.file_for(name, version);
             if let Some(old) = read_one(&file, &mut problems) {
-                if let Err(error) = E::decode_all(name, version, &old.payload) {
+                if let Err(error) = E::decode_all(name, version, &Payload::from_value(&old.payload))
+                {
                     problems.push(SchemaProblem::NoLongerDecodes {
                         event_type: name.to_owned(),
                         event_version: version.to_owned(),
@@ -255,6 +258,7 @@ impl<E: DomainEvent> SchemaLock<E> {
             }
             let written = sample
                 .to_payload()
+                .and_then(|payload| payload.to_value())
                 .map(|payload| Recorded {
                     event_type: name.to_owned(),
                     event_version: version.to_owned(),

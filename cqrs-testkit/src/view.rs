@@ -38,7 +38,7 @@ pub fn envelope<A: Aggregate>(
 ) -> EventEnvelope<A::Events> {
     EventEnvelope {
         event_id: Uuid::new_v4(),
-        aggregate_type: A::NAME.to_owned(),
+        aggregate_type: A::NAME.into(),
         aggregate_id,
         sequence,
         position: sequence,

@@ -285,7 +285,7 @@ impl ViewHandlerError {
     /// # let stored = cqrs::PersistableDomainEvent {
     /// #     event_id: uuid::Uuid::nil(), aggregate_type_id: "a:00000000-0000-0000-0000-000000000000".into(),
     /// #     aggregate_id: uuid::Uuid::nil(), aggregate_type: "a".into(), sequence: 3, position: 9,
-    /// #     event_type: "Deposited".into(), event_version: "1".into(), payload: serde_json::Value::Null,
+    /// #     event_type: "Deposited".into(), event_version: "1".into(), payload: serde_json::Value::Null.into(),
     /// #     metadata: serde_json::Value::Null, timestamp: chrono::Utc::now(),
     /// # };
     /// let err = cqrs::ViewHandlerError::for_event("balance", &stored, "negative balance");
@@ -298,12 +298,12 @@ impl ViewHandlerError {
     ) -> CQRSError {
         CQRSError::ViewHandler(Box::new(ViewHandlerError {
             view: view.to_owned(),
-            aggregate_type: stored.aggregate_type.clone(),
+            aggregate_type: stored.aggregate_type.to_string(),
             aggregate_id: stored.aggregate_id,
             sequence: stored.sequence,
             position: stored.position,
-            event_type: stored.event_type.clone(),
-            event_version: stored.event_version.clone(),
+            event_type: stored.event_type.to_string(),
+            event_version: stored.event_version.to_string(),
             message: message.to_string(),
         }))
     }

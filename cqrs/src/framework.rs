@@ -14,6 +14,7 @@ use crate::aggregate::Aggregate;
 use crate::error::CQRSError;
 use crate::event::{DomainEvent, PersistableDomainEvent};
 use crate::store::{EventRepository, Snapshot, SnapshotRepository};
+use smol_str::SmolStr;
 
 /// What to do when an append loses the race to another writer.
 ///
@@ -508,12 +509,15 @@ impl<A: Aggregate> CQRSFramework<A> {
         events: &[A::Events],
         metadata: &Value,
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let aggregate_type = SmolStr::new_static(A::NAME);
+        let aggregate_type_id = PersistableDomainEvent::type_id_for(A::NAME, aggregate_id);
         events
             .iter()
             .enumerate()
             .map(|(i, event)| {
-                PersistableDomainEvent::new(
-                    A::NAME,
+                PersistableDomainEvent::for_aggregate(
+                    &aggregate_type,
+                    &aggregate_type_id,
                     aggregate_id,
                     after_sequence + 1 + i as i64,
                     event,

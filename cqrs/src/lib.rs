@@ -10,6 +10,7 @@ pub mod framework;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
+pub mod payload;
 pub mod projection;
 pub mod store;
 pub mod view;
@@ -22,6 +23,10 @@ pub use crate::event::{
 pub use crate::framework::{
     CQRSFramework, DispatchReceipt, RetryPolicy, SnapshotPolicy, DEFAULT_STATE_CACHE_CAPACITY,
 };
+pub use crate::payload::Payload;
+/// The string type of stored names (event types and versions, aggregate types): inline up to
+/// 23 bytes, cloned in O(1), built from a `&'static str` without allocating.
+pub use smol_str::SmolStr;
 // nats re-exports (owned by the nats integration)
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
@@ -185,7 +190,7 @@ pub use crate::view::{Checkpoint, MemoryViewRepository, Query, View, ViewContext
 ///     Deposited { amount: u64, currency: String },
 /// }
 ///
-/// let v1 = serde_json::json!({ "type": "Deposited", "amount": 5 });
+/// let v1: cqrs::Payload = serde_json::json!({ "type": "Deposited", "amount": 5 }).into();
 /// assert_eq!(
 ///     AccountEvent::decode("Deposited", "1", &v1)?,
 ///     AccountEvent::Deposited { amount: 5, currency: "EUR".into() }
@@ -344,9 +349,37 @@ pub mod __private {
     /// # Errors
     /// The deserializer's error.
     pub fn deserialize_event<E: crate::DomainEvent>(
-        payload: &serde_json::Value,
+        payload: &crate::Payload,
     ) -> Result<E, serde_json::Error> {
-        <E as serde::Deserialize>::deserialize(payload)
+        payload.deserialize::<E>()
+    }
+
+    /// The payload as a JSON tree, where an upcast chain starts.
+    ///
+    /// # Errors
+    /// [`DecodeError::MalformedPayload`](crate::DecodeError::MalformedPayload).
+    pub fn payload_value(
+        payload: &crate::Payload,
+    ) -> Result<serde_json::Value, crate::DecodeError> {
+        payload
+            .to_value()
+            .map_err(crate::DecodeError::MalformedPayload)
+    }
+
+    /// Decodes the payload an upcast chain produced as the current version.
+    ///
+    /// # Errors
+    /// What [`DomainEvent::decode`](crate::DomainEvent::decode) returns.
+    pub fn decode_value<E: crate::DomainEvent>(
+        event_type: &str,
+        event_version: &str,
+        payload: &serde_json::Value,
+    ) -> Result<E, crate::DecodeError> {
+        E::decode(
+            event_type,
+            event_version,
+            &crate::Payload::from_value(payload),
+        )
     }
 
     /// A typed upcast step that goes to an older, intermediate version: deserializes the old
@@ -455,7 +488,8 @@ pub mod __private {
         let mut decoded = std::vec::Vec::new();
         let mut result = Ok(());
         for event in &events {
-            match E::decode_all(&event.name, &event.version, &event.payload) {
+            let payload = crate::Payload::from_value(&event.payload);
+            match E::decode_all(&event.name, &event.version, &payload) {
                 Ok(more) => decoded.extend(more),
                 Err(error) => {
                     result = Err(error);

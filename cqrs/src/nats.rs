@@ -1285,7 +1285,7 @@ mod tests {
             position: 42,
             event_type: event_type.into(),
             event_version: "2".into(),
-            payload: serde_json::json!({ "amount": 5 }),
+            payload: serde_json::json!({ "amount": 5 }).into(),
             metadata: serde_json::Value::Null,
             timestamp: chrono::Utc::now(),
         }

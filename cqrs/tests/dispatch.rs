@@ -270,7 +270,7 @@ async fn a_corrupted_payload_gives_a_typed_error_naming_the_event() {
     let id = Uuid::new_v4();
     open_with(&framework, id, &[5]).await;
     assert!(store.update_unchecked(Account::NAME, id, 2, |e| {
-        e.payload = json!({"Deposited": {"amount": "five"}});
+        e.payload = json!({"Deposited": {"amount": "five"}}).into();
     }));
     // `framework` holds the state in its cache and would not read the damaged row again: a
     // framework without the cache (or a restarted process) rebuilds from the store.

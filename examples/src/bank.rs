@@ -76,7 +76,7 @@ pub enum MoneyDepositedV1 {
 /// use cqrs::DomainEvent;
 /// use cqrs_examples::bank::BankEvent;
 ///
-/// let v1 = serde_json::json!({ "Deposited": { "amount": 100 } });
+/// let v1: cqrs::Payload = serde_json::json!({ "Deposited": { "amount": 100 } }).into();
 /// assert_eq!(BankEvent::decode("MoneyDeposited", "1", &v1)?, BankEvent::deposited(100));
 /// # Ok::<(), cqrs::DecodeError>(())
 /// ```

@@ -38,7 +38,7 @@ fn the_recorded_v1_deposit_decodes_as_v2_in_euros() {
     let decoded = BankEvent::decode(
         &recorded.event_type,
         &recorded.event_version,
-        &recorded.payload,
+        &recorded.payload.clone().into(),
     )
     .unwrap();
     assert_eq!(

@@ -138,14 +138,14 @@ async fn every_shape_round_trips_through_the_memory_store() {
 #[test]
 fn an_unknown_name_is_a_typed_error_without_reading_the_payload() {
     let mut row = stored(&Shapes::Unit);
-    row.event_type = "NoSuchEvent".to_owned();
+    row.event_type = "NoSuchEvent".into();
     assert!(matches!(
         decode_error(row.decode::<Shapes>()),
         DecodeError::UnknownEventType
     ));
     // Even a payload that is not valid for any variant: the pair is checked first.
     assert!(matches!(
-        Shapes::decode("NoSuchEvent", "1", &json!({"garbage": true})),
+        Shapes::decode("NoSuchEvent", "1", &json!({"garbage": true}).into()),
         Err(DecodeError::UnknownEventType)
     ));
 }
@@ -153,14 +153,14 @@ fn an_unknown_name_is_a_typed_error_without_reading_the_payload() {
 #[test]
 fn an_unknown_version_is_a_typed_error() {
     let mut row = stored(&Shapes::Newtype(1));
-    row.event_version = "3".to_owned();
+    row.event_version = "3".into();
     assert!(matches!(
         decode_error(row.decode::<Shapes>()),
         DecodeError::UnknownEventType
     ));
     // A name is only known with its own version.
     assert!(matches!(
-        Shapes::decode("NewtypeHappened", "1", &json!({"Newtype": 1})),
+        Shapes::decode("NewtypeHappened", "1", &json!({"Newtype": 1}).into()),
         Err(DecodeError::UnknownEventType)
     ));
 }
@@ -168,7 +168,7 @@ fn an_unknown_version_is_a_typed_error() {
 #[test]
 fn the_decode_error_names_the_stored_row() {
     let mut row = stored(&Shapes::Unit);
-    row.event_type = "Gone".to_owned();
+    row.event_type = "Gone".into();
     let Err(CQRSError::EventDecode(error)) = row.decode::<Shapes>() else {
         panic!("expected a decode error");
     };
@@ -179,7 +179,7 @@ fn the_decode_error_names_the_stored_row() {
 
 #[test]
 fn a_malformed_payload_under_a_known_pair_is_malformed_payload() {
-    let result = Shapes::decode("Struct", "7", &json!({"Struct": {"owner": 5}}));
+    let result = Shapes::decode("Struct", "7", &json!({"Struct": {"owner": 5}}).into());
     assert!(
         matches!(result, Err(DecodeError::MalformedPayload(_))),
         "{result:?}"
@@ -302,7 +302,7 @@ fn one_name_with_two_versions_decodes_each_version_to_its_variant() {
     assert_eq!(stored(&new).decode::<Versioned>().unwrap().event, new);
     // A v1 payload stored as v2 is refused.
     let mut row = stored(&old);
-    row.event_version = "2".to_owned();
+    row.event_version = "2".into();
     assert!(matches!(
         decode_error(row.decode::<Versioned>()),
         DecodeError::MalformedPayload(_)
@@ -339,7 +339,7 @@ fn structs_round_trip_and_check_their_pair() {
         Err(DecodeError::UnknownEventType)
     ));
     assert!(matches!(
-        PriceChanged::decode("PriceChanged", "3", &json!({"cents": "many"})),
+        PriceChanged::decode("PriceChanged", "3", &json!({"cents": "many"}).into()),
         Err(DecodeError::MalformedPayload(_))
     ));
 

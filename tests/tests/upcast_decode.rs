@@ -1,7 +1,7 @@
 //! Upcasting chains declared with `#[event(upcast(..))]`, decoded through the public API:
 //! typed and raw steps, one step or several, renames, splits and dropped events.
 
-use cqrs::{DecodeError, DomainEvent, EventType, UpcastEvent, Upcasted};
+use cqrs::{DecodeError, DomainEvent, EventType, Payload, UpcastEvent, Upcasted};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -127,7 +127,7 @@ fn old_pairs_are_listed_as_readable_after_the_current_ones() {
 
 #[test]
 fn a_v1_payload_runs_both_typed_steps() {
-    let v1 = json!({"type": "Deposited", "amount": 7});
+    let v1: Payload = json!({"type": "Deposited", "amount": 7}).into();
     assert_eq!(
         Ledger::decode("Deposited", "1", &v1).unwrap(),
         deposited(7, "EUR")
@@ -140,7 +140,7 @@ fn a_v1_payload_runs_both_typed_steps() {
 
 #[test]
 fn a_v2_payload_runs_only_the_last_step() {
-    let v2 = json!({"type": "Deposited", "amount": 7, "currency": "CHF"});
+    let v2: Payload = json!({"type": "Deposited", "amount": 7, "currency": "CHF"}).into();
     assert_eq!(
         Ledger::decode("Deposited", "2", &v2).unwrap(),
         deposited(7, "CHF")
@@ -161,12 +161,12 @@ fn the_current_version_decodes_without_a_step_and_writes_the_current_version() {
 
 #[test]
 fn a_raw_step_rewrites_the_payload_in_place() {
-    let v1 = json!({"type": "Withdrawn", "amount": "12"});
+    let v1: Payload = json!({"type": "Withdrawn", "amount": "12"}).into();
     assert_eq!(
         Ledger::decode("Withdrawn", "1", &v1).unwrap(),
         Ledger::Withdrawn { amount: 12 }
     );
-    let bad = json!({"type": "Withdrawn", "amount": "twelve"});
+    let bad: Payload = json!({"type": "Withdrawn", "amount": "twelve"}).into();
     let error = Ledger::decode("Withdrawn", "1", &bad).unwrap_err();
     assert!(
         matches!(&error, DecodeError::Upcast(message) if message.contains("twelve")),
@@ -176,7 +176,7 @@ fn a_raw_step_rewrites_the_payload_in_place() {
 
 #[test]
 fn a_renamed_event_goes_on_through_the_chain_of_its_new_name() {
-    let old = json!({"type": "Credited", "amount": 3});
+    let old: Payload = json!({"type": "Credited", "amount": 3}).into();
     assert_eq!(
         Ledger::decode("Credited", "1", &old).unwrap(),
         deposited(3, "USD")
@@ -185,7 +185,7 @@ fn a_renamed_event_goes_on_through_the_chain_of_its_new_name() {
 
 #[test]
 fn a_split_event_decodes_to_several_events_and_decode_refuses_it() {
-    let old = json!({"amount": 4});
+    let old: Payload = json!({"amount": 4}).into();
     assert_eq!(
         Ledger::decode_all("Transfer", "1", &old).unwrap(),
         vec![Ledger::Withdrawn { amount: 4 }, deposited(4, "EUR")]
@@ -200,18 +200,18 @@ fn a_split_event_decodes_to_several_events_and_decode_refuses_it() {
 #[test]
 fn a_dropped_event_decodes_to_nothing() {
     assert_eq!(
-        Ledger::decode_all("Audited", "1", &json!({"by": "x"})).unwrap(),
+        Ledger::decode_all("Audited", "1", &json!({"by": "x"}).into()).unwrap(),
         vec![]
     );
     assert!(matches!(
-        Ledger::decode("Audited", "1", &json!({})),
+        Ledger::decode("Audited", "1", &json!({}).into()),
         Err(DecodeError::Upcast(_))
     ));
 }
 
 #[test]
 fn a_malformed_old_payload_is_a_malformed_payload_error() {
-    let old = json!({"type": "Deposited", "amount": "seven"});
+    let old: Payload = json!({"type": "Deposited", "amount": "seven"}).into();
     assert!(matches!(
         Ledger::decode("Deposited", "1", &old),
         Err(DecodeError::MalformedPayload(_))
@@ -221,11 +221,11 @@ fn a_malformed_old_payload_is_a_malformed_payload_error() {
 #[test]
 fn an_unknown_version_is_still_unknown() {
     assert!(matches!(
-        Ledger::decode("Deposited", "4", &json!({})),
+        Ledger::decode("Deposited", "4", &json!({}).into()),
         Err(DecodeError::UnknownEventType)
     ));
     assert!(matches!(
-        Ledger::decode_all("Credited", "2", &json!({})),
+        Ledger::decode_all("Credited", "2", &json!({}).into()),
         Err(DecodeError::UnknownEventType)
     ));
 }
@@ -243,7 +243,7 @@ struct Looped {
 
 #[test]
 fn a_raw_step_that_leads_back_to_itself_is_an_error_not_an_overflow() {
-    let error = Looped::decode_all("Looping", "1", &json!({"n": 1})).unwrap_err();
+    let error = Looped::decode_all("Looping", "1", &json!({"n": 1}).into()).unwrap_err();
     assert!(
         matches!(&error, DecodeError::Upcast(message) if message.contains("levels deep")),
         "{error}"
@@ -269,7 +269,7 @@ enum Mixed {
 
 #[test]
 fn a_typed_step_that_produces_another_event_is_refused() {
-    let error = Mixed::decode("A", "1", &json!({"amount": 1})).unwrap_err();
+    let error = Mixed::decode("A", "1", &json!({"amount": 1}).into()).unwrap_err();
     assert!(
         matches!(&error, DecodeError::Upcast(message) if message.contains("`A` version 2") && message.contains("`B` version 1")),
         "{error}"

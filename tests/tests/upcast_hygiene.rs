@@ -78,7 +78,7 @@ mod hygiene {
 #[test]
 fn upcast_code_is_hygienic() {
     use cqrs::DomainEvent;
-    let old = serde_json::json!({"type": "Opened", "owner": "ada"});
+    let old: cqrs::Payload = serde_json::json!({"type": "Opened", "owner": "ada"}).into();
     assert_eq!(
         hygiene::Event::decode("Opened", "1", &old).unwrap(),
         hygiene::Event::Opened {

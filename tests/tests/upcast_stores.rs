@@ -128,7 +128,7 @@ fn old_row(
         PersistableDomainEvent::new("account", id, sequence, &template, Value::Null).unwrap();
     row.event_type = name.into();
     row.event_version = version.into();
-    row.payload = payload;
+    row.payload = payload.into();
     row
 }
 

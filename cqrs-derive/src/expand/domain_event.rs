@@ -196,7 +196,7 @@ fn expand(input: &Input) -> TokenStream {
             fn decode(
                 #type_arg: &#str_ty,
                 #version_arg: &#str_ty,
-                #payload_arg: &::cqrs::__private::serde_json::Value,
+                #payload_arg: &::cqrs::Payload,
             ) -> #result<Self, ::cqrs::DecodeError> {
                 #decode_body
             }
@@ -277,14 +277,14 @@ fn decode_all(
             quote! {
                 (#old_name, #from) => {
                     let mut #current_payload: ::cqrs::__private::serde_json::Value =
-                        ::cqrs::__private::core::clone::Clone::clone(#payload_arg);
+                        ::cqrs::__private::payload_value(#payload_arg)?;
                     let mut #at: &#str_ty = { #body };
                     loop {
                         #at = match #at {
                             #(#own)*
                             _ => {
                                 return #result::Ok(::cqrs::__private::std::vec![
-                                    <Self as ::cqrs::DomainEvent>::decode(#name, #version, &#current_payload)?
+                                    ::cqrs::__private::decode_value::<Self>(#name, #version, &#current_payload)?
                                 ]);
                             }
                         };
@@ -305,7 +305,7 @@ fn decode_all(
         fn decode_all(
             #type_arg: &#str_ty,
             #version_arg: &#str_ty,
-            #payload_arg: &::cqrs::__private::serde_json::Value,
+            #payload_arg: &::cqrs::Payload,
         ) -> #result<#vec<Self>, ::cqrs::DecodeError> {
             match (#type_arg, #version_arg) {
                 #(#chains)*

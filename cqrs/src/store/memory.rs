@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
+use smol_str::SmolStr;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -50,7 +51,7 @@ struct Inner {
     /// All events; `position` is the index plus one.
     events: Vec<PersistableDomainEvent>,
     /// aggregate type -> aggregate id -> indexes into `events`, in sequence order.
-    streams: HashMap<String, HashMap<Uuid, Vec<usize>, Hasher>, Hasher>,
+    streams: HashMap<SmolStr, HashMap<Uuid, Vec<usize>, Hasher>, Hasher>,
     /// event id -> index into `events`.
     ids: HashMap<Uuid, usize, Hasher>,
 }
@@ -222,7 +223,7 @@ impl EventRepository for MemoryEventRepository {
         if current != expected {
             if current > expected {
                 return Err(CQRSError::Conflict {
-                    aggregate_type: first.aggregate_type.clone(),
+                    aggregate_type: first.aggregate_type.to_string(),
                     aggregate_id: first.aggregate_id,
                     expected_sequence: expected,
                 });

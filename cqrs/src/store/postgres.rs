@@ -44,8 +44,10 @@ use crate::store::{
     validate_batch, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
 };
 use crate::view::Checkpoint;
+use smol_str::SmolStr;
 
 mod dead_letters;
+mod payload;
 mod schema;
 mod view;
 
@@ -315,7 +317,9 @@ impl PostgresEventRepository {
         for row in &rows {
             let found = StoredIdentity {
                 event_id: row.try_get(0).map_err(CQRSError::persistence)?,
-                aggregate_type: row.try_get(1).map_err(CQRSError::persistence)?,
+                aggregate_type: SmolStr::new(
+                    row.try_get::<&str, _>(1).map_err(CQRSError::persistence)?,
+                ),
                 aggregate_id: row.try_get(2).map_err(CQRSError::persistence)?,
                 sequence: row.try_get(3).map_err(CQRSError::persistence)?,
                 position: row.try_get(4).map_err(CQRSError::persistence)?,
@@ -355,7 +359,7 @@ impl PostgresEventRepository {
             });
         }
         Err(CQRSError::Conflict {
-            aggregate_type: first.aggregate_type.clone(),
+            aggregate_type: first.aggregate_type.to_string(),
             aggregate_id: first.aggregate_id,
             expected_sequence: expected,
         })
@@ -595,7 +599,7 @@ async fn listener(
 /// The identity of an event, as sent in an append or found stored.
 struct StoredIdentity {
     event_id: Uuid,
-    aggregate_type: String,
+    aggregate_type: SmolStr,
     aggregate_id: Uuid,
     sequence: i64,
     position: i64,
@@ -620,17 +624,17 @@ fn decode_event(row: &PgRow) -> Result<PersistableDomainEvent, CQRSError> {
     let field = |e: sqlx::Error| {
         CQRSError::persistence(format!("row at position {position} of cqrs_events: {e}"))
     };
-    let aggregate_type: String = row.try_get(2).map_err(field)?;
+    let aggregate_type: &str = row.try_get(2).map_err(field)?;
     let aggregate_id: Uuid = row.try_get(3).map_err(field)?;
     Ok(PersistableDomainEvent {
         event_id: row.try_get(1).map_err(field)?,
-        aggregate_type_id: PersistableDomainEvent::type_id_for(&aggregate_type, aggregate_id),
+        aggregate_type_id: PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id),
         aggregate_id,
-        aggregate_type,
+        aggregate_type: SmolStr::new(aggregate_type),
         sequence: row.try_get(4).map_err(field)?,
         position,
-        event_type: row.try_get(5).map_err(field)?,
-        event_version: row.try_get(6).map_err(field)?,
+        event_type: SmolStr::new(row.try_get::<&str, _>(5).map_err(field)?),
+        event_version: SmolStr::new(row.try_get::<&str, _>(6).map_err(field)?),
         payload: row.try_get(7).map_err(field)?,
         metadata: row.try_get(8).map_err(field)?,
         timestamp: row.try_get(9).map_err(field)?,
@@ -672,11 +676,11 @@ impl EventRepository for PostgresEventRepository {
         let result = if let [event] = events.as_slice() {
             sqlx::query(&self.inner.sql.append_one)
                 .bind(event.event_id)
-                .bind(&aggregate_type)
+                .bind(aggregate_type.as_str())
                 .bind(aggregate_id)
                 .bind(event.sequence)
-                .bind(&event.event_type)
-                .bind(&event.event_version)
+                .bind(event.event_type.as_str())
+                .bind(event.event_version.as_str())
                 .bind(&event.payload)
                 .bind(&event.metadata)
                 .bind(event.timestamp)
@@ -691,18 +695,18 @@ impl EventRepository for PostgresEventRepository {
             let mut payloads = Vec::with_capacity(n);
             let mut metadata = Vec::with_capacity(n);
             let mut timestamps: Vec<DateTime<Utc>> = Vec::with_capacity(n);
-            for event in events {
+            for event in &events {
                 event_ids.push(event.event_id);
                 sequences.push(event.sequence);
-                event_types.push(event.event_type);
-                event_versions.push(event.event_version);
-                payloads.push(event.payload);
-                metadata.push(event.metadata);
+                event_types.push(event.event_type.as_str());
+                event_versions.push(event.event_version.as_str());
+                payloads.push(&event.payload);
+                metadata.push(&event.metadata);
                 timestamps.push(event.timestamp);
             }
             sqlx::query(&self.inner.sql.append)
                 .bind(&event_ids)
-                .bind(&aggregate_type)
+                .bind(aggregate_type.as_str())
                 .bind(aggregate_id)
                 .bind(&sequences)
                 .bind(&event_types)

@@ -233,7 +233,7 @@ impl SqliteOptions {
 ///     position: 0,
 ///     event_type: "Incremented".into(),
 ///     event_version: "1".into(),
-///     payload: serde_json::json!({ "Incremented": { "by": 1 } }),
+///     payload: serde_json::json!({ "Incremented": { "by": 1 } }).into(),
 ///     metadata: serde_json::Value::Null,
 ///     timestamp: chrono::Utc::now(),
 /// };

@@ -10,6 +10,8 @@ use uuid::Uuid;
 
 use crate::error::{CQRSError, DecodeError, EventDecodeError};
 use crate::event::PersistableDomainEvent;
+use crate::payload::Payload;
+use smol_str::SmolStr;
 
 /// The columns every event query selects, in the order [`decode_event`] reads them.
 pub(super) const EVENT_COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, \
@@ -120,7 +122,7 @@ pub(super) fn decode_event(row: &impl EventRow) -> Result<PersistableDomainEvent
     let raw_event_id = row.text(1).map_err(&at)?;
     let event_id = Uuid::parse_str(raw_event_id)
         .map_err(|error| invalid(format!("event_id {raw_event_id:?} is not a UUID: {error}")))?;
-    let payload: Value = serde_json::from_str(row.text(7).map_err(&at)?).map_err(&malformed)?;
+    let payload = Payload::from_json(row.text(7).map_err(&at)?).map_err(&malformed)?;
     let metadata: Value = serde_json::from_str(row.text(8).map_err(&at)?)
         .map_err(|error| invalid(format!("metadata is not JSON: {error}")))?;
     let micros = row.integer(9).map_err(&at)?;
@@ -129,28 +131,17 @@ pub(super) fn decode_event(row: &impl EventRow) -> Result<PersistableDomainEvent
 
     Ok(PersistableDomainEvent {
         event_id,
-        aggregate_type_id: type_id(aggregate_type, aggregate_id),
+        aggregate_type_id: PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id),
         aggregate_id,
-        aggregate_type: aggregate_type.to_owned(),
+        aggregate_type: SmolStr::new(aggregate_type),
         sequence,
         position,
-        event_type: event_type.to_owned(),
-        event_version: event_version.to_owned(),
+        event_type: SmolStr::new(event_type),
+        event_version: SmolStr::new(event_version),
         payload,
         metadata,
         timestamp,
     })
-}
-
-/// [`PersistableDomainEvent::type_id_for`] without the formatting machinery.
-fn type_id(aggregate_type: &str, aggregate_id: Uuid) -> String {
-    let mut buffer = Uuid::encode_buffer();
-    let id = aggregate_id.hyphenated().encode_lower(&mut buffer);
-    let mut key = String::with_capacity(aggregate_type.len() + 1 + id.len());
-    key.push_str(aggregate_type);
-    key.push(':');
-    key.push_str(id);
-    key
 }
 
 /// `read_all`'s fast path on the sqlx pool (stores made by `from_pool`; the others read with
@@ -166,12 +157,12 @@ pub(super) const PAGE_SQL: &str = "SELECT json_group_array(json_array(position, 
 type PageRow = (
     i64,
     String,
-    String,
+    SmolStr,
     String,
     i64,
-    String,
-    String,
-    Value,
+    SmolStr,
+    SmolStr,
+    Payload,
     Value,
     i64,
 );

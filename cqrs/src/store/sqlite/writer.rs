@@ -479,7 +479,7 @@ fn bind_event<'q>(query: SqliteQuery<'q>, event: &'q PersistableDomainEvent) -> 
         .bind(event.sequence)
         .bind(event.event_type.as_str())
         .bind(event.event_version.as_str())
-        .bind(event.payload.to_string())
+        .bind(event.payload.as_str())
         .bind(event.metadata.to_string())
         .bind(to_micros(event.timestamp))
 }
@@ -722,7 +722,7 @@ async fn classify_refusal(
         ))));
     }
     Ok(Err(CQRSError::Conflict {
-        aggregate_type: first.aggregate_type.clone(),
+        aggregate_type: first.aggregate_type.to_string(),
         aggregate_id: first.aggregate_id,
         expected_sequence: expected,
     }))
@@ -880,7 +880,7 @@ mod tests {
                 position: 0,
                 event_type: "Added".into(),
                 event_version: "1".into(),
-                payload: serde_json::json!({ "Added": sequence }),
+                payload: serde_json::json!({ "Added": sequence }).into(),
                 metadata: serde_json::Value::Null,
                 timestamp: chrono::Utc::now(),
             })
