@@ -46,6 +46,7 @@ use crate::store::{
 use crate::view::Checkpoint;
 use smol_str::SmolStr;
 
+mod copy;
 mod dead_letters;
 mod payload;
 mod schema;
@@ -370,11 +371,13 @@ impl PostgresEventRepository {
         after_position: i64,
         limit: i64,
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        let rows = sqlx::query(&self.inner.sql.read_all)
-            .bind(after_position)
-            .bind(limit)
-            .fetch(&self.inner.pool);
-        collect_events(rows, usize::try_from(limit).unwrap_or(usize::MAX)).await
+        let sql = self.inner.sql.read_all_copy(after_position, limit);
+        copy::read_page(
+            &self.inner.pool,
+            &sql,
+            usize::try_from(limit).unwrap_or(usize::MAX),
+        )
+        .await
     }
 
     /// Waits until every transaction in progress now has ended, for at most the gap timeout.

@@ -125,7 +125,9 @@ pub(super) struct Statements {
     pub(super) find_ids: String,
     pub(super) load_events: String,
     pub(super) event_sequence: String,
-    pub(super) read_all: String,
+    /// `read_all`'s page as `COPY (SELECT ..) TO STDOUT (FORMAT binary)`, up to the bounds:
+    /// [`read_all_copy`](Self::read_all_copy) appends the bounds (COPY takes no parameters).
+    read_all_copy_head: String,
     pub(super) load_snapshot: String,
     pub(super) save_snapshot: String,
     pub(super) load_checkpoint: String,
@@ -136,6 +138,15 @@ pub(super) struct Statements {
 }
 
 impl Statements {
+    /// The `COPY` of up to `limit` events after `after_position`, in position order. Both
+    /// bounds are integers formatted here, so nothing from outside reaches the SQL text.
+    pub(super) fn read_all_copy(&self, after_position: i64, limit: i64) -> String {
+        format!(
+            "{}{after_position} ORDER BY position LIMIT {limit}) TO STDOUT (FORMAT binary)",
+            self.read_all_copy_head
+        )
+    }
+
     /// The statements for `schema`, which must have passed [`validate_identifier`].
     pub(super) fn new(schema: &str) -> Self {
         let s = format!("\"{schema}\"");
@@ -180,9 +191,8 @@ impl Statements {
                 "SELECT COALESCE(MAX(sequence), 0) FROM {s}.cqrs_events \
                  WHERE aggregate_type = $1 AND aggregate_id = $2"
             ),
-            read_all: format!(
-                "SELECT {EVENT_COLUMNS} FROM {s}.cqrs_events WHERE position > $1 \
-                 ORDER BY position LIMIT $2"
+            read_all_copy_head: format!(
+                "COPY (SELECT {EVENT_COLUMNS} FROM {s}.cqrs_events WHERE position > "
             ),
             load_snapshot: format!(
                 "SELECT sequence, state, \"timestamp\" FROM {s}.cqrs_snapshots \
