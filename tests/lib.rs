@@ -35,3 +35,19 @@ pub fn server_url(var: &str, suite: &str, example: &str) -> Option<String> {
         }
     }
 }
+
+/// JSON that a text-based store path could get wrong: escapes, non-ASCII, numbers at the
+/// edges of their types, deep nesting, a payload large enough to be stored out of line, and
+/// values that are not objects. The SQL stores' round-trip tests append these as payloads.
+pub fn awkward_payloads() -> Vec<serde_json::Value> {
+    use serde_json::json;
+    vec![
+        json!({ "Added": { "by": 1 } }),
+        json!({ "quote": "say \"hi\"\n\ttab \\ backslash", "unicode": "Zürich 東京 🚀" }),
+        json!({ "big": u64::MAX, "negative": i64::MIN, "float": 0.1, "exp": 1e21, "small": -0.25 }),
+        json!([[[[[[[[1, [2, [3, { "deep": null }]]]]]]]]]]),
+        json!({ "long": "x".repeat(200_000) }),
+        json!("just a string"),
+        json!(null),
+    ]
+}

@@ -1351,3 +1351,55 @@ async fn a_store_on_a_pool_of_your_own() {
         vec![2, 3]
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Payloads: the text goes in and comes back as the same JSON value, on both read paths
+// (the store's own read-only connections, and a pool of your own).
+
+async fn payloads_round_trip(store: &SqliteEventRepository) {
+    let id = Uuid::new_v4();
+    let payloads = cqrs_tests::awkward_payloads();
+    let mut events = counter_batch(id, 1, payloads.len() as i64);
+    for (i, (event, payload)) in events.iter_mut().zip(&payloads).enumerate() {
+        event.payload = payload.clone().into();
+        event.metadata = json!({ "n": i, "who": "tëst \"x\"" });
+    }
+    store.append(events.clone()).await.unwrap();
+    let read = store.read_all(0, 100).await.unwrap();
+    let loaded = store.load_events(Counter::NAME, id, 0).await.unwrap();
+    for stored in [&read, &loaded] {
+        assert_eq!(stored.len(), payloads.len());
+        for ((got, sent), payload) in stored.iter().zip(&events).zip(&payloads) {
+            assert_eq!(
+                got.payload, *payload,
+                "payload of sequence {}",
+                got.sequence
+            );
+            assert_eq!(got.metadata, sent.metadata);
+            assert_eq!(got.event_id, sent.event_id);
+            assert_eq!(got.aggregate_type_id, sent.aggregate_type_id);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_and_metadata_come_back_as_the_same_json() {
+    let db = TempDb::new();
+    payloads_round_trip(&db.open_fast().await).await;
+
+    let other = TempDb::new();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(other.path())
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let store = SqliteEventRepository::from_pool(pool, SqliteOptions::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    payloads_round_trip(&store).await;
+}
