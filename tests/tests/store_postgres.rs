@@ -1213,3 +1213,51 @@ async fn payloads_and_metadata_come_back_as_the_same_json() {
     assert_eq!(one_by_one, read);
     fx.drop_schema().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// `connect`'s pool pings only connections that sat idle.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_replaces_connections_the_server_closed_while_they_were_idle() {
+    let Some(base) = url("connect_replaces_connections_the_server_closed_while_they_were_idle")
+    else {
+        return;
+    };
+    // A name of its own, so that only this test's connections are terminated.
+    let name = format!("cqrs_idle_{}", Uuid::new_v4().simple());
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let store =
+        PostgresEventRepository::connect(&format!("{base}{separator}application_name={name}"))
+            .await
+            .unwrap()
+            .with_schema(&schema)
+            .unwrap();
+    store.migrate().await.unwrap();
+    let id = Uuid::new_v4();
+    store.append(vec![added(id, 1, 1)]).await.unwrap();
+
+    let mut admin = PgConnection::connect(&base).await.unwrap();
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1) AS t",
+    )
+    .bind(&name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(terminated >= 1, "no connection of the store was found");
+
+    // Idle for longer than IDLE_PING_AFTER: the ping finds the dead connection and the pool
+    // opens a new one, so the caller never sees the server's restart.
+    tokio::time::sleep(cqrs::store::postgres::IDLE_PING_AFTER + Duration::from_millis(500)).await;
+    assert_eq!(store.event_sequence(Counter::NAME, id).await.unwrap(), 1);
+    store.append(vec![added(id, 2, 1)]).await.unwrap();
+    assert_eq!(positions(&store.read_all(0, 10).await.unwrap()).len(), 2);
+
+    admin
+        .execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
+        .await
+        .unwrap();
+    store.pool().close().await;
+}

@@ -157,13 +157,29 @@ impl std::fmt::Debug for PostgresEventRepository {
 }
 
 impl PostgresEventRepository {
-    /// Connects a pool (sqlx's default options) to `url`; the tables live in the schema
-    /// `public` unless [`with_schema`](Self::with_schema) says otherwise.
+    /// Connects a pool to `url`; the tables live in the schema `public` unless
+    /// [`with_schema`](Self::with_schema) says otherwise.
+    ///
+    /// The pool has sqlx's default options but one: a connection taken from the pool is
+    /// pinged first only when it sat idle for [`IDLE_PING_AFTER`] or longer (sqlx pings
+    /// before every use by default, a round trip per statement). A connection the server
+    /// closed within that second fails its statement with
+    /// [`CQRSError::PersistenceError`], which a retry of the command gets past. Use
+    /// [`from_pool`](Self::from_pool) to choose otherwise.
     ///
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the URL is invalid or the server unreachable.
     pub async fn connect(url: &str) -> Result<Self, CQRSError> {
         let pool = PgPoolOptions::new()
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_PING_AFTER {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(url)
             .await
             .map_err(CQRSError::persistence)?;
@@ -598,6 +614,10 @@ async fn listener(
         }
     }
 }
+
+/// How long a connection of a pool made by [`PostgresEventRepository::connect`] may sit idle
+/// before it is pinged when taken from the pool.
+pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
 /// The identity of an event, as sent in an append or found stored.
 struct StoredIdentity {
