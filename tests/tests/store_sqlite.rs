@@ -54,6 +54,25 @@ impl TempDb {
         store
     }
 
+    /// A store on a sqlx pool the test made (`from_pool`): its reads go through sqlx rather
+    /// than the store's own read-only connections.
+    async fn open_on_own_pool(&self) -> SqliteEventRepository {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&self.path)
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let store = SqliteEventRepository::from_pool(pool, SqliteOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
     /// A store without the fsync per commit, for tests about logic rather than durability.
     async fn open_fast(&self) -> SqliteEventRepository {
         self.open_with(SqliteOptions::default().durability(Durability::Normal))
@@ -1319,19 +1338,7 @@ async fn a_killed_writer_leaves_only_whole_commands() {
 #[tokio::test]
 async fn a_store_on_a_pool_of_your_own() {
     let db = TempDb::new();
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db.path())
-        .create_if_missing(true)
-        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(2)
-        .connect_with(options)
-        .await
-        .unwrap();
-    let store = SqliteEventRepository::from_pool(pool, SqliteOptions::default())
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
+    let store = db.open_on_own_pool().await;
     let id = Uuid::new_v4();
     let positions = store.append(counter_batch(id, 1, 3)).await.unwrap();
     assert_eq!(positions, vec![1, 2, 3]);
@@ -1388,18 +1395,5 @@ async fn payloads_and_metadata_come_back_as_the_same_json() {
     payloads_round_trip(&db.open_fast().await).await;
 
     let other = TempDb::new();
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(other.path())
-        .create_if_missing(true)
-        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(2)
-        .connect_with(options)
-        .await
-        .unwrap();
-    let store = SqliteEventRepository::from_pool(pool, SqliteOptions::default())
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    payloads_round_trip(&store).await;
+    payloads_round_trip(&other.open_on_own_pool().await).await;
 }
