@@ -149,7 +149,10 @@ impl fmt::Display for Payload {
     }
 }
 
-/// Serializes as the JSON value itself; with `serde_json` the text is copied as it is.
+/// Serializes as [`serde_json::value::RawValue`] does: with `serde_json`, the JSON value
+/// itself, its text copied as it is; with another format, a one-field struct holding the
+/// text. The text is parsed once more on the way (serde_json only lends a `RawValue` it
+/// checked itself).
 impl Serialize for Payload {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;

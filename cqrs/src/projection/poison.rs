@@ -139,6 +139,21 @@ impl DeadLetter {
             recorded_at: Utc::now(),
         }
     }
+
+    /// What a [`DeadLetters::record_and_skip`] implementation checks first: skipping the
+    /// event must move the checkpoint forward from `from`.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the letter's position is not after `from`.
+    pub(crate) fn ensure_after(&self, from: i64) -> Result<(), CQRSError> {
+        if self.position <= from {
+            return Err(CQRSError::persistence(format!(
+                "dead letter at position {} is not after the checkpoint {from} of {}",
+                self.position, self.projection
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// What [`DeadLetters::record_and_skip`] did.

@@ -248,12 +248,7 @@ impl DeadLetters for PostgresDeadLetters {
         letter: &DeadLetter,
         from: i64,
     ) -> Result<DeadLetterSkip, CQRSError> {
-        if letter.position <= from {
-            return Err(CQRSError::persistence(format!(
-                "dead letter at position {} is not after the checkpoint {from} of {}",
-                letter.position, letter.projection
-            )));
-        }
+        letter.ensure_after(from)?;
         self.ensure_table().await?;
         // Dropping the transaction before its commit rolls it back.
         let mut tx = self
