@@ -435,3 +435,84 @@ pub struct EventEnvelope<E> {
     /// When the event was created.
     pub timestamp: DateTime<Utc>,
 }
+
+/// The names of the last stored row decoded, handed out again while the next rows repeat
+/// them: the events of one command come together, and a store's rows mostly name a few
+/// event types, so most rows then build no name of their own (the `aggregate_type_id` of a
+/// long aggregate name is an allocation; here it is a shared one).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[derive(Debug, Default)]
+pub(crate) struct RowNames {
+    aggregate_type: SmolStr,
+    aggregate_id: Uuid,
+    aggregate_type_id: SmolStr,
+    event_type: SmolStr,
+    event_version: SmolStr,
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+impl RowNames {
+    fn reuse(slot: &mut SmolStr, text: &str) -> SmolStr {
+        if slot.as_str() != text {
+            *slot = SmolStr::new(text);
+        }
+        slot.clone()
+    }
+
+    /// `(aggregate_type, aggregate_type_id)` of a row.
+    pub(crate) fn aggregate(
+        &mut self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> (SmolStr, SmolStr) {
+        if self.aggregate_id != aggregate_id
+            || self.aggregate_type.as_str() != aggregate_type
+            || self.aggregate_type_id.is_empty()
+        {
+            self.aggregate_type = SmolStr::new(aggregate_type);
+            self.aggregate_id = aggregate_id;
+            self.aggregate_type_id =
+                PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id);
+        }
+        (self.aggregate_type.clone(), self.aggregate_type_id.clone())
+    }
+
+    /// A row's event type.
+    pub(crate) fn event_type(&mut self, text: &str) -> SmolStr {
+        Self::reuse(&mut self.event_type, text)
+    }
+
+    /// A row's event version.
+    pub(crate) fn event_version(&mut self, text: &str) -> SmolStr {
+        Self::reuse(&mut self.event_version, text)
+    }
+}
+
+#[cfg(all(test, any(feature = "sqlite", feature = "postgres")))]
+mod row_names_tests {
+    use super::*;
+
+    #[test]
+    fn row_names_follow_every_change_of_name() {
+        let mut names = RowNames::default();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let first = names.aggregate("account", a);
+        assert_eq!(first.1, PersistableDomainEvent::type_id_for("account", a));
+        assert_eq!(names.aggregate("account", a), first);
+        assert_eq!(
+            names.aggregate("account", b).1,
+            PersistableDomainEvent::type_id_for("account", b)
+        );
+        let other = names.aggregate("ledger", b);
+        assert_eq!(other.0, "ledger");
+        assert_eq!(other.1, PersistableDomainEvent::type_id_for("ledger", b));
+        // The nil id is the starting state: the first row with it still gets its key.
+        let nil = RowNames::default().aggregate("", Uuid::nil());
+        assert_eq!(nil.1, PersistableDomainEvent::type_id_for("", Uuid::nil()));
+        assert_eq!(names.event_type("Opened"), "Opened");
+        assert_eq!(names.event_type("Opened"), "Opened");
+        assert_eq!(names.event_type("Deposited"), "Deposited");
+        assert_eq!(names.event_version("1"), "1");
+        assert_eq!(names.event_version("2"), "2");
+    }
+}

@@ -39,7 +39,7 @@ use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
 use crate::error::CQRSError;
-use crate::event::PersistableDomainEvent;
+use crate::event::{PersistableDomainEvent, RowNames};
 use crate::store::{
     validate_batch, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
 };
@@ -635,29 +635,31 @@ async fn collect_events(
     expected: usize,
 ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
     let mut events = Vec::with_capacity(expected.min(1024));
+    let mut names = RowNames::default();
     while let Some(row) = rows.try_next().await.map_err(CQRSError::persistence)? {
-        events.push(decode_event(&row)?);
+        events.push(decode_event(&row, &mut names)?);
     }
     Ok(events)
 }
 
 /// Reads one row of `cqrs_events` (columns in `EVENT_COLUMNS` order).
-fn decode_event(row: &PgRow) -> Result<PersistableDomainEvent, CQRSError> {
+fn decode_event(row: &PgRow, names: &mut RowNames) -> Result<PersistableDomainEvent, CQRSError> {
     let position: i64 = row.try_get(0).map_err(CQRSError::persistence)?;
     let field = |e: sqlx::Error| {
         CQRSError::persistence(format!("row at position {position} of cqrs_events: {e}"))
     };
     let aggregate_type: &str = row.try_get(2).map_err(field)?;
     let aggregate_id: Uuid = row.try_get(3).map_err(field)?;
+    let (aggregate_type, aggregate_type_id) = names.aggregate(aggregate_type, aggregate_id);
     Ok(PersistableDomainEvent {
         event_id: row.try_get(1).map_err(field)?,
-        aggregate_type_id: PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id),
+        aggregate_type_id,
         aggregate_id,
-        aggregate_type: SmolStr::new(aggregate_type),
+        aggregate_type,
         sequence: row.try_get(4).map_err(field)?,
         position,
-        event_type: SmolStr::new(row.try_get::<&str, _>(5).map_err(field)?),
-        event_version: SmolStr::new(row.try_get::<&str, _>(6).map_err(field)?),
+        event_type: names.event_type(row.try_get::<&str, _>(5).map_err(field)?),
+        event_version: names.event_version(row.try_get::<&str, _>(6).map_err(field)?),
         payload: row.try_get(7).map_err(field)?,
         metadata: row.try_get(8).map_err(field)?,
         timestamp: row.try_get(9).map_err(field)?,

@@ -83,6 +83,7 @@ pub use sqlx;
 use self::reader::EventReader;
 use self::rows::{decode_event, EVENT_COLUMNS};
 use self::writer::{Job, Readers, WriteConnection};
+use crate::event::RowNames;
 
 /// How hard a commit works to survive a power cut (SQLite's `synchronous` setting, in WAL
 /// mode).
@@ -520,7 +521,12 @@ impl EventRepository for SqliteEventRepository {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(CQRSError::persistence)?;
-        rows.iter().map(decode_event).collect()
+        {
+            let mut names = RowNames::default();
+            rows.iter()
+                .map(|row| decode_event(row, &mut names))
+                .collect()
+        }
     }
 
     async fn event_sequence(
@@ -574,7 +580,12 @@ impl EventRepository for SqliteEventRepository {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(CQRSError::persistence)?;
-        rows.iter().map(decode_event).collect()
+        {
+            let mut names = RowNames::default();
+            rows.iter()
+                .map(|row| decode_event(row, &mut names))
+                .collect()
+        }
     }
 
     fn subscribe(&self) -> Option<watch::Receiver<i64>> {

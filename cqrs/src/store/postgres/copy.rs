@@ -13,12 +13,11 @@
 //! -1 ends the data. Every integer is big-endian.
 
 use futures_util::stream::TryStreamExt;
-use smol_str::SmolStr;
 use sqlx::postgres::{PgPool, PgPoolCopyExt};
 use uuid::Uuid;
 
 use crate::error::CQRSError;
-use crate::event::PersistableDomainEvent;
+use crate::event::{PersistableDomainEvent, RowNames};
 use crate::payload::Payload;
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
@@ -43,6 +42,7 @@ pub(super) async fn read_page(
         header_read: false,
         finished: false,
         events: Vec::with_capacity(expected.min(4096)),
+        names: RowNames::default(),
     };
     while let Some(chunk) = chunks.try_next().await.map_err(CQRSError::persistence)? {
         parser.feed(&chunk)?;
@@ -63,6 +63,7 @@ struct Parser {
     header_read: bool,
     finished: bool,
     events: Vec<PersistableDomainEvent>,
+    names: RowNames,
 }
 
 impl Parser {
@@ -120,7 +121,7 @@ impl Parser {
                     "a row of {fields} columns, not {COLUMNS}"
                 )));
             }
-            match decode_row(&mut reader)? {
+            match decode_row(&mut reader, &mut self.names)? {
                 Some(event) => self.events.push(event),
                 None => return Ok(start),
             }
@@ -195,7 +196,10 @@ fn jsonb(bytes: &[u8]) -> Option<&str> {
 }
 
 /// One row, in `EVENT_COLUMNS` order; `Ok(None)` when the data ends inside it.
-fn decode_row(reader: &mut Reader<'_>) -> Result<Option<PersistableDomainEvent>, CQRSError> {
+fn decode_row(
+    reader: &mut Reader<'_>,
+    names: &mut RowNames,
+) -> Result<Option<PersistableDomainEvent>, CQRSError> {
     let position = int8(field!(reader, None, "position"))
         .ok_or_else(|| corrupt(None, "position is not an int8"))?;
     let at = Some(position);
@@ -219,15 +223,16 @@ fn decode_row(reader: &mut Reader<'_>) -> Result<Option<PersistableDomainEvent>,
         "null" => serde_json::Value::Null,
         other => serde_json::from_str(other).map_err(|_| bad("metadata"))?,
     };
+    let (aggregate_type, aggregate_type_id) = names.aggregate(aggregate_type, aggregate_id);
     Ok(Some(PersistableDomainEvent {
         event_id,
-        aggregate_type_id: PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id),
+        aggregate_type_id,
         aggregate_id,
-        aggregate_type: SmolStr::new(aggregate_type),
+        aggregate_type,
         sequence,
         position,
-        event_type: SmolStr::new(event_type),
-        event_version: SmolStr::new(event_version),
+        event_type: names.event_type(event_type),
+        event_version: names.event_version(event_version),
         // PostgreSQL checked the JSON when it stored it.
         payload: Payload::from_checked(payload),
         metadata,
@@ -275,6 +280,7 @@ mod tests {
             header_read: false,
             finished: false,
             events: Vec::new(),
+            names: RowNames::default(),
         };
         for piece in data.chunks(chunk) {
             parser.feed(piece)?;

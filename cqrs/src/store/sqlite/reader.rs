@@ -20,7 +20,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::Semaphore;
 
 use crate::error::CQRSError;
-use crate::event::PersistableDomainEvent;
+use crate::event::{PersistableDomainEvent, RowNames};
 
 use super::rows::{decode_event, EventRow, EVENT_COLUMNS};
 
@@ -154,8 +154,9 @@ fn decode_rows(
     capacity: usize,
 ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
     let mut events = Vec::with_capacity(capacity);
+    let mut names = RowNames::default();
     while let Some(row) = rows.next().map_err(CQRSError::persistence)? {
-        events.push(decode_event(&Columns(row))?);
+        events.push(decode_event(&Columns(row), &mut names)?);
     }
     Ok(events)
 }

@@ -9,7 +9,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::error::{CQRSError, DecodeError, EventDecodeError};
-use crate::event::PersistableDomainEvent;
+use crate::event::{PersistableDomainEvent, RowNames};
 use crate::payload::Payload;
 use smol_str::SmolStr;
 
@@ -90,7 +90,10 @@ fn corrupt_at(position: i64) -> impl Fn(String) -> CQRSError {
 /// A payload or metadata that is not JSON, a bad event id or timestamp: an
 /// [`EventDecodeError`] naming the aggregate and sequence. A row whose aggregate id or
 /// sequence cannot be read: a [`CorruptRow`] naming its position.
-pub(super) fn decode_event(row: &impl EventRow) -> Result<PersistableDomainEvent, CQRSError> {
+pub(super) fn decode_event(
+    row: &impl EventRow,
+    names: &mut RowNames,
+) -> Result<PersistableDomainEvent, CQRSError> {
     let position: i64 = row
         .integer(0)
         .map_err(|error| corrupt("cqrs_events", "with an unreadable position", error))?;
@@ -129,15 +132,16 @@ pub(super) fn decode_event(row: &impl EventRow) -> Result<PersistableDomainEvent
     let timestamp = from_micros(micros)
         .ok_or_else(|| invalid(format!("timestamp {micros} is out of range")))?;
 
+    let (aggregate_type, aggregate_type_id) = names.aggregate(aggregate_type, aggregate_id);
     Ok(PersistableDomainEvent {
         event_id,
-        aggregate_type_id: PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id),
+        aggregate_type_id,
         aggregate_id,
-        aggregate_type: SmolStr::new(aggregate_type),
+        aggregate_type,
         sequence,
         position,
-        event_type: SmolStr::new(event_type),
-        event_version: SmolStr::new(event_version),
+        event_type: names.event_type(event_type),
+        event_version: names.event_version(event_version),
         payload,
         metadata,
         timestamp,
