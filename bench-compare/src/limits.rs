@@ -458,7 +458,11 @@ pub async fn postgres_catch_up(url: &str) -> BoxResult<()> {
     use cqrs::EventRepository;
     const ACCOUNTS: usize = 1_000;
     const PER_ACCOUNT: i64 = 10;
-    const PAGE: usize = 500;
+    let page_size = std::env::var("BENCH_PAGE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&v: &usize| v > 0)
+        .unwrap_or(500);
     let runs = std::env::var("BENCH_LIMIT_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -518,7 +522,7 @@ pub async fn postgres_catch_up(url: &str) -> BoxResult<()> {
         let start = Instant::now();
         let (mut after, mut read) = (0, 0);
         loop {
-            let page = reader.read_all(after, PAGE).await?;
+            let page = reader.read_all(after, page_size).await?;
             let Some(last) = page.last() else {
                 break;
             };

@@ -18,6 +18,7 @@
 //! reads `BENCH_LAG_RUNS` (default 3), `BENCH_LAG_SECS`, `BENCH_LAG_MAX_SECS` and
 //! `BENCH_LAG_LOADS` (see `lag.rs`).
 
+mod catch_up;
 mod chart;
 mod lag;
 mod limits;
@@ -178,6 +179,13 @@ async fn profile(mode: &str) -> BoxResult<()> {
             }
         }
         "sqlite" => limits::sqlite_parts().await?,
+        "catch_up" => {
+            let mut ratios = Vec::new();
+            catch_up::run(env_usize("BENCH_LIMIT_RUNS", 5), &mut ratios).await?;
+            for line in &ratios {
+                report!("{line}");
+            }
+        }
         "lag" => lag::profile().await?,
         "postgres" => {
             let url = std::env::var("CQRS_POSTGRES_URL")
@@ -374,6 +382,7 @@ async fn run() -> BoxResult<()> {
         ),
     }
 
+    catch_up::run(runs_limits, &mut ratios).await?;
     lag::run(&mut ratios).await?;
 
     report!();
