@@ -452,48 +452,17 @@ async fn postgres_append(url: &str, schema: &str, concurrency: usize) -> BoxResu
 }
 
 /// `read_all` catching up through 10,000 events (1,000 accounts of 10, one append each) in
-/// pages of 500, as a projection does (`BENCH_PG_PARTS=catch_up`): events/s of each of
+/// pages of 500 (`BENCH_PAGE`), as a projection does (`BENCH_PG_PARTS=catch_up`): events/s of each of
 /// `BENCH_LIMIT_RUNS` (default 5) full reads, and their median.
 pub async fn postgres_catch_up(url: &str) -> BoxResult<()> {
-    use cqrs::EventRepository;
-    const ACCOUNTS: usize = 1_000;
-    const PER_ACCOUNT: i64 = 10;
-    let page_size = std::env::var("BENCH_PAGE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&v: &usize| v > 0)
-        .unwrap_or(500);
-    let runs = std::env::var("BENCH_LIMIT_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&v: &usize| v > 0)
-        .unwrap_or(5);
+    let page_size = crate::env_usize("BENCH_PAGE", crate::catch_up::PAGE);
+    let runs = crate::env_usize("BENCH_LIMIT_RUNS", 5);
     let schema = format!("bench_pcatchup_{}", Uuid::new_v4().simple());
     let pool = pg_pool(url, 8).await?;
     let store = PostgresEventRepository::from_pool(pool.clone()).with_schema(&schema)?;
     store.migrate().await?;
-    for _ in 0..ACCOUNTS {
-        let id = Uuid::new_v4();
-        let mut events = Vec::with_capacity(PER_ACCOUNT as usize);
-        for sequence in 1..=PER_ACCOUNT {
-            let event = if sequence == 1 {
-                cqrs_examples::bank::BankEvent::Opened {
-                    owner: "alice".to_owned(),
-                }
-            } else {
-                cqrs_examples::bank::BankEvent::deposited(100)
-            };
-            events.push(cqrs::PersistableDomainEvent::new(
-                "bank_account",
-                id,
-                sequence,
-                &event,
-                serde_json::Value::Null,
-            )?);
-        }
-        store.append(events).await?;
-    }
-    let total = ACCOUNTS * PER_ACCOUNT as usize;
+    crate::catch_up::fill(&store).await?;
+    let total = crate::catch_up::EVENTS;
     let mut rates = Vec::with_capacity(runs);
     // CPU time (clock ticks) of this process and of the database's backends, for the split.
     let backends: Vec<i32> = sqlx::query_scalar(
@@ -519,20 +488,7 @@ pub async fn postgres_catch_up(url: &str) -> BoxResult<()> {
     for run in 0..runs {
         // A fresh handle each time: no settled watermark carried over.
         let reader = PostgresEventRepository::from_pool(pool.clone()).with_schema(&schema)?;
-        let start = Instant::now();
-        let (mut after, mut read) = (0, 0);
-        loop {
-            let page = reader.read_all(after, page_size).await?;
-            let Some(last) = page.last() else {
-                break;
-            };
-            after = last.position;
-            read += page.len();
-        }
-        let rate = read as f64 / start.elapsed().as_secs_f64();
-        if read != total {
-            return Err(format!("catch-up read {read} of {total} events").into());
-        }
+        let rate = crate::catch_up::read_all_rate(&reader, page_size).await?;
         report!("postgres catch_up, run {run}: {rate:>9.0} events/s");
         rates.push(rate);
     }
