@@ -73,6 +73,22 @@ impl MemoryEventRepository {
         }
     }
 
+    /// Publishes the new last position to the receivers of
+    /// [`subscribe`](EventRepository::subscribe).
+    ///
+    /// A watch channel wakes its waiters under a round of locks on every send. With no
+    /// receiver there is nobody to wake, so the value changes without that round. The
+    /// count is read under the channel's write lock, and a receiver counts itself before
+    /// it can read the value: one that subscribes meanwhile either is counted (and woken)
+    /// or reads the new value.
+    fn publish(&self, position: i64) {
+        let sender = &self.inner.position;
+        sender.send_if_modified(|current| {
+            *current = position;
+            sender.receiver_count() > 0
+        });
+    }
+
     /// How many events the store holds.
     pub fn len(&self) -> usize {
         self.read().events.len()
@@ -102,7 +118,7 @@ impl MemoryEventRepository {
             .push(index);
         inner.events.push(event);
         drop(inner);
-        self.inner.position.send_replace(index as i64 + 1);
+        self.publish(index as i64 + 1);
         index as i64 + 1
     }
 
@@ -258,7 +274,7 @@ impl EventRepository for MemoryEventRepository {
         }
         inner.events.extend(events);
         let last = inner.events.len() as i64;
-        self.inner.position.send_replace(last);
+        self.publish(last);
         Ok(positions)
     }
 
@@ -426,5 +442,55 @@ impl CheckpointRepository for MemoryCheckpointRepository {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.insert(checkpoint.name, checkpoint.position);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn event(aggregate_id: Uuid, sequence: i64) -> PersistableDomainEvent {
+        PersistableDomainEvent {
+            event_id: Uuid::new_v4(),
+            aggregate_type_id: PersistableDomainEvent::type_id_for("t", aggregate_id),
+            aggregate_id,
+            aggregate_type: "t".into(),
+            sequence,
+            position: 0,
+            event_type: "E".into(),
+            event_version: "1".into(),
+            payload: serde_json::json!({}).into(),
+            metadata: serde_json::Value::Null,
+            timestamp: chrono::Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_every_position_whether_they_came_before_or_after() {
+        let store = MemoryEventRepository::new();
+        let id = Uuid::new_v4();
+        // Appended with nobody listening: a later subscriber reads it.
+        store.append(vec![event(id, 1)]).await.unwrap();
+        let mut early = store.subscribe().unwrap();
+        assert_eq!(*early.borrow_and_update(), 1);
+        // Appended while subscribed: the subscriber is woken with the new position.
+        let waiting = tokio::spawn(async move {
+            early.changed().await.unwrap();
+            *early.borrow_and_update()
+        });
+        tokio::task::yield_now().await;
+        store
+            .append(vec![event(id, 2), event(id, 3)])
+            .await
+            .unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the subscriber was woken")
+            .unwrap();
+        assert_eq!(seen, 3);
+        // The subscriber is gone again: the next append still moves the position.
+        store.append(vec![event(id, 4)]).await.unwrap();
+        assert_eq!(*store.subscribe().unwrap().borrow(), 4);
     }
 }
