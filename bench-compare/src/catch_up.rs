@@ -11,7 +11,6 @@
 //! Both run alternately with ours on the same 10,000 events, so the ratio holds on any
 //! machine, where the events/s figures do not.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use cqrs::{
@@ -131,8 +130,7 @@ fn sqlite_raw(path: &std::path::Path) -> BoxResult<f64> {
 
 /// SQLite: ours against the raw scan, `runs` of each, alternating.
 pub async fn sqlite(runs: usize) -> BoxResult<CatchUp> {
-    let path: PathBuf =
-        std::env::temp_dir().join(format!("bench-compare-catch-up-{}.db", Uuid::new_v4()));
+    let path = crate::limits::temp_file("catch-up");
     let store = SqliteEventRepository::open(&path).await?;
     fill(&store).await?;
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
@@ -145,9 +143,7 @@ pub async fn sqlite(runs: usize) -> BoxResult<CatchUp> {
         );
     }
     drop(store);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    crate::limits::remove_sqlite(&path);
     Ok(CatchUp {
         ours: median(&mut ours),
         raw: median(&mut raw),

@@ -14,7 +14,7 @@
 //! default 8 as in the runner; 1 for sequential loads), `CQRS_POSTGRES_URL` (PostgreSQL is
 //! skipped when unset).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use tokio::time::MissedTickBehavior;
 use uuid::Uuid;
 
+use crate::limits::{remove_sqlite, temp_file};
 use crate::{env_usize, median, report, BoxResult};
 
 /// Concurrent producers, in both phases.
@@ -231,16 +232,6 @@ where
     })
 }
 
-fn temp_file() -> PathBuf {
-    std::env::temp_dir().join(format!("bench-compare-lag-{}.sqlite", Uuid::new_v4()))
-}
-
-fn remove_sqlite(path: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
-}
-
 async fn sqlite_store(path: &Path) -> BoxResult<SqliteEventRepository> {
     // The defaults: Durability::Full (WAL + synchronous=FULL).
     let store =
@@ -251,14 +242,14 @@ async fn sqlite_store(path: &Path) -> BoxResult<SqliteEventRepository> {
 }
 
 async fn sqlite_run(max_secs: Duration, secs: Duration) -> BoxResult<LagRun> {
-    let path = temp_file();
+    let path = temp_file("lag");
     let store = sqlite_store(&path).await?;
     let rate = max_rate(Arc::new(CQRSFramework::new(store.clone())), max_secs).await?;
     drop(store);
     tokio::time::sleep(Duration::from_millis(50)).await;
     remove_sqlite(&path);
 
-    let path = temp_file();
+    let path = temp_file("lag");
     let store = sqlite_store(&path).await?;
     let views = store.views::<BalanceView>();
     let run = lag_phase(store, views, rate, secs).await;

@@ -34,11 +34,11 @@ pub struct SqliteLimits {
     pub ours_8_readers_8: f64,
 }
 
-fn temp_file(tag: &str) -> PathBuf {
+pub(crate) fn temp_file(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("bench-compare-{tag}-{}.sqlite", Uuid::new_v4()))
 }
 
-fn remove_sqlite(path: &Path) {
+pub(crate) fn remove_sqlite(path: &Path) {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }

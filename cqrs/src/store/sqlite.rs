@@ -81,9 +81,8 @@ pub use self::writer::WriterError;
 pub use sqlx;
 
 use self::reader::EventReader;
-use self::rows::{decode_event, EVENT_COLUMNS};
+use self::rows::{decode_events, EVENT_COLUMNS};
 use self::writer::{Job, Readers, WriteConnection};
-use crate::event::RowNames;
 
 /// How hard a commit works to survive a power cut (SQLite's `synchronous` setting, in WAL
 /// mode).
@@ -521,12 +520,7 @@ impl EventRepository for SqliteEventRepository {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(CQRSError::persistence)?;
-        {
-            let mut names = RowNames::default();
-            rows.iter()
-                .map(|row| decode_event(row, &mut names))
-                .collect()
-        }
+        decode_events(&rows)
     }
 
     async fn event_sequence(
@@ -580,12 +574,7 @@ impl EventRepository for SqliteEventRepository {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(CQRSError::persistence)?;
-        {
-            let mut names = RowNames::default();
-            rows.iter()
-                .map(|row| decode_event(row, &mut names))
-                .collect()
-        }
+        decode_events(&rows)
     }
 
     fn subscribe(&self) -> Option<watch::Receiver<i64>> {
