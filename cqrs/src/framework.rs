@@ -338,13 +338,96 @@ impl<A: Aggregate> CQRSFramework<A> {
         command: A::Commands,
         metadata: &M,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let metadata = serde_json::to_value(metadata).map_err(|source| {
+        let metadata = self.metadata_value(aggregate_id, metadata)?;
+        self.dispatch_inner(aggregate_id, command, metadata).await
+    }
+
+    fn metadata_value<M: Serialize + ?Sized>(
+        &self,
+        aggregate_id: Uuid,
+        metadata: &M,
+    ) -> Result<Value, A::Errors> {
+        serde_json::to_value(metadata).map_err(|source| {
             A::Errors::from(CQRSError::Serialization {
                 what: format!("metadata for {} {aggregate_id}", A::NAME),
                 source,
             })
-        })?;
-        self.dispatch_inner(aggregate_id, command, metadata).await
+        })
+    }
+
+    /// Runs a command on an aggregate that must not exist yet, without reading the store.
+    ///
+    /// For a command that starts an aggregate under an id the caller just made (an account
+    /// opened under a fresh UUID), reading its empty history first is a wasted round trip
+    /// to the store. `dispatch_new` decides on `A::State::default()` and appends the events
+    /// at sequence 1. The premise is checked, never assumed: if the aggregate has events,
+    /// the append is refused by the store's unique sequence (or the state cache already
+    /// knows it), nothing is stored, and the result is [`CQRSError::Conflict`] with
+    /// `expected_sequence: 0`, whatever the [`RetryPolicy`] (a retry would meet the same
+    /// history; use [`dispatch`](Self::dispatch) for an aggregate that may exist). When the
+    /// domain refuses the command, or accepts it without events, one cheap read
+    /// ([`EventRepository::event_sequence`]) confirms that the aggregate is new before that
+    /// answer is returned; if it is not, the result is the same conflict.
+    ///
+    /// ```
+    /// # use cqrs::{Aggregate, CQRSError, DomainEvent};
+    /// # use serde::{Deserialize, Serialize};
+    /// # use uuid::Uuid;
+    /// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+    /// # enum CounterEvent { Incremented { by: u32 } }
+    /// # #[derive(Debug, Clone)] enum CounterCommand { Increment { by: u32 } }
+    /// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
+    /// # #[derive(Debug, Clone, Default, Serialize, Deserialize)] struct CounterState { value: u32 }
+    /// # #[derive(Default)] struct Counter;
+    /// # impl Aggregate for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type Events = CounterEvent; type Commands = CounterCommand; type Errors = CounterError; type State = CounterState;
+    /// #     async fn handle_command(&self, _: Uuid, _: &CounterState, c: CounterCommand) -> Result<Vec<CounterEvent>, CounterError> {
+    /// #         let CounterCommand::Increment { by } = c; Ok(vec![CounterEvent::Incremented { by }]) }
+    /// #     fn handle_event(&self, s: &mut CounterState, e: &CounterEvent) { let CounterEvent::Incremented { by } = e; s.value += by; }
+    /// # }
+    /// use cqrs::{CQRSError, CQRSFramework, MemoryEventRepository};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let framework = CQRSFramework::<Counter>::new(MemoryEventRepository::new());
+    /// let id = Uuid::new_v4();
+    /// let receipt = framework.dispatch_new(id, CounterCommand::Increment { by: 2 }).await?;
+    /// assert_eq!(receipt.sequence, 1);
+    ///
+    /// // The aggregate exists now: a second `dispatch_new` is a conflict and stores nothing.
+    /// let again = framework.dispatch_new(id, CounterCommand::Increment { by: 3 }).await;
+    /// assert!(matches!(again, Err(CounterError(CQRSError::Conflict { expected_sequence: 0, .. }))));
+    /// assert_eq!(framework.load(id).await?.value, 2);
+    /// # Ok::<(), CounterError>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    /// [`CQRSError::Conflict`] if the aggregate already has events; otherwise as
+    /// [`dispatch`](Self::dispatch).
+    pub async fn dispatch_new(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        self.dispatch_new_inner(aggregate_id, command, Value::Null)
+            .await
+    }
+
+    /// [`dispatch_new`](Self::dispatch_new) storing `metadata` (as JSON) with each event.
+    ///
+    /// # Errors
+    /// As [`dispatch_new`](Self::dispatch_new), plus [`CQRSError::Serialization`] if the
+    /// metadata does not serialize.
+    pub async fn dispatch_new_with_metadata<M: Serialize + ?Sized>(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+        metadata: &M,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        let metadata = self.metadata_value(aggregate_id, metadata)?;
+        self.dispatch_new_inner(aggregate_id, command, metadata)
+            .await
     }
 
     /// The aggregate's current state, rebuilt from the store (snapshot plus later events).
@@ -426,6 +509,60 @@ impl<A: Aggregate> CQRSFramework<A> {
                     }
                     Outcome::Failed(error) => return Err(error.into()),
                 }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn dispatch_new_inner(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+        metadata: Value,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        let span = tracing::debug_span!(
+            "dispatch_new",
+            aggregate_type = A::NAME,
+            aggregate_id = %aggregate_id,
+            sequence = tracing::field::Empty,
+        );
+        async move {
+            let exists = || CQRSError::Conflict {
+                aggregate_type: A::NAME.to_owned(),
+                aggregate_id,
+                expected_sequence: 0,
+            };
+            let empty = Loaded {
+                state: A::State::default(),
+                sequence: 0,
+            };
+            let loaded = match self.cache.as_ref().and_then(|c| c.take(aggregate_id)) {
+                Some(cached) if cached.sequence > 0 => {
+                    self.keep(aggregate_id, cached);
+                    return Err(exists().into());
+                }
+                _ => empty,
+            };
+            match self
+                .try_once(aggregate_id, loaded, command, &metadata)
+                .await
+            {
+                Outcome::Appended(receipt) if !receipt.events.is_empty() => Ok(receipt),
+                // Decided without an append: on the empty state only if the aggregate is
+                // new. `try_once` cached that empty state; drop it if it is wrong.
+                outcome @ (Outcome::Appended(_) | Outcome::Refused(_)) => {
+                    if self.events.event_sequence(A::NAME, aggregate_id).await? > 0 {
+                        self.forget(aggregate_id);
+                        return Err(exists().into());
+                    }
+                    match outcome {
+                        Outcome::Appended(receipt) => Ok(receipt),
+                        Outcome::Refused(refusal) => Err(refusal),
+                        Outcome::Failed(error) => Err(error.into()),
+                    }
+                }
+                Outcome::Failed(error) => Err(error.into()),
             }
         }
         .instrument(span)

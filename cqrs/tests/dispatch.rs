@@ -66,6 +66,7 @@ impl Aggregate for Account {
     ) -> Result<Vec<AccountEvent>, AccountError> {
         match command {
             AccountCommand::Open => Ok(vec![AccountEvent::Opened]),
+            AccountCommand::Noop => Ok(vec![]),
             _ if !state.open => Err(AccountError::NotOpen),
             AccountCommand::Deposit(amount) => Ok(vec![AccountEvent::Deposited { amount }]),
             AccountCommand::DepositMany(amounts) => Ok(amounts
@@ -79,7 +80,6 @@ impl Aggregate for Account {
                 })
             }
             AccountCommand::Withdraw(amount) => Ok(vec![AccountEvent::Withdrawn { amount }]),
-            AccountCommand::Noop => Ok(vec![]),
         }
     }
 
@@ -488,6 +488,197 @@ async fn the_state_cache_serves_dispatches_and_recovers_from_a_foreign_writer() 
     assert_eq!(receipt.sequence, 4);
     assert_eq!(receipt.attempts, 1);
     assert_eq!(cached.load(id).await.unwrap().balance, 0);
+}
+
+/// A store that counts the reads a dispatch makes.
+#[derive(Clone, Default)]
+struct CountingReads {
+    inner: MemoryEventRepository,
+    loads: Arc<std::sync::atomic::AtomicUsize>,
+    sequence_reads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingReads {
+    fn loads(&self) -> usize {
+        self.loads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn sequence_reads(&self) -> usize {
+        self.sequence_reads
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl EventRepository for CountingReads {
+    async fn append(
+        &self,
+        events: Vec<cqrs::PersistableDomainEvent>,
+    ) -> Result<Vec<i64>, CQRSError> {
+        self.inner.append(events).await
+    }
+
+    async fn load_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+    ) -> Result<Vec<cqrs::PersistableDomainEvent>, CQRSError> {
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .load_events(aggregate_type, aggregate_id, after_sequence)
+            .await
+    }
+
+    async fn event_sequence(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<i64, CQRSError> {
+        self.sequence_reads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .event_sequence(aggregate_type, aggregate_id)
+            .await
+    }
+
+    async fn read_all(
+        &self,
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<cqrs::PersistableDomainEvent>, CQRSError> {
+        self.inner.read_all(after_position, limit).await
+    }
+}
+
+#[tokio::test]
+async fn dispatch_new_appends_at_sequence_one_without_reading_the_store() {
+    let store = CountingReads::default();
+    let framework = CQRSFramework::<Account>::new(store.clone());
+    let id = Uuid::new_v4();
+    let receipt = framework
+        .dispatch_new(id, AccountCommand::Open)
+        .await
+        .unwrap();
+    assert_eq!(receipt.sequence, 1);
+    assert_eq!(receipt.events, vec![AccountEvent::Opened]);
+    assert_eq!((store.loads(), store.sequence_reads()), (0, 0));
+    // The state it decided on is cached: the next command reads nothing either.
+    framework
+        .dispatch(id, AccountCommand::Deposit(7))
+        .await
+        .unwrap();
+    assert_eq!(store.loads(), 0);
+    assert_eq!(store.inner.len(), 2);
+    let fresh = CQRSFramework::<Account>::new(store.inner.clone());
+    assert_eq!(
+        fresh.load(id).await.unwrap(),
+        AccountState {
+            open: true,
+            balance: 7
+        }
+    );
+}
+
+#[tokio::test]
+async fn dispatch_new_on_an_existing_aggregate_is_a_conflict_and_stores_nothing() {
+    let store = MemoryEventRepository::new();
+    let writer = CQRSFramework::<Account>::new(store.clone());
+    let id = Uuid::new_v4();
+    open_with(&writer, id, &[10]).await;
+    // Known to the writer's cache, unknown to a second instance's (and to one without a
+    // cache), and with retries allowed: always a conflict at sequence 0, never a retry.
+    let cold = CQRSFramework::<Account>::new(store.clone()).with_retry(RetryPolicy::attempts(5));
+    let uncached = CQRSFramework::<Account>::new(store.clone()).without_state_cache();
+    for framework in [&writer, &cold, &uncached] {
+        let error = framework
+            .dispatch_new(id, AccountCommand::Open)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                conflict_of(&error),
+                Some(CQRSError::Conflict {
+                    expected_sequence: 0,
+                    aggregate_id,
+                    ..
+                }) if *aggregate_id == id
+            ),
+            "{error:?}"
+        );
+    }
+    assert_eq!(store.len(), 2, "nothing was appended");
+    // The failed premise left no wrong state behind: dispatch still sees the history.
+    for framework in [&writer, &cold] {
+        framework
+            .dispatch(id, AccountCommand::Withdraw(4))
+            .await
+            .unwrap();
+    }
+    assert_eq!(writer.load(id).await.unwrap().balance, 2);
+}
+
+#[tokio::test]
+async fn dispatch_new_checks_the_premise_before_returning_a_refusal_or_no_change() {
+    let store = CountingReads::default();
+    let framework = CQRSFramework::<Account>::new(store.clone());
+    let other = CQRSFramework::<Account>::new(store.inner.clone());
+    let (new, existing) = (Uuid::new_v4(), Uuid::new_v4());
+    open_with(&other, existing, &[10]).await;
+
+    // On a new aggregate the domain's answer stands, after one cheap read.
+    let refusal = framework
+        .dispatch_new(new, AccountCommand::Deposit(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(refusal, AccountError::NotOpen), "{refusal:?}");
+    let receipt = framework
+        .dispatch_new(new, AccountCommand::Noop)
+        .await
+        .unwrap();
+    assert_eq!((receipt.sequence, receipt.events.len()), (0, 0));
+    assert_eq!((store.loads(), store.sequence_reads()), (0, 2));
+
+    // On an existing one, the refusal ("not open") and the no-op were decided on a state
+    // that is not the aggregate's: both are conflicts instead.
+    for command in [AccountCommand::Deposit(5), AccountCommand::Noop] {
+        let error = framework.dispatch_new(existing, command).await.unwrap_err();
+        assert!(conflict_of(&error).is_some(), "{error:?}");
+    }
+    // And the empty state they were decided on was not kept in the cache.
+    framework
+        .dispatch(existing, AccountCommand::Withdraw(10))
+        .await
+        .unwrap();
+    assert_eq!(store.inner.len(), 3);
+}
+
+#[tokio::test]
+async fn concurrent_dispatch_new_on_one_id_has_exactly_one_winner() {
+    let store = MemoryEventRepository::new();
+    let framework = Arc::new(CQRSFramework::<Account>::new(store.clone()));
+    let id = Uuid::new_v4();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let framework = Arc::clone(&framework);
+            tokio::spawn(async move { framework.dispatch_new(id, AccountCommand::Open).await })
+        })
+        .collect();
+    let (mut won, mut conflicts) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(receipt) => {
+                assert_eq!(receipt.sequence, 1);
+                won += 1;
+            }
+            Err(error) => {
+                assert!(conflict_of(&error).is_some(), "{error:?}");
+                conflicts += 1;
+            }
+        }
+    }
+    assert_eq!((won, conflicts), (1, 15));
+    assert_eq!(store.len(), 1);
 }
 
 #[tokio::test]

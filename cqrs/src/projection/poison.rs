@@ -145,6 +145,7 @@ impl DeadLetter {
     ///
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the letter's position is not after `from`.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
     pub(crate) fn ensure_after(&self, from: i64) -> Result<(), CQRSError> {
         if self.position <= from {
             return Err(CQRSError::persistence(format!(
