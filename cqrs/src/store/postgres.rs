@@ -688,16 +688,6 @@ impl EventRepository for PostgresEventRepository {
         let n = events.len();
         let aggregate_type = events[0].aggregate_type.clone();
         let aggregate_id = events[0].aggregate_id;
-        let identities: Vec<StoredIdentity> = events
-            .iter()
-            .map(|event| StoredIdentity {
-                event_id: event.event_id,
-                aggregate_type: event.aggregate_type.clone(),
-                aggregate_id: event.aggregate_id,
-                sequence: event.sequence,
-                position: 0,
-            })
-            .collect();
         let result = if let [event] = events.as_slice() {
             sqlx::query(&self.inner.sql.append_one)
                 .bind(event.event_id)
@@ -746,6 +736,17 @@ impl EventRepository for PostgresEventRepository {
         let rows = match result {
             Ok(rows) => rows,
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
+                // Only this rare path needs the events' identities.
+                let identities: Vec<StoredIdentity> = events
+                    .iter()
+                    .map(|event| StoredIdentity {
+                        event_id: event.event_id,
+                        aggregate_type: event.aggregate_type.clone(),
+                        aggregate_id: event.aggregate_id,
+                        sequence: event.sequence,
+                        position: 0,
+                    })
+                    .collect();
                 return self.explain_unique_violation(&identities, expected).await;
             }
             Err(other) => return Err(CQRSError::persistence(other)),
