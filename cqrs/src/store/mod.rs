@@ -252,7 +252,7 @@ impl<T: CheckpointRepository + ?Sized> CheckpointRepository for std::sync::Arc<T
 }
 
 /// Checks that a batch is appendable: non-empty, one aggregate, contiguous sequences from at
-/// least 1, a consistent `aggregate_type_id`, no event id twice. Every store calls it first.
+/// least 1, an `aggregate_type_id` equal to [`PersistableDomainEvent::type_id_for`] of its type and id, no event id twice. Every store calls it first.
 ///
 /// Returns the sequence the writer expects to be the aggregate's last.
 ///
@@ -269,6 +269,10 @@ pub fn validate_batch(events: &[PersistableDomainEvent]) -> Result<i64, CQRSErro
             first.sequence
         )));
     }
+    // The key's id part as `type_id_for` writes it (lower-case, hyphenated): one encoding on
+    // the stack, compared with every event's key (parsing each key cost more).
+    let mut buffer = Uuid::encode_buffer();
+    let id_text: &str = first.aggregate_id.hyphenated().encode_lower(&mut buffer);
     for (i, event) in events.iter().enumerate() {
         if event.aggregate_type != first.aggregate_type || event.aggregate_id != first.aggregate_id
         {
@@ -287,8 +291,7 @@ pub fn validate_batch(events: &[PersistableDomainEvent]) -> Result<i64, CQRSErro
             .aggregate_type_id
             .strip_prefix(event.aggregate_type.as_str())
             .and_then(|rest| rest.strip_prefix(':'))
-            .and_then(|id| Uuid::parse_str(id).ok())
-            == Some(event.aggregate_id);
+            == Some(id_text);
         if !key_ok {
             return Err(CQRSError::InvalidAppend(format!(
                 "aggregate_type_id {:?} does not name {}:{}",
