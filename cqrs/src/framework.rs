@@ -386,7 +386,7 @@ impl<A: Aggregate> CQRSFramework<A> {
     /// #         let CounterCommand::Increment { by } = c; Ok(vec![CounterEvent::Incremented { by }]) }
     /// #     fn handle_event(&self, s: &mut CounterState, e: &CounterEvent) { let CounterEvent::Incremented { by } = e; s.value += by; }
     /// # }
-    /// use cqrs::{CQRSError, CQRSFramework, MemoryEventRepository};
+    /// use cqrs::{CQRSFramework, MemoryEventRepository};
     ///
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
     /// let framework = CQRSFramework::<Counter>::new(MemoryEventRepository::new());
