@@ -155,6 +155,19 @@ enum Outcome<E, Err> {
 struct Loaded<S> {
     state: S,
     sequence: i64,
+    /// The aggregate's `aggregate_type_id`, made on its first append and kept with the
+    /// cached state, so that later commands do not format the id again.
+    key: Option<SmolStr>,
+}
+
+impl<S> Loaded<S> {
+    fn new(state: S, sequence: i64) -> Self {
+        Loaded {
+            state,
+            sequence,
+            key: None,
+        }
+    }
 }
 
 /// The command side: rebuilds an aggregate from its events, runs a command, appends the
@@ -533,10 +546,7 @@ impl<A: Aggregate> CQRSFramework<A> {
                 aggregate_id,
                 expected_sequence: 0,
             };
-            let empty = Loaded {
-                state: A::State::default(),
-                sequence: 0,
-            };
+            let empty = Loaded::new(A::State::default(), 0);
             let loaded = match self.cache.as_ref().and_then(|c| c.take(aggregate_id)) {
                 Some(cached) if cached.sequence > 0 => {
                     self.keep(aggregate_id, cached);
@@ -574,7 +584,7 @@ impl<A: Aggregate> CQRSFramework<A> {
     async fn try_once(
         &self,
         aggregate_id: Uuid,
-        loaded: Loaded<A::State>,
+        mut loaded: Loaded<A::State>,
         command: A::Commands,
         metadata: &Value,
     ) -> Outcome<A::Events, A::Errors> {
@@ -599,14 +609,13 @@ impl<A: Aggregate> CQRSFramework<A> {
                 attempts: 1,
             });
         }
-        let persistable =
-            match self.to_persistable(aggregate_id, loaded.sequence, &events, metadata) {
-                Ok(persistable) => persistable,
-                Err(error) => {
-                    self.keep(aggregate_id, loaded);
-                    return Outcome::Failed(error);
-                }
-            };
+        let persistable = match self.to_persistable(aggregate_id, &mut loaded, &events, metadata) {
+            Ok(persistable) => persistable,
+            Err(error) => {
+                self.keep(aggregate_id, loaded);
+                return Outcome::Failed(error);
+            }
+        };
         match self.events.append(persistable).await {
             Ok(positions) => {
                 let sequence = loaded.sequence + events.len() as i64;
@@ -642,12 +651,15 @@ impl<A: Aggregate> CQRSFramework<A> {
     fn to_persistable(
         &self,
         aggregate_id: Uuid,
-        after_sequence: i64,
+        loaded: &mut Loaded<A::State>,
         events: &[A::Events],
         metadata: &Value,
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
         let aggregate_type = SmolStr::new_static(A::NAME);
-        let aggregate_type_id = PersistableDomainEvent::type_id_for(A::NAME, aggregate_id);
+        let after_sequence = loaded.sequence;
+        let aggregate_type_id = loaded
+            .key
+            .get_or_insert_with(|| PersistableDomainEvent::type_id_for(A::NAME, aggregate_id));
         events
             .iter()
             .enumerate()
@@ -722,10 +734,7 @@ impl<A: Aggregate> CQRSFramework<A> {
 
     /// Snapshot (if any and decodable) plus every later event, folded.
     async fn load_from_store(&self, aggregate_id: Uuid) -> Result<Loaded<A::State>, CQRSError> {
-        let mut loaded = Loaded {
-            state: A::State::default(),
-            sequence: 0,
-        };
+        let mut loaded = Loaded::new(A::State::default(), 0);
         let mut rewrite_snapshot = false;
         if let Some((repository, _)) = &self.snapshots {
             if let Some(snapshot) = repository.load_snapshot(A::NAME, aggregate_id).await? {
@@ -862,10 +871,7 @@ mod tests {
     use uuid::Uuid;
 
     fn loaded(sequence: i64) -> Loaded<i64> {
-        Loaded {
-            state: sequence * 10,
-            sequence,
-        }
+        Loaded::new(sequence * 10, sequence)
     }
 
     #[test]

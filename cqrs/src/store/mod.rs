@@ -2,6 +2,9 @@
 //!
 //! SQLite and PostgreSQL stores live behind the `sqlite` and `postgres` features.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -118,20 +121,36 @@ pub trait EventRepository: Send + Sync {
     }
 }
 
+/// The future an `async_trait` method returns.
+type BoxedFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+// The hot methods hand back the inner store's future itself: an `async fn` here would box a
+// second future around it on every call (`CQRSFramework` holds its store as an `Arc<dyn _>`,
+// so every dispatch comes through this impl).
 #[async_trait]
 impl<T: EventRepository + ?Sized> EventRepository for std::sync::Arc<T> {
-    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
-        (**self).append(events).await
+    fn append<'life0, 'async_trait>(
+        &'life0 self,
+        events: Vec<PersistableDomainEvent>,
+    ) -> BoxedFuture<'async_trait, Result<Vec<i64>, CQRSError>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).append(events)
     }
-    async fn load_events(
-        &self,
-        aggregate_type: &str,
+    fn load_events<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        aggregate_type: &'life1 str,
         aggregate_id: Uuid,
         after_sequence: i64,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        (**self)
-            .load_events(aggregate_type, aggregate_id, after_sequence)
-            .await
+    ) -> BoxedFuture<'async_trait, Result<Vec<PersistableDomainEvent>, CQRSError>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).load_events(aggregate_type, aggregate_id, after_sequence)
     }
     async fn fold_events(
         &self,
@@ -144,19 +163,28 @@ impl<T: EventRepository + ?Sized> EventRepository for std::sync::Arc<T> {
             .fold_events(aggregate_type, aggregate_id, after_sequence, visit)
             .await
     }
-    async fn event_sequence(
-        &self,
-        aggregate_type: &str,
+    fn event_sequence<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        aggregate_type: &'life1 str,
         aggregate_id: Uuid,
-    ) -> Result<i64, CQRSError> {
-        (**self).event_sequence(aggregate_type, aggregate_id).await
+    ) -> BoxedFuture<'async_trait, Result<i64, CQRSError>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).event_sequence(aggregate_type, aggregate_id)
     }
-    async fn read_all(
-        &self,
+    fn read_all<'life0, 'async_trait>(
+        &'life0 self,
         after_position: i64,
         limit: usize,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        (**self).read_all(after_position, limit).await
+    ) -> BoxedFuture<'async_trait, Result<Vec<PersistableDomainEvent>, CQRSError>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).read_all(after_position, limit)
     }
     fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
         (**self).subscribe()
