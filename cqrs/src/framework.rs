@@ -666,7 +666,7 @@ impl<A: Aggregate> CQRSFramework<A> {
             .map(|(i, event)| {
                 PersistableDomainEvent::for_aggregate(
                     &aggregate_type,
-                    &aggregate_type_id,
+                    aggregate_type_id,
                     aggregate_id,
                     after_sequence + 1 + i as i64,
                     event,
