@@ -554,26 +554,23 @@ impl<A: Aggregate> CQRSFramework<A> {
                 }
                 _ => empty,
             };
-            match self
+            let decided = match self
                 .try_once(aggregate_id, loaded, command, &metadata)
                 .await
             {
-                Outcome::Appended(receipt) if !receipt.events.is_empty() => Ok(receipt),
-                // Decided without an append: on the empty state only if the aggregate is
-                // new. `try_once` cached that empty state; drop it if it is wrong.
-                outcome @ (Outcome::Appended(_) | Outcome::Refused(_)) => {
-                    if self.events.event_sequence(A::NAME, aggregate_id).await? > 0 {
-                        self.forget(aggregate_id);
-                        return Err(exists().into());
-                    }
-                    match outcome {
-                        Outcome::Appended(receipt) => Ok(receipt),
-                        Outcome::Refused(refusal) => Err(refusal),
-                        Outcome::Failed(error) => Err(error.into()),
-                    }
-                }
-                Outcome::Failed(error) => Err(error.into()),
+                // The store's unique sequence checked the premise.
+                Outcome::Appended(receipt) if !receipt.events.is_empty() => return Ok(receipt),
+                Outcome::Failed(error) => return Err(error.into()),
+                Outcome::Appended(receipt) => Ok(receipt),
+                Outcome::Refused(refusal) => Err(refusal),
+            };
+            // Decided without an append, so unchecked: the answer holds only if the
+            // aggregate is new. `try_once` cached the empty state; drop it if it is wrong.
+            if self.events.event_sequence(A::NAME, aggregate_id).await? > 0 {
+                self.forget(aggregate_id);
+                return Err(exists().into());
             }
+            decided
         }
         .instrument(span)
         .await
