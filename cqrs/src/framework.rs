@@ -451,129 +451,175 @@ impl<A: Aggregate> CQRSFramework<A> {
         Ok(self.load_from_store(aggregate_id).await?.state)
     }
 
+    /// Runs the dispatch inside a `dispatch` span when a `tracing` subscriber takes debug
+    /// spans, recording the new sequence on it; bare otherwise, since a disabled span still
+    /// costs on every poll (more with `tracing`'s `log` fallback, which sqlx turns on).
     async fn dispatch_inner(
         &self,
         aggregate_id: Uuid,
         command: A::Commands,
         metadata: Value,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let span = tracing::debug_span!(
-            "dispatch",
-            aggregate_type = A::NAME,
-            aggregate_id = %aggregate_id,
-            sequence = tracing::field::Empty,
-        );
-        async move {
-            let mut attempt: u32 = 0;
-            // A cached state found stale is reloaded once without spending an attempt.
-            let mut stale_retry_left = true;
-            loop {
-                attempt += 1;
-                let (loaded, from_cache) =
-                    match self.cache.as_ref().and_then(|c| c.take(aggregate_id)) {
-                        Some(loaded) => (loaded, true),
-                        None => (self.load_from_store(aggregate_id).await?, false),
-                    };
-                let may_run_again =
-                    (from_cache && stale_retry_left) || attempt < self.retry.max_attempts;
-                if !may_run_again {
-                    // The last try consumes the command; any outcome is final.
-                    return match self
-                        .try_once(aggregate_id, loaded, command, &metadata)
-                        .await
-                    {
-                        Outcome::Appended(receipt) => Ok(receipt.with_attempts(attempt)),
-                        Outcome::Refused(refusal) => Err(refusal),
-                        Outcome::Failed(error) => Err(error.into()),
-                    };
-                }
-                let sequence = loaded.sequence;
-                match self
-                    .try_once(aggregate_id, loaded, command.clone(), &metadata)
-                    .await
-                {
-                    Outcome::Appended(receipt) => return Ok(receipt.with_attempts(attempt)),
-                    Outcome::Refused(refusal) if from_cache && stale_retry_left => {
-                        // The domain may have refused because the cached state is stale (a
-                        // deposit made by another process is missing). One cheap read tells;
-                        // if so, decide again on the stored state.
-                        if self.events.event_sequence(A::NAME, aggregate_id).await? == sequence {
-                            return Err(refusal);
-                        }
-                        self.forget(aggregate_id);
-                        stale_retry_left = false;
-                        attempt -= 1;
-                    }
-                    Outcome::Refused(refusal) => return Err(refusal),
-                    Outcome::Failed(CQRSError::Conflict { .. })
-                        if from_cache && stale_retry_left =>
-                    {
-                        // The cached state was stale: not a race this caller lost, so try once
-                        // more from the store without spending an attempt.
-                        stale_retry_left = false;
-                        attempt -= 1;
-                    }
-                    Outcome::Failed(error @ CQRSError::Conflict { .. }) => {
-                        if attempt >= self.retry.max_attempts {
-                            tracing::debug!(attempts = attempt, "conflict, giving up");
-                            return Err(error.into());
-                        }
-                        tokio::time::sleep(self.retry.backoff(attempt)).await;
-                    }
-                    Outcome::Failed(error) => return Err(error.into()),
-                }
-            }
+        let span = if tracing::level_enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!(
+                "dispatch",
+                aggregate_type = A::NAME,
+                aggregate_id = %aggregate_id,
+                sequence = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        if span.is_none() {
+            return self
+                .dispatch_attempts(aggregate_id, command, metadata)
+                .await;
         }
-        .instrument(span)
-        .await
+        let result = self
+            .dispatch_attempts(aggregate_id, command, metadata)
+            .instrument(span.clone())
+            .await;
+        if let Ok(receipt) = &result {
+            span.record("sequence", receipt.sequence);
+        }
+        result
     }
 
+    /// Load, decide, append; again after a conflict, per the retry policy.
+    async fn dispatch_attempts(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+        metadata: Value,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        let mut attempt: u32 = 0;
+        // A cached state found stale is reloaded once without spending an attempt.
+        let mut stale_retry_left = true;
+        loop {
+            attempt += 1;
+            let (loaded, from_cache) = match self.cache.as_ref().and_then(|c| c.take(aggregate_id))
+            {
+                Some(loaded) => (loaded, true),
+                None => (self.load_from_store(aggregate_id).await?, false),
+            };
+            let may_run_again =
+                (from_cache && stale_retry_left) || attempt < self.retry.max_attempts;
+            if !may_run_again {
+                // The last try consumes the command; any outcome is final.
+                return match self
+                    .try_once(aggregate_id, loaded, command, &metadata)
+                    .await
+                {
+                    Outcome::Appended(receipt) => Ok(receipt.with_attempts(attempt)),
+                    Outcome::Refused(refusal) => Err(refusal),
+                    Outcome::Failed(error) => Err(error.into()),
+                };
+            }
+            let sequence = loaded.sequence;
+            match self
+                .try_once(aggregate_id, loaded, command.clone(), &metadata)
+                .await
+            {
+                Outcome::Appended(receipt) => return Ok(receipt.with_attempts(attempt)),
+                Outcome::Refused(refusal) if from_cache && stale_retry_left => {
+                    // The domain may have refused because the cached state is stale (a
+                    // deposit made by another process is missing). One cheap read tells;
+                    // if so, decide again on the stored state.
+                    if self.events.event_sequence(A::NAME, aggregate_id).await? == sequence {
+                        return Err(refusal);
+                    }
+                    self.forget(aggregate_id);
+                    stale_retry_left = false;
+                    attempt -= 1;
+                }
+                Outcome::Refused(refusal) => return Err(refusal),
+                Outcome::Failed(CQRSError::Conflict { .. }) if from_cache && stale_retry_left => {
+                    // The cached state was stale: not a race this caller lost, so try once
+                    // more from the store without spending an attempt.
+                    stale_retry_left = false;
+                    attempt -= 1;
+                }
+                Outcome::Failed(error @ CQRSError::Conflict { .. }) => {
+                    if attempt >= self.retry.max_attempts {
+                        tracing::debug!(attempts = attempt, "conflict, giving up");
+                        return Err(error.into());
+                    }
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                }
+                Outcome::Failed(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// [`dispatch_inner`](Self::dispatch_inner) for `dispatch_new`: the same span handling.
     async fn dispatch_new_inner(
         &self,
         aggregate_id: Uuid,
         command: A::Commands,
         metadata: Value,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let span = tracing::debug_span!(
-            "dispatch_new",
-            aggregate_type = A::NAME,
-            aggregate_id = %aggregate_id,
-            sequence = tracing::field::Empty,
-        );
-        async move {
-            let exists = || CQRSError::Conflict {
-                aggregate_type: A::NAME.to_owned(),
-                aggregate_id,
-                expected_sequence: 0,
-            };
-            let empty = Loaded::new(A::State::default(), 0);
-            let loaded = match self.cache.as_ref().and_then(|c| c.take(aggregate_id)) {
-                Some(cached) if cached.sequence > 0 => {
-                    self.keep(aggregate_id, cached);
-                    return Err(exists().into());
-                }
-                _ => empty,
-            };
-            let decided = match self
-                .try_once(aggregate_id, loaded, command, &metadata)
-                .await
-            {
-                // The store's unique sequence checked the premise.
-                Outcome::Appended(receipt) if !receipt.events.is_empty() => return Ok(receipt),
-                Outcome::Failed(error) => return Err(error.into()),
-                Outcome::Appended(receipt) => Ok(receipt),
-                Outcome::Refused(refusal) => Err(refusal),
-            };
-            // Decided without an append, so unchecked: the answer holds only if the
-            // aggregate is new. `try_once` cached the empty state; drop it if it is wrong.
-            if self.events.event_sequence(A::NAME, aggregate_id).await? > 0 {
-                self.forget(aggregate_id);
+        let span = if tracing::level_enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!(
+                "dispatch_new",
+                aggregate_type = A::NAME,
+                aggregate_id = %aggregate_id,
+                sequence = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        if span.is_none() {
+            return self
+                .dispatch_new_once(aggregate_id, command, metadata)
+                .await;
+        }
+        let result = self
+            .dispatch_new_once(aggregate_id, command, metadata)
+            .instrument(span.clone())
+            .await;
+        if let Ok(receipt) = &result {
+            span.record("sequence", receipt.sequence);
+        }
+        result
+    }
+
+    /// Decide on the empty state, append at sequence 1, check the premise.
+    async fn dispatch_new_once(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+        metadata: Value,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        let exists = || CQRSError::Conflict {
+            aggregate_type: A::NAME.to_owned(),
+            aggregate_id,
+            expected_sequence: 0,
+        };
+        let empty = Loaded::new(A::State::default(), 0);
+        let loaded = match self.cache.as_ref().and_then(|c| c.take(aggregate_id)) {
+            Some(cached) if cached.sequence > 0 => {
+                self.keep(aggregate_id, cached);
                 return Err(exists().into());
             }
-            decided
+            _ => empty,
+        };
+        let decided = match self
+            .try_once(aggregate_id, loaded, command, &metadata)
+            .await
+        {
+            // The store's unique sequence checked the premise.
+            Outcome::Appended(receipt) if !receipt.events.is_empty() => return Ok(receipt),
+            Outcome::Failed(error) => return Err(error.into()),
+            Outcome::Appended(receipt) => Ok(receipt),
+            Outcome::Refused(refusal) => Err(refusal),
+        };
+        // Decided without an append, so unchecked: the answer holds only if the
+        // aggregate is new. `try_once` cached the empty state; drop it if it is wrong.
+        if self.events.event_sequence(A::NAME, aggregate_id).await? > 0 {
+            self.forget(aggregate_id);
+            return Err(exists().into());
         }
-        .instrument(span)
-        .await
+        decided
     }
 
     /// Decides on `loaded` and appends the result once. The state goes back into the cache
@@ -616,7 +662,6 @@ impl<A: Aggregate> CQRSFramework<A> {
         match self.events.append(persistable).await {
             Ok(positions) => {
                 let sequence = loaded.sequence + events.len() as i64;
-                tracing::Span::current().record("sequence", sequence);
                 self.after_append(aggregate_id, loaded, &events).await;
                 Outcome::Appended(DispatchReceipt {
                     events,
