@@ -111,6 +111,47 @@ impl SnapshotPolicy {
     }
 }
 
+/// The span of one dispatch (`dispatch` or `dispatch_new`), or `Span::none()` when no
+/// `tracing` subscriber takes debug spans.
+fn dispatch_span(aggregate_type: &'static str, aggregate_id: Uuid, new: bool) -> tracing::Span {
+    if !tracing::level_enabled!(tracing::Level::DEBUG) {
+        return tracing::Span::none();
+    }
+    if new {
+        tracing::debug_span!(
+            "dispatch_new",
+            aggregate_type,
+            aggregate_id = %aggregate_id,
+            sequence = tracing::field::Empty,
+        )
+    } else {
+        tracing::debug_span!(
+            "dispatch",
+            aggregate_type,
+            aggregate_id = %aggregate_id,
+            sequence = tracing::field::Empty,
+        )
+    }
+}
+
+/// Runs the dispatch `run` makes inside `span`, recording the new sequence on it, or bare
+/// when the span is `none`: a disabled span still costs on every poll of the future it
+/// wraps (more with `tracing`'s `log` fallback, which sqlx turns on). The future is made
+/// here, where it is awaited, so that it is not moved once more on every dispatch.
+async fn in_span<E, Err, F: std::future::Future<Output = Result<DispatchReceipt<E>, Err>>>(
+    span: tracing::Span,
+    run: impl FnOnce() -> F,
+) -> Result<DispatchReceipt<E>, Err> {
+    if span.is_none() {
+        return run().await;
+    }
+    let result = run().instrument(span.clone()).await;
+    if let Ok(receipt) = &result {
+        span.record("sequence", receipt.sequence);
+    }
+    result
+}
+
 /// How many aggregates' states a [`CQRSFramework`] keeps in memory unless told otherwise
 /// ([`CQRSFramework::with_state_cache`], [`CQRSFramework::without_state_cache`]).
 pub const DEFAULT_STATE_CACHE_CAPACITY: usize = 10_000;
@@ -451,38 +492,17 @@ impl<A: Aggregate> CQRSFramework<A> {
         Ok(self.load_from_store(aggregate_id).await?.state)
     }
 
-    /// Runs the dispatch inside a `dispatch` span when a `tracing` subscriber takes debug
-    /// spans, recording the new sequence on it; bare otherwise, since a disabled span still
-    /// costs on every poll (more with `tracing`'s `log` fallback, which sqlx turns on).
     async fn dispatch_inner(
         &self,
         aggregate_id: Uuid,
         command: A::Commands,
         metadata: Value,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let span = if tracing::level_enabled!(tracing::Level::DEBUG) {
-            tracing::debug_span!(
-                "dispatch",
-                aggregate_type = A::NAME,
-                aggregate_id = %aggregate_id,
-                sequence = tracing::field::Empty,
-            )
-        } else {
-            tracing::Span::none()
-        };
-        if span.is_none() {
-            return self
-                .dispatch_attempts(aggregate_id, command, metadata)
-                .await;
-        }
-        let result = self
-            .dispatch_attempts(aggregate_id, command, metadata)
-            .instrument(span.clone())
-            .await;
-        if let Ok(receipt) = &result {
-            span.record("sequence", receipt.sequence);
-        }
-        result
+        let span = dispatch_span(A::NAME, aggregate_id, false);
+        in_span(span, || {
+            self.dispatch_attempts(aggregate_id, command, metadata)
+        })
+        .await
     }
 
     /// Load, decide, append; again after a conflict, per the retry policy.
@@ -551,36 +571,17 @@ impl<A: Aggregate> CQRSFramework<A> {
         }
     }
 
-    /// [`dispatch_inner`](Self::dispatch_inner) for `dispatch_new`: the same span handling.
     async fn dispatch_new_inner(
         &self,
         aggregate_id: Uuid,
         command: A::Commands,
         metadata: Value,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let span = if tracing::level_enabled!(tracing::Level::DEBUG) {
-            tracing::debug_span!(
-                "dispatch_new",
-                aggregate_type = A::NAME,
-                aggregate_id = %aggregate_id,
-                sequence = tracing::field::Empty,
-            )
-        } else {
-            tracing::Span::none()
-        };
-        if span.is_none() {
-            return self
-                .dispatch_new_once(aggregate_id, command, metadata)
-                .await;
-        }
-        let result = self
-            .dispatch_new_once(aggregate_id, command, metadata)
-            .instrument(span.clone())
-            .await;
-        if let Ok(receipt) = &result {
-            span.record("sequence", receipt.sequence);
-        }
-        result
+        let span = dispatch_span(A::NAME, aggregate_id, true);
+        in_span(span, || {
+            self.dispatch_new_once(aggregate_id, command, metadata)
+        })
+        .await
     }
 
     /// Decide on the empty state, append at sequence 1, check the premise.
