@@ -209,7 +209,8 @@ impl StoreHarness for MemoryHarness {
 /// [`check_load_after_sequence`], [`check_conflict`], [`check_atomic_batch`],
 /// [`check_invalid_batches`], [`check_idempotent_retry`], [`check_duplicate_event_id`],
 /// [`check_global_order`], [`check_subscribe`], [`check_concurrent_appends`],
-/// [`check_corrupt_payload`], [`check_unknown_event_type`], [`check_sequence_gap`].
+/// [`check_corrupt_payload`], [`check_unknown_event_type`], [`check_sequence_gap`],
+/// [`check_dispatch_new`].
 ///
 /// [`check_concurrent_appends`] spawns tasks with `tokio::spawn` and [`check_subscribe`]
 /// waits with a timeout, so this must run inside a Tokio runtime with the time driver
@@ -232,6 +233,7 @@ pub async fn check_event_repository<H: StoreHarness>(harness: &H) {
     check_corrupt_payload(harness).await;
     check_unknown_event_type(harness).await;
     check_sequence_gap(harness).await;
+    check_dispatch_new(harness).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -283,7 +285,8 @@ struct ConformanceCounter;
 impl Aggregate for ConformanceCounter {
     const NAME: &'static str = AGGREGATE;
     type Events = ConformanceEvent;
-    type Commands = ();
+    /// Count `n`: one `Counted` event.
+    type Commands = u64;
     type Errors = CQRSError;
     type State = u64;
 
@@ -291,9 +294,13 @@ impl Aggregate for ConformanceCounter {
         &self,
         _id: Uuid,
         _state: &u64,
-        _command: (),
+        n: u64,
     ) -> Result<Vec<ConformanceEvent>, CQRSError> {
-        Ok(Vec::new())
+        Ok(vec![ConformanceEvent::Counted {
+            n,
+            note: None,
+            detail: Value::Null,
+        }])
     }
 
     fn handle_event(&self, state: &mut u64, event: &ConformanceEvent) {
@@ -1499,6 +1506,98 @@ pub async fn check_unknown_event_type<H: StoreHarness>(harness: &H) {
         kind_name: "UnknownEventType",
     };
     check_damaged_row(CHECK, store, &damage).await;
+}
+
+/// `CQRSFramework::dispatch_new` on this store: of 8 concurrent `dispatch_new`s on one new
+/// id exactly one appends, at sequence 1, and every other one gets
+/// [`CQRSError::Conflict`] with `expected_sequence: 0` from the store's unique sequence (the
+/// racing framework has no state cache); a second instance gets the same conflict; only the
+/// winner's event is stored, and a plain `dispatch` goes on from it.
+pub async fn check_dispatch_new<H: StoreHarness>(harness: &H) {
+    const CHECK: &str = "dispatch_new";
+    const RACERS: u64 = 8;
+    let store = Arc::new(harness.fresh().await);
+    // No state cache: the store's unique sequence, not the cache, must decide every race.
+    let framework = Arc::new(
+        CQRSFramework::<ConformanceCounter>::new(Arc::clone(&store)).without_state_cache(),
+    );
+    let id = Uuid::new_v4();
+    let handles: Vec<_> = (1..=RACERS)
+        .map(|n| {
+            let framework = Arc::clone(&framework);
+            tokio::spawn(async move {
+                framework
+                    .dispatch_new(id, n)
+                    .await
+                    .map(|receipt| (n, receipt.sequence))
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for handle in handles {
+        match handle.await {
+            Ok(Ok(won)) => winners.push(won),
+            Ok(Err(CQRSError::Conflict {
+                aggregate_id,
+                expected_sequence: 0,
+                ..
+            })) if aggregate_id == id => {}
+            Ok(Err(other)) => fail(
+                CHECK,
+                format_args!(
+                    "a losing dispatch_new: expected Conflict {{ expected_sequence: 0 }} naming {id}, got {other:?}"
+                ),
+            ),
+            Err(join) => fail(CHECK, format_args!("a dispatch_new task failed: {join}")),
+        }
+    }
+    let [(won_n, 1)] = winners[..] else {
+        fail(
+            CHECK,
+            format_args!(
+                "{RACERS} concurrent dispatch_new on one id: expected one winner at sequence 1, got (n, sequence) {winners:?}"
+            ),
+        );
+    };
+    let cold = CQRSFramework::<ConformanceCounter>::new(Arc::clone(&store)).without_state_cache();
+    match cold.dispatch_new(id, 100).await {
+        Err(CQRSError::Conflict {
+            expected_sequence: 0,
+            ..
+        }) => {}
+        other => fail(
+            CHECK,
+            format_args!(
+                "dispatch_new on a stored aggregate from a second instance: expected Conflict {{ expected_sequence: 0 }}, got {other:?}"
+            ),
+        ),
+    }
+    let stored = ok(
+        CHECK,
+        "load_events",
+        store.load_events(AGGREGATE, id, 0).await,
+    );
+    if sequences(&stored) != [1] {
+        fail(
+            CHECK,
+            format_args!(
+                "after the race the store holds sequences {:?}, expected [1]",
+                sequences(&stored)
+            ),
+        );
+    }
+    ok(
+        CHECK,
+        "dispatch after dispatch_new",
+        cold.dispatch(id, 100).await,
+    );
+    let total = ok(CHECK, "CQRSFramework::load", cold.load(id).await);
+    if total != won_n + 100 {
+        fail(
+            CHECK,
+            format_args!("the aggregate folds to {total}, expected {}", won_n + 100),
+        );
+    }
 }
 
 /// A hole in a history (an event deleted behind the store's back) makes

@@ -313,6 +313,23 @@ async fn hidden_corruption_is_caught() {
     conformance::check_corrupt_payload(&FlawedHarness(Flaw::SkipsUndecodableRows)).await;
 }
 
+#[tokio::test]
+#[should_panic(
+    expected = "store conformance check `dispatch_new` failed: a losing dispatch_new: expected Conflict"
+)]
+async fn dispatch_new_losers_without_a_conflict_are_caught() {
+    conformance::check_dispatch_new(&FlawedHarness(Flaw::ConflictAsPersistenceError)).await;
+}
+
+// Current-thread: the racing tasks interleave at the store's yield point every time.
+#[tokio::test(flavor = "current_thread")]
+#[should_panic(
+    expected = "store conformance check `dispatch_new` failed: 8 concurrent dispatch_new on one id: expected one winner"
+)]
+async fn two_dispatch_new_winners_are_caught() {
+    conformance::check_dispatch_new(&FlawedHarness(Flaw::RacyAppend)).await;
+}
+
 /// The wrapper itself, without a flaw, passes: the failures above come from the flaws.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_wrapper_without_a_flaw_passes() {
@@ -330,4 +347,5 @@ async fn the_wrapper_without_a_flaw_passes() {
     conformance::check_concurrent_appends(&harness).await;
     conformance::check_unknown_event_type(&harness).await;
     conformance::check_sequence_gap(&harness).await;
+    conformance::check_dispatch_new(&harness).await;
 }

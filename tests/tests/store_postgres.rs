@@ -408,58 +408,6 @@ async fn sixteen_writers_race_on_one_aggregate() {
     fx.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dispatch_new_has_one_winner_and_a_typed_conflict_for_the_rest() {
-    let Some(fx) = Fixture::new("dispatch_new_has_one_winner").await else {
-        return;
-    };
-    let framework = Arc::new(CQRSFramework::<Counter>::new(fx.store.clone()));
-    let id = Uuid::new_v4();
-    let tasks: Vec<_> = (1..=16u64)
-        .map(|by| {
-            let framework = Arc::clone(&framework);
-            tokio::spawn(async move {
-                framework
-                    .dispatch_new(id, CounterCommand::Add { by })
-                    .await
-                    .map(|receipt| (by, receipt.sequence))
-            })
-        })
-        .collect();
-    let mut winners = Vec::new();
-    for task in tasks {
-        match task.await.unwrap() {
-            Ok(won) => winners.push(won),
-            Err(CounterError::Framework(CQRSError::Conflict {
-                expected_sequence: 0,
-                aggregate_id,
-                ..
-            })) if aggregate_id == id => {}
-            Err(other) => panic!("expected a conflict at sequence 0, got {other:?}"),
-        }
-    }
-    assert_eq!(winners.len(), 1, "{winners:?}");
-    let (by, sequence) = winners[0];
-    assert_eq!(sequence, 1);
-    let stored = fx.store.load_events(Counter::NAME, id, 0).await.unwrap();
-    assert_eq!(stored.len(), 1);
-    // A second instance, which has never seen the aggregate, gets the same conflict from the
-    // store, and `dispatch` goes on from the winner's state.
-    let other = CQRSFramework::<Counter>::new(fx.store.clone());
-    let error = other
-        .dispatch_new(id, CounterCommand::Add { by: 100 })
-        .await
-        .unwrap_err();
-    assert!(error.framework().is_conflict(), "{error:?}");
-    other
-        .dispatch(id, CounterCommand::Add { by: 100 })
-        .await
-        .unwrap();
-    let state = other.load(id).await.unwrap();
-    assert_eq!((state.count, state.total), (2, by + 100));
-    fx.drop_schema().await;
-}
-
 // ---------------------------------------------------------------------------------------
 // Gap safety.
 

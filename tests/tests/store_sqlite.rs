@@ -419,57 +419,6 @@ async fn sixteen_writers_without_retry_store_each_sequence_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dispatch_new_has_one_winner_and_a_typed_conflict_for_the_rest() {
-    let db = TempDb::new();
-    let store = db.open_fast().await;
-    let framework = Arc::new(CQRSFramework::<Counter>::new(store.clone()));
-    let id = Uuid::new_v4();
-    let tasks: Vec<_> = (1..=16i64)
-        .map(|amount| {
-            let framework = Arc::clone(&framework);
-            tokio::spawn(async move {
-                framework
-                    .dispatch_new(id, CounterCommand::Add(amount))
-                    .await
-                    .map(|receipt| (amount, receipt.sequence))
-            })
-        })
-        .collect();
-    let mut winners = Vec::new();
-    for task in tasks {
-        match task.await.unwrap() {
-            Ok(won) => winners.push(won),
-            Err(CounterError::Framework(CQRSError::Conflict {
-                expected_sequence: 0,
-                aggregate_id,
-                ..
-            })) if aggregate_id == id => {}
-            Err(other) => panic!("expected a conflict at sequence 0, got {other:?}"),
-        }
-    }
-    assert_eq!(winners.len(), 1, "{winners:?}");
-    let (amount, sequence) = winners[0];
-    assert_eq!(sequence, 1);
-    assert_eq!(
-        store.load_events(Counter::NAME, id, 0).await.unwrap().len(),
-        1
-    );
-    // A second instance, which has never seen the aggregate, gets the same conflict from the
-    // store, and `dispatch` goes on from the winner's state.
-    let other = CQRSFramework::<Counter>::new(store.clone());
-    let error = other
-        .dispatch_new(id, CounterCommand::Add(100))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, CounterError::Framework(ref e) if e.is_conflict()),
-        "{error:?}"
-    );
-    other.dispatch(id, CounterCommand::Add(100)).await.unwrap();
-    assert_eq!(other.load(id).await.unwrap().total, amount + 100);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixteen_writers_with_retry_all_succeed_and_the_total_is_exact() {
     let db = TempDb::new();
     // Every one of the 8000 wins needs a commit of its own (one winner per group on a
