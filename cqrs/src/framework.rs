@@ -392,12 +392,12 @@ impl<A: Aggregate> CQRSFramework<A> {
         command: A::Commands,
         metadata: &M,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let metadata = self.metadata_value(aggregate_id, metadata)?;
+        let metadata = Self::metadata_value(aggregate_id, metadata)?;
         self.dispatch_inner(aggregate_id, command, metadata).await
     }
 
+    /// `metadata` as JSON, or the typed serialization error naming the aggregate.
     fn metadata_value<M: Serialize + ?Sized>(
-        &self,
         aggregate_id: Uuid,
         metadata: &M,
     ) -> Result<Value, A::Errors> {
@@ -479,7 +479,7 @@ impl<A: Aggregate> CQRSFramework<A> {
         command: A::Commands,
         metadata: &M,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let metadata = self.metadata_value(aggregate_id, metadata)?;
+        let metadata = Self::metadata_value(aggregate_id, metadata)?;
         self.dispatch_new_inner(aggregate_id, command, metadata)
             .await
     }
@@ -596,13 +596,12 @@ impl<A: Aggregate> CQRSFramework<A> {
             aggregate_id,
             expected_sequence: 0,
         };
-        let empty = Loaded::new(A::State::default(), 0);
         let loaded = match self.cache.as_ref().and_then(|c| c.take(aggregate_id)) {
             Some(cached) if cached.sequence > 0 => {
                 self.keep(aggregate_id, cached);
                 return Err(exists().into());
             }
-            _ => empty,
+            _ => Loaded::new(A::State::default(), 0),
         };
         let decided = match self
             .try_once(aggregate_id, loaded, command, &metadata)

@@ -280,7 +280,8 @@ impl<T: CheckpointRepository + ?Sized> CheckpointRepository for std::sync::Arc<T
 }
 
 /// Checks that a batch is appendable: non-empty, one aggregate, contiguous sequences from at
-/// least 1, an `aggregate_type_id` equal to [`PersistableDomainEvent::type_id_for`] of its type and id, no event id twice. Every store calls it first.
+/// least 1, an `aggregate_type_id` equal to [`PersistableDomainEvent::type_id_for`] of its
+/// type and id, no event id twice. Every store calls it first.
 ///
 /// Returns the sequence the writer expects to be the aggregate's last.
 ///
