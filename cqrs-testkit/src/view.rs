@@ -162,20 +162,20 @@ impl<A: Aggregate, V: View<A>> ViewFixture<A, V> {
         let given: Vec<EventEnvelope<A::Events>> = envelopes.into_iter().collect();
         let mut views: Vec<(String, V)> = Vec::new();
         let mut error = None;
-        for (index, envelope) in given.iter().enumerate() {
-            let Some(view_id) = V::view_id(envelope) else {
-                continue;
-            };
-            let slot = match views.iter().position(|(id, _)| *id == view_id) {
-                Some(slot) => slot,
-                None => {
-                    views.push((view_id, V::default()));
-                    views.len() - 1
+        'events: for (index, envelope) in given.iter().enumerate() {
+            for view_id in V::view_ids(envelope) {
+                let slot = match views.iter().position(|(id, _)| *id == view_id) {
+                    Some(slot) => slot,
+                    None => {
+                        views.push((view_id, V::default()));
+                        views.len() - 1
+                    }
+                };
+                let (view_id, view) = &mut views[slot];
+                if let Err(e) = view.handle_event_for(view_id, envelope) {
+                    error = Some((index, e));
+                    break 'events;
                 }
-            };
-            if let Err(e) = views[slot].1.handle_event(envelope) {
-                error = Some((index, e));
-                break;
             }
         }
         ViewThen {

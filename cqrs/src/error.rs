@@ -187,11 +187,127 @@ impl CQRSError {
     }
 }
 
+/// Two errors are equal when they are the same variant with equal fields. Errors that a
+/// variant wraps from a driver or from serde (`PersistenceError`, the `source` of
+/// `Serialization` and `Deserialization`, a malformed payload) are compared by their message.
+///
+/// This is what lets a domain error that wraps the framework's derive `PartialEq`, so tests
+/// compare whole errors, a typed conflict included:
+///
+/// ```
+/// use cqrs::CQRSError;
+///
+/// #[derive(Debug, PartialEq, thiserror::Error)]
+/// enum CartError {
+///     #[error("the cart is empty")]
+///     Empty,
+///     #[error(transparent)]
+///     Framework(#[from] CQRSError),
+/// }
+///
+/// let conflict = |expected_sequence| CQRSError::Conflict {
+///     aggregate_type: "cart".into(),
+///     aggregate_id: uuid::Uuid::nil(),
+///     expected_sequence,
+/// };
+/// assert_eq!(CartError::from(conflict(3)), CartError::Framework(conflict(3)));
+/// assert_ne!(CartError::from(conflict(3)), CartError::Framework(conflict(4)));
+/// assert_ne!(CartError::from(conflict(3)), CartError::Empty);
+/// ```
+impl PartialEq for CQRSError {
+    fn eq(&self, other: &Self) -> bool {
+        use CQRSError as E;
+        match (self, other) {
+            (
+                E::Conflict {
+                    aggregate_type: a_type,
+                    aggregate_id: a_id,
+                    expected_sequence: a_seq,
+                },
+                E::Conflict {
+                    aggregate_type: b_type,
+                    aggregate_id: b_id,
+                    expected_sequence: b_seq,
+                },
+            ) => a_type == b_type && a_id == b_id && a_seq == b_seq,
+            (E::EventDecode(a), E::EventDecode(b)) => a == b,
+            (
+                E::Serialization {
+                    what: a_what,
+                    source: a_source,
+                },
+                E::Serialization {
+                    what: b_what,
+                    source: b_source,
+                },
+            )
+            | (
+                E::Deserialization {
+                    what: a_what,
+                    source: a_source,
+                },
+                E::Deserialization {
+                    what: b_what,
+                    source: b_source,
+                },
+            ) => a_what == b_what && a_source.to_string() == b_source.to_string(),
+            (E::DuplicateEventId { event_id: a }, E::DuplicateEventId { event_id: b }) => a == b,
+            (
+                E::SequenceGap {
+                    aggregate_type: a_type,
+                    aggregate_id: a_id,
+                    expected_sequence: a_expected,
+                    found_sequence: a_found,
+                },
+                E::SequenceGap {
+                    aggregate_type: b_type,
+                    aggregate_id: b_id,
+                    expected_sequence: b_expected,
+                    found_sequence: b_found,
+                },
+            ) => a_type == b_type && a_id == b_id && a_expected == b_expected && a_found == b_found,
+            (E::InvalidAppend(a), E::InvalidAppend(b)) => a == b,
+            (
+                E::ViewConflict {
+                    view: a_view,
+                    view_id: a_id,
+                    expected_version: a_version,
+                },
+                E::ViewConflict {
+                    view: b_view,
+                    view_id: b_id,
+                    expected_version: b_version,
+                },
+            ) => a_view == b_view && a_id == b_id && a_version == b_version,
+            (E::ViewHandler(a), E::ViewHandler(b)) => a == b,
+            (E::PersistenceError(a), E::PersistenceError(b)) => a.to_string() == b.to_string(),
+            (E::Timeout(a), E::Timeout(b)) => a == b,
+            (E::ProjectionStopped(a), E::ProjectionStopped(b)) => a.to_string() == b.to_string(),
+            // Every variant is named here, so a new one cannot be forgotten above.
+            (
+                E::Conflict { .. }
+                | E::EventDecode(_)
+                | E::Serialization { .. }
+                | E::Deserialization { .. }
+                | E::DuplicateEventId { .. }
+                | E::SequenceGap { .. }
+                | E::InvalidAppend(_)
+                | E::ViewConflict { .. }
+                | E::ViewHandler(_)
+                | E::PersistenceError(_)
+                | E::Timeout(_)
+                | E::ProjectionStopped(_),
+                _,
+            ) => false,
+        }
+    }
+}
+
 /// Why one stored event could not be decoded, with the event it came from.
 ///
 /// It names the aggregate type, aggregate id, sequence, event type and version, so the row
 /// can be found.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct EventDecodeError {
     /// The aggregate type of the stored event.
     pub aggregate_type: String,
@@ -251,6 +367,25 @@ pub enum DecodeError {
     /// An upcaster refused to bring an old version up to date.
     #[error("upcast failed: {0}")]
     Upcast(String),
+}
+
+/// Same variant, and for a malformed payload the same message.
+impl PartialEq for DecodeError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (DecodeError::UnknownEventType, DecodeError::UnknownEventType) => true,
+            (DecodeError::MalformedPayload(a), DecodeError::MalformedPayload(b)) => {
+                a.to_string() == b.to_string()
+            }
+            (DecodeError::Upcast(a), DecodeError::Upcast(b)) => a == b,
+            (
+                DecodeError::UnknownEventType
+                | DecodeError::MalformedPayload(_)
+                | DecodeError::Upcast(_),
+                _,
+            ) => false,
+        }
+    }
 }
 
 /// A view refused a stored event: which view, which event, and the handler's message.

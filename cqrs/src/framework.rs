@@ -21,16 +21,26 @@ use smol_str::SmolStr;
 /// By default ([`RetryPolicy::none`]) the conflict is returned to the caller as
 /// [`CQRSError::Conflict`]. With [`RetryPolicy::attempts`] the framework reloads the
 /// aggregate, runs the command again on the fresh state and appends again, up to the given
-/// number of attempts in all, sleeping a short random backoff between attempts.
+/// number of attempts in all, sleeping a short random backoff between attempts. With
+/// [`RetryPolicy::within`] it keeps trying until the command succeeds, the domain refuses it,
+/// or the time is up: the form to use when "until it succeeds" is meant and the number of
+/// attempts would be a guess.
+///
+/// Only a lost race is retried. A refusal by the domain and every other error return at once.
 ///
 /// ```
 /// use std::time::Duration;
 /// let policy = cqrs::RetryPolicy::attempts(10).with_backoff(Duration::from_micros(200), Duration::from_millis(20));
 /// assert_eq!(policy.max_attempts(), 10);
+///
+/// // As many attempts as fit in half a second.
+/// let patient = cqrs::RetryPolicy::within(Duration::from_millis(500));
+/// assert_eq!(patient.deadline(), Some(Duration::from_millis(500)));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     max_attempts: u32,
+    deadline: Option<Duration>,
     base_backoff: Duration,
     max_backoff: Duration,
 }
@@ -46,6 +56,7 @@ impl RetryPolicy {
     pub const fn none() -> Self {
         RetryPolicy {
             max_attempts: 1,
+            deadline: None,
             base_backoff: Duration::from_micros(100),
             max_backoff: Duration::from_millis(50),
         }
@@ -59,6 +70,18 @@ impl RetryPolicy {
         policy
     }
 
+    /// Attempts until one succeeds or is refused by the domain, for as long as `time` allows:
+    /// no backoff sleeps past `time` (counted from the dispatch's start), the attempt that
+    /// starts when it is up is the last, and its conflict is returned. At least one attempt
+    /// is always made. Combine with [`with_backoff`](RetryPolicy::with_backoff) to tune the
+    /// sleeps between attempts.
+    pub const fn within(time: Duration) -> Self {
+        let mut policy = Self::none();
+        policy.max_attempts = u32::MAX;
+        policy.deadline = Some(time);
+        policy
+    }
+
     /// Sets the backoff: attempt `n` sleeps a random time up to `base * 2^n`, capped at `max`.
     pub const fn with_backoff(mut self, base: Duration, max: Duration) -> Self {
         self.base_backoff = base;
@@ -66,9 +89,14 @@ impl RetryPolicy {
         self
     }
 
-    /// The number of attempts in all.
+    /// The number of attempts in all (`u32::MAX` for [`within`](RetryPolicy::within)).
     pub const fn max_attempts(&self) -> u32 {
         self.max_attempts
+    }
+
+    /// The time after which no new attempt starts, if the policy has one.
+    pub const fn deadline(&self) -> Option<Duration> {
+        self.deadline
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -515,6 +543,13 @@ impl<A: Aggregate> CQRSFramework<A> {
         let mut attempt: u32 = 0;
         // A cached state found stale is reloaded once without spending an attempt.
         let mut stale_retry_left = true;
+        // Read the clock only for a policy with a deadline.
+        let deadline = self
+            .retry
+            .deadline
+            .map(|time| tokio::time::Instant::now() + time);
+        let time_left =
+            || deadline.map(|at| at.saturating_duration_since(tokio::time::Instant::now()));
         loop {
             attempt += 1;
             let (loaded, from_cache) = match self.cache.as_ref().and_then(|c| c.take(aggregate_id))
@@ -522,8 +557,8 @@ impl<A: Aggregate> CQRSFramework<A> {
                 Some(loaded) => (loaded, true),
                 None => (self.load_from_store(aggregate_id).await?, false),
             };
-            let may_run_again =
-                (from_cache && stale_retry_left) || attempt < self.retry.max_attempts;
+            let may_run_again = (from_cache && stale_retry_left)
+                || (attempt < self.retry.max_attempts && time_left() != Some(Duration::ZERO));
             if !may_run_again {
                 // The last try consumes the command; any outcome is final.
                 return match self
@@ -560,11 +595,13 @@ impl<A: Aggregate> CQRSFramework<A> {
                     attempt -= 1;
                 }
                 Outcome::Failed(error @ CQRSError::Conflict { .. }) => {
-                    if attempt >= self.retry.max_attempts {
+                    let left = time_left();
+                    if attempt >= self.retry.max_attempts || left == Some(Duration::ZERO) {
                         tracing::debug!(attempts = attempt, "conflict, giving up");
                         return Err(error.into());
                     }
-                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    let backoff = self.retry.backoff(attempt);
+                    tokio::time::sleep(left.map_or(backoff, |left| backoff.min(left))).await;
                 }
                 Outcome::Failed(error) => return Err(error.into()),
             }

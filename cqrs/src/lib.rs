@@ -24,6 +24,11 @@ pub use crate::framework::{
     CQRSFramework, DispatchReceipt, RetryPolicy, SnapshotPolicy, DEFAULT_STATE_CACHE_CAPACITY,
 };
 pub use crate::payload::Payload;
+/// The attribute that the store traits ([`EventRepository`], [`SnapshotRepository`],
+/// [`CheckpointRepository`], [`ViewRepository`], [`DeadLetters`]) are written with, re-exported
+/// so that implementing one needs nothing beyond `cqrs`: put `#[cqrs::async_trait]` on the
+/// `impl` block and write its methods as `async fn`. See [`EventRepository`] for a whole store.
+pub use async_trait::async_trait;
 /// The string type of stored names (event types and versions, aggregate types): inline up to
 /// 23 bytes, cloned in O(1), built from a `&'static str` without allocating.
 pub use smol_str::SmolStr;

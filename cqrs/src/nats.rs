@@ -1176,25 +1176,26 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
         // view as it was, so it can be tried again or skipped.
         let mut updated: Vec<(String, V)> = Vec::new();
         for envelope in stored.decode_all::<A::Events>()? {
-            let Some(view_id) = V::view_id(&envelope) else {
-                continue;
-            };
-            if !touched.contains_key(&view_id) {
-                let context = self.views.load_for_update(&view_id).await?;
-                order.push(view_id.clone());
-                touched.insert(view_id.clone(), context);
+            // Collected: the ids' iterator need not be `Send` across the loads below.
+            let view_ids: Vec<String> = V::view_ids(&envelope).into_iter().collect();
+            for view_id in view_ids {
+                if !touched.contains_key(&view_id) {
+                    let context = self.views.load_for_update(&view_id).await?;
+                    order.push(view_id.clone());
+                    touched.insert(view_id.clone(), context);
+                }
+                let current = match updated.iter().rposition(|(id, _)| *id == view_id) {
+                    Some(index) => Some(&updated[index].1),
+                    None => touched.get(&view_id).map(|context| &context.view),
+                };
+                let Some(current) = current else {
+                    continue;
+                };
+                let mut view = current.clone();
+                view.handle_event_for(&view_id, &envelope)
+                    .map_err(|error| ViewHandlerError::for_event(V::TABLE_NAME, stored, error))?;
+                updated.push((view_id, view));
             }
-            let current = match updated.iter().rposition(|(id, _)| *id == view_id) {
-                Some(index) => Some(&updated[index].1),
-                None => touched.get(&view_id).map(|context| &context.view),
-            };
-            let Some(current) = current else {
-                continue;
-            };
-            let mut view = current.clone();
-            view.handle_event(&envelope)
-                .map_err(|error| ViewHandlerError::for_event(V::TABLE_NAME, stored, error))?;
-            updated.push((view_id, view));
         }
         for (view_id, view) in updated {
             if let Some(context) = touched.get_mut(&view_id) {

@@ -70,8 +70,23 @@ pub trait View<A: Aggregate>:
 
     /// The id of the view instance an event updates, or `None` if the event does not concern
     /// this view. By default, the event's aggregate id.
+    ///
+    /// Any string is an id: a view keyed by something else than the aggregate (a member's
+    /// loans keyed by the member, a daily total keyed by the date) returns it here, from what
+    /// the event carries.
     fn view_id(envelope: &EventEnvelope<A::Events>) -> Option<String> {
         Some(envelope.aggregate_id.to_string())
+    }
+
+    /// The ids of every view instance an event updates, in the order they are applied; none
+    /// when the event does not concern this view. By default, [`view_id`](View::view_id)'s.
+    ///
+    /// Override it when one event changes several rows: a transfer that changes the row of
+    /// the account it leaves and of the one it reaches. Each row then gets the event through
+    /// [`handle_event_for`](View::handle_event_for), which says which row it is. An id listed
+    /// twice is applied twice.
+    fn view_ids(envelope: &EventEnvelope<A::Events>) -> impl IntoIterator<Item = String> {
+        Self::view_id(envelope)
     }
 
     /// Applies one event to the view.
@@ -79,6 +94,81 @@ pub trait View<A: Aggregate>:
     /// # Errors
     /// The domain's error when the event cannot be applied; the projection stops there.
     fn handle_event(&mut self, envelope: &EventEnvelope<A::Events>) -> Result<(), A::Errors>;
+
+    /// Applies one event to the view instance `view_id`, one of the ids
+    /// [`view_ids`](View::view_ids) returned for it. By default, [`handle_event`](View::handle_event):
+    /// override it when the change depends on which row is updated.
+    ///
+    /// ```
+    /// # use cqrs::{Aggregate, CQRSError, DomainEvent};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct BankError(#[from] CQRSError);
+    /// # #[derive(Default)] struct Bank;
+    /// # impl Aggregate for Bank {
+    /// #     const NAME: &'static str = "transfer";
+    /// #     type Events = TransferEvent; type Commands = (); type Errors = BankError; type State = ();
+    /// #     async fn handle_command(&self, _: uuid::Uuid, _: &(), _: ()) -> Result<Vec<TransferEvent>, BankError> { Ok(vec![]) }
+    /// #     fn handle_event(&self, _: &mut (), _: &TransferEvent) {}
+    /// # }
+    /// use cqrs::{EventEnvelope, View};
+    ///
+    /// #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+    /// enum TransferEvent {
+    ///     Sent { from: String, to: String, amount: i64 },
+    /// }
+    ///
+    /// /// One row per account, changed by every transfer that leaves or reaches it.
+    /// #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    /// struct AccountBalance {
+    ///     balance: i64,
+    /// }
+    ///
+    /// impl View<Bank> for AccountBalance {
+    ///     const TABLE_NAME: &'static str = "account_balance";
+    ///     const VERSION: u64 = 1;
+    ///
+    ///     fn view_ids(envelope: &EventEnvelope<TransferEvent>) -> impl IntoIterator<Item = String> {
+    ///         let TransferEvent::Sent { from, to, .. } = &envelope.event;
+    ///         [from.clone(), to.clone()]
+    ///     }
+    ///
+    ///     fn handle_event_for(&mut self, account: &str, envelope: &EventEnvelope<TransferEvent>) -> Result<(), BankError> {
+    ///         let TransferEvent::Sent { from, amount, .. } = &envelope.event;
+    ///         self.balance += if account == from { -amount } else { *amount };
+    ///         Ok(())
+    ///     }
+    ///
+    ///     // Every event goes through `handle_event_for`; this one is never called.
+    ///     fn handle_event(&mut self, _: &EventEnvelope<TransferEvent>) -> Result<(), BankError> {
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use cqrs::{CQRSFramework, MemoryEventRepository, MemoryViewRepository, Projection};
+    /// let store = MemoryEventRepository::new();
+    /// let views = MemoryViewRepository::<AccountBalance>::new();
+    /// # let event = cqrs::PersistableDomainEvent::new("transfer", uuid::Uuid::new_v4(), 1,
+    /// #     &TransferEvent::Sent { from: "ada".into(), to: "bob".into(), amount: 30 }, serde_json::Value::Null)?;
+    /// # cqrs::EventRepository::append(&store, vec![event]).await?;
+    /// // ... a transfer of 30 from "ada" to "bob" is stored ...
+    /// Projection::<Bank, AccountBalance>::new(store, views.clone()).catch_up().await?;
+    /// assert_eq!(views.load("ada").await?.map(|row| row.balance), Some(-30));
+    /// assert_eq!(views.load("bob").await?.map(|row| row.balance), Some(30));
+    /// # Ok::<(), CQRSError>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    /// The domain's error when the event cannot be applied; the projection stops there.
+    fn handle_event_for(
+        &mut self,
+        view_id: &str,
+        envelope: &EventEnvelope<A::Events>,
+    ) -> Result<(), A::Errors> {
+        let _ = view_id;
+        self.handle_event(envelope)
+    }
 }
 
 /// A view instance and the version of its stored row, as loaded for an update.
@@ -113,6 +203,15 @@ pub trait ViewRepository<A: Aggregate, V: View<A>>: Send + Sync {
     /// # Errors
     /// [`CQRSError::PersistenceError`] or [`CQRSError::Deserialization`].
     async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError>;
+
+    /// Up to `limit` view instances with their ids, in ascending id order (byte order of the
+    /// id's UTF-8), starting after the id `after` (from the first when `None`). To read a
+    /// whole table page by page, pass the last id of each page as `after` of the next; an
+    /// empty page is the end.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] or [`CQRSError::Deserialization`].
+    async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, V)>, CQRSError>;
 
     /// Loads a view instance with its row version for an update; a missing one comes back
     /// as `V::default()` with version 0.
@@ -206,8 +305,10 @@ pub fn active_version_marker(table_name: &str) -> String {
     format!("{table_name}@active")
 }
 
-/// Reads a view for a caller. The provided method loads the view whose id is the aggregate
-/// id; implement it with an empty body, or override it for other lookups.
+/// Reads a view for a caller. The provided methods load one view instance: by any string id
+/// ([`query_view`](Query::query_view)) or, as in most views, by the aggregate id
+/// ([`query`](Query::query)). Implement the trait with an empty body, or override
+/// `query_view` for other lookups (a default row, a fallback, access rules).
 ///
 /// ```
 /// # use cqrs::{Aggregate, CQRSError, DomainEvent, EventEnvelope, View};
@@ -237,19 +338,33 @@ pub fn active_version_marker(table_name: &str) -> String {
 /// let views = cqrs::MemoryViewRepository::<CounterTotal>::new();
 /// let found = TotalById.query(&uuid::Uuid::new_v4(), &views).await.unwrap();
 /// assert!(found.is_none());
+/// // A view keyed by something else than an aggregate id:
+/// assert!(TotalById.query_view("2026-12-02", &views).await.unwrap().is_none());
 /// # });
 /// ```
 #[async_trait]
 pub trait Query<A: Aggregate, V: View<A>>: Send + Sync {
-    /// Loads the view for `aggregate_id` from `view_repo`.
+    /// Loads the view instance `view_id` from `view_repo`.
     ///
     /// # Errors
     /// What the repository's `load` returns.
+    async fn query_view<R>(&self, view_id: &str, view_repo: &R) -> Result<Option<V>, CQRSError>
+    where
+        R: ViewRepository<A, V> + ?Sized,
+    {
+        view_repo.load(view_id).await
+    }
+
+    /// Loads the view instance whose id is `aggregate_id`, through
+    /// [`query_view`](Query::query_view).
+    ///
+    /// # Errors
+    /// What `query_view` returns.
     async fn query<R>(&self, aggregate_id: &Uuid, view_repo: &R) -> Result<Option<V>, CQRSError>
     where
         R: ViewRepository<A, V> + ?Sized,
     {
-        view_repo.load(&aggregate_id.to_string()).await
+        self.query_view(&aggregate_id.to_string(), view_repo).await
     }
 }
 
@@ -297,6 +412,60 @@ impl<V> MemoryViewRepository<V> {
         Self::default()
     }
 
+    /// The view instance `view_id`, if there is one: the same as
+    /// [`ViewRepository::load`], without naming the aggregate.
+    ///
+    /// ```
+    /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct Balance;
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let views = cqrs::MemoryViewRepository::<Balance>::new();
+    /// assert!(views.load("42").await?.is_none());
+    /// assert!(views.list(None, 100).await?.is_empty());
+    /// # Ok::<(), cqrs::CQRSError>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    /// None in memory; the signature is every view store's.
+    pub async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError>
+    where
+        V: Clone,
+    {
+        Ok(self.lock().rows.get(view_id).map(|(view, _)| view.clone()))
+    }
+
+    /// A page of view instances in id order, as [`ViewRepository::list`] returns it,
+    /// without naming the aggregate.
+    ///
+    /// # Errors
+    /// None in memory; the signature is every view store's.
+    pub async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, V)>, CQRSError>
+    where
+        V: Clone,
+    {
+        let inner = self.lock();
+        let mut ids: Vec<&String> = inner
+            .rows
+            .keys()
+            .filter(|id| after.is_none_or(|after| id.as_str() > after))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids
+            .into_iter()
+            .take(limit)
+            .filter_map(|id| {
+                inner
+                    .rows
+                    .get(id)
+                    .map(|(view, _)| (id.clone(), view.clone()))
+            })
+            .collect())
+    }
+
     fn lock(&self) -> MutexGuard<'_, MemoryViews<V>> {
         self.inner
             .lock()
@@ -311,7 +480,11 @@ where
     V: View<A>,
 {
     async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError> {
-        Ok(self.lock().rows.get(view_id).map(|(view, _)| view.clone()))
+        MemoryViewRepository::load(self, view_id).await
+    }
+
+    async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, V)>, CQRSError> {
+        MemoryViewRepository::list(self, after, limit).await
     }
 
     async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<V>, CQRSError> {
@@ -386,6 +559,9 @@ where
 {
     async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError> {
         (**self).load(view_id).await
+    }
+    async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, V)>, CQRSError> {
+        (**self).list(after, limit).await
     }
     async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<V>, CQRSError> {
         (**self).load_for_update(view_id).await

@@ -436,6 +436,138 @@ async fn sixteen_writers_with_retry_all_succeed_and_the_balance_is_exact() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_writers_retrying_within_a_time_all_succeed() {
+    let store = MemoryEventRepository::new();
+    let framework = Arc::new(
+        CQRSFramework::<Account>::new(store.clone())
+            .with_retry(RetryPolicy::within(std::time::Duration::from_secs(60))),
+    );
+    let id = Uuid::new_v4();
+    framework.dispatch(id, AccountCommand::Open).await.unwrap();
+
+    let (ok, errors) = race(Arc::clone(&framework), id).await;
+    assert!(
+        errors.is_empty(),
+        "failures: {:?}",
+        &errors[..errors.len().min(3)]
+    );
+    assert_eq!(ok, TASKS * PER_TASK);
+    assert_eq!(
+        store.event_sequence(Account::NAME, id).await.unwrap(),
+        (TASKS * PER_TASK) as i64 + 1
+    );
+}
+
+/// A store on which every append loses the race: another writer always got there first.
+struct AlwaysConflicts {
+    inner: MemoryEventRepository,
+    appends: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl EventRepository for AlwaysConflicts {
+    async fn append(
+        &self,
+        events: Vec<cqrs::PersistableDomainEvent>,
+    ) -> Result<Vec<i64>, CQRSError> {
+        self.appends
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(CQRSError::Conflict {
+            aggregate_type: events[0].aggregate_type.to_string(),
+            aggregate_id: events[0].aggregate_id,
+            expected_sequence: events[0].sequence - 1,
+        })
+    }
+
+    async fn load_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+    ) -> Result<Vec<cqrs::PersistableDomainEvent>, CQRSError> {
+        self.inner
+            .load_events(aggregate_type, aggregate_id, after_sequence)
+            .await
+    }
+
+    async fn event_sequence(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<i64, CQRSError> {
+        self.inner
+            .event_sequence(aggregate_type, aggregate_id)
+            .await
+    }
+
+    async fn read_all(
+        &self,
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<cqrs::PersistableDomainEvent>, CQRSError> {
+        self.inner.read_all(after_position, limit).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retrying_within_a_time_gives_up_with_the_conflict_when_the_time_is_up() {
+    let appends = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let store = AlwaysConflicts {
+        inner: MemoryEventRepository::new(),
+        appends: Arc::clone(&appends),
+    };
+    let time = std::time::Duration::from_millis(200);
+    let framework = CQRSFramework::<Account>::new(store)
+        .without_state_cache()
+        .with_retry(RetryPolicy::within(time).with_backoff(
+            std::time::Duration::from_millis(1),
+            std::time::Duration::from_millis(10),
+        ));
+
+    // The clock is paused: it moves only through the backoff sleeps, so the attempts are
+    // counted on tokio's virtual time.
+    let started = tokio::time::Instant::now();
+    let error = framework
+        .dispatch(Uuid::new_v4(), AccountCommand::Open)
+        .await
+        .unwrap_err();
+    let spent = started.elapsed();
+
+    assert!(
+        matches!(conflict_of(&error), Some(CQRSError::Conflict { .. })),
+        "expected the last conflict, got {error:?}"
+    );
+    let attempts = appends.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        attempts > 10,
+        "only {attempts} attempts in {time:?} with backoffs of at most 10 ms"
+    );
+    assert!(
+        spent >= time,
+        "gave up after {spent:?}, before the {time:?} allowed"
+    );
+    assert!(
+        spent <= time + std::time::Duration::from_millis(10),
+        "kept trying until {spent:?}, past the {time:?} allowed"
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_is_not_retried_within_a_time() {
+    let store = MemoryEventRepository::new();
+    let framework = CQRSFramework::<Account>::new(store.clone())
+        .with_retry(RetryPolicy::within(std::time::Duration::from_secs(3600)));
+    let id = Uuid::new_v4();
+    // Not open: the domain refuses at once, and the hour is never waited for.
+    let error = framework
+        .dispatch(id, AccountCommand::Deposit(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, AccountError::NotOpen), "{error:?}");
+    assert_eq!(store.event_sequence(Account::NAME, id).await.unwrap(), 0);
+}
+
 #[tokio::test]
 async fn a_stale_append_is_a_conflict_and_stores_nothing() {
     let store = MemoryEventRepository::new();

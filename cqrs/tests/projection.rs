@@ -422,6 +422,101 @@ async fn dawdle() {
     tokio::time::sleep(Duration::from_micros(pause as u64)).await;
 }
 
+/// Rows keyed by something else than the aggregate: one per parity of the amount, and one
+/// for every deposit; each deposit updates two rows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct ByParity {
+    deposits: u64,
+    total: u64,
+    /// Which row this is, as the projection said when it applied an event.
+    key: String,
+}
+
+impl View<Ledger> for ByParity {
+    const TABLE_NAME: &'static str = "by_parity";
+    const VERSION: u64 = 1;
+
+    fn view_ids(envelope: &EventEnvelope<LedgerEvent>) -> impl IntoIterator<Item = String> {
+        let LedgerEvent::Deposited { amount } = envelope.event;
+        let parity = if amount % 2 == 0 { "even" } else { "odd" };
+        [parity.to_owned(), "all".to_owned()]
+    }
+
+    fn handle_event_for(
+        &mut self,
+        view_id: &str,
+        envelope: &EventEnvelope<LedgerEvent>,
+    ) -> Result<(), LedgerError> {
+        let LedgerEvent::Deposited { amount } = envelope.event;
+        self.key = view_id.to_owned();
+        self.deposits += 1;
+        self.total += amount;
+        Ok(())
+    }
+
+    fn handle_event(&mut self, _: &EventEnvelope<LedgerEvent>) -> Result<(), LedgerError> {
+        unreachable!("every event goes through handle_event_for")
+    }
+}
+
+#[tokio::test]
+async fn one_event_updates_every_row_its_view_ids_name() {
+    let store = MemoryEventRepository::new();
+    let framework = CQRSFramework::<Ledger>::new(store.clone());
+    framework
+        .dispatch(Uuid::new_v4(), vec![1, 2, 3])
+        .await
+        .unwrap();
+    framework.dispatch(Uuid::new_v4(), vec![4]).await.unwrap();
+
+    let views = MemoryViewRepository::<ByParity>::new();
+    Projection::<Ledger, ByParity>::new(store, views.clone())
+        .catch_up()
+        .await
+        .unwrap();
+
+    let row = |key: &str, deposits, total| ByParity {
+        deposits,
+        total,
+        key: key.to_owned(),
+    };
+    assert_eq!(views.load("odd").await.unwrap(), Some(row("odd", 2, 4)));
+    assert_eq!(views.load("even").await.unwrap(), Some(row("even", 2, 6)));
+    assert_eq!(views.load("all").await.unwrap(), Some(row("all", 4, 10)));
+}
+
+#[tokio::test]
+async fn a_memory_view_store_lists_its_rows_in_id_order_page_by_page() {
+    let store = MemoryEventRepository::new();
+    let framework = CQRSFramework::<Ledger>::new(store.clone());
+    let mut ids: Vec<Uuid> = (0..7).map(|_| Uuid::new_v4()).collect();
+    for id in &ids {
+        framework.dispatch(*id, vec![5]).await.unwrap();
+    }
+    let views = MemoryViewRepository::<Balance>::new();
+    Projection::<Ledger, Balance>::new(store, views.clone())
+        .catch_up()
+        .await
+        .unwrap();
+
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = views.list(after.as_deref(), 3).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3, "a page of {} rows, limit 3", page.len());
+        after = page.last().map(|(id, _)| id.clone());
+        listed.extend(page);
+    }
+    ids.sort();
+    let expected: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    let got: Vec<String> = listed.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(got, expected);
+    assert!(listed.iter().all(|(_, balance)| balance.sum == 5));
+}
+
 /// A view store that dawdles between loading and committing, so that two projectors of one
 /// view interleave.
 struct Dawdling<V>(MemoryViewRepository<V>);
@@ -430,6 +525,9 @@ struct Dawdling<V>(MemoryViewRepository<V>);
 impl<V: View<Ledger>> ViewRepository<Ledger, V> for Dawdling<V> {
     async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError> {
         ViewRepository::<Ledger, V>::load(&self.0, view_id).await
+    }
+    async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, V)>, CQRSError> {
+        ViewRepository::<Ledger, V>::list(&self.0, after, limit).await
     }
     async fn load_for_update(&self, view_id: &str) -> Result<cqrs::ViewContext<V>, CQRSError> {
         dawdle().await;

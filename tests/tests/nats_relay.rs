@@ -555,6 +555,13 @@ impl ViewRepository<Ledger, Balance> for LostCommitAnswer {
     async fn load(&self, view_id: &str) -> Result<Option<Balance>, CQRSError> {
         ViewRepository::<Ledger, Balance>::load(&self.views, view_id).await
     }
+    async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Balance)>, CQRSError> {
+        ViewRepository::<Ledger, Balance>::list(&self.views, after, limit).await
+    }
     async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<Balance>, CQRSError> {
         ViewRepository::<Ledger, Balance>::load_for_update(&self.views, view_id).await
     }

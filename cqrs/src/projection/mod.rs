@@ -42,7 +42,12 @@ const MAX_STALE_IN_A_ROW: u32 = 64;
 const LOAD_CONCURRENCY: usize = 8;
 
 /// The envelopes of one stored event, each with the id of the view instance it updates.
-type Targets<A> = Vec<(String, EventEnvelope<<A as Aggregate>::Events>)>;
+/// The envelopes one stored event decoded into, and the view ids each one updates (by index
+/// into the envelopes).
+type Targets<A> = (
+    Vec<EventEnvelope<<A as Aggregate>::Events>>,
+    Vec<(String, usize)>,
+);
 
 /// Keeps one view up to date from the event store.
 ///
@@ -736,16 +741,15 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
             match stored.decode_all::<A::Events>() {
                 Ok(envelopes) => {
                     let mut targets = Vec::with_capacity(envelopes.len());
-                    for envelope in envelopes {
-                        let Some(view_id) = V::view_id(&envelope) else {
-                            continue;
-                        };
-                        if seen.insert(view_id.clone()) {
-                            order.push(view_id.clone());
+                    for (at, envelope) in envelopes.iter().enumerate() {
+                        for view_id in V::view_ids(envelope) {
+                            if seen.insert(view_id.clone()) {
+                                order.push(view_id.clone());
+                            }
+                            targets.push((view_id, at));
                         }
-                        targets.push((view_id, envelope));
                     }
-                    decoded.push((index, targets));
+                    decoded.push((index, (envelopes, targets)));
                 }
                 Err(error) => {
                     undecodable = Some(BatchError::Poison { index, error });
@@ -765,15 +769,15 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
             .await?;
         let mut touched: HashMap<&str, ViewContext<V>> =
             order.iter().map(String::as_str).zip(loaded).collect();
-        for (index, targets) in &decoded {
+        for (index, (envelopes, targets)) in &decoded {
             let stored = &events[*index];
-            for (view_id, envelope) in targets {
+            for (view_id, at) in targets {
                 let Some(context) = touched.get_mut(view_id.as_str()) else {
                     continue;
                 };
                 context
                     .view
-                    .handle_event(envelope)
+                    .handle_event_for(view_id, &envelopes[*at])
                     .map_err(|error| BatchError::Poison {
                         index: *index,
                         error: ViewHandlerError::for_event(V::TABLE_NAME, stored, error),

@@ -40,6 +40,69 @@ pub mod sqlite;
 ///   order. [`read_all`](EventRepository::read_all) never returns position `p` while an event
 ///   with a lower position may still commit: a reader that resumes after the last position it
 ///   saw misses nothing.
+///
+/// # Implementing a store
+///
+/// Write the `impl` block with `#[cqrs::async_trait]` (re-exported, so the crate needs no
+/// other dependency) and its methods as `async fn`. [`validate_batch`] checks the shape of an
+/// append's batch for you. Then run the testkit's conformance suite
+/// (`cqrs_testkit::conformance::check_event_repository`) against it: it checks every clause
+/// above, including the races. A store that wraps another, here to count appends:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+///
+/// use cqrs::{CQRSError, EventRepository, MemoryEventRepository, PersistableDomainEvent};
+/// use uuid::Uuid;
+///
+/// #[derive(Default)]
+/// struct CountingStore {
+///     inner: MemoryEventRepository,
+///     appends: AtomicU64,
+/// }
+///
+/// #[cqrs::async_trait]
+/// impl EventRepository for CountingStore {
+///     async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+///         let positions = self.inner.append(events).await?;
+///         self.appends.fetch_add(1, Ordering::Relaxed);
+///         Ok(positions)
+///     }
+///
+///     async fn load_events(
+///         &self,
+///         aggregate_type: &str,
+///         aggregate_id: Uuid,
+///         after_sequence: i64,
+///     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+///         self.inner.load_events(aggregate_type, aggregate_id, after_sequence).await
+///     }
+///
+///     async fn event_sequence(&self, aggregate_type: &str, aggregate_id: Uuid) -> Result<i64, CQRSError> {
+///         self.inner.event_sequence(aggregate_type, aggregate_id).await
+///     }
+///
+///     async fn read_all(&self, after_position: i64, limit: usize) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+///         self.inner.read_all(after_position, limit).await
+///     }
+///
+///     // Passing on the notifications lets projections follow without polling.
+///     fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+///         self.inner.subscribe()
+///     }
+/// }
+///
+/// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, cqrs::DomainEvent)]
+/// struct Incremented;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = CountingStore::default();
+/// let event = PersistableDomainEvent::new("counter", Uuid::new_v4(), 1, &Incremented, serde_json::Value::Null)?;
+/// store.append(vec![event]).await?;
+/// assert_eq!(store.appends.load(Ordering::Relaxed), 1);
+/// # Ok::<(), CQRSError>(())
+/// # }).unwrap();
+/// ```
 #[async_trait]
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an event store",

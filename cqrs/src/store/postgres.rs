@@ -289,6 +289,12 @@ impl PostgresEventRepository {
         &self.inner.settings.schema
     }
 
+    /// A view store for `V` in this store's schema, through its pool (see
+    /// [`PostgresViewRepository`]).
+    pub fn views<V>(&self) -> PostgresViewRepository<V> {
+        PostgresViewRepository::new(self)
+    }
+
     /// Creates the schema and the tables if they do not exist.
     ///
     /// Idempotent, and safe when several processes migrate at once: it runs in one

@@ -277,7 +277,7 @@ pub(super) fn view_table_ddl(schema: &str, table: &str) -> String {
 SELECT pg_advisory_xact_lock(hashtextextended('cqrs migrate {schema}', 0));
 
 CREATE TABLE IF NOT EXISTS "{schema}"."{table}" (
-    view_id       TEXT        NOT NULL,
+    view_id       TEXT        COLLATE "C" NOT NULL,
     view_version  BIGINT      NOT NULL,
     row_version   BIGINT      NOT NULL CHECK (row_version >= 1),
     payload       JSONB       NOT NULL,

@@ -96,6 +96,37 @@ impl<V> PostgresViewRepository<V> {
     pub fn event_repository(&self) -> &PostgresEventRepository {
         &self.store
     }
+
+    /// The view instance `view_id`, if there is one: [`ViewRepository::load`] as a method of
+    /// the store, so no trait needs importing. `A` is inferred when `V` is a view of one
+    /// aggregate type; otherwise name it: `views.load::<Book>(id)`.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] or [`CQRSError::Deserialization`].
+    pub async fn load<A>(&self, view_id: &str) -> Result<Option<V>, CQRSError>
+    where
+        A: Aggregate,
+        V: View<A>,
+    {
+        <Self as ViewRepository<A, V>>::load(self, view_id).await
+    }
+
+    /// A page of view instances in id order: [`ViewRepository::list`] as a method of the
+    /// store.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] or [`CQRSError::Deserialization`].
+    pub async fn list<A>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, V)>, CQRSError>
+    where
+        A: Aggregate,
+        V: View<A>,
+    {
+        <Self as ViewRepository<A, V>>::list(self, after, limit).await
+    }
 }
 
 /// The validated, quoted table name and the `view_version` of `V` seen as a view of `A`;
@@ -167,6 +198,31 @@ where
         payload
             .map(|p| decode_view(V::TABLE_NAME, view_id, p))
             .transpose()
+    }
+
+    async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, V)>, CQRSError> {
+        let (table, version) = table_of::<A, V>(&self.store).await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Byte order, whatever the database's collation: the same order as every view store.
+        let rows = sqlx::query(&format!(
+            "SELECT view_id, payload FROM {table} \
+             WHERE view_version = $1 AND ($2::text IS NULL OR view_id COLLATE \"C\" > $2) \
+             ORDER BY view_id COLLATE \"C\" LIMIT $3"
+        ))
+        .bind(version)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(CQRSError::persistence)?;
+        rows.into_iter()
+            .map(|row| {
+                let view_id: String = row.try_get(0).map_err(CQRSError::persistence)?;
+                let payload: Value = row.try_get(1).map_err(CQRSError::persistence)?;
+                let view = decode_view(V::TABLE_NAME, &view_id, payload)?;
+                Ok((view_id, view))
+            })
+            .collect()
     }
 
     async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<V>, CQRSError> {

@@ -99,6 +99,66 @@ impl<V> SqliteViewRepository<V> {
     pub fn event_repository(&self) -> &SqliteEventRepository {
         &self.store
     }
+
+    /// The view instance `view_id`, if there is one: [`ViewRepository::load`] as a method of
+    /// the store, so no trait needs importing. `A` is inferred when `V` is a view of one
+    /// aggregate type; otherwise name it: `views.load::<Book>(id)`.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] or [`CQRSError::Deserialization`].
+    pub async fn load<A>(&self, view_id: &str) -> Result<Option<V>, CQRSError>
+    where
+        A: Aggregate,
+        V: View<A>,
+    {
+        Ok(self.read::<A>(view_id).await?.map(|(view, _)| view))
+    }
+
+    /// A page of view instances in id order: [`ViewRepository::list`] as a method of the
+    /// store.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] or [`CQRSError::Deserialization`].
+    pub async fn list<A>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, V)>, CQRSError>
+    where
+        A: Aggregate,
+        V: View<A>,
+    {
+        let table = <V as View<A>>::TABLE_NAME;
+        self.store.ensure_view_table(table).await?;
+        let version = view_version::<A, V>()?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // TEXT compares with SQLite's BINARY collation: byte order, like every view store.
+        let sql = format!(
+            "SELECT view_id, payload FROM \"{table}\" \
+             WHERE view_version = ? AND (? IS NULL OR view_id > ?) ORDER BY view_id LIMIT ?"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(version)
+            .bind(after)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(CQRSError::persistence)?;
+        rows.into_iter()
+            .map(|row| {
+                let view_id: String = row.try_get(0).map_err(CQRSError::persistence)?;
+                let payload: String = row.try_get(1).map_err(CQRSError::persistence)?;
+                let view = serde_json::from_str(&payload).map_err(|source| {
+                    CQRSError::Deserialization {
+                        what: format!("view {table}/{view_id}"),
+                        source,
+                    }
+                })?;
+                Ok((view_id, view))
+            })
+            .collect()
+    }
 }
 
 fn view_version<A: Aggregate, V: View<A>>() -> Result<i64, CQRSError> {
@@ -149,7 +209,11 @@ where
     V: View<A>,
 {
     async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError> {
-        Ok(self.read::<A>(view_id).await?.map(|(view, _)| view))
+        SqliteViewRepository::load::<A>(self, view_id).await
+    }
+
+    async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, V)>, CQRSError> {
+        SqliteViewRepository::list::<A>(self, after, limit).await
     }
 
     async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<V>, CQRSError> {
