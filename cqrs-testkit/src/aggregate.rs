@@ -45,14 +45,8 @@ use crate::{outcome, report, runtime};
 /// # enum CounterError {
 /// #     #[error("too big: {value} + {by} > 10")]
 /// #     TooBig { value: u32, by: u32 },
-/// #     #[error("framework: {0}")]
-/// #     Framework(String),
-/// # }
-/// #
-/// # impl From<CQRSError> for CounterError {
-/// #     fn from(error: CQRSError) -> Self {
-/// #         CounterError::Framework(error.to_string())
-/// #     }
+/// #     #[error(transparent)]
+/// #     Framework(#[from] CQRSError),
 /// # }
 /// #
 /// # #[derive(Debug, Clone, Default, Serialize, Deserialize)]

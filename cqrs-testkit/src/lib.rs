@@ -32,7 +32,8 @@
 //! compared by their JSON form (they are all `Serialize`), so none of them needs
 //! `PartialEq`; errors are compared with `PartialEq` ([`Then::then_expect_error`]), by
 //! message ([`Then::then_expect_error_message`]) or with a predicate
-//! ([`Then::then_expect_error_matching`]). Give a fixture a description with
+//! ([`Then::then_expect_error_matching`]). `CQRSError` is `PartialEq`, so a domain error
+//! that wraps it (`Framework(#[from] CQRSError)`, as below) derives `PartialEq` as well. Give a fixture a description with
 //! `with_description("overdraft is refused")` and every failure message names it:
 //! `then_expect_events (overdraft is refused) failed: …`.
 //!
@@ -78,14 +79,8 @@
 //! enum CounterError {
 //!     #[error("too big: {value} + {by} > 10")]
 //!     TooBig { value: u32, by: u32 },
-//!     #[error("framework: {0}")]
-//!     Framework(String),
-//! }
-//!
-//! impl From<CQRSError> for CounterError {
-//!     fn from(error: CQRSError) -> Self {
-//!         CounterError::Framework(error.to_string())
-//!     }
+//!     #[error(transparent)]
+//!     Framework(#[from] CQRSError),
 //! }
 //!
 //! #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -212,14 +207,8 @@
 //! # enum CounterError {
 //! #     #[error("too big: {value} + {by} > 10")]
 //! #     TooBig { value: u32, by: u32 },
-//! #     #[error("framework: {0}")]
-//! #     Framework(String),
-//! # }
-//! #
-//! # impl From<CQRSError> for CounterError {
-//! #     fn from(error: CQRSError) -> Self {
-//! #         CounterError::Framework(error.to_string())
-//! #     }
+//! #     #[error(transparent)]
+//! #     Framework(#[from] CQRSError),
 //! # }
 //! #
 //! # #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -331,14 +320,8 @@
 //! # enum CounterError {
 //! #     #[error("too big: {value} + {by} > 10")]
 //! #     TooBig { value: u32, by: u32 },
-//! #     #[error("framework: {0}")]
-//! #     Framework(String),
-//! # }
-//! #
-//! # impl From<CQRSError> for CounterError {
-//! #     fn from(error: CQRSError) -> Self {
-//! #         CounterError::Framework(error.to_string())
-//! #     }
+//! #     #[error(transparent)]
+//! #     Framework(#[from] CQRSError),
 //! # }
 //! #
 //! # #[derive(Debug, Clone, Default, Serialize, Deserialize)]
