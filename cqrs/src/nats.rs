@@ -361,8 +361,19 @@ impl fmt::Debug for NatsRelay {
 }
 
 impl NatsRelay {
+    /// The checkpoint name a relay to `stream` uses unless [`with_name`](Self::with_name)
+    /// sets another: `nats_relay_<stream name>`.
+    ///
+    /// ```
+    /// let stream = cqrs::NatsStreamConfig::new("EVENTS", "events");
+    /// assert_eq!(cqrs::NatsRelay::default_name(&stream), "nats_relay_EVENTS");
+    /// ```
+    pub fn default_name(stream: &NatsStreamConfig) -> String {
+        format!("nats_relay_{}", stream.stream_name)
+    }
+
     /// A relay from `events` to `stream`, with its checkpoint in `checkpoints` under
-    /// `nats_relay_<stream name>`, publishing 256 events per batch.
+    /// [`default_name`](Self::default_name), publishing 256 events per batch.
     pub fn new(
         events: impl EventRepository + 'static,
         checkpoints: impl CheckpointRepository + 'static,
@@ -373,7 +384,7 @@ impl NatsRelay {
             events: Arc::new(events),
             checkpoints: Arc::new(checkpoints),
             jetstream,
-            name: format!("nats_relay_{}", stream.stream_name),
+            name: Self::default_name(&stream),
             stream,
             batch_size: 256,
             poll_interval: Duration::from_millis(500),
@@ -1213,6 +1224,8 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
     pub fn start(self) -> NatsProjectionHandle {
         let (stop, mut stopped) = watch::channel(false);
         let projection = self;
+        let name = projection.name.clone();
+        let dead_letters = Arc::clone(&projection.dead_letters);
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
@@ -1237,7 +1250,12 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
                 }
             }
         });
-        NatsProjectionHandle { stop, task }
+        NatsProjectionHandle {
+            stop,
+            task,
+            name,
+            dead_letters,
+        }
     }
 }
 
@@ -1247,14 +1265,39 @@ async fn term(message: &jetstream::Message) {
     }
 }
 
-/// The handle of a projection started with [`NatsProjection::start`].
-#[derive(Debug)]
+/// The handle of a projection started with [`NatsProjection::start`]: stop it, see whether
+/// it ended, and read the events it skipped while it runs.
 pub struct NatsProjectionHandle {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), CQRSError>>,
+    name: String,
+    dead_letters: Arc<dyn DeadLetters>,
+}
+
+impl fmt::Debug for NatsProjectionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsProjectionHandle")
+            .field("name", &self.name)
+            .field("finished", &self.task.is_finished())
+            .finish_non_exhaustive()
+    }
 }
 
 impl NatsProjectionHandle {
+    /// The projection's checkpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The events the running projection skipped under
+    /// [`PoisonPolicy::SkipAndRecord`], as its dead-letter sink holds them.
+    ///
+    /// # Errors
+    /// The sink's error.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, CQRSError> {
+        self.dead_letters.list(&self.name).await
+    }
+
     /// Stops the projection and waits for it.
     ///
     /// # Errors

@@ -776,6 +776,36 @@ async fn projection_never_silently_drops_a_message_it_cannot_apply() {
     let view = load_views(&views, &[id]).await;
     assert_eq!(view[&id.to_string()].events, 5);
     assert_eq!(view[&id.to_string()].last_position, 6);
+
+    // Started in the background, a projection's dead letters are read through its handle
+    // while it runs.
+    let fresh_views = MemoryViewRepository::<Balance>::new();
+    let running = NatsProjection::<Ledger, Balance>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        fresh_views.clone(),
+    )
+    .with_durable_name(format!("balance_{}", Uuid::new_v4().simple()))
+    .with_poison_policy(PoisonPolicy::SkipAndRecord)
+    .start();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ViewRepository::<Ledger, Balance>::checkpoint(&fresh_views, running.name())
+        .await
+        .unwrap()
+        < 6
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the started projection did not reach position 6"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!running.is_finished());
+    let letters = running.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].event_type, "Frozen");
+    assert_eq!(letters[0].position, 4);
+    running.stop().await.unwrap();
 }
 
 /// Failures left before the flaky view accepts the event at position 2.
