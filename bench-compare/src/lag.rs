@@ -1,4 +1,4 @@
-//! Projection lag (issue 6's check: "p99 <= 100 ms at half the maximum append rate").
+//! Projection lag against its goal: p99 <= 100 ms at half the maximum append rate.
 //!
 //! For each store: (a) the maximum rate of bank dispatches through `CQRSFramework` from
 //! [`PRODUCERS`] closed-loop producers; (b) on a fresh store, the same producers paced
@@ -35,7 +35,7 @@ use crate::{env_usize, median, report, BoxResult};
 
 /// Concurrent producers, in both phases.
 const PRODUCERS: usize = 8;
-/// The issue's goal for the p99 lag, milliseconds.
+/// The goal for the p99 lag, milliseconds.
 const GOAL_P99_MS: f64 = 100.0;
 
 /// One paced run's figures.

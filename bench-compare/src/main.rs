@@ -12,9 +12,10 @@
 //! limits are skipped when unset), `BENCH_CHART` (where the PNG goes, default
 //! `docs/benchmarks-latency.png` beside this crate).
 //!
-//! One part alone: `BENCH_PROFILE=a|b|memory|long|sqlite|postgres|lag`. For the PostgreSQL
-//! part, `BENCH_PG_ONLY=plain|append|dispatch|dispatch_cache` runs one variant (for a
-//! profiler) and `BENCH_PG_PARTS=catch_up` measures `read_all`. The projection-lag part
+//! One part alone: `BENCH_PROFILE=a|b|memory|long|sqlite|postgres|catch_up|lag`. For the
+//! PostgreSQL part, `BENCH_PG_ONLY=plain|append|dispatch|dispatch_cache` runs one variant
+//! (for a profiler) and `BENCH_PG_PARTS=catch_up` measures `read_all` (pages of
+//! `BENCH_PAGE`, default 500). The projection-lag part
 //! reads `BENCH_LAG_RUNS` (default 3), `BENCH_LAG_SECS`, `BENCH_LAG_MAX_SECS` and
 //! `BENCH_LAG_LOADS` (see `lag.rs`).
 
@@ -124,7 +125,8 @@ fn run_child() -> BoxResult<()> {
     Ok(())
 }
 
-/// One workload alone, for a profiler or a quick check (`BENCH_PROFILE=a|b|memory|long|sqlite|postgres`).
+/// One workload alone, for a profiler or a quick check
+/// (`BENCH_PROFILE=a|b|memory|long|sqlite|catch_up|lag|postgres`).
 async fn profile(mode: &str) -> BoxResult<()> {
     match mode {
         "a" => {

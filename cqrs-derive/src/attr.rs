@@ -3,8 +3,8 @@
 //! Every attribute is a comma-separated list of `key = value`. A [`KeyReader`] reads one
 //! list: it reports an unknown key (listing the valid ones), a repeated key or a value of the
 //! wrong kind on the exact token, then skips it and carries on, so every mistake in an
-//! attribute is reported. New keys (issue 7's upcasting chains) are one more arm in the
-//! attribute's `match` and one more entry in its key list in `symbol.rs`.
+//! attribute is reported. Adding a key is one more arm in the attribute's `match` and one
+//! more entry in its key list in `symbol.rs`; `upcast(...)` is read that way.
 
 use proc_macro2::TokenStream;
 use syn::meta::ParseNestedMeta;
