@@ -196,6 +196,52 @@ pub struct Checkpoint {
 /// [`commit`](ViewRepository::commit) writes a batch of view changes and, when given, the
 /// projection's checkpoint, all or nothing. A change is only written if the stored row still
 /// has the version it was loaded with, so a stale projector cannot overwrite a newer view.
+///
+/// # Implementing a view store
+///
+/// Write the `impl` block with `#[cqrs::async_trait]` and its methods as `async fn`. A view
+/// store that wraps another for any aggregate and view, here to log each commit:
+///
+/// ```
+/// use cqrs::{Aggregate, CQRSError, Checkpoint, View, ViewContext, ViewRepository};
+///
+/// struct Logged<R>(R);
+///
+/// #[cqrs::async_trait]
+/// impl<A, V, R> ViewRepository<A, V> for Logged<R>
+/// where
+///     A: Aggregate,
+///     V: View<A>,
+///     R: ViewRepository<A, V>,
+/// {
+///     async fn load(&self, view_id: &str) -> Result<Option<V>, CQRSError> {
+///         self.0.load(view_id).await
+///     }
+///
+///     async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, V)>, CQRSError> {
+///         self.0.list(after, limit).await
+///     }
+///
+///     async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<V>, CQRSError> {
+///         self.0.load_for_update(view_id).await
+///     }
+///
+///     async fn commit(&self, changes: Vec<ViewContext<V>>, checkpoint: Option<Checkpoint>) -> Result<(), CQRSError> {
+///         let rows = changes.len();
+///         self.0.commit(changes, checkpoint).await?;
+///         println!("{}: {rows} rows committed", V::TABLE_NAME);
+///         Ok(())
+///     }
+///
+///     async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+///         self.0.checkpoint(name).await
+///     }
+/// }
+/// ```
+///
+/// A store of its own keeps the contract above: `commit` writes the rows and the checkpoint
+/// all or nothing, refuses a row whose version moved and a checkpoint that goes back, and
+/// `list` pages in id byte order.
 #[async_trait]
 pub trait ViewRepository<A: Aggregate, V: View<A>>: Send + Sync {
     /// Loads a view instance by id.
