@@ -3,42 +3,83 @@
 //! (and its balance) carries on from one run to the next.
 //!
 //! ```text
-//! cargo run --example bank_account                          # ./bank_account.sqlite
-//! cargo run --example bank_account -- --db /tmp/bank.sqlite
-//! cargo run --example bank_account -- --postgres postgres://postgres@127.0.0.1:5432/test
-//! cargo run --example bank_account -- --memory              # nothing kept
-//! cargo run --example bank_account -- rebuild-view          # rebuild the balance views from all events
-//! cargo run --example bank_account -- replay                # decode every stored event again
+//! cargo run -p cqrs-examples --example bank_account                  # ./bank_account.sqlite
+//! cargo run -p cqrs-examples --example bank_account -- --fresh       # delete it first, start over
+//! cargo run -p cqrs-examples --example bank_account -- --db /tmp/bank.sqlite
+//! cargo run -p cqrs-examples --example bank_account -- --memory      # nothing kept
+//! cargo run -p cqrs-examples --example bank_account -- rebuild-view  # rebuild the balance views
+//! cargo run -p cqrs-examples --example bank_account -- replay        # decode every event again
+//! cargo run -p cqrs-examples --features postgres --example bank_account -- \
+//!     --postgres postgres://postgres@127.0.0.1:5432/test
 //! ```
 
-use std::io::Write;
+use std::collections::HashMap;
+use std::error::Error;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use clap::{Args, Parser, Subcommand};
 use cqrs::{
     Aggregate, CQRSFramework, Checkpoint, DomainEvent, EventRepository, MemoryEventRepository,
-    MemoryViewRepository, PostgresEventRepository, PostgresViewRepository, Projection, Query,
-    SqliteEventRepository, View, ViewRepository,
+    MemoryViewRepository, Projection, Query, SqliteEventRepository, View, ViewRepository,
 };
 use cqrs_examples::bank::{BalanceQuery, BalanceView, BankAccount, BankCommand, BankError};
+use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
 
 /// The demo's account: the same id every run, so its history grows across runs.
 const ACCOUNT: Uuid = Uuid::from_u128(0x6a1d_3f0e_0b5c_4c8e_9a51_0000_0000_0001);
 
-const USAGE: &str =
-    "usage: bank_account [--db PATH | --postgres URL | --memory] [demo | rebuild-view | replay]";
-
-enum Backend {
-    Sqlite(String),
-    Postgres(String),
-    Memory,
+/// The bank account example of cqrs: commands, events, a projected balance view.
+///
+/// The events and the balance views are kept in a SQLite file, `bank_account.sqlite` in the
+/// current directory unless `--db` names another, so the account carries on from one run to
+/// the next. `--fresh` deletes the file first and starts over.
+#[derive(Parser)]
+#[command(name = "bank_account", version)]
+struct Cli {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// What to do; `demo` when none is given.
+    #[command(subcommand)]
+    action: Option<Action>,
 }
 
+/// Where the events and views are kept: a SQLite file, memory or PostgreSQL. `global` lets
+/// the options come before or after the subcommand.
+#[derive(Args)]
+struct StoreArgs {
+    /// The SQLite file to keep events and views in (with its -wal and -shm files beside it);
+    /// created if missing
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        default_value = "bank_account.sqlite"
+    )]
+    db: PathBuf,
+    /// Delete the SQLite file and its -wal and -shm files first, and start over
+    #[arg(long, global = true, conflicts_with_all = ["memory", "postgres"])]
+    fresh: bool,
+    /// Keep everything in memory: nothing is written, nothing is kept
+    #[arg(long, global = true, conflicts_with_all = ["db", "postgres"])]
+    memory: bool,
+    /// Keep events and views in PostgreSQL at URL (needs the example built with
+    /// `--features postgres`)
+    #[arg(long, global = true, value_name = "URL", conflicts_with = "db")]
+    postgres: Option<String>,
+}
+
+#[derive(Subcommand, Clone, Copy)]
 enum Action {
+    /// Open the account, deposit, withdraw, hit the overdraft rule, query the balance view
     Demo,
+    /// Rebuild the balance views from every stored event, in one commit
     RebuildView,
+    /// Decode every stored event again and check each account's history is complete
     Replay,
 }
 
@@ -46,7 +87,9 @@ type Views = Arc<dyn ViewRepository<BankAccount, BalanceView>>;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
+    // A bad argument ends here, with clap's message and exit code 2.
+    let cli = Cli::parse();
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
@@ -55,64 +98,83 @@ async fn main() -> ExitCode {
     }
 }
 
-fn parse_args() -> Result<(Backend, Action), String> {
-    let mut backend = Backend::Sqlite("bank_account.sqlite".into());
-    let mut action = Action::Demo;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--db" => backend = Backend::Sqlite(args.next().ok_or(USAGE)?),
-            "--postgres" => backend = Backend::Postgres(args.next().ok_or(USAGE)?),
-            "--memory" => backend = Backend::Memory,
-            "demo" => action = Action::Demo,
-            "rebuild-view" => action = Action::RebuildView,
-            "replay" => action = Action::Replay,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
-    Ok((backend, action))
-}
-
-async fn open(
-    backend: &Backend,
-) -> Result<(Arc<dyn EventRepository>, Views), Box<dyn std::error::Error>> {
-    Ok(match backend {
-        Backend::Sqlite(path) => {
-            println!("store: SQLite file {path}");
-            let store = SqliteEventRepository::open(path).await?;
-            let views: Views = Arc::new(store.views::<BalanceView>());
-            (Arc::new(store), views)
-        }
-        Backend::Postgres(url) => {
-            println!("store: PostgreSQL {url}");
-            let store = PostgresEventRepository::connect(url).await?;
-            store.migrate().await?;
-            let views: Views = Arc::new(PostgresViewRepository::<BalanceView>::new(&store));
-            (Arc::new(store), views)
-        }
-        Backend::Memory => {
-            println!("store: in memory (nothing is kept)");
-            let views: Views = Arc::new(MemoryViewRepository::<BalanceView>::new());
-            (Arc::new(MemoryEventRepository::new()), views)
-        }
-    })
-}
-
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let (backend, action) = parse_args()?;
-    let (events, views) = open(&backend).await?;
-    match action {
+async fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
+    let (events, views) = open(&cli.store).await?;
+    match cli.action.unwrap_or(Action::Demo) {
         Action::Demo => demo(events, views).await,
         Action::RebuildView => rebuild_view(events, views).await,
         Action::Replay => replay(events).await,
     }
 }
 
-async fn demo(
-    events: Arc<dyn EventRepository>,
-    views: Views,
-) -> Result<(), Box<dyn std::error::Error>> {
+/// Opens the store the arguments name. Every back end gives the same two handles: the event
+/// repository the framework and the projection read and append through, and the view
+/// repository the projection writes the balance views to.
+async fn open(store: &StoreArgs) -> Result<(Arc<dyn EventRepository>, Views), Box<dyn Error>> {
+    if store.memory {
+        println!("store: in memory (nothing is kept)");
+        let views: Views = Arc::new(MemoryViewRepository::<BalanceView>::new());
+        return Ok((Arc::new(MemoryEventRepository::new()), views));
+    }
+    if let Some(url) = &store.postgres {
+        return open_postgres(url).await;
+    }
+    let path = &store.db;
+    let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+    if store.fresh && remove_sqlite(path)? {
+        println!(
+            "store: SQLite file {} (deleted by --fresh; starting over)",
+            shown.display()
+        );
+    } else {
+        println!(
+            "store: SQLite file {} (kept across runs; --fresh starts over)",
+            shown.display()
+        );
+    }
+    // `open` creates the file if it is missing, and the store's tables.
+    let store = SqliteEventRepository::open(path).await?;
+    // The balance views and the projection's checkpoint live in the same file.
+    let views: Views = Arc::new(store.views::<BalanceView>());
+    Ok((Arc::new(store), views))
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<(Arc<dyn EventRepository>, Views), Box<dyn Error>> {
+    use cqrs::{PostgresEventRepository, PostgresViewRepository};
+
+    println!("store: PostgreSQL {url}");
+    let store = PostgresEventRepository::connect(url).await?;
+    store.migrate().await?;
+    let views: Views = Arc::new(PostgresViewRepository::<BalanceView>::new(&store));
+    Ok((Arc::new(store), views))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str) -> Result<(Arc<dyn EventRepository>, Views), Box<dyn Error>> {
+    Err(
+        "this build of the example has no PostgreSQL store; build it with `--features postgres`: \
+         cargo run -p cqrs-examples --features postgres --example bank_account -- --postgres URL"
+            .into(),
+    )
+}
+
+/// Deletes a SQLite file and its `-wal` and `-shm` files; true if there was anything to delete.
+fn remove_sqlite(path: &Path) -> std::io::Result<bool> {
+    let mut removed = false;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = OsString::from(path.as_os_str());
+        name.push(suffix);
+        match std::fs::remove_file(&name) {
+            Ok(()) => removed = true,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(removed)
+}
+
+async fn demo(events: Arc<dyn EventRepository>, views: Views) -> Result<(), Box<dyn Error>> {
     let framework = CQRSFramework::<BankAccount>::new(Arc::clone(&events));
     // The balance view is kept up to date by a projection runner in the background: it
     // catches up from its checkpoint, then follows new events as they are committed.
@@ -139,6 +201,7 @@ async fn demo(
                 println!("ok, sequence {}", receipt.sequence);
                 last_position = receipt.last_position().unwrap_or(last_position);
             }
+            // A business rule refusing the command is the aggregate's own error type.
             Err(refused @ BankError::Overdraft { .. }) => println!("refused: {refused}"),
             Err(other) => return Err(other.into()),
         }
@@ -168,10 +231,9 @@ async fn demo(
 async fn rebuild_view(
     events: Arc<dyn EventRepository>,
     views: Views,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let total = last_position(events.as_ref()).await?;
-    let mut bar = Progress::new("rebuild", total);
-    let mut rebuilt = std::collections::HashMap::<String, BalanceView>::new();
+) -> Result<(), Box<dyn Error>> {
+    let bar = progress("rebuild", last_position(events.as_ref()).await?);
+    let mut rebuilt = HashMap::<String, BalanceView>::new();
     let mut position = 0;
     loop {
         let batch = events.read_all(position, 1_000).await?;
@@ -186,7 +248,7 @@ async fn rebuild_view(
                 rebuilt.entry(id).or_default().handle_event(&envelope)?;
             }
         }
-        bar.show(position);
+        bar.set_position(u64::try_from(position).unwrap_or_default());
     }
     bar.finish();
     let mut changes = Vec::with_capacity(rebuilt.len());
@@ -211,13 +273,11 @@ async fn rebuild_view(
 }
 
 /// Reads every stored event and decodes it, checking each aggregate's history is complete.
-async fn replay(events: Arc<dyn EventRepository>) -> Result<(), Box<dyn std::error::Error>> {
-    let total = last_position(events.as_ref()).await?;
-    let mut bar = Progress::new("replay", total);
+async fn replay(events: Arc<dyn EventRepository>) -> Result<(), Box<dyn Error>> {
+    let bar = progress("replay", last_position(events.as_ref()).await?);
     let mut position = 0;
     let mut decoded = 0u64;
-    let mut states =
-        std::collections::HashMap::<Uuid, (i64, <BankAccount as Aggregate>::State)>::new();
+    let mut states = HashMap::<Uuid, (i64, <BankAccount as Aggregate>::State)>::new();
     loop {
         let batch = events.read_all(position, 1_000).await?;
         let Some(last) = batch.last() else { break };
@@ -239,7 +299,7 @@ async fn replay(events: Arc<dyn EventRepository>) -> Result<(), Box<dyn std::err
             BankAccount.handle_event(state, &event);
             decoded += 1;
         }
-        bar.show(position);
+        bar.set_position(u64::try_from(position).unwrap_or_default());
     }
     bar.finish();
     println!(
@@ -268,46 +328,14 @@ async fn last_position(events: &dyn EventRepository) -> Result<i64, cqrs::CQRSEr
     }
 }
 
-/// A one-line progress bar on stderr, redrawn at most every 100 ms.
-struct Progress {
-    label: &'static str,
-    total: i64,
-    started: Instant,
-    drawn: Option<Instant>,
-}
-
-impl Progress {
-    fn new(label: &'static str, total: i64) -> Self {
-        Progress {
-            label,
-            total: total.max(1),
-            started: Instant::now(),
-            drawn: None,
-        }
-    }
-
-    fn show(&mut self, done: i64) {
-        if self
-            .drawn
-            .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
-            && done < self.total
-        {
-            return;
-        }
-        self.drawn = Some(Instant::now());
-        let filled = usize::try_from((done.min(self.total) * 30) / self.total).unwrap_or(30);
-        let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
-        eprint!(
-            "\r{:>8} [{}{}] {done}/{} ({rate:.0} events/s)",
-            self.label,
-            "#".repeat(filled),
-            " ".repeat(30 - filled),
-            self.total
-        );
-        let _ = std::io::stderr().flush();
-    }
-
-    fn finish(&self) {
-        eprintln!();
-    }
+/// A progress bar over store positions `0..=total` on stderr. indicatif redraws it at most
+/// a few times a second and draws nothing when stderr is not a terminal.
+fn progress(label: &'static str, total: i64) -> ProgressBar {
+    // `{per_sec:0}`: the rate with no decimals.
+    let style = ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} ({per_sec:0})")
+        .expect("the template is a valid constant")
+        .progress_chars("## ");
+    ProgressBar::new(u64::try_from(total).unwrap_or_default())
+        .with_style(style)
+        .with_message(label)
 }
