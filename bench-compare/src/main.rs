@@ -198,7 +198,7 @@ async fn profile(mode: &str) -> BoxResult<()> {
         }
         other => {
             return Err(format!(
-                "unknown BENCH_PROFILE {other:?}: a, b, memory, long, sqlite or postgres"
+                "unknown BENCH_PROFILE {other:?}: a, b, memory, long, sqlite, postgres, catch_up or lag"
             )
             .into())
         }
