@@ -411,7 +411,8 @@ impl SnapshotRepository for MemorySnapshotRepository {
         aggregate_type: &str,
         aggregate_id: Uuid,
     ) -> Result<(), CQRSError> {
-        self.lock().remove(&(aggregate_type.to_owned(), aggregate_id));
+        self.lock()
+            .remove(&(aggregate_type.to_owned(), aggregate_id));
         Ok(())
     }
 }

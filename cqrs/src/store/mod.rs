@@ -289,8 +289,11 @@ pub trait SnapshotRepository: Send + Sync {
     ///
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the back end fails.
-    async fn delete_snapshot(&self, aggregate_type: &str, aggregate_id: Uuid)
-        -> Result<(), CQRSError>;
+    async fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<(), CQRSError>;
 }
 
 #[async_trait]
