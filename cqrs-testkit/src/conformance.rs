@@ -85,6 +85,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+mod snapshots;
+pub use snapshots::{
+    check_concurrent_snapshot_repairs, check_delete_snapshot, check_snapshot_ahead_of_stream,
+    check_snapshot_isolation, check_snapshot_newest_wins, check_snapshot_repository,
+    check_snapshot_round_trip, check_undecodable_snapshot, MemorySnapshotHarness, SnapshotHarness,
+};
+
 /// What the conformance suite needs to know about a store: how to get an empty one, and how
 /// to damage its rows behind its back (to check that damage is reported, not hidden).
 ///

@@ -14,9 +14,12 @@ use cqrs::store::postgres::InvalidIdentifier;
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, Checkpoint, DecodeError, DomainEvent, EventEnvelope,
     EventRepository, PersistableDomainEvent, PostgresEventRepository, PostgresViewRepository,
-    Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository, View, ViewContext, ViewRepository,
+    Projection, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotRepository, View, ViewContext,
+    ViewRepository,
 };
-use cqrs_testkit::conformance::{check_event_repository, StoreHarness};
+use cqrs_testkit::conformance::{
+    check_event_repository, check_snapshot_repository, SnapshotHarness, StoreHarness,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -191,6 +194,52 @@ async fn conformance_suite() {
         stores: Mutex::new(Vec::new()),
     };
     check_event_repository(&harness).await;
+    harness.cleanup().await;
+}
+
+/// The same store is its own snapshot store; a row is put behind its back with an upsert
+/// that ignores the sequence.
+impl SnapshotHarness for PgHarness {
+    type Events = PostgresEventRepository;
+    type Snapshots = PostgresEventRepository;
+
+    async fn fresh(&self) -> (PostgresEventRepository, PostgresEventRepository) {
+        let store = StoreHarness::fresh(self).await;
+        (store.clone(), store)
+    }
+
+    async fn put_snapshot_unchecked(&self, store: &PostgresEventRepository, snapshot: Snapshot) {
+        let sql = format!(
+            "INSERT INTO \"{}\".cqrs_snapshots \
+                 (aggregate_type, aggregate_id, sequence, state, \"timestamp\") \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+             SET sequence = EXCLUDED.sequence, state = EXCLUDED.state, \
+                 \"timestamp\" = EXCLUDED.\"timestamp\"",
+            store.schema()
+        );
+        sqlx::query(&sql)
+            .bind(&snapshot.aggregate_type)
+            .bind(snapshot.aggregate_id)
+            .bind(snapshot.sequence)
+            .bind(&snapshot.state)
+            .bind(snapshot.timestamp)
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_conformance_suite() {
+    let Some(url) = url("snapshot_conformance_suite") else {
+        return;
+    };
+    let harness = PgHarness {
+        url,
+        stores: Mutex::new(Vec::new()),
+    };
+    check_snapshot_repository(&harness).await;
     harness.cleanup().await;
 }
 

@@ -14,10 +14,12 @@ use cqrs::store::sqlite::sqlx;
 use cqrs::store::sqlite::{CorruptRow, Durability, InvalidTableName, SqliteOptions};
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, Checkpoint, DomainEvent, EventEnvelope, EventRepository,
-    PersistableDomainEvent, Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository,
+    PersistableDomainEvent, Projection, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotRepository,
     SqliteEventRepository, SqliteViewRepository, View, ViewContext, ViewRepository,
 };
-use cqrs_testkit::conformance::{check_event_repository, StoreHarness};
+use cqrs_testkit::conformance::{
+    check_event_repository, check_snapshot_repository, SnapshotHarness, StoreHarness,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -200,6 +202,40 @@ impl StoreHarness for SqliteHarness {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_store_passes_the_conformance_suite() {
     check_event_repository(&SqliteHarness::default()).await;
+}
+
+/// The same store is its own snapshot store; a row is put behind its back with an upsert
+/// that ignores the sequence.
+impl SnapshotHarness for SqliteHarness {
+    type Events = SqliteEventRepository;
+    type Snapshots = SqliteEventRepository;
+
+    async fn fresh(&self) -> (SqliteEventRepository, SqliteEventRepository) {
+        let store = StoreHarness::fresh(self).await;
+        (store.clone(), store)
+    }
+
+    async fn put_snapshot_unchecked(&self, store: &SqliteEventRepository, snapshot: Snapshot) {
+        sqlx::query(
+            "INSERT INTO cqrs_snapshots (aggregate_type, aggregate_id, sequence, state, timestamp) \
+             VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
+                 sequence = excluded.sequence, state = excluded.state, timestamp = excluded.timestamp",
+        )
+        .bind(&snapshot.aggregate_type)
+        .bind(snapshot.aggregate_id.to_string())
+        .bind(snapshot.sequence)
+        .bind(snapshot.state.to_string())
+        .bind(snapshot.timestamp.timestamp_micros())
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_store_passes_the_snapshot_conformance_suite() {
+    check_snapshot_repository(&SqliteHarness::default()).await;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -405,6 +405,16 @@ impl SnapshotRepository for MemorySnapshotRepository {
         }
         Ok(())
     }
+
+    async fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<(), CQRSError> {
+        self.lock()
+            .remove(&(aggregate_type.to_owned(), aggregate_id));
+        Ok(())
+    }
 }
 
 /// Thread-safe checkpoints in memory. Cloning gives another handle to the same map.

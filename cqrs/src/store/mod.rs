@@ -269,7 +269,37 @@ pub struct Snapshot {
     pub timestamp: DateTime<Utc>,
 }
 
-/// Where snapshots are kept. The newest snapshot of an aggregate replaces older ones.
+/// Where snapshots are kept: at most one per aggregate, and the newest replaces older ones.
+///
+/// # What a snapshot must satisfy
+///
+/// A [`Snapshot`] at `sequence` holds the state that folding the aggregate's events `1..=sequence`
+/// produces, so `sequence` is at least 1 and the event at `sequence` is stored. The framework
+/// ([`CQRSFramework`](crate::CQRSFramework)) checks what it can without an extra read: when it
+/// loads an aggregate it reads the events from `sequence` on (one read, as without a
+/// snapshot) and requires the first one to carry exactly `sequence`; that event is skipped,
+/// not decoded, since the snapshot holds it. A snapshot is **not used** when
+///
+/// * its `sequence` is 0 or less,
+/// * its `state` does not deserialize into the aggregate's state, or
+/// * the stream holds no event at its `sequence` (events removed by an operator, a snapshot
+///   restored from another environment or copied from another aggregate with a longer
+///   history).
+///
+/// Then the framework logs a warning (`tracing`), rebuilds the state from all the events,
+/// and repairs the row: a snapshot of the rebuilt state replaces it (through
+/// [`delete_snapshot`](SnapshotRepository::delete_snapshot) when the bad row's sequence is
+/// ahead of the stream, since [`save_snapshot`](SnapshotRepository::save_snapshot) never
+/// lowers a stored sequence), or the row is deleted when the aggregate has no events. A
+/// state that is wrong although the stream reaches its sequence (a snapshot copied from
+/// another aggregate at a sequence this one has too) is not detected.
+///
+/// Two loaders that repair the same row at once are harmless: each deletes and saves a
+/// snapshot rebuilt from the stored events, so whatever row remains is a true snapshot, at
+/// worst an older one than the newest possible.
+///
+/// The testkit's snapshot conformance suite (`cqrs_testkit::conformance::check_snapshot_repository`)
+/// checks an implementation against this contract.
 #[async_trait]
 pub trait SnapshotRepository: Send + Sync {
     /// The newest snapshot of an aggregate, if any.
@@ -282,11 +312,51 @@ pub trait SnapshotRepository: Send + Sync {
         aggregate_id: Uuid,
     ) -> Result<Option<Snapshot>, CQRSError>;
 
-    /// Stores a snapshot, unless one at a higher sequence is already stored.
+    /// Stores a snapshot, unless one at a higher sequence is already stored (one at the same
+    /// sequence is replaced).
     ///
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the back end fails.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), CQRSError>;
+
+    /// Removes the aggregate's snapshot, whatever its sequence; nothing to remove is not an
+    /// error. Afterwards a snapshot at any sequence can be saved again.
+    ///
+    /// The framework calls it to replace a snapshot that is ahead of the aggregate's events
+    /// (see the trait's docs). There is no default: [`save_snapshot`](SnapshotRepository::save_snapshot)
+    /// cannot lower a stored sequence, so only the store itself can remove its row.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use cqrs::{MemorySnapshotRepository, Snapshot, SnapshotRepository};
+    /// let snapshots = MemorySnapshotRepository::new();
+    /// let id = uuid::Uuid::new_v4();
+    /// let snapshot = |sequence| Snapshot {
+    ///     aggregate_type: "counter".into(),
+    ///     aggregate_id: id,
+    ///     sequence,
+    ///     state: serde_json::json!(sequence),
+    ///     timestamp: chrono::Utc::now(),
+    /// };
+    /// snapshots.save_snapshot(snapshot(10)).await?;
+    /// snapshots.save_snapshot(snapshot(3)).await?; // older: ignored
+    /// assert_eq!(snapshots.load_snapshot("counter", id).await?.map(|s| s.sequence), Some(10));
+    ///
+    /// snapshots.delete_snapshot("counter", id).await?;
+    /// assert!(snapshots.load_snapshot("counter", id).await?.is_none());
+    /// snapshots.save_snapshot(snapshot(3)).await?;
+    /// assert_eq!(snapshots.load_snapshot("counter", id).await?.map(|s| s.sequence), Some(3));
+    /// # Ok::<(), cqrs::CQRSError>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the back end fails.
+    async fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<(), CQRSError>;
 }
 
 #[async_trait]
@@ -300,6 +370,13 @@ impl<T: SnapshotRepository + ?Sized> SnapshotRepository for std::sync::Arc<T> {
     }
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), CQRSError> {
         (**self).save_snapshot(snapshot).await
+    }
+    async fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<(), CQRSError> {
+        (**self).delete_snapshot(aggregate_type, aggregate_id).await
     }
 }
 

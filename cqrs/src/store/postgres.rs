@@ -85,7 +85,7 @@ pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(10);
 /// * **`read_all`** never returns a position while a lower one may still commit, and no
 ///   writer waits for another: see [`read_all`](EventRepository::read_all) below and the ADR.
 /// * **Snapshots** live in `cqrs_snapshots`, one row per aggregate, replaced only by a newer
-///   sequence; it is the [`SnapshotRepository`] too.
+///   sequence (or removed by a delete); it is the [`SnapshotRepository`] too.
 /// * **Checkpoints** of other readers (a relay) live in `cqrs_checkpoints`: it is the
 ///   [`CheckpointRepository`] too.
 ///
@@ -905,6 +905,20 @@ impl SnapshotRepository for PostgresEventRepository {
             .bind(snapshot.sequence)
             .bind(&snapshot.state)
             .bind(snapshot.timestamp)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(CQRSError::persistence)?;
+        Ok(())
+    }
+
+    async fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<(), CQRSError> {
+        sqlx::query(&self.inner.sql.delete_snapshot)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
             .execute(&self.inner.pool)
             .await
             .map_err(CQRSError::persistence)?;

@@ -275,9 +275,10 @@ impl fmt::Debug for SqliteEventRepository {
 /// [`SqliteEventRepository`] to [`CQRSFramework::with_snapshots`](crate::CQRSFramework::with_snapshots).
 ///
 /// Snapshots live in `cqrs_snapshots`, one row per aggregate; a save never replaces a
-/// snapshot taken at a higher sequence. A stored state that is not JSON at all (a hand edit)
-/// is reported as no snapshot, so the aggregate is rebuilt from its events and the row is
-/// replaced by the next snapshot saved.
+/// snapshot taken at a higher sequence, and a delete removes the row whatever its sequence.
+/// A stored state that is not JSON at all (a hand edit) is reported as no snapshot, so the
+/// aggregate is rebuilt from its events and the row is replaced by the next snapshot saved at
+/// its sequence or above.
 pub type SqliteSnapshotRepository = SqliteEventRepository;
 
 impl SqliteEventRepository {
@@ -630,6 +631,20 @@ impl SnapshotRepository for SqliteEventRepository {
         self.submit(|reply| Job::Snapshot {
             snapshot,
             state,
+            reply,
+        })
+        .await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<(), CQRSError> {
+        let aggregate_type = aggregate_type.to_owned();
+        self.submit(|reply| Job::DeleteSnapshot {
+            aggregate_type,
+            aggregate_id,
             reply,
         })
         .await

@@ -130,6 +130,7 @@ pub(super) struct Statements {
     read_all_copy_head: String,
     pub(super) load_snapshot: String,
     pub(super) save_snapshot: String,
+    pub(super) delete_snapshot: String,
     pub(super) load_checkpoint: String,
     pub(super) save_checkpoint: String,
     /// Moves a projection's checkpoint forward with its view changes; returns no row when
@@ -206,6 +207,9 @@ impl Statements {
                  SET sequence = EXCLUDED.sequence, state = EXCLUDED.state, \
                      \"timestamp\" = EXCLUDED.\"timestamp\" \
                  WHERE old.sequence <= EXCLUDED.sequence"
+            ),
+            delete_snapshot: format!(
+                "DELETE FROM {s}.cqrs_snapshots WHERE aggregate_type = $1 AND aggregate_id = $2"
             ),
             load_checkpoint: format!("SELECT position FROM {s}.cqrs_checkpoints WHERE name = $1"),
             save_checkpoint: format!(

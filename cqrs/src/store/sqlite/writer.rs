@@ -58,6 +58,12 @@ pub(super) enum Job {
         state: String,
         reply: oneshot::Sender<Result<(), CQRSError>>,
     },
+    /// Remove an aggregate's snapshot, whatever its sequence.
+    DeleteSnapshot {
+        aggregate_type: String,
+        aggregate_id: Uuid,
+        reply: oneshot::Sender<Result<(), CQRSError>>,
+    },
     /// Write view rows and a checkpoint, all or nothing.
     Views {
         commit: ViewCommit,
@@ -110,6 +116,7 @@ impl Job {
             }
             (
                 Job::Snapshot { reply, .. }
+                | Job::DeleteSnapshot { reply, .. }
                 | Job::Views { reply, .. }
                 | Job::Checkpoint { reply, .. }
                 | Job::Execute { reply, .. },
@@ -130,6 +137,7 @@ impl Job {
                 let _ = reply.send(Err(error));
             }
             Job::Snapshot { reply, .. }
+            | Job::DeleteSnapshot { reply, .. }
             | Job::Views { reply, .. }
             | Job::Checkpoint { reply, .. }
             | Job::Execute { reply, .. } => {
@@ -547,6 +555,13 @@ async fn apply(conn: &mut SqliteConnection, job: &Job) -> Result<Outcome, sqlx::
         } => save_snapshot(conn, snapshot, state)
             .await
             .map(|()| Outcome::Done(Ok(()))),
+        Job::DeleteSnapshot {
+            aggregate_type,
+            aggregate_id,
+            ..
+        } => delete_snapshot(conn, aggregate_type, *aggregate_id)
+            .await
+            .map(|()| Outcome::Done(Ok(()))),
         Job::Views { commit, .. } => commit_views(conn, commit).await.map(Outcome::Done),
         Job::Checkpoint { checkpoint, .. } => save_checkpoint(conn, checkpoint)
             .await
@@ -748,6 +763,19 @@ async fn save_snapshot(
     .execute(conn)
     .await
     .map(|_| ())
+}
+
+async fn delete_snapshot(
+    conn: &mut SqliteConnection,
+    aggregate_type: &str,
+    aggregate_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM cqrs_snapshots WHERE aggregate_type = ? AND aggregate_id = ?")
+        .bind(aggregate_type)
+        .bind(aggregate_id.to_string())
+        .execute(conn)
+        .await
+        .map(|_| ())
 }
 
 async fn save_checkpoint(
