@@ -13,6 +13,16 @@
 //! The checks use their own small event type and aggregate (aggregate type
 //! `conformance_counter`), so they need nothing from the domain of the application.
 //!
+//! # Suites and harnesses
+//!
+//! | suite | harness trait | harnesses shipped here |
+//! | --- | --- | --- |
+//! | [`check_event_repository`] | [`StoreHarness`] | [`MemoryHarness`]; `SqliteHarness` (feature `sqlite`); `PostgresHarness` (feature `postgres`) |
+//! | [`check_snapshot_repository`] | [`SnapshotHarness`] | [`MemorySnapshotHarness`]; `SqliteHarness`; `PostgresHarness` |
+//!
+//! A store of your own implements the harness traits (below); testing your application
+//! against SQLite or PostgreSQL, enable the testkit's feature and use the harness as it is.
+//!
 //! # Example
 //!
 //! The in-memory store runs the suite like this; a SQL store's harness creates a database
@@ -85,12 +95,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+mod postgres;
 mod snapshots;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+mod sqlite;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresHarness;
 pub use snapshots::{
     check_concurrent_snapshot_repairs, check_delete_snapshot, check_snapshot_ahead_of_stream,
     check_snapshot_isolation, check_snapshot_newest_wins, check_snapshot_repository,
     check_snapshot_round_trip, check_undecodable_snapshot, MemorySnapshotHarness, SnapshotHarness,
 };
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteHarness;
 
 /// What the conformance suite needs to know about a store: how to get an empty one, and how
 /// to damage its rows behind its back (to check that damage is reported, not hidden).

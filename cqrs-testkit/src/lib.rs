@@ -444,6 +444,7 @@
 //! }
 //! # fn main() {}
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
