@@ -1230,3 +1230,71 @@ async fn connect_replaces_connections_the_server_closed_while_they_were_idle() {
         .unwrap();
     store.pool().close().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// A NUL character cannot be stored: a typed error that says no retry helps.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_is_unstorable_and_stores_nothing() {
+    let Some(fx) = Fixture::new("a_nul_character_is_unstorable_and_stores_nothing").await else {
+        return;
+    };
+    let id = Uuid::new_v4();
+    fx.store.append(vec![added(id, 1, 1)]).await.unwrap();
+
+    let mut in_payload = added(id, 2, 2);
+    in_payload.payload = json!({ "Added": { "by": 2 }, "note": "a\u{0}b" }).into();
+    let mut in_metadata = added(id, 2, 2);
+    in_metadata.metadata = json!({ "who": "x\u{0}y" });
+    let mut in_event_type = added(id, 2, 2);
+    in_event_type.event_type = "Add\u{0}ed".into();
+    // A batch of two, to go through the multi-row statement too.
+    let mut batch = vec![added(id, 2, 2), added(id, 3, 3)];
+    batch[1].payload = json!({ "Added": { "by": 3 }, "note": "\u{0}" }).into();
+
+    for (what, events) in [
+        ("payload", vec![in_payload]),
+        ("metadata", vec![in_metadata]),
+        ("event type", vec![in_event_type]),
+        ("payload in a batch", batch),
+    ] {
+        match fx.store.append(events).await {
+            Err(CQRSError::Unstorable {
+                aggregate_type,
+                aggregate_id,
+                first_sequence,
+                reason,
+            }) => {
+                assert_eq!(
+                    (aggregate_type.as_str(), aggregate_id, first_sequence),
+                    (Counter::NAME, id, 2),
+                    "{what}"
+                );
+                assert!(reason.contains("SQLSTATE 22"), "{what}: {reason}");
+            }
+            other => panic!("a NUL in the {what}: expected Unstorable, got {other:?}"),
+        }
+    }
+    // Nothing of the refused appends was stored, and the aggregate goes on from sequence 1.
+    assert_eq!(fx.store.event_sequence(Counter::NAME, id).await.unwrap(), 1);
+    assert_eq!(positions(&fx.store.read_all(0, 10).await.unwrap()).len(), 1);
+    fx.store.append(vec![added(id, 2, 2)]).await.unwrap();
+
+    // Through the framework: the retry policy does not retry it, and the error comes back.
+    let framework = CQRSFramework::<Counter>::new(fx.store.clone())
+        .with_retry(RetryPolicy::attempts(5));
+    let error = framework
+        .dispatch_with_metadata(
+            id,
+            CounterCommand::Add { by: 1 },
+            &json!({ "note": "\u{0}" }),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error.framework(), CQRSError::Unstorable { .. }),
+        "{error:?}"
+    );
+    assert_eq!(fx.store.event_sequence(Counter::NAME, id).await.unwrap(), 2);
+    fx.drop_schema().await;
+}

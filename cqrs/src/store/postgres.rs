@@ -619,6 +619,11 @@ async fn listener(
 /// before it is pinged when taken from the pool.
 pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
+/// SQLSTATEs of an append refused for what the events hold, which no retry gets past:
+/// `untranslatable_character` (a `\u0000` in `jsonb`), `character_not_in_repertoire` (a NUL
+/// in `text`), and `invalid_text_representation` (a payload that is not JSON).
+const UNSTORABLE: [&str; 3] = ["22P05", "22021", "22P02"];
+
 /// The identity of an event, as sent in an append or found stored.
 struct StoredIdentity {
     event_id: Uuid,
@@ -748,6 +753,20 @@ impl EventRepository for PostgresEventRepository {
                     })
                     .collect();
                 return self.explain_unique_violation(&identities, expected).await;
+            }
+            Err(sqlx::Error::Database(db))
+                if db.code().as_deref().is_some_and(|code| UNSTORABLE.contains(&code)) =>
+            {
+                return Err(CQRSError::Unstorable {
+                    aggregate_type: aggregate_type.to_string(),
+                    aggregate_id,
+                    first_sequence: expected + 1,
+                    reason: format!(
+                        "PostgreSQL refused the data (SQLSTATE {}): {}",
+                        db.code().unwrap_or_default(),
+                        db.message()
+                    ),
+                });
             }
             Err(other) => return Err(CQRSError::persistence(other)),
         };
