@@ -563,8 +563,9 @@ impl EventRepository for SqliteEventRepository {
         {
             return Ok(events);
         }
-        // A row the fast path could not take (or a failed query): read row by row, which
-        // names the bad row or reports the database error.
+        // A row the fast path could not take (a payload that is not JSON, a damaged row)
+        // or a failed query: read row by row, which keeps a payload as stored, ends the
+        // page before a damaged row, or reports the database error.
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ? ORDER BY position LIMIT ?"
         );
@@ -574,7 +575,7 @@ impl EventRepository for SqliteEventRepository {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(CQRSError::persistence)?;
-        decode_events(&rows)
+        rows::decode_page_rows(&rows)
     }
 
     fn subscribe(&self) -> Option<watch::Receiver<i64>> {
