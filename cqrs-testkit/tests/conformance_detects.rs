@@ -62,9 +62,7 @@ impl FlawedStore {
     fn hide(&self, events: Vec<PersistableDomainEvent>) -> Vec<PersistableDomainEvent> {
         events
             .into_iter()
-            .filter(|e| {
-                self.flaw != Flaw::SkipsUndecodableRows || e.payload.is_valid_json()
-            })
+            .filter(|e| self.flaw != Flaw::SkipsUndecodableRows || e.payload.is_valid_json())
             .map(|e| self.fix(e))
             .collect()
     }

@@ -375,7 +375,10 @@ fn encode_damaged_row(
         source,
     })?;
     let mut headers = HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, damaged_row_message_id(damage));
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        damaged_row_message_id(damage),
+    );
     if let Some(aggregate_type) = &damage.aggregate_type {
         headers.insert(HEADER_AGGREGATE_TYPE, aggregate_type.as_str());
     }

@@ -554,8 +554,7 @@ async fn sqlite_a_damaged_payload_stops_a_halting_projection_just_before_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_damaged_metadata_stops_a_halting_projection_just_before_it() {
     for own_pool in [false, true] {
-        a_damaged_row_stops_a_halting_projection_just_before_it(Damage::Metadata, own_pool)
-            .await;
+        a_damaged_row_stops_a_halting_projection_just_before_it(Damage::Metadata, own_pool).await;
     }
 }
 

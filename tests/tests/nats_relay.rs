@@ -1143,7 +1143,10 @@ async fn damaged_rows_are_relayed_and_dead_lettered_by_the_consumer() {
         .map(|letter| (letter.position, letter.aggregate_id, letter.sequence))
         .collect();
     assert_eq!(named, [(3, a, 2), (5, a, 3)], "{letters:?}");
-    assert!(letters[0].error.contains("malformed payload"), "{letters:?}");
+    assert!(
+        letters[0].error.contains("malformed payload"),
+        "{letters:?}"
+    );
     assert!(
         letters[1].error.contains("metadata is not JSON"),
         "{letters:?}"

@@ -632,7 +632,11 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
             CQRSError::DamagedRow(row) => {
                 assert_eq!(row.position, 2, "{column}");
                 assert_eq!(
-                    (row.aggregate_type.as_deref(), row.aggregate_id, row.sequence),
+                    (
+                        row.aggregate_type.as_deref(),
+                        row.aggregate_id,
+                        row.sequence
+                    ),
                     (Some(Counter::NAME), Some(id), Some(2)),
                     "{column}"
                 );

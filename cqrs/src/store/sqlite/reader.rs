@@ -133,12 +133,12 @@ impl EventReader {
         .await
     }
 
-    /// `EventRepository::read_all`.
+    /// `EventRepository::read_all`, as a [`Page`].
     pub(super) async fn read_all(
         self: &Arc<Self>,
         after_position: i64,
         limit: i64,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+    ) -> Result<Page, CQRSError> {
         self.run(move |connection| {
             let mut statement = connection
                 .prepare_cached(&format!(
@@ -156,7 +156,7 @@ impl EventReader {
                     break;
                 }
             }
-            page.finish()
+            Ok(page)
         })
         .await
     }

@@ -172,16 +172,14 @@ pub(super) fn decode_events(rows: &[SqliteRow]) -> Result<Vec<PersistableDomainE
 }
 
 /// Decodes a page of `read_all` from the sqlx pool with [`Page`].
-pub(super) fn decode_page_rows(
-    rows: &[SqliteRow],
-) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+pub(super) fn decode_page_rows(rows: &[SqliteRow]) -> Page {
     let mut page = Page::with_capacity(rows.len());
     for row in rows {
         if !page.push(row) {
             break;
         }
     }
-    page.finish()
+    page
 }
 
 /// A page of `read_all` being decoded: the events up to the first damaged row.
@@ -194,6 +192,7 @@ pub(super) struct Page {
     events: Vec<PersistableDomainEvent>,
     names: RowNames,
     damage: Option<CQRSError>,
+    damaged_at: Option<i64>,
 }
 
 impl Page {
@@ -202,6 +201,7 @@ impl Page {
             events: Vec::with_capacity(capacity),
             names: RowNames::default(),
             damage: None,
+            damaged_at: None,
         }
     }
 
@@ -213,6 +213,7 @@ impl Page {
                 true
             }
             Err(error) => {
+                self.damaged_at = row.integer(0).ok();
                 if self.events.is_empty() {
                     self.damage = Some(damaged_row(row, error));
                 }
@@ -221,12 +222,15 @@ impl Page {
         }
     }
 
-    /// The events, or the damage of a page whose first row is damaged.
-    pub(super) fn finish(self) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        match self.damage {
+    /// The events, or the damage of a page whose first row is damaged; and the position of
+    /// the damaged row that ended the page, if one did (a committed position past the
+    /// events, which tells a reader that more follows).
+    pub(super) fn finish(self) -> (Result<Vec<PersistableDomainEvent>, CQRSError>, Option<i64>) {
+        let events = match self.damage {
             Some(damage) => Err(damage),
             None => Ok(self.events),
-        }
+        };
+        (events, self.damaged_at)
     }
 }
 
