@@ -1281,8 +1281,8 @@ async fn a_nul_character_is_unstorable_and_stores_nothing() {
     fx.store.append(vec![added(id, 2, 2)]).await.unwrap();
 
     // Through the framework: the retry policy does not retry it, and the error comes back.
-    let framework = CQRSFramework::<Counter>::new(fx.store.clone())
-        .with_retry(RetryPolicy::attempts(5));
+    let framework =
+        CQRSFramework::<Counter>::new(fx.store.clone()).with_retry(RetryPolicy::attempts(5));
     let error = framework
         .dispatch_with_metadata(
             id,
@@ -1296,5 +1296,68 @@ async fn a_nul_character_is_unstorable_and_stores_nothing() {
         "{error:?}"
     );
     assert_eq!(fx.store.event_sequence(Counter::NAME, id).await.unwrap(), 2);
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A row `read_all` cannot turn into an event: one poison event, not a failed page.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_does_not_decode_ends_the_page_and_is_one_poison_event() {
+    let Some(fx) =
+        Fixture::new("a_row_that_does_not_decode_ends_the_page_and_is_one_poison_event").await
+    else {
+        return;
+    };
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut stored = Vec::new();
+    for (id, sequence) in [(a, 1), (b, 1), (a, 2), (b, 2), (a, 3)] {
+        stored.extend(fx.store.append(vec![added(id, sequence, 1)]).await.unwrap());
+    }
+    // Valid jsonb that no JSON reader of ours takes: a number beyond f64.
+    let sql = format!(
+        "UPDATE \"{}\".cqrs_events SET metadata = '{{\"n\": 1e400}}'::jsonb WHERE position = $1",
+        fx.schema()
+    );
+    sqlx::query(&sql)
+        .bind(stored[2])
+        .execute(fx.store.pool())
+        .await
+        .unwrap();
+
+    let page = fx.store.read_all(0, 10).await.unwrap();
+    assert_eq!(positions(&page), &stored[..2]);
+    match fx.store.read_all(stored[1], 10).await {
+        Err(CQRSError::DamagedRow(row)) => {
+            assert_eq!(row.position, stored[2]);
+            assert_eq!((row.aggregate_id, row.sequence), (Some(a), Some(2)));
+            assert!(row.problem.contains("metadata"), "{row}");
+        }
+        other => panic!("expected DamagedRow, got {other:?}"),
+    }
+    assert_eq!(
+        positions(&fx.store.read_all(stored[2], 10).await.unwrap()),
+        &stored[3..]
+    );
+    // Loading the aggregate stays an error.
+    assert!(fx.store.load_events(Counter::NAME, a, 0).await.is_err());
+
+    // A projection skips it with one dead letter and applies the rest.
+    let projection = Projection::<Counter, CounterTotal>::new(fx.store.clone(), views(&fx))
+        .with_poison_policy(cqrs::PoisonPolicy::SkipAndRecord)
+        .with_handler_retry(cqrs::HandlerRetry::none());
+    assert_eq!(projection.catch_up().await.unwrap(), stored[4]);
+    let letters = projection.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(
+        (letters[0].position, letters[0].aggregate_id),
+        (stored[2], a)
+    );
+    let total = |id: Uuid| {
+        let views = views(&fx);
+        async move { views.load(&id.to_string()).await.unwrap().unwrap() }
+    };
+    assert_eq!(total(a).await.events, 2);
+    assert_eq!(total(b).await.events, 2);
     fx.drop_schema().await;
 }
