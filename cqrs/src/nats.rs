@@ -36,6 +36,15 @@
 //! | [`HEADER_EVENT_TYPE`] | the stored event name |
 //! | [`HEADER_EVENT_VERSION`] | the stored event version |
 //!
+//! A damaged row of the store travels as it is, so a consumer meets the same poison event
+//! as a reader of the store: an event whose stored payload is not JSON has, in place of
+//! `payload`, `payload_text` holding the stored text as a JSON string ([`decode_message`]
+//! gives the event back with that payload, which then fails to decode); a row the store
+//! cannot read as an event at all ([`CQRSError::DamagedRow`]) is a message of its own whose
+//! body is `{"damaged_row": {..}}` and whose headers name what could be read of it (always
+//! its position; the message id is `cqrs-damaged-row-<position>` when the event id is
+//! unreadable).
+//!
 //! # Example
 //!
 //! ```no_run

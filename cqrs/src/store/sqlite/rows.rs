@@ -265,7 +265,7 @@ fn damaged_row(row: &impl EventRow, error: CQRSError) -> CQRSError {
 /// `reader.rs`): one page of events as a single JSON text built by SQLite, so
 /// that sqlx moves one value instead of ten per event (about twice the catch-up rate).
 /// `json(payload)` fails the whole query on a payload that is not JSON; the caller then
-/// reads the page row by row to name the bad row.
+/// reads the page row by row ([`Page`]), which keeps such a payload as stored.
 pub(super) const PAGE_SQL: &str = "SELECT json_group_array(json_array(position, event_id, \
      aggregate_type, aggregate_id, sequence, event_type, event_version, json(payload), \
      json(metadata), timestamp)) \
