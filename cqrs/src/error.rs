@@ -139,7 +139,8 @@ pub enum CQRSError {
 
     /// A store refused events because of what they hold, not because of its state: a string
     /// with a NUL character (`"\u0000"`) in the payload, the metadata or a name, which
-    /// PostgreSQL `text` and `jsonb` cannot store. Nothing of the append was stored.
+    /// PostgreSQL `text` and `jsonb` cannot store, or a payload that is not JSON (one read
+    /// from a damaged row of another store). Nothing of the append was stored.
     ///
     /// ### Handling
     /// Do not retry: the same events are refused every time (the framework's
