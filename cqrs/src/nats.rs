@@ -752,17 +752,17 @@ impl NatsRelay {
     /// What [`relay_once`](Self::relay_once) returns; batches before the failing one stay
     /// published and checkpointed.
     pub async fn catch_up(&self) -> Result<i64, CQRSError> {
-        // The highest position the store knows is committed: a short batch below it ended
-        // early (before a damaged row, see `EventRepository::read_all`), so read on.
+        // The highest position the store knows is committed, taken before each read: a short
+        // batch below it ended early (before a damaged row, see `EventRepository::read_all`),
+        // so read on.
         let head = self.events.subscribe();
         loop {
+            let known = head.as_ref().map(|head| *head.borrow());
             let relayed = self.relay_batch().await?;
             let more = relayed.published > 0
                 && (relayed.damaged
                     || relayed.published >= self.batch_size
-                    || head
-                        .as_ref()
-                        .is_none_or(|head| *head.borrow() > relayed.last));
+                    || known.is_none_or(|known| known > relayed.last));
             if !more {
                 return self.position().await;
             }

@@ -431,14 +431,17 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
             None => self.views.checkpoint(&self.name).await?,
         };
         self.publish(position);
-        // The highest position the store knows is committed: a short page below it ended
-        // early (before a damaged row, see `EventRepository::read_all`), so read on.
+        // The highest position the store knows is committed, taken before each read: a short
+        // page below it ended early (before a damaged row, see `EventRepository::read_all`),
+        // so read on. Appends after the read do not count, so a busy store still ends a
+        // catch-up as a short page always did.
         let head = self.events.subscribe();
         let mut stale = 0;
         loop {
             if stop.is_stopped() {
                 return Ok(None);
             }
+            let known = head.as_ref().map(|head| *head.borrow());
             let (applied, last, more) = match self.events.read_all(position, self.batch_size).await
             {
                 Ok(batch) => {
@@ -459,8 +462,8 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
                         .apply_batch(position, &batch, stop)
                         .instrument(span)
                         .await?;
-                    let more = batch.len() >= self.batch_size
-                        || head.as_ref().is_none_or(|head| *head.borrow() > last);
+                    let more =
+                        batch.len() >= self.batch_size || known.is_none_or(|known| known > last);
                     (applied, last, more)
                 }
                 // A row the store cannot read as an event: one poison event at its position.
