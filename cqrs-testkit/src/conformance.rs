@@ -57,8 +57,8 @@
 //!
 //!     async fn corrupt_payload(&self, store: &Self::Store, aggregate_type: &str, aggregate_id: Uuid, sequence: i64, raw: &str) {
 //!         // e.g. UPDATE events SET payload = $raw WHERE ...
-//!         let raw = serde_json::Value::String(raw.to_owned());
-//!         assert!(store.update_unchecked(aggregate_type, aggregate_id, sequence, |e| e.payload = raw.into()));
+//!         let raw = cqrs::Payload::from_stored_unchecked(raw);
+//!         assert!(store.update_unchecked(aggregate_type, aggregate_id, sequence, |e| e.payload = raw));
 //!     }
 //!
 //!     async fn set_event_type(&self, store: &Self::Store, aggregate_type: &str, aggregate_id: Uuid, sequence: i64, event_type: &str) {
@@ -160,8 +160,8 @@ pub trait StoreHarness: Send + Sync {
 /// The in-memory store's harness.
 ///
 /// Corruption goes through [`MemoryEventRepository::update_unchecked`] (a corrupted payload
-/// is stored as the JSON string `raw`, which does not decode into the suite's events) and
-/// holes through [`MemoryEventRepository::remove_from_history_unchecked`].
+/// is stored as the text `raw`, JSON or not, as a damaged SQL row would be) and holes
+/// through [`MemoryEventRepository::remove_from_history_unchecked`].
 ///
 /// ```
 /// use cqrs_testkit::conformance::{check_atomic_batch, check_conflict, MemoryHarness};
@@ -189,7 +189,7 @@ impl StoreHarness for MemoryHarness {
         raw: &str,
     ) {
         let found = store.update_unchecked(aggregate_type, aggregate_id, sequence, |event| {
-            event.payload = Payload::from_value(&Value::String(raw.to_owned()));
+            event.payload = Payload::from_stored_unchecked(raw);
         });
         assert!(
             found,
@@ -237,7 +237,7 @@ impl StoreHarness for MemoryHarness {
 /// [`check_invalid_batches`], [`check_idempotent_retry`], [`check_duplicate_event_id`],
 /// [`check_global_order`], [`check_subscribe`], [`check_concurrent_appends`],
 /// [`check_corrupt_payload`], [`check_unknown_event_type`], [`check_sequence_gap`],
-/// [`check_dispatch_new`].
+/// [`check_read_all_past_a_damaged_row`], [`check_dispatch_new`].
 ///
 /// [`check_concurrent_appends`] spawns tasks with `tokio::spawn` and [`check_subscribe`]
 /// waits with a timeout, so this must run inside a Tokio runtime with the time driver
@@ -260,6 +260,7 @@ pub async fn check_event_repository<H: StoreHarness>(harness: &H) {
     check_corrupt_payload(harness).await;
     check_unknown_event_type(harness).await;
     check_sequence_gap(harness).await;
+    check_read_all_past_a_damaged_row(harness).await;
     check_dispatch_new(harness).await;
 }
 
@@ -1533,6 +1534,123 @@ pub async fn check_unknown_event_type<H: StoreHarness>(harness: &H) {
         kind_name: "UnknownEventType",
     };
     check_damaged_row(CHECK, store, &damage).await;
+}
+
+/// A damaged row in the middle of the global stream is one poison event, never a failed
+/// read: with the payload of one event (of two aggregates' five) replaced by text that is
+/// not JSON, reading the whole stream with `read_all` (in pages of 100 and of 2) returns
+/// every undamaged event in order, and the damaged row either comes back as the event that
+/// fails to decode with [`DecodeError::MalformedPayload`] naming it, or as
+/// [`CQRSError::DamagedRow`] at its position when a page starts with it. `read_all(0, 100)`
+/// itself returns the events before the damaged row.
+pub async fn check_read_all_past_a_damaged_row<H: StoreHarness>(harness: &H) {
+    const CHECK: &str = "read_all_past_a_damaged_row";
+    let store = harness.fresh().await;
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut stored = Vec::new();
+    // Positions in order: first#1, second#1, first#2 (damaged), second#2, first#3.
+    for (id, sequence) in [(first, 1), (second, 1), (first, 2), (second, 2), (first, 3)] {
+        stored.extend(append_ok(CHECK, &store, vec![event(AGGREGATE, id, sequence)]).await);
+    }
+    harness
+        .corrupt_payload(&store, AGGREGATE, first, 2, "{\"n\": 3, oops")
+        .await;
+    let damaged = &stored[2];
+    let damage = Damage {
+        id: first,
+        sequence: 2,
+        event_type: &damaged.event_type,
+        event_version: &damaged.event_version,
+        kind_ok: |kind| matches!(kind, DecodeError::MalformedPayload(_)),
+        kind_name: "MalformedPayload",
+    };
+
+    let head = ok(
+        CHECK,
+        "read_all(0, 100) of a stream with a damaged row",
+        store.read_all(0, 100).await,
+    );
+    let before: Vec<i64> = stored[..2].iter().map(|e| e.position).collect();
+    let got: Vec<i64> = head.iter().take(2).map(|e| e.position).collect();
+    if got != before {
+        fail(
+            CHECK,
+            format_args!(
+                "read_all(0, 100) of a stream damaged at position {} returned positions {:?}: the events before it must come back",
+                damaged.position,
+                head.iter().map(|e| e.position).collect::<Vec<_>>()
+            ),
+        );
+    }
+
+    for limit in [100, 2] {
+        let mut after = 0;
+        let mut events = Vec::new();
+        let mut reported = None;
+        for _ in 0..=stored.len() * 2 {
+            match store.read_all(after, limit).await {
+                Ok(page) => {
+                    let Some(last) = page.last() else { break };
+                    after = last.position;
+                    events.extend(page);
+                }
+                Err(CQRSError::DamagedRow(row)) if row.position > after => {
+                    after = row.position;
+                    reported = Some(row.position);
+                }
+                Err(error) => fail(
+                    CHECK,
+                    format_args!(
+                        "read_all({after}, {limit}) of a stream damaged at position {}: a damaged row must be one poison event, not a failed read; got {error} ({error:?})",
+                        damaged.position
+                    ),
+                ),
+            }
+        }
+        let mut expected: Vec<PersistableDomainEvent> = stored.clone();
+        match reported {
+            Some(position) if position == damaged.position => {
+                expected.remove(2);
+            }
+            Some(position) => fail(
+                CHECK,
+                format_args!(
+                    "read_all(.., {limit}) reported a damaged row at position {position}, but the damaged row is at {}",
+                    damaged.position
+                ),
+            ),
+            None => {
+                let Some(event) = events.iter().find(|e| e.position == damaged.position) else {
+                    fail(
+                        CHECK,
+                        format_args!(
+                            "reading the stream in pages of {limit} neither returned the damaged row at position {} nor reported it as CQRSError::DamagedRow: it was hidden",
+                            damaged.position
+                        ),
+                    );
+                };
+                match ConformanceEvent::try_from_persisted(event) {
+                    Ok(value) => fail(
+                        CHECK,
+                        format_args!("the damaged event read with read_all still decodes, to {value:?}"),
+                    ),
+                    Err(error) => assert_decode_error(
+                        CHECK,
+                        "try_from_persisted of the damaged row read with read_all",
+                        &error,
+                        &damage,
+                    ),
+                }
+                expected[2] = event.clone();
+            }
+        }
+        assert_same_events(
+            CHECK,
+            &format!("reading the stream in pages of {limit} past a damaged row"),
+            &expected,
+            &events,
+        );
+    }
 }
 
 /// `CQRSFramework::dispatch_new` on this store: of 8 concurrent `dispatch_new`s on one new

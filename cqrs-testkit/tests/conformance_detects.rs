@@ -35,6 +35,8 @@ enum Flaw {
     RacyAppend,
     /// Hides rows it cannot decode instead of reporting them.
     SkipsUndecodableRows,
+    /// Fails a whole `read_all` page that holds a payload that is not JSON.
+    FailsPageOnDamagedRow,
 }
 
 struct FlawedStore {
@@ -60,9 +62,7 @@ impl FlawedStore {
     fn hide(&self, events: Vec<PersistableDomainEvent>) -> Vec<PersistableDomainEvent> {
         events
             .into_iter()
-            .filter(|e| {
-                self.flaw != Flaw::SkipsUndecodableRows || !e.payload.as_str().starts_with('"')
-            })
+            .filter(|e| self.flaw != Flaw::SkipsUndecodableRows || e.payload.is_valid_json())
             .map(|e| self.fix(e))
             .collect()
     }
@@ -167,6 +167,14 @@ impl EventRepository for FlawedStore {
             limit
         };
         let events = self.inner.read_all(after_position, limit).await?;
+        if self.flaw == Flaw::FailsPageOnDamagedRow {
+            if let Some(bad) = events.iter().find(|e| !e.payload.is_valid_json()) {
+                return Err(CQRSError::persistence(format!(
+                    "payload at position {} is not JSON",
+                    bad.position
+                )));
+            }
+        }
         Ok(self.hide(events))
     }
 }
@@ -315,6 +323,24 @@ async fn hidden_corruption_is_caught() {
 
 #[tokio::test]
 #[should_panic(
+    expected = "store conformance check `read_all_past_a_damaged_row` failed: read_all(0, 100) of a stream with a damaged row returned an error"
+)]
+async fn a_page_that_fails_on_a_damaged_row_is_caught() {
+    conformance::check_read_all_past_a_damaged_row(&FlawedHarness(Flaw::FailsPageOnDamagedRow))
+        .await;
+}
+
+#[tokio::test]
+#[should_panic(
+    expected = "store conformance check `read_all_past_a_damaged_row` failed: reading the stream in pages of 100 neither returned the damaged row"
+)]
+async fn a_damaged_row_hidden_from_read_all_is_caught() {
+    conformance::check_read_all_past_a_damaged_row(&FlawedHarness(Flaw::SkipsUndecodableRows))
+        .await;
+}
+
+#[tokio::test]
+#[should_panic(
     expected = "store conformance check `dispatch_new` failed: a losing dispatch_new: expected Conflict"
 )]
 async fn dispatch_new_losers_without_a_conflict_are_caught() {
@@ -348,4 +374,10 @@ async fn the_wrapper_without_a_flaw_passes() {
     conformance::check_unknown_event_type(&harness).await;
     conformance::check_sequence_gap(&harness).await;
     conformance::check_dispatch_new(&harness).await;
+    // `FailsPageOnDamagedRow` only differs on damaged rows, so the damage checks pass with it
+    // where `SkipsUndecodableRows` fails them.
+    let harness = FlawedHarness(Flaw::FailsPageOnDamagedRow);
+    conformance::check_corrupt_payload(&harness).await;
+    conformance::check_round_trip(&harness).await;
+    conformance::check_global_order(&harness).await;
 }

@@ -137,6 +137,44 @@ pub enum CQRSError {
     #[error(transparent)]
     ViewHandler(Box<ViewHandlerError>),
 
+    /// A store refused events because of what they hold, not because of its state: a string
+    /// with a NUL character (`"\u0000"`) in the payload, the metadata or a name, which
+    /// PostgreSQL `text` and `jsonb` cannot store, or a payload that is not JSON (one read
+    /// from a damaged row of another store). Nothing of the append was stored.
+    ///
+    /// ### Handling
+    /// Do not retry: the same events are refused every time (the framework's
+    /// [`RetryPolicy`](crate::RetryPolicy) retries only [`CQRSError::Conflict`]). Fix the data:
+    /// strip or encode the character before it reaches the event, then run the command again.
+    #[error(
+        "events of {aggregate_type} {aggregate_id} from sequence {first_sequence} cannot be \
+         stored: {reason}"
+    )]
+    Unstorable {
+        /// The aggregate's type.
+        aggregate_type: String,
+        /// The aggregate's id.
+        aggregate_id: Uuid,
+        /// The sequence of the first event of the refused append.
+        first_sequence: i64,
+        /// What the store refused, in its own words.
+        reason: String,
+    },
+
+    /// A row of the global stream that the store cannot turn into an event at all (its
+    /// metadata is not JSON, its event id is not a UUID, its timestamp is out of range),
+    /// returned by [`EventRepository::read_all`](crate::EventRepository::read_all) when it
+    /// is the first row of the page asked for. The rows after it are still readable with
+    /// `read_all(position, ..)`.
+    ///
+    /// ### Handling
+    /// The store was modified outside the framework; repair the row at
+    /// [`DamagedRow::position`]. A [`Projection`](crate::Projection) and the NATS relay treat
+    /// it as a poison event at that position: under `PoisonPolicy::Stop` they stop with this
+    /// error, under `PoisonPolicy::SkipAndRecord` they record a dead letter and read on.
+    #[error(transparent)]
+    DamagedRow(Box<DamagedRow>),
+
     /// The storage back end failed: a connection dropped, a server went away, a disk filled.
     ///
     /// ### Handling
@@ -347,6 +385,70 @@ impl std::error::Error for EventDecodeError {
 impl From<EventDecodeError> for CQRSError {
     fn from(error: EventDecodeError) -> Self {
         CQRSError::EventDecode(Box::new(error))
+    }
+}
+
+/// A stored row of the global stream that cannot be read as an event: its position, what
+/// could be read of its identity, and what is wrong with it.
+///
+/// It travels as [`CQRSError::DamagedRow`], and through NATS as a message of its own (its
+/// serde form), so a consumer meets the same poison event as a store reader.
+///
+/// ```
+/// let damage = cqrs::error::DamagedRow {
+///     position: 7,
+///     event_id: None,
+///     aggregate_type: Some("account".into()),
+///     aggregate_id: None,
+///     sequence: Some(3),
+///     event_type: Some("Deposited".into()),
+///     event_version: Some("1".into()),
+///     problem: "metadata is not JSON".into(),
+/// };
+/// assert!(cqrs::CQRSError::from(damage).to_string().contains("position 7"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+#[error(
+    "damaged row at position {position} of the event store ({}): {problem}",
+    self.identity()
+)]
+pub struct DamagedRow {
+    /// The row's global position.
+    pub position: i64,
+    /// The event id, when it could be read.
+    pub event_id: Option<Uuid>,
+    /// The aggregate type, when it could be read.
+    pub aggregate_type: Option<String>,
+    /// The aggregate id, when it could be read.
+    pub aggregate_id: Option<Uuid>,
+    /// The sequence within the aggregate, when it could be read.
+    pub sequence: Option<i64>,
+    /// The stored event type, when it could be read.
+    pub event_type: Option<String>,
+    /// The stored event version, when it could be read.
+    pub event_version: Option<String>,
+    /// What is wrong with the row.
+    pub problem: String,
+}
+
+impl DamagedRow {
+    /// What could be read of the row's identity, for messages.
+    fn identity(&self) -> String {
+        let unknown = |value: Option<String>| value.unwrap_or_else(|| "?".to_owned());
+        format!(
+            "event {} v{} of {} {} at sequence {}",
+            unknown(self.event_type.clone()),
+            unknown(self.event_version.clone()),
+            unknown(self.aggregate_type.clone()),
+            unknown(self.aggregate_id.map(|id| id.to_string())),
+            unknown(self.sequence.map(|s| s.to_string())),
+        )
+    }
+}
+
+impl From<DamagedRow> for CQRSError {
+    fn from(damage: DamagedRow) -> Self {
+        CQRSError::DamagedRow(Box::new(damage))
     }
 }
 

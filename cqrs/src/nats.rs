@@ -36,6 +36,15 @@
 //! | [`HEADER_EVENT_TYPE`] | the stored event name |
 //! | [`HEADER_EVENT_VERSION`] | the stored event version |
 //!
+//! A damaged row of the store travels as it is, so a consumer meets the same poison event
+//! as a reader of the store: an event whose stored payload is not JSON has, in place of
+//! `payload`, `payload_text` holding the stored text as a JSON string ([`decode_message`]
+//! gives the event back with that payload, which then fails to decode); a row the store
+//! cannot read as an event at all ([`CQRSError::DamagedRow`]) is a message of its own whose
+//! body is `{"damaged_row": {..}}` and whose headers name what could be read of it (always
+//! its position; the message id is `cqrs-damaged-row-<position>` when the event id is
+//! unreadable).
+//!
 //! # Example
 //!
 //! ```no_run
@@ -94,14 +103,17 @@ use async_nats::jetstream::context::{Publish, PublishErrorKind};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::aggregate::Aggregate;
-use crate::error::{CQRSError, ViewHandlerError};
+use crate::error::{CQRSError, DamagedRow, ViewHandlerError};
 use crate::event::PersistableDomainEvent;
 use crate::projection::{
     DeadLetter, DeadLetters, HandlerRetry, MemoryDeadLetters, PoisonPolicy, Projection,
@@ -282,18 +294,64 @@ impl NatsStreamConfig {
     }
 }
 
+/// The body of an event whose stored payload is not JSON (a damaged row, see
+/// [`Payload`](crate::Payload)): the event's fields with the payload as a JSON string of the
+/// stored text, `payload_text`, in place of `payload`. [`decode_message`] turns it back into
+/// the event as stored, which then fails to decode like the store's own row.
+#[derive(Serialize, Deserialize)]
+struct DamagedPayloadBody {
+    event_id: Uuid,
+    aggregate_type_id: SmolStr,
+    aggregate_id: Uuid,
+    aggregate_type: SmolStr,
+    sequence: i64,
+    position: i64,
+    event_type: SmolStr,
+    event_version: SmolStr,
+    payload_text: String,
+    metadata: serde_json::Value,
+    timestamp: DateTime<Utc>,
+}
+
+/// The body of a message that stands for a row the store could not read as an event
+/// ([`CQRSError::DamagedRow`]): `{"damaged_row": {..}}`.
+#[derive(Serialize, Deserialize)]
+struct DamagedRowBody {
+    damaged_row: DamagedRow,
+}
+
 /// The JSON body and the headers of the message that carries `event`.
 ///
 /// # Errors
 /// [`CQRSError::Serialization`] when the event does not serialize.
 fn encode(event: &PersistableDomainEvent) -> Result<(Vec<u8>, HeaderMap), CQRSError> {
-    let body = serde_json::to_vec(event).map_err(|source| CQRSError::Serialization {
+    let serialization = |source| CQRSError::Serialization {
         what: format!(
             "event {} of {} {} for NATS",
             event.event_type, event.aggregate_type, event.aggregate_id
         ),
         source,
-    })?;
+    };
+    let body = match serde_json::to_vec(event) {
+        Ok(body) => body,
+        // A payload stored as text that is not JSON: published as stored, so the consumer
+        // meets the same poison event as a reader of the store.
+        Err(_) if !event.payload.is_valid_json() => serde_json::to_vec(&DamagedPayloadBody {
+            event_id: event.event_id,
+            aggregate_type_id: event.aggregate_type_id.clone(),
+            aggregate_id: event.aggregate_id,
+            aggregate_type: event.aggregate_type.clone(),
+            sequence: event.sequence,
+            position: event.position,
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            payload_text: event.payload.as_str().to_owned(),
+            metadata: event.metadata.clone(),
+            timestamp: event.timestamp,
+        })
+        .map_err(serialization)?,
+        Err(source) => return Err(serialization(source)),
+    };
     let mut headers = HeaderMap::new();
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
@@ -308,9 +366,69 @@ fn encode(event: &PersistableDomainEvent) -> Result<(Vec<u8>, HeaderMap), CQRSEr
     Ok((body, headers))
 }
 
-/// Decodes the body of a message published by [`NatsRelay`].
+/// The message that stands for a row the store could not read as an event: its subject,
+/// body and headers. The headers name what could be read of the row, always its position;
+/// the message id is the event id when it could be read.
 ///
 /// # Errors
+/// [`CQRSError::Serialization`] (not expected: the body is plain strings and numbers).
+fn encode_damaged_row(
+    stream: &NatsStreamConfig,
+    damage: &DamagedRow,
+) -> Result<(String, Vec<u8>, HeaderMap), CQRSError> {
+    let body = serde_json::to_vec(&DamagedRowBody {
+        damaged_row: damage.clone(),
+    })
+    .map_err(|source| CQRSError::Serialization {
+        what: format!("damaged row at position {} for NATS", damage.position),
+        source,
+    })?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        damaged_row_message_id(damage),
+    );
+    if let Some(aggregate_type) = &damage.aggregate_type {
+        headers.insert(HEADER_AGGREGATE_TYPE, aggregate_type.as_str());
+    }
+    if let Some(aggregate_id) = damage.aggregate_id {
+        headers.insert(HEADER_AGGREGATE_ID, aggregate_id.to_string());
+    }
+    if let Some(sequence) = damage.sequence {
+        headers.insert(HEADER_SEQUENCE, sequence.to_string());
+    }
+    headers.insert(HEADER_POSITION, damage.position.to_string());
+    if let Some(event_type) = &damage.event_type {
+        headers.insert(HEADER_EVENT_TYPE, event_type.as_str());
+    }
+    if let Some(event_version) = &damage.event_version {
+        headers.insert(HEADER_EVENT_VERSION, event_version.as_str());
+    }
+    let subject = format!(
+        "{}.{}.{}",
+        stream.subject_prefix,
+        subject_token(damage.aggregate_type.as_deref().unwrap_or_default()),
+        subject_token(damage.event_type.as_deref().unwrap_or_default())
+    );
+    Ok((subject, body, headers))
+}
+
+/// The `Nats-Msg-Id` of a damaged row's message: its event id when that could be read.
+fn damaged_row_message_id(damage: &DamagedRow) -> String {
+    match damage.event_id {
+        Some(event_id) => event_id.to_string(),
+        None => format!("cqrs-damaged-row-{}", damage.position),
+    }
+}
+
+/// Decodes the body of a message published by [`NatsRelay`].
+///
+/// An event whose stored payload is not JSON comes back with that text as its payload
+/// ([`Payload::from_stored_unchecked`](crate::Payload::from_stored_unchecked)), so decoding
+/// it fails as it does from the store.
+///
+/// # Errors
+/// [`CQRSError::DamagedRow`] for the message of a row the store could not read as an event;
 /// [`CQRSError::Deserialization`] naming the subject and stream sequence when the body is not
 /// a [`PersistableDomainEvent`].
 pub fn decode_message(
@@ -318,10 +436,66 @@ pub fn decode_message(
     stream_sequence: u64,
     body: &[u8],
 ) -> Result<PersistableDomainEvent, CQRSError> {
-    serde_json::from_slice(body).map_err(|source| CQRSError::Deserialization {
+    let source = match serde_json::from_slice(body) {
+        Ok(event) => return Ok(event),
+        Err(source) => source,
+    };
+    // The bodies of damaged rows; rare, so only tried once the common form failed.
+    if let Ok(damaged) = serde_json::from_slice::<DamagedPayloadBody>(body) {
+        return Ok(PersistableDomainEvent {
+            event_id: damaged.event_id,
+            aggregate_type_id: damaged.aggregate_type_id,
+            aggregate_id: damaged.aggregate_id,
+            aggregate_type: damaged.aggregate_type,
+            sequence: damaged.sequence,
+            position: damaged.position,
+            event_type: damaged.event_type,
+            event_version: damaged.event_version,
+            payload: crate::Payload::from_stored_unchecked(&damaged.payload_text),
+            metadata: damaged.metadata,
+            timestamp: damaged.timestamp,
+        });
+    }
+    if let Ok(damaged) = serde_json::from_slice::<DamagedRowBody>(body) {
+        return Err(CQRSError::from(damaged.damaged_row));
+    }
+    Err(CQRSError::Deserialization {
         what: format!("NATS message {stream_sequence} on {subject}"),
         source,
     })
+}
+
+/// One message of a relay batch, ready to publish.
+struct Outgoing {
+    position: i64,
+    message_id: String,
+    subject: String,
+    body: Vec<u8>,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    fn event(stream: &NatsStreamConfig, event: &PersistableDomainEvent) -> Result<Self, CQRSError> {
+        let (body, headers) = encode(event)?;
+        Ok(Outgoing {
+            position: event.position,
+            message_id: event.event_id.to_string(),
+            subject: stream.subject_for(event),
+            body,
+            headers,
+        })
+    }
+
+    fn damaged_row(stream: &NatsStreamConfig, damage: &DamagedRow) -> Result<Self, CQRSError> {
+        let (subject, body, headers) = encode_damaged_row(stream, damage)?;
+        Ok(Outgoing {
+            position: damage.position,
+            message_id: damaged_row_message_id(damage),
+            subject,
+            body,
+            headers,
+        })
+    }
 }
 
 /// Publishes committed events to a JetStream stream, in global order, exactly once in the
@@ -346,7 +520,17 @@ pub struct NatsRelay {
     /// The id of the last event this relay saw acknowledged, when the stream is known to end
     /// with it: the next publish expects it as the stream's last message id. `None` at the
     /// start of a run and after any failure.
-    last_published: tokio::sync::Mutex<Option<Uuid>>,
+    last_published: tokio::sync::Mutex<Option<String>>,
+}
+
+/// What one relay batch did.
+struct Relayed {
+    /// Messages published (a damaged row counts as one).
+    published: usize,
+    /// The position of the last one, or the checkpoint when none.
+    last: i64,
+    /// The batch was a damaged row's message: more may follow.
+    damaged: bool,
 }
 
 impl fmt::Debug for NatsRelay {
@@ -447,11 +631,41 @@ impl NatsRelay {
     /// A store error, [`CQRSError::Serialization`], or [`CQRSError::PersistenceError`] when a
     /// publish is refused or not acknowledged (the checkpoint is then unchanged).
     pub async fn relay_once(&self) -> Result<usize, CQRSError> {
+        Ok(self.relay_batch().await?.published)
+    }
+
+    /// [`relay_once`](Self::relay_once), saying also where the batch ended and whether the
+    /// store may hold more.
+    async fn relay_batch(&self) -> Result<Relayed, CQRSError> {
         let mut last_published = self.last_published.lock().await;
         let from = self.checkpoints.load_checkpoint(&self.name).await?;
-        let batch = self.events.read_all(from, self.batch_size).await?;
+        let (batch, damaged) = match self.events.read_all(from, self.batch_size).await {
+            Ok(events) => (
+                events
+                    .iter()
+                    .map(|event| Outgoing::event(&self.stream, event))
+                    .collect::<Result<Vec<_>, _>>()?,
+                false,
+            ),
+            // A row the store cannot read as an event: published as a message of its own,
+            // so each consumer meets it as a poison event at its position.
+            Err(CQRSError::DamagedRow(damage)) if damage.position > from => {
+                tracing::error!(
+                    relay = %self.name,
+                    position = damage.position,
+                    error = %damage,
+                    "damaged row in the event store; publishing it as a damaged-row message"
+                );
+                (vec![Outgoing::damaged_row(&self.stream, &damage)?], true)
+            }
+            Err(error) => return Err(error),
+        };
         let Some(last) = batch.last() else {
-            return Ok(0);
+            return Ok(Relayed {
+                published: 0,
+                last: from,
+                damaged,
+            });
         };
         let span = tracing::debug_span!(
             "nats_relay_batch",
@@ -462,7 +676,7 @@ impl NatsRelay {
             events = batch.len(),
         );
         let result = async {
-            match self.publish_batch(&batch, *last_published).await {
+            match self.publish_batch(&batch, last_published.as_deref()).await {
                 // The stream does not end with the event this relay published last: another
                 // publisher wrote to it, or an earlier publish of this batch failed. Publishing
                 // the batch again from the checkpoint, with no expectation on its first event,
@@ -480,8 +694,12 @@ impl NatsRelay {
         .map_err(BatchFailure::into_error);
         match result {
             Ok(()) => {
-                *last_published = Some(last.event_id);
-                Ok(batch.len())
+                *last_published = Some(last.message_id.clone());
+                Ok(Relayed {
+                    published: batch.len(),
+                    last: last.position,
+                    damaged,
+                })
             }
             Err(error) => {
                 *last_published = None;
@@ -492,23 +710,25 @@ impl NatsRelay {
 
     async fn publish_batch(
         &self,
-        batch: &[PersistableDomainEvent],
-        mut previous: Option<Uuid>,
+        batch: &[Outgoing],
+        previous: Option<&str>,
     ) -> Result<(), BatchFailure> {
         let mut acks = Vec::with_capacity(batch.len());
-        for event in batch {
-            let (body, headers) = encode(event).map_err(BatchFailure::Other)?;
-            let mut publish = Publish::build().payload(body.into()).headers(headers);
+        let mut previous = previous;
+        for message in batch {
+            let mut publish = Publish::build()
+                .payload(message.body.clone().into())
+                .headers(message.headers.clone());
             if let Some(previous) = previous {
-                publish = publish.expected_last_message_id(previous.to_string());
+                publish = publish.expected_last_message_id(previous);
             }
             let ack = self
                 .jetstream
-                .send_publish(self.stream.subject_for(event), publish)
+                .send_publish(message.subject.clone(), publish)
                 .await
                 .map_err(|error| BatchFailure::Other(broker(error)))?;
-            acks.push((event.position, ack));
-            previous = Some(event.event_id);
+            acks.push((message.position, ack));
+            previous = Some(&message.message_id);
         }
         let mut duplicates = 0_usize;
         for (position, ack) in acks {
@@ -543,9 +763,18 @@ impl NatsRelay {
     /// What [`relay_once`](Self::relay_once) returns; batches before the failing one stay
     /// published and checkpointed.
     pub async fn catch_up(&self) -> Result<i64, CQRSError> {
+        // The highest position the store knows is committed, taken before each read: a short
+        // batch below it ended early (before a damaged row, see `EventRepository::read_all`),
+        // so read on.
+        let head = self.events.subscribe();
         loop {
-            let published = self.relay_once().await?;
-            if published < self.batch_size {
+            let known = head.as_ref().map(|head| *head.borrow());
+            let relayed = self.relay_batch().await?;
+            let more = relayed.published > 0
+                && (relayed.damaged
+                    || relayed.published >= self.batch_size
+                    || known.is_none_or(|known| known > relayed.last));
+            if !more {
                 return self.position().await;
             }
         }
@@ -730,7 +959,10 @@ where
 fn is_poison(error: &CQRSError) -> bool {
     matches!(
         error,
-        CQRSError::EventDecode(_) | CQRSError::Deserialization { .. } | CQRSError::ViewHandler(_)
+        CQRSError::EventDecode(_)
+            | CQRSError::Deserialization { .. }
+            | CQRSError::ViewHandler(_)
+            | CQRSError::DamagedRow(_)
     )
 }
 
@@ -1068,6 +1300,36 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
             let stream_sequence = message.info().map_or(0, |info| info.stream_sequence);
             let event = match decode_message(&message.subject, stream_sequence, &message.payload) {
                 Ok(event) => event,
+                // A row the store could not read as an event: a poison event at its position
+                // (reading it again cannot help, so it is not retried).
+                Err(CQRSError::DamagedRow(damage)) => {
+                    if damage.position <= checkpoint {
+                        done.push(message);
+                        continue;
+                    }
+                    tracing::error!(
+                        projection = %self.name, subject = %message.subject, stream_sequence,
+                        position = damage.position, error = %damage,
+                        "NATS message stands for a damaged row of the event store"
+                    );
+                    if self.policy == PoisonPolicy::SkipAndRecord {
+                        let letter =
+                            DeadLetter::for_damaged_row(&self.name, V::TABLE_NAME, &damage, 1);
+                        if let Err(sink_error) = self.dead_letters.record(letter).await {
+                            failure = Some(sink_error);
+                            handled -= 1;
+                            break;
+                        }
+                        checkpoint = damage.position;
+                        advanced = true;
+                        skipped.push(message);
+                        continue;
+                    }
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    failure = Some(CQRSError::DamagedRow(damage));
+                    handled -= 1;
+                    break;
+                }
                 Err(error) => {
                     // Can never decode: terminate it whatever the policy.
                     tracing::error!(
@@ -1371,6 +1633,50 @@ mod tests {
         assert_eq!(header(HEADER_POSITION).as_deref(), Some("42"));
         assert_eq!(header(HEADER_EVENT_TYPE).as_deref(), Some("Deposited"));
         assert_eq!(header(HEADER_EVENT_VERSION).as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_payload_stored_as_text_that_is_not_json_travels_as_stored() {
+        let mut event = stored("Deposited");
+        event.payload = crate::Payload::from_stored_unchecked("{\"amount\": oops");
+        let (body, headers) = encode(&event).unwrap();
+        let back = decode_message("s", 1, &body).unwrap();
+        assert_eq!(back, event);
+        assert_eq!(back.payload.as_str(), "{\"amount\": oops");
+        assert_eq!(
+            headers.get(HEADER_POSITION).map(|v| v.as_str().to_owned()),
+            Some("42".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_damaged_row_travels_as_a_message_of_its_own() {
+        let config = NatsStreamConfig::new("EVENTS", "events");
+        let damage = DamagedRow {
+            position: 9,
+            event_id: None,
+            aggregate_type: Some("account".into()),
+            aggregate_id: Some(Uuid::nil()),
+            sequence: Some(2),
+            event_type: Some("Deposited".into()),
+            event_version: Some("1".into()),
+            problem: "metadata is not JSON".into(),
+        };
+        let (subject, body, headers) = encode_damaged_row(&config, &damage).unwrap();
+        assert_eq!(subject, "events.account.Deposited");
+        let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(header(HEADER_POSITION).as_deref(), Some("9"));
+        assert_eq!(
+            headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.as_str().to_owned())
+                .as_deref(),
+            Some("cqrs-damaged-row-9")
+        );
+        match decode_message(&subject, 3, &body) {
+            Err(CQRSError::DamagedRow(back)) => assert_eq!(*back, damage),
+            other => panic!("expected DamagedRow, got {other:?}"),
+        }
     }
 
     #[test]

@@ -15,9 +15,17 @@ use serde_json::Value;
 /// it, so nothing builds a [`serde_json::Value`] tree on the way: decoding deserializes the
 /// domain event straight from the text. Cloning is a reference count.
 ///
-/// The text is always one valid JSON value: every constructor checks it or produces it.
+/// The text is one valid JSON value: every public constructor checks it or produces it.
+/// The one exception is a damaged row of a store (a hand edit left a payload that is not
+/// JSON): a store reading its global stream keeps that text as stored, so the row still
+/// becomes an event, and decoding it fails with [`DecodeError::MalformedPayload`]
+/// (`deserialize`, `to_value` and `Serialize` return the parser's error, never panic): a
+/// poison event for the projection that meets it, as `docs/adr/0005-projections.md` describes.
+///
 /// Two payloads are equal when their JSON values are, whatever the spacing or key order
-/// (PostgreSQL's `jsonb` rewrites both).
+/// (PostgreSQL's `jsonb` rewrites both); two damaged payloads are equal when their texts are.
+///
+/// [`DecodeError::MalformedPayload`]: crate::DecodeError::MalformedPayload
 ///
 /// ```
 /// use cqrs::Payload;
@@ -46,6 +54,31 @@ impl Payload {
     pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
         serde_json::from_str::<IgnoredAny>(json)?;
         Ok(Payload(Arc::from(json)))
+    }
+
+    /// The payload a store read, kept as it is stored, unchecked.
+    ///
+    /// For store readers of the global stream (`read_all`) and for test hooks that simulate
+    /// a damaged row: a text that is not JSON makes the event fail to decode with
+    /// [`DecodeError::MalformedPayload`](crate::DecodeError::MalformedPayload), a poison
+    /// event, rather than failing the whole read. Application code builds payloads with
+    /// [`from_json`](Self::from_json), [`from_serialize`](Self::from_serialize) or
+    /// [`from_value`](Self::from_value).
+    ///
+    /// ```
+    /// let damaged = cqrs::Payload::from_stored_unchecked("{\"n\": 3, oops");
+    /// assert!(damaged.to_value().is_err());
+    /// assert!(serde_json::to_string(&damaged).is_err());
+    /// ```
+    #[doc(hidden)]
+    pub fn from_stored_unchecked(text: &str) -> Self {
+        Payload(Arc::from(text))
+    }
+
+    /// True when the text is one JSON value (always, except for a damaged row a store read
+    /// with [`from_stored_unchecked`](Self::from_stored_unchecked)).
+    pub fn is_valid_json(&self) -> bool {
+        serde_json::from_str::<IgnoredAny>(&self.0).is_ok()
     }
 
     /// A payload whose text a database already checked is JSON (a `jsonb` column).
@@ -152,7 +185,8 @@ impl fmt::Display for Payload {
 /// Serializes as [`serde_json::value::RawValue`] does: with `serde_json`, the JSON value
 /// itself, its text copied as it is; with another format, a one-field struct holding the
 /// text. The text is parsed once more on the way (serde_json only lends a `RawValue` it
-/// checked itself).
+/// checked itself), so a damaged payload (see [`Payload`]) is the serializer's error, never
+/// invalid output.
 impl Serialize for Payload {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
@@ -202,6 +236,21 @@ mod tests {
         assert_eq!(back.p, payload);
         let from_value: Payload = serde_json::from_value(json!({ "x": [1, 2] })).unwrap();
         assert_eq!(from_value, payload);
+    }
+
+    #[test]
+    fn a_damaged_payload_is_an_error_everywhere_it_is_read_never_a_panic() {
+        let damaged = Payload::from_stored_unchecked("{\"n\": 3, oops");
+        assert!(!damaged.is_valid_json());
+        assert!(Payload::from_json("{}").unwrap().is_valid_json());
+        assert!(damaged.to_value().is_err());
+        assert!(damaged.deserialize::<Value>().is_err());
+        assert!(serde_json::to_string(&damaged).is_err());
+        assert!(serde_json::to_value(&damaged).is_err());
+        assert_eq!(damaged.as_str(), "{\"n\": 3, oops");
+        assert_eq!(damaged, Payload::from_stored_unchecked("{\"n\": 3, oops"));
+        assert_ne!(damaged, Payload::from_stored_unchecked("{\"n\": 4, oops"));
+        assert_ne!(damaged, json!(null));
     }
 
     #[test]

@@ -768,3 +768,135 @@ async fn the_memory_view_store_refuses_a_checkpoint_that_goes_back() {
     assert_eq!(repo.checkpoint("p").await.unwrap(), 10);
     assert_eq!(repo.load("x").await.unwrap(), None);
 }
+
+// ---------------------------------------------------------------------------------------
+// Damaged rows: a store that follows the `read_all` contract for a row it cannot read (the
+// page ends before it; a page that starts with it is `DamagedRow`) and gives no change
+// notification, so the runner cannot take a short page for the end.
+
+/// The memory store with the row at `damaged` unreadable until it has been read
+/// `heals_after` times as the first row of a page (`usize::MAX`: never).
+struct DamagedAt {
+    inner: MemoryEventRepository,
+    damaged: i64,
+    heals_after: usize,
+    reads: AtomicUsize,
+}
+
+#[async_trait]
+impl EventRepository for DamagedAt {
+    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        self.inner.append(events).await
+    }
+    async fn load_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        self.inner
+            .load_events(aggregate_type, aggregate_id, after_sequence)
+            .await
+    }
+    async fn event_sequence(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<i64, CQRSError> {
+        self.inner
+            .event_sequence(aggregate_type, aggregate_id)
+            .await
+    }
+    async fn read_all(
+        &self,
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let mut events = self.inner.read_all(after_position, limit).await?;
+        let Some(index) = events.iter().position(|e| e.position == self.damaged) else {
+            return Ok(events);
+        };
+        if index == 0 {
+            if self.reads.fetch_add(1, Ordering::SeqCst) >= self.heals_after {
+                return Ok(events);
+            }
+            let event = &events[0];
+            return Err(cqrs::error::DamagedRow {
+                position: event.position,
+                event_id: Some(event.event_id),
+                aggregate_type: Some(event.aggregate_type.to_string()),
+                aggregate_id: Some(event.aggregate_id),
+                sequence: Some(event.sequence),
+                event_type: Some(event.event_type.to_string()),
+                event_version: None,
+                problem: "metadata is not JSON".to_owned(),
+            }
+            .into());
+        }
+        events.truncate(index);
+        Ok(events)
+    }
+}
+
+/// Six deposits of 1..=6 on two ledgers, the third one damaged.
+async fn damaged_store(heals_after: usize) -> (Arc<DamagedAt>, Uuid) {
+    let store = Arc::new(DamagedAt {
+        inner: MemoryEventRepository::new(),
+        damaged: 3,
+        heals_after,
+        reads: AtomicUsize::new(0),
+    });
+    let framework = CQRSFramework::<Ledger>::new(Arc::clone(&store));
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    for (id, amount) in [(a, 1), (b, 2), (a, 3), (b, 4), (a, 5), (b, 6)] {
+        framework.dispatch(id, vec![amount]).await.unwrap();
+    }
+    (store, a)
+}
+
+#[tokio::test]
+async fn a_damaged_row_is_one_dead_letter_and_the_rest_applies() {
+    let (store, a) = damaged_store(usize::MAX).await;
+    let views = MemoryViewRepository::<GrandTotal>::new();
+    let projection = Projection::<Ledger, GrandTotal>::new(Arc::clone(&store), views.clone())
+        .with_poison_policy(PoisonPolicy::SkipAndRecord)
+        .with_handler_retry(quick_retry(2));
+    assert_eq!(projection.catch_up().await.unwrap(), 6);
+    let total = load(&views, "all").await.unwrap();
+    assert_eq!((total.sum, total.events), (1 + 2 + 4 + 5 + 6, 5));
+    let letters = projection.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!((letters[0].position, letters[0].aggregate_id), (3, a));
+    assert_eq!(letters[0].sequence, 2);
+    assert_eq!(letters[0].attempts, 2);
+    assert!(letters[0].error.contains("metadata is not JSON"));
+}
+
+#[tokio::test]
+async fn a_damaged_row_stops_a_halting_projection_just_before_it() {
+    let (store, _) = damaged_store(usize::MAX).await;
+    let views = MemoryViewRepository::<GrandTotal>::new();
+    let projection = Projection::<Ledger, GrandTotal>::new(Arc::clone(&store), views.clone())
+        .with_handler_retry(HandlerRetry::none());
+    for _ in 0..2 {
+        match projection.catch_up().await.unwrap_err() {
+            CQRSError::DamagedRow(row) => assert_eq!(row.position, 3),
+            other => panic!("expected DamagedRow, got {other:?}"),
+        }
+        assert_eq!(projection.position().await.unwrap(), 2);
+        let total = load(&views, "all").await.unwrap();
+        assert_eq!((total.sum, total.events), (3, 2));
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_row_repaired_before_the_retries_run_out_is_applied() {
+    let (store, _) = damaged_store(1).await;
+    let views = MemoryViewRepository::<GrandTotal>::new();
+    let projection = Projection::<Ledger, GrandTotal>::new(Arc::clone(&store), views.clone())
+        .with_handler_retry(quick_retry(3));
+    assert_eq!(projection.catch_up().await.unwrap(), 6);
+    let total = load(&views, "all").await.unwrap();
+    assert_eq!((total.sum, total.events), (21, 6));
+    assert!(projection.dead_letters().await.unwrap().is_empty());
+}

@@ -376,3 +376,204 @@ async fn postgres_sink_is_idempotent_and_checks_the_checkpoint() {
     sink_is_idempotent_and_checks_the_checkpoint(&backend).await;
     backend.drop_schema().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// A damaged row in the middle of the store: one poison event, the rest applied.
+
+/// How a test damages the row at position 3 behind the store's back.
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    /// A payload that is not JSON: the row is read as stored and does not decode.
+    Payload,
+    /// Metadata that is not JSON: the row cannot become an event at all.
+    Metadata,
+}
+
+impl Damage {
+    fn sql(self) -> &'static str {
+        match self {
+            Damage::Payload => {
+                "UPDATE cqrs_events SET payload = '{\"Deposited\": oops' WHERE position = 3"
+            }
+            Damage::Metadata => "UPDATE cqrs_events SET metadata = '{oops' WHERE position = 3",
+        }
+    }
+
+    /// What the error of the damaged row says.
+    fn says(self) -> &'static str {
+        match self {
+            Damage::Payload => "malformed payload",
+            Damage::Metadata => "metadata is not JSON",
+        }
+    }
+}
+
+/// A SQLite store holding a1 a2 b1 a3 b2 (positions 1..=5, amounts 1..=5) with position 3
+/// damaged; `own_pool` reads through a sqlx pool (`from_pool`, the page-as-JSON path) rather
+/// than the store's own read connections.
+async fn damaged_store(damage: Damage, own_pool: bool) -> (Sqlite, Uuid, Uuid) {
+    let mut backend = Sqlite::new().await;
+    if own_pool {
+        let options = cqrs::store::sqlite::sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&backend.path)
+            .journal_mode(cqrs::store::sqlite::sqlx::sqlite::SqliteJournalMode::Wal);
+        let pool = cqrs::store::sqlite::sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .unwrap();
+        backend.store = SqliteEventRepository::from_pool(pool, Default::default())
+            .await
+            .unwrap();
+    }
+    let framework = CQRSFramework::<Ledger>::new(backend.store());
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    for (id, amount) in [(a, 1), (a, 2), (b, 3), (a, 4), (b, 5)] {
+        framework.dispatch(id, vec![amount]).await.unwrap();
+    }
+    let changed = backend
+        .store
+        .pool()
+        .execute(damage.sql())
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(changed, 1);
+    (backend, a, b)
+}
+
+async fn a_damaged_row_is_skipped_and_recorded_once(damage: Damage, own_pool: bool) {
+    let (backend, a, b) = damaged_store(damage, own_pool).await;
+    // The store reads the global stream past the damaged row.
+    let page = backend.store.read_all(0, 10).await;
+    match damage {
+        Damage::Payload => assert_eq!(page.unwrap().len(), 5),
+        Damage::Metadata => {
+            assert_eq!(page.unwrap().len(), 2, "the events before the damaged row");
+            match backend.store.read_all(2, 10).await {
+                Err(cqrs::CQRSError::DamagedRow(row)) => {
+                    assert_eq!(row.position, 3);
+                    assert_eq!(row.aggregate_id, Some(b));
+                    assert_eq!(row.sequence, Some(1));
+                }
+                other => panic!("expected DamagedRow at position 3, got {other:?}"),
+            }
+            assert_eq!(backend.store.read_all(3, 10).await.unwrap().len(), 2);
+        }
+    }
+
+    let skipping = projection(&backend);
+    assert_eq!(skipping.catch_up().await.unwrap(), 5);
+    assert_eq!(
+        balance(&backend, a).await,
+        Some(Balance {
+            sum: 7,
+            deposits: 3
+        }),
+        "{damage:?}: the events before and after the damaged row are applied"
+    );
+    assert_eq!(
+        balance(&backend, b).await,
+        Some(Balance {
+            sum: 5,
+            deposits: 1
+        })
+    );
+    let letters = skipping.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.position, 3);
+    assert_eq!(
+        (letter.aggregate_type.as_str(), letter.aggregate_id),
+        ("ledger", b)
+    );
+    assert_eq!(letter.sequence, 1);
+    assert_eq!(letter.event_type, "Deposited");
+    assert!(letter.error.contains(damage.says()), "{}", letter.error);
+    assert_eq!(backend.rows().await, 1);
+
+    // A restart finds nothing more to do and records nothing again.
+    assert_eq!(projection(&backend).catch_up().await.unwrap(), 5);
+    assert_eq!(backend.rows().await, 1);
+}
+
+async fn a_damaged_row_stops_a_halting_projection_just_before_it(damage: Damage, own_pool: bool) {
+    let (backend, a, b) = damaged_store(damage, own_pool).await;
+    let projection = Projection::<Ledger, Balance>::new(backend.store(), backend.views())
+        .with_handler_retry(HandlerRetry::none());
+    for _ in 0..2 {
+        let error = projection.catch_up().await.unwrap_err();
+        match (&error, damage) {
+            (cqrs::CQRSError::EventDecode(decode), Damage::Payload) => {
+                assert_eq!((decode.aggregate_id, decode.sequence), (b, 1));
+                assert!(
+                    matches!(decode.kind, cqrs::DecodeError::MalformedPayload(_)),
+                    "{decode:?}"
+                );
+            }
+            (cqrs::CQRSError::DamagedRow(row), Damage::Metadata) => {
+                assert_eq!((row.position, row.aggregate_id), (3, Some(b)));
+            }
+            _ => panic!("{damage:?}: unexpected error {error:?}"),
+        }
+        // The events before it are committed and the checkpoint stays just before it.
+        assert_eq!(projection.position().await.unwrap(), 2);
+        assert_eq!(
+            balance(&backend, a).await,
+            Some(Balance {
+                sum: 3,
+                deposits: 2
+            })
+        );
+        assert_eq!(balance(&backend, b).await, None);
+    }
+    assert!(projection.dead_letters().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_damaged_payload_is_one_dead_letter_and_the_rest_is_applied() {
+    for own_pool in [false, true] {
+        a_damaged_row_is_skipped_and_recorded_once(Damage::Payload, own_pool).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_damaged_metadata_is_one_dead_letter_and_the_rest_is_applied() {
+    for own_pool in [false, true] {
+        a_damaged_row_is_skipped_and_recorded_once(Damage::Metadata, own_pool).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_damaged_payload_stops_a_halting_projection_just_before_it() {
+    for own_pool in [false, true] {
+        a_damaged_row_stops_a_halting_projection_just_before_it(Damage::Payload, own_pool).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_damaged_metadata_stops_a_halting_projection_just_before_it() {
+    for own_pool in [false, true] {
+        a_damaged_row_stops_a_halting_projection_just_before_it(Damage::Metadata, own_pool).await;
+    }
+}
+
+/// A damaged row of another aggregate type is none of this view's business: passed over
+/// without a dead letter, like any event of another type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_damaged_row_of_another_aggregate_type_is_passed_over() {
+    for damage in [Damage::Payload, Damage::Metadata] {
+        let (backend, a, _) = damaged_store(damage, false).await;
+        backend
+            .store
+            .pool()
+            .execute("UPDATE cqrs_events SET aggregate_type = 'other' WHERE position = 3")
+            .await
+            .unwrap();
+        let projection = Projection::<Ledger, Balance>::new(backend.store(), backend.views())
+            .with_handler_retry(HandlerRetry::none());
+        assert_eq!(projection.catch_up().await.unwrap(), 5, "{damage:?}");
+        assert_eq!(balance(&backend, a).await.unwrap().sum, 7);
+        assert!(projection.dead_letters().await.unwrap().is_empty());
+    }
+}

@@ -1084,3 +1084,117 @@ async fn relay_survives_sigkill() {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Damaged rows in the store: relayed as they are, one poison event each for the consumer.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_rows_are_relayed_and_dead_lettered_by_the_consumer() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let db = std::env::temp_dir().join(format!("cqrs-nats-damaged-{}.sqlite", Uuid::new_v4()));
+    let store = open_sqlite(&db).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    // Positions: a1 b1 a2 b2 a3 b3.
+    for sequence in 1..=3 {
+        for id in [a, b] {
+            store.append(ledger_events(id, sequence, 1)).await.unwrap();
+        }
+    }
+    // Position 3 (a2): a payload that is not JSON; position 5 (a3): metadata that is not.
+    for sql in [
+        "UPDATE cqrs_events SET payload = '{\"Credited\": oops' WHERE position = 3",
+        "UPDATE cqrs_events SET metadata = '{oops' WHERE position = 5",
+    ] {
+        let changed = cqrs::store::sqlite::sqlx::query(sql)
+            .execute(store.pool())
+            .await
+            .unwrap()
+            .rows_affected();
+        assert_eq!(changed, 1);
+    }
+
+    // The running relay does not stall on them: all six positions reach the stream.
+    let checkpoints = MemoryCheckpointRepository::new();
+    let relay = NatsRelay::new(
+        store.clone(),
+        checkpoints.clone(),
+        jetstream.clone(),
+        test.config.clone(),
+    );
+    let name = relay.name().to_owned();
+    let handle = relay.start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while checkpoints.load_checkpoint(&name).await.unwrap() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "the relay stalled at position {}",
+            checkpoints.load_checkpoint(&name).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.stop().await.unwrap();
+    let messages = stream_messages(&jetstream, &test.config).await;
+    let positions: Vec<&str> = messages
+        .iter()
+        .map(|message| header(message, HEADER_POSITION))
+        .collect();
+    assert_eq!(positions, ["1", "2", "3", "4", "5", "6"]);
+
+    // Stop (the default): the consumer stops at the damaged payload, after the events
+    // before it, and stops there again when restarted.
+    let views = MemoryViewRepository::<Balance>::new();
+    let durable = format!("balance_{}", Uuid::new_v4().simple());
+    let stopping = NatsProjection::<Ledger, Balance>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(durable.clone())
+    .with_handler_retry(HandlerRetry::none());
+    for _ in 0..2 {
+        match stopping.catch_up().await.unwrap_err() {
+            CQRSError::EventDecode(decode) => {
+                assert_eq!((decode.aggregate_id, decode.sequence), (a, 2));
+            }
+            other => panic!("expected EventDecode of a2, got {other:?}"),
+        }
+        assert_eq!(stopping.position().await.unwrap(), 2);
+    }
+
+    // SkipAndRecord: both damaged rows become dead letters, everything else is applied.
+    let skipping = NatsProjection::<Ledger, Balance>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(durable)
+    .with_handler_retry(HandlerRetry::none())
+    .with_poison_policy(PoisonPolicy::SkipAndRecord);
+    let result = skipping.catch_up().await;
+    assert_eq!(result.unwrap(), 6);
+    let letters = skipping.dead_letters().await.unwrap();
+    let named: Vec<(i64, Uuid, i64)> = letters
+        .iter()
+        .map(|letter| (letter.position, letter.aggregate_id, letter.sequence))
+        .collect();
+    assert_eq!(named, [(3, a, 2), (5, a, 3)], "{letters:?}");
+    assert!(
+        letters[0].error.contains("malformed payload"),
+        "{letters:?}"
+    );
+    assert!(
+        letters[1].error.contains("metadata is not JSON"),
+        "{letters:?}"
+    );
+    assert!(skipping.undecodable().is_empty());
+    let view = load_views(&views, &[a, b]).await;
+    assert_eq!(view[&a.to_string()].events, 1);
+    assert_eq!(view[&b.to_string()].events, 3);
+
+    drop(store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+}

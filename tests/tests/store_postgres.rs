@@ -1279,3 +1279,134 @@ async fn connect_replaces_connections_the_server_closed_while_they_were_idle() {
         .unwrap();
     store.pool().close().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// A NUL character cannot be stored: a typed error that says no retry helps.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_is_unstorable_and_stores_nothing() {
+    let Some(fx) = Fixture::new("a_nul_character_is_unstorable_and_stores_nothing").await else {
+        return;
+    };
+    let id = Uuid::new_v4();
+    fx.store.append(vec![added(id, 1, 1)]).await.unwrap();
+
+    let mut in_payload = added(id, 2, 2);
+    in_payload.payload = json!({ "Added": { "by": 2 }, "note": "a\u{0}b" }).into();
+    let mut in_metadata = added(id, 2, 2);
+    in_metadata.metadata = json!({ "who": "x\u{0}y" });
+    let mut in_event_type = added(id, 2, 2);
+    in_event_type.event_type = "Add\u{0}ed".into();
+    // A batch of two, to go through the multi-row statement too.
+    let mut batch = vec![added(id, 2, 2), added(id, 3, 3)];
+    batch[1].payload = json!({ "Added": { "by": 3 }, "note": "\u{0}" }).into();
+
+    for (what, events) in [
+        ("payload", vec![in_payload]),
+        ("metadata", vec![in_metadata]),
+        ("event type", vec![in_event_type]),
+        ("payload in a batch", batch),
+    ] {
+        match fx.store.append(events).await {
+            Err(CQRSError::Unstorable {
+                aggregate_type,
+                aggregate_id,
+                first_sequence,
+                reason,
+            }) => {
+                assert_eq!(
+                    (aggregate_type.as_str(), aggregate_id, first_sequence),
+                    (Counter::NAME, id, 2),
+                    "{what}"
+                );
+                assert!(reason.contains("SQLSTATE 22"), "{what}: {reason}");
+            }
+            other => panic!("a NUL in the {what}: expected Unstorable, got {other:?}"),
+        }
+    }
+    // Nothing of the refused appends was stored, and the aggregate goes on from sequence 1.
+    assert_eq!(fx.store.event_sequence(Counter::NAME, id).await.unwrap(), 1);
+    assert_eq!(positions(&fx.store.read_all(0, 10).await.unwrap()).len(), 1);
+    fx.store.append(vec![added(id, 2, 2)]).await.unwrap();
+
+    // Through the framework: the retry policy does not retry it, and the error comes back.
+    let framework =
+        CQRSFramework::<Counter>::new(fx.store.clone()).with_retry(RetryPolicy::attempts(5));
+    let error = framework
+        .dispatch_with_metadata(
+            id,
+            CounterCommand::Add { by: 1 },
+            &json!({ "note": "\u{0}" }),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error.framework(), CQRSError::Unstorable { .. }),
+        "{error:?}"
+    );
+    assert_eq!(fx.store.event_sequence(Counter::NAME, id).await.unwrap(), 2);
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A row `read_all` cannot turn into an event: one poison event, not a failed page.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_does_not_decode_ends_the_page_and_is_one_poison_event() {
+    let Some(fx) =
+        Fixture::new("a_row_that_does_not_decode_ends_the_page_and_is_one_poison_event").await
+    else {
+        return;
+    };
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut stored = Vec::new();
+    for (id, sequence) in [(a, 1), (b, 1), (a, 2), (b, 2), (a, 3)] {
+        stored.extend(fx.store.append(vec![added(id, sequence, 1)]).await.unwrap());
+    }
+    // Valid jsonb that no JSON reader of ours takes: a number beyond f64.
+    let sql = format!(
+        "UPDATE \"{}\".cqrs_events SET metadata = '{{\"n\": 1e400}}'::jsonb WHERE position = $1",
+        fx.schema()
+    );
+    sqlx::query(&sql)
+        .bind(stored[2])
+        .execute(fx.store.pool())
+        .await
+        .unwrap();
+
+    let page = fx.store.read_all(0, 10).await.unwrap();
+    assert_eq!(positions(&page), &stored[..2]);
+    match fx.store.read_all(stored[1], 10).await {
+        Err(CQRSError::DamagedRow(row)) => {
+            assert_eq!(row.position, stored[2]);
+            assert_eq!((row.aggregate_id, row.sequence), (Some(a), Some(2)));
+            assert!(row.problem.contains("metadata"), "{row}");
+        }
+        other => panic!("expected DamagedRow, got {other:?}"),
+    }
+    assert_eq!(
+        positions(&fx.store.read_all(stored[2], 10).await.unwrap()),
+        &stored[3..]
+    );
+    // Loading the aggregate stays an error.
+    assert!(fx.store.load_events(Counter::NAME, a, 0).await.is_err());
+
+    // A projection skips it with one dead letter and applies the rest.
+    let projection = Projection::<Counter, CounterTotal>::new(fx.store.clone(), views(&fx))
+        .with_poison_policy(cqrs::PoisonPolicy::SkipAndRecord)
+        .with_handler_retry(cqrs::HandlerRetry::none());
+    assert_eq!(projection.catch_up().await.unwrap(), stored[4]);
+    let letters = projection.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(
+        (letters[0].position, letters[0].aggregate_id),
+        (stored[2], a)
+    );
+    let total = |id: Uuid| {
+        let views = views(&fx);
+        async move { views.load(&id.to_string()).await.unwrap().unwrap() }
+    };
+    assert_eq!(total(a).await.events, 2);
+    assert_eq!(total(b).await.events, 2);
+    fx.drop_schema().await;
+}

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cqrs::store::sqlite::sqlx;
-use cqrs::store::sqlite::{CorruptRow, Durability, InvalidTableName, SqliteOptions};
+use cqrs::store::sqlite::{Durability, InvalidTableName, SqliteOptions};
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, Checkpoint, DomainEvent, EventEnvelope, EventRepository,
     PersistableDomainEvent, Projection, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotRepository,
@@ -639,8 +639,9 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
     store.append(counter_batch(id, 1, 3)).await.unwrap();
     let harness = SqliteHarness::default();
 
-    // Metadata that is not JSON, an event id that is not a UUID: EventDecode naming the
-    // aggregate and the sequence, from load_events and from read_all.
+    // Metadata that is not JSON, an event id that is not a UUID: load_events is EventDecode
+    // naming the aggregate and the sequence; read_all returns the events before the row,
+    // and a page that starts with it is DamagedRow naming its position.
     for (column, value) in [("metadata", "{oops"), ("event_id", "not-a-uuid")] {
         let db = TempDb::new();
         let store = db.open().await;
@@ -648,31 +649,42 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
         harness
             .damage(&store, column, value, Counter::NAME, id, 2)
             .await;
-        for result in [
-            store.load_events(Counter::NAME, id, 0).await,
-            store.read_all(0, 10).await,
-        ] {
-            match result.unwrap_err() {
-                CQRSError::EventDecode(decode) => {
-                    assert_eq!(
-                        (
-                            decode.aggregate_type.as_str(),
-                            decode.aggregate_id,
-                            decode.sequence
-                        ),
-                        (Counter::NAME, id, 2),
-                        "{column}"
-                    );
-                }
-                other => panic!("{column}: expected EventDecode, got {other:?}"),
+        match store.load_events(Counter::NAME, id, 0).await.unwrap_err() {
+            CQRSError::EventDecode(decode) => {
+                assert_eq!(
+                    (
+                        decode.aggregate_type.as_str(),
+                        decode.aggregate_id,
+                        decode.sequence
+                    ),
+                    (Counter::NAME, id, 2),
+                    "{column}"
+                );
             }
+            other => panic!("{column}: expected EventDecode, got {other:?}"),
         }
-        // Events before the damaged one still load.
-        assert_eq!(store.read_all(0, 1).await.unwrap().len(), 1);
+        assert_eq!(sequences(&store.read_all(0, 10).await.unwrap()), [1]);
+        match store.read_all(1, 10).await.unwrap_err() {
+            CQRSError::DamagedRow(row) => {
+                assert_eq!(row.position, 2, "{column}");
+                assert_eq!(
+                    (
+                        row.aggregate_type.as_deref(),
+                        row.aggregate_id,
+                        row.sequence
+                    ),
+                    (Some(Counter::NAME), Some(id), Some(2)),
+                    "{column}"
+                );
+                assert!(row.problem.contains(column), "{column}: {row}");
+            }
+            other => panic!("{column}: expected DamagedRow, got {other:?}"),
+        }
+        assert_eq!(sequences(&store.read_all(2, 10).await.unwrap()), [3]);
     }
 
-    // An aggregate id that is not a UUID cannot be named as one: a PersistenceError whose
-    // source is a CorruptRow naming the position.
+    // An aggregate id that is not a UUID cannot be named as one: read_all ends the page
+    // before it, and a page that starts with it is DamagedRow naming the position.
     let positions = store.read_all(0, 10).await.unwrap();
     execute(
         &store,
@@ -680,16 +692,50 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
         &[&positions[2].position.to_string()],
     )
     .await;
-    match store.read_all(0, 10).await.unwrap_err() {
-        CQRSError::PersistenceError(source) => {
-            let corrupt = source.downcast_ref::<CorruptRow>().unwrap();
-            assert_eq!(
-                corrupt.key,
-                format!("at position {}", positions[2].position)
-            );
-            assert!(corrupt.problem.contains("garbage"), "{corrupt}");
+    assert_eq!(store.read_all(0, 10).await.unwrap().len(), 2);
+    match store.read_all(positions[1].position, 10).await.unwrap_err() {
+        CQRSError::DamagedRow(row) => {
+            assert_eq!(row.position, positions[2].position);
+            assert_eq!(row.aggregate_id, None);
+            assert!(row.problem.contains("garbage"), "{row}");
         }
-        other => panic!("expected PersistenceError, got {other:?}"),
+        other => panic!("expected DamagedRow, got {other:?}"),
+    }
+    // Loading the aggregate with a damaged payload is still an error naming the row.
+    let db = TempDb::new();
+    let store = db.open().await;
+    store.append(counter_batch(id, 1, 3)).await.unwrap();
+    harness
+        .damage(&store, "payload", "{oops", Counter::NAME, id, 2)
+        .await;
+    assert!(matches!(
+        store.load_events(Counter::NAME, id, 0).await,
+        Err(CQRSError::EventDecode(_))
+    ));
+    let page = store.read_all(0, 10).await.unwrap();
+    assert_eq!(sequences(&page), [1, 2, 3]);
+    assert_eq!(page[1].payload.as_str(), "{oops");
+}
+
+/// A NUL character in a payload, the metadata or a name: SQLite stores it and gives it back
+/// (PostgreSQL refuses it with `CQRSError::Unstorable`).
+#[tokio::test]
+async fn a_nul_character_round_trips() {
+    let db = TempDb::new();
+    let store = db.open_fast().await;
+    let id = Uuid::new_v4();
+    let mut event = counter_event(id, 1, 1);
+    event.payload = json!({ "Added": { "amount": 1 }, "note": "a\u{0}b" }).into();
+    event.metadata = json!({ "who": "x\u{0}y" });
+    event.event_type = "Add\u{0}ed".into();
+    store.append(vec![event.clone()]).await.unwrap();
+    let loaded = store.load_events(Counter::NAME, id, 0).await.unwrap();
+    let read = store.read_all(0, 10).await.unwrap();
+    for events in [loaded, read] {
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].payload, event.payload);
+        assert_eq!(events[0].metadata, event.metadata);
+        assert_eq!(events[0].event_type, event.event_type);
     }
 }
 

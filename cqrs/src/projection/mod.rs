@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::aggregate::Aggregate;
-use crate::error::{CQRSError, ViewHandlerError};
+use crate::error::{CQRSError, DamagedRow, ViewHandlerError};
 use crate::event::{EventEnvelope, PersistableDomainEvent};
 use crate::store::EventRepository;
 use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
@@ -68,9 +68,11 @@ type Targets<A> = (
 ///
 /// # Poison events
 ///
-/// A view handler error (or an event that does not decode) is retried per
-/// [`HandlerRetry`], then handled per [`PoisonPolicy`]; the events of the batch before it are
-/// committed first, one commit, exactly once.
+/// A view handler error (or an event that does not decode, such as a stored payload that is
+/// not JSON) is retried per [`HandlerRetry`], then handled per [`PoisonPolicy`]; the events
+/// of the batch before it are committed first, one commit, exactly once. A row the store
+/// cannot read as an event at all ([`CQRSError::DamagedRow`], see
+/// [`EventRepository::read_all`]) is a poison event at its position in the same way.
 ///
 /// # View versions
 ///
@@ -376,9 +378,10 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     ///
     /// # Errors
     /// A store error, or a poison event under [`PoisonPolicy::Stop`] (once the retries are
-    /// spent): [`CQRSError::ViewHandler`] naming the view and the event, or
-    /// [`CQRSError::EventDecode`]. Everything before the failing event is committed; the
-    /// checkpoint stays just before it.
+    /// spent): [`CQRSError::ViewHandler`] naming the view and the event,
+    /// [`CQRSError::EventDecode`], or [`CQRSError::DamagedRow`] for a row the store cannot
+    /// read as an event. Everything before the failing event is committed; the checkpoint
+    /// stays just before it.
     pub async fn catch_up(&self) -> Result<i64, CQRSError> {
         let position = self.catch_up_until(&mut Stop::never(), None).await?;
         Ok(position.unwrap_or_default())
@@ -433,35 +436,54 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
             None => self.views.checkpoint(&self.name).await?,
         };
         self.publish(position);
+        // The highest position the store knows is committed, taken before each read: a short
+        // page below it ended early (before a damaged row, see `EventRepository::read_all`),
+        // so read on. Appends after the read do not count, so a busy store still ends a
+        // catch-up as a short page always did.
+        let head = self.events.subscribe();
         let mut stale = 0;
         loop {
             if stop.is_stopped() {
                 return Ok(None);
             }
-            let batch = self.events.read_all(position, self.batch_size).await?;
-            let Some(last) = batch.last().map(|e| e.position) else {
-                self.caught_up().await?;
-                return Ok(Some(position));
-            };
-            let span = tracing::debug_span!(
-                "projection_batch",
-                projection = %self.name,
-                view = V::TABLE_NAME,
-                view_version = V::VERSION,
-                from = position + 1,
-                to = last,
-                events = batch.len(),
-            );
-            match self
-                .apply_batch(position, &batch, stop)
-                .instrument(span)
-                .await?
+            let known = head.as_ref().map(|head| *head.borrow());
+            let (applied, last, more) = match self.events.read_all(position, self.batch_size).await
             {
+                Ok(batch) => {
+                    let Some(last) = batch.last().map(|e| e.position) else {
+                        self.caught_up().await?;
+                        return Ok(Some(position));
+                    };
+                    let span = tracing::debug_span!(
+                        "projection_batch",
+                        projection = %self.name,
+                        view = V::TABLE_NAME,
+                        view_version = V::VERSION,
+                        from = position + 1,
+                        to = last,
+                        events = batch.len(),
+                    );
+                    let applied = self
+                        .apply_batch(position, &batch, stop)
+                        .instrument(span)
+                        .await?;
+                    let more =
+                        batch.len() >= self.batch_size || known.is_none_or(|known| known > last);
+                    (applied, last, more)
+                }
+                // A row the store cannot read as an event: one poison event at its position.
+                Err(CQRSError::DamagedRow(damage)) if damage.position > position => {
+                    let applied = self.handle_damaged_row(position, &damage, stop).await?;
+                    (applied, damage.position, true)
+                }
+                Err(error) => return Err(error),
+            };
+            match applied {
                 Applied::Committed => {
                     stale = 0;
                     position = last;
                     self.publish(position);
-                    if batch.len() < self.batch_size {
+                    if !more {
                         self.caught_up().await?;
                         return Ok(Some(position));
                     }
@@ -629,68 +651,136 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
                 Err(error)
             }
             PoisonPolicy::SkipAndRecord => {
-                if self.views.checkpoint(&self.name).await? != from {
-                    return Ok(Applied::Stale);
-                }
                 let letter = DeadLetter::new(&self.name, V::TABLE_NAME, event, &error, failures);
-                // A sink on the view store's database records the letter with the checkpoint
-                // that skips the event, in one transaction: exactly once.
-                let skipped = self.dead_letters.record_and_skip(&letter, from).await?;
-                if skipped != DeadLetterSkip::Unsupported {
-                    let now = self.views.checkpoint(&self.name).await?;
-                    if skipped == DeadLetterSkip::Committed && now >= event.position {
-                        self.log_skipped(event, failures, &error, "exactly once");
-                        self.publish(event.position);
-                        return Ok(Applied::Committed);
-                    }
-                    if now != from {
-                        return Ok(Applied::Stale);
-                    }
-                    tracing::warn!(
-                        projection = %self.name,
-                        "the dead-letter sink does not keep this view store's checkpoints; \
-                         recording the dead letter before the checkpoint instead"
-                    );
-                }
-                // Recorded before the checkpoint moves: at least once, idempotent per
-                // (projection, position).
-                self.dead_letters.record(letter).await?;
-                self.log_skipped(event, failures, &error, "at least once");
-                let checkpoint = Checkpoint {
-                    name: self.name.clone(),
-                    position: event.position,
-                };
-                match self.views.commit(Vec::new(), Some(checkpoint)).await {
-                    Ok(()) => {
-                        self.publish(event.position);
-                        Ok(Applied::Committed)
-                    }
-                    Err(CQRSError::ViewConflict { .. }) => Ok(Applied::Stale),
-                    Err(error) => Err(error),
-                }
+                self.skip_and_record(from, letter).await
             }
         }
     }
 
-    /// Logs a poison event skipped under [`PoisonPolicy::SkipAndRecord`].
-    fn log_skipped(
+    /// Handles the row after checkpoint `from` that the store cannot read as an event
+    /// ([`CQRSError::DamagedRow`]): a poison event at its position. `Committed` means the
+    /// checkpoint is past it; `Stale` that the page is to be read again.
+    ///
+    /// A row of another aggregate type is passed over like any event of another type. Any
+    /// other row is read again per [`HandlerRetry`] (a repaired row is then read as the
+    /// event it is), then the policy applies: `Stop` ends with the damage as the error,
+    /// `SkipAndRecord` records a dead letter and moves the checkpoint past the position.
+    async fn handle_damaged_row(
         &self,
-        event: &PersistableDomainEvent,
-        attempts: u32,
-        error: &CQRSError,
-        recorded: &'static str,
-    ) {
+        from: i64,
+        damage: &DamagedRow,
+        stop: &mut Stop,
+    ) -> Result<Applied, CQRSError> {
+        if damage
+            .aggregate_type
+            .as_deref()
+            .is_some_and(|aggregate_type| aggregate_type != A::NAME)
+        {
+            return match self.commit_after(from, damage.position, Vec::new()).await {
+                Ok(applied) => Ok(applied),
+                Err(BatchError::Store(error) | BatchError::Poison { error, .. }) => Err(error),
+            };
+        }
+        let mut failures = 1;
+        while failures < self.retry.attempts {
+            let wait = self.retry.backoff(failures);
+            tracing::warn!(
+                projection = %self.name,
+                position = damage.position,
+                attempt = failures,
+                retry_in = ?wait,
+                error = %damage,
+                "damaged row in the event store; reading it again"
+            );
+            if stop.sleep(wait).await {
+                return Ok(Applied::Stopped);
+            }
+            match self.events.read_all(from, 1).await {
+                Err(CQRSError::DamagedRow(again)) if *again == *damage => {}
+                // Repaired, or changed: read the page again.
+                Ok(_) | Err(CQRSError::DamagedRow(_)) => return Ok(Applied::Stale),
+                Err(error) => return Err(error),
+            }
+            failures += 1;
+        }
+        match self.poison {
+            PoisonPolicy::Stop => {
+                tracing::error!(
+                    projection = %self.name,
+                    view = V::TABLE_NAME,
+                    position = damage.position,
+                    attempts = failures,
+                    error = %damage,
+                    "poison event (a damaged row): projection stops"
+                );
+                Err(CQRSError::from(damage.clone()))
+            }
+            PoisonPolicy::SkipAndRecord => {
+                let letter =
+                    DeadLetter::for_damaged_row(&self.name, V::TABLE_NAME, damage, failures);
+                self.skip_and_record(from, letter).await
+            }
+        }
+    }
+
+    /// Records `letter` (the poison event right after checkpoint `from`) and moves the
+    /// checkpoint past it, exactly once with a sink that keeps the view store's checkpoints,
+    /// at least once otherwise. `Stale` when another projector moved the checkpoint.
+    async fn skip_and_record(&self, from: i64, letter: DeadLetter) -> Result<Applied, CQRSError> {
+        if self.views.checkpoint(&self.name).await? != from {
+            return Ok(Applied::Stale);
+        }
+        let position = letter.position;
+        // A sink on the view store's database records the letter with the checkpoint that
+        // skips the event, in one transaction: exactly once.
+        let skipped = self.dead_letters.record_and_skip(&letter, from).await?;
+        if skipped != DeadLetterSkip::Unsupported {
+            let now = self.views.checkpoint(&self.name).await?;
+            if skipped == DeadLetterSkip::Committed && now >= position {
+                self.log_skipped(&letter, "exactly once");
+                self.publish(position);
+                return Ok(Applied::Committed);
+            }
+            if now != from {
+                return Ok(Applied::Stale);
+            }
+            tracing::warn!(
+                projection = %self.name,
+                "the dead-letter sink does not keep this view store's checkpoints; \
+                 recording the dead letter before the checkpoint instead"
+            );
+        }
+        // Recorded before the checkpoint moves: at least once, idempotent per
+        // (projection, position).
+        self.dead_letters.record(letter.clone()).await?;
+        self.log_skipped(&letter, "at least once");
+        let checkpoint = Checkpoint {
+            name: self.name.clone(),
+            position,
+        };
+        match self.views.commit(Vec::new(), Some(checkpoint)).await {
+            Ok(()) => {
+                self.publish(position);
+                Ok(Applied::Committed)
+            }
+            Err(CQRSError::ViewConflict { .. }) => Ok(Applied::Stale),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Logs a poison event skipped under [`PoisonPolicy::SkipAndRecord`].
+    fn log_skipped(&self, letter: &DeadLetter, recorded: &'static str) {
         tracing::error!(
             projection = %self.name,
             view = V::TABLE_NAME,
-            aggregate_type = %event.aggregate_type,
-            aggregate_id = %event.aggregate_id,
-            sequence = event.sequence,
-            position = event.position,
-            event_type = %event.event_type,
-            event_version = %event.event_version,
-            attempts,
-            %error,
+            aggregate_type = %letter.aggregate_type,
+            aggregate_id = %letter.aggregate_id,
+            sequence = letter.sequence,
+            position = letter.position,
+            event_type = %letter.event_type,
+            event_version = %letter.event_version,
+            attempts = letter.attempts,
+            error = %letter.error,
             recorded,
             "poison event skipped and recorded as a dead letter"
         );

@@ -8,11 +8,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::error::CQRSError;
+use crate::error::{CQRSError, DamagedRow};
 use crate::event::PersistableDomainEvent;
 
 /// What a projection does with a poison event: an event its view still refuses (or that does
-/// not decode) after the [`HandlerRetry`] attempts.
+/// not decode, or a row the store cannot read as an event, [`CQRSError::DamagedRow`]) after
+/// the [`HandlerRetry`] attempts.
 ///
 /// Chosen per projection with [`Projection::with_poison_policy`](crate::Projection::with_poison_policy).
 /// Neither policy skips silently: `Stop` fails, `SkipAndRecord` writes a [`DeadLetter`] and
@@ -135,6 +136,31 @@ impl DeadLetter {
             event_type: event.event_type.to_string(),
             event_version: event.event_version.to_string(),
             error: error.to_string(),
+            attempts,
+            recorded_at: Utc::now(),
+        }
+    }
+
+    /// The dead letter of a row the store could not turn into an event
+    /// ([`CQRSError::DamagedRow`]): what could be read of its identity, the nil UUID and
+    /// empty names where nothing could.
+    pub fn for_damaged_row(
+        projection: &str,
+        view: &str,
+        damage: &DamagedRow,
+        attempts: u32,
+    ) -> Self {
+        DeadLetter {
+            projection: projection.to_owned(),
+            view: view.to_owned(),
+            event_id: damage.event_id.unwrap_or_default(),
+            aggregate_type: damage.aggregate_type.clone().unwrap_or_default(),
+            aggregate_id: damage.aggregate_id.unwrap_or_default(),
+            sequence: damage.sequence.unwrap_or_default(),
+            position: damage.position,
+            event_type: damage.event_type.clone().unwrap_or_default(),
+            event_version: damage.event_version.clone().unwrap_or_default(),
+            error: damage.to_string(),
             attempts,
             recorded_at: Utc::now(),
         }

@@ -40,8 +40,8 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// the batch in flight finish (or not start): it never leaves a half-applied batch.
     ///
     /// # Errors
-    /// The poison event's error under `PoisonPolicy::Stop` ([`CQRSError::ViewHandler`] or
-    /// [`CQRSError::EventDecode`]), or a view row that no longer deserializes
+    /// The poison event's error under `PoisonPolicy::Stop` ([`CQRSError::ViewHandler`],
+    /// [`CQRSError::EventDecode`] or [`CQRSError::DamagedRow`]), or a view row that no longer deserializes
     /// ([`CQRSError::Deserialization`]: bump the view's `VERSION`).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), CQRSError> {
         let (stop, signal) = watch::channel(false);

@@ -99,11 +99,13 @@ impl MemoryEventRepository {
         self.len() == 0
     }
 
-    /// Stores an event exactly as given, bypassing every check, with the next position.
+    /// Test hook: stores an event exactly as given, bypassing every check, with the next
+    /// position.
     ///
     /// For tests that need a store holding what a buggy writer or a hand edit left behind (a
     /// malformed payload, an unknown event type, a hole in a history). Never use it in
     /// application code.
+    #[doc(hidden)]
     pub fn insert_unchecked(&self, mut event: PersistableDomainEvent) -> i64 {
         let mut inner = self.write();
         let index = inner.events.len();
@@ -122,11 +124,13 @@ impl MemoryEventRepository {
         index as i64 + 1
     }
 
-    /// Changes one stored event in place, bypassing every check; returns false if there is
-    /// no event at that aggregate and sequence.
+    /// Test hook: changes one stored event in place, bypassing every check; returns false if
+    /// there is no event at that aggregate and sequence.
     ///
-    /// For tests that simulate a corrupted row (a payload that no longer decodes, a renamed
-    /// event type). Never use it in application code.
+    /// For tests that simulate a corrupted row (a payload that no longer decodes, or one that
+    /// is not JSON at all with [`Payload::from_stored_unchecked`](crate::Payload::from_stored_unchecked);
+    /// a renamed event type). Never use it in application code.
+    #[doc(hidden)]
     pub fn update_unchecked(
         &self,
         aggregate_type: &str,
@@ -153,10 +157,12 @@ impl MemoryEventRepository {
         true
     }
 
-    /// Removes one event from its aggregate's history (it stays at its global position in
-    /// `read_all`), bypassing every check; returns false if there is no such event.
+    /// Test hook: removes one event from its aggregate's history (it stays at its global
+    /// position in `read_all`), bypassing every check; returns false if there is no such
+    /// event.
     ///
     /// For tests that simulate a hole in a history. Never use it in application code.
+    #[doc(hidden)]
     pub fn remove_from_history_unchecked(
         &self,
         aggregate_type: &str,

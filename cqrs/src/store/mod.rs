@@ -168,7 +168,25 @@ pub trait EventRepository: Send + Sync {
     /// Up to `limit` events of all aggregates with a position greater than `after_position`,
     /// in position order, gap-safe (see the trait's docs).
     ///
+    /// **A damaged row is one poison event, never a failed page.** Projections and relays
+    /// read the global stream through here, so one row written outside the framework must
+    /// not hide the rows around it:
+    ///
+    /// * a payload that is not JSON is returned as stored
+    ///   ([`Payload::from_stored_unchecked`](crate::Payload::from_stored_unchecked)); the
+    ///   event then fails to decode with [`DecodeError::MalformedPayload`](crate::DecodeError::MalformedPayload)
+    ///   where it is used (a poison event of the projections of its aggregate type);
+    /// * a row that cannot become an event at all (metadata that is not JSON, an id that is
+    ///   not a UUID, a bad timestamp or sequence) ends the page before it: the events before
+    ///   it are returned, and when it is the first row after `after_position` the result is
+    ///   [`CQRSError::DamagedRow`] carrying its position. A reader treats that position as a
+    ///   poison event and reads on with `read_all(position, ..)`.
+    ///
+    /// [`load_events`](EventRepository::load_events) stays strict: loading an aggregate with
+    /// a damaged row is an error.
+    ///
     /// # Errors
+    /// [`CQRSError::DamagedRow`] when the first row is damaged (above);
     /// [`CQRSError::PersistenceError`] when the back end fails.
     async fn read_all(
         &self,

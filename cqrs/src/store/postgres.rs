@@ -52,6 +52,7 @@ mod payload;
 mod schema;
 mod view;
 
+use self::copy::CopyPage;
 pub use self::dead_letters::PostgresDeadLetters;
 pub use self::schema::InvalidIdentifier;
 use self::schema::{validate_identifier, Statements, DEFAULT_SCHEMA};
@@ -388,11 +389,7 @@ impl PostgresEventRepository {
         })
     }
 
-    async fn fetch_after(
-        &self,
-        after_position: i64,
-        limit: i64,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+    async fn fetch_after(&self, after_position: i64, limit: i64) -> Result<CopyPage, CQRSError> {
         let sql = self.inner.sql.read_all_copy(after_position, limit);
         copy::read_page(
             &self.inner.pool,
@@ -400,6 +397,20 @@ impl PostgresEventRepository {
             usize::try_from(limit).unwrap_or(usize::MAX),
         )
         .await
+    }
+
+    /// The result of a `read_all` page: its events, or [`CQRSError::DamagedRow`] when a
+    /// damaged row is its first row (see [`EventRepository::read_all`]). Every position in
+    /// it is committed, the damaged row's too, which tells a reader whose page came back
+    /// short that more follows.
+    fn finish_page(&self, page: CopyPage) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        if let Some(last) = page_positions(&page).last() {
+            self.note_committed(last);
+        }
+        match page.damage {
+            Some(damage) if page.events.is_empty() => Err(CQRSError::from(damage)),
+            _ => Ok(page.events),
+        }
     }
 
     /// Waits until every transaction in progress now has ended, for at most the gap timeout.
@@ -625,6 +636,11 @@ async fn listener(
 /// before it is pinged when taken from the pool.
 pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
+/// SQLSTATEs of an append refused for what the events hold, which no retry gets past:
+/// `untranslatable_character` (a `\u0000` in `jsonb`), `character_not_in_repertoire` (a NUL
+/// in `text`), and `invalid_text_representation` (a payload that is not JSON).
+const UNSTORABLE: [&str; 3] = ["22P05", "22021", "22P02"];
+
 /// The identity of an event, as sent in an append or found stored.
 struct StoredIdentity {
     event_id: Uuid,
@@ -672,19 +688,36 @@ fn decode_event(row: &PgRow, names: &mut RowNames) -> Result<PersistableDomainEv
     })
 }
 
-/// The index of the first row that follows a hole which is not known to be final, if any.
+/// The positions of a page's rows: its events, then the damaged row that ended it.
+fn page_positions(page: &CopyPage) -> impl Iterator<Item = i64> + '_ {
+    page.events
+        .iter()
+        .map(|event| event.position)
+        .chain(page.damage.as_ref().map(|damage| damage.position))
+}
+
+/// The index (in [`page_positions`]) of the first row that follows a hole which is not
+/// known to be final, if any.
 ///
 /// The positions `after + 1 ..` should follow one another; a missing one at or below
 /// `settled` is a position that will never be stored (its transaction rolled back).
-fn first_open_hole(after: i64, events: &[PersistableDomainEvent], settled: i64) -> Option<usize> {
+fn first_open_hole(after: i64, page: &CopyPage, settled: i64) -> Option<usize> {
     let mut expected = after + 1;
-    for (i, event) in events.iter().enumerate() {
-        if event.position != expected && event.position - 1 > settled {
+    for (i, position) in page_positions(page).enumerate() {
+        if position != expected && position - 1 > settled {
             return Some(i);
         }
-        expected = event.position + 1;
+        expected = position + 1;
     }
     None
+}
+
+/// The rows of `page` before index `hole` (of [`page_positions`]): the damaged row, last
+/// of the positions, is always after it.
+fn truncated(mut page: CopyPage, hole: usize) -> CopyPage {
+    page.events.truncate(hole);
+    page.damage = None;
+    page
 }
 
 #[async_trait]
@@ -754,6 +787,23 @@ impl EventRepository for PostgresEventRepository {
                     })
                     .collect();
                 return self.explain_unique_violation(&identities, expected).await;
+            }
+            Err(sqlx::Error::Database(db))
+                if db
+                    .code()
+                    .as_deref()
+                    .is_some_and(|code| UNSTORABLE.contains(&code)) =>
+            {
+                return Err(CQRSError::Unstorable {
+                    aggregate_type: aggregate_type.to_string(),
+                    aggregate_id,
+                    first_sequence: expected + 1,
+                    reason: format!(
+                        "PostgreSQL refused the data (SQLSTATE {}): {}",
+                        db.code().unwrap_or_default(),
+                        db.message()
+                    ),
+                });
             }
             Err(other) => return Err(CQRSError::persistence(other)),
         };
@@ -830,31 +880,24 @@ impl EventRepository for PostgresEventRepository {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut events = self.fetch_after(after_position, limit).await?;
+        let page = self.fetch_after(after_position, limit).await?;
         let settled = self.inner.settled.load(Ordering::Acquire);
-        let Some(hole) = first_open_hole(after_position, &events, settled) else {
-            if let Some(last) = events.last() {
-                self.note_committed(last.position);
-            }
-            return Ok(events);
+        let Some(hole) = first_open_hole(after_position, &page, settled) else {
+            return self.finish_page(page);
         };
         // A hole below a visible position: its transaction got its id before this read.
-        let highest_seen = events.last().map_or(after_position, |e| e.position);
+        let highest_seen = page_positions(&page).last().unwrap_or(after_position);
         if !self.wait_for_in_flight().await? {
-            events.truncate(hole);
-            return Ok(events);
+            return self.finish_page(truncated(page, hole));
         }
         // Every transaction that drew a position below `highest_seen` has ended.
         self.inner.settled.fetch_max(highest_seen, Ordering::AcqRel);
         let settled = self.inner.settled.load(Ordering::Acquire);
-        let mut events = self.fetch_after(after_position, limit).await?;
-        if let Some(hole) = first_open_hole(after_position, &events, settled) {
-            events.truncate(hole);
+        let mut page = self.fetch_after(after_position, limit).await?;
+        if let Some(hole) = first_open_hole(after_position, &page, settled) {
+            page = truncated(page, hole);
         }
-        if let Some(last) = events.last() {
-            self.note_committed(last.position);
-        }
-        Ok(events)
+        self.finish_page(page)
     }
 
     /// A receiver of the highest position known to be committed: by this handle's own

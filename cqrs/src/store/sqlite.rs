@@ -467,6 +467,26 @@ impl SqliteEventRepository {
     }
 }
 
+impl SqliteEventRepository {
+    /// The result of a `read_all` page. A page that ended before a damaged row tells the
+    /// position watch that that position is committed, so a reader whose page came back
+    /// short reads on (the row may have been written by another process, which the watch
+    /// would not otherwise know of).
+    fn finish_page(&self, page: rows::Page) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let (events, damaged_at) = page.finish();
+        if let Some(position) = damaged_at {
+            self.inner.position.send_if_modified(|current| {
+                let newer = position > *current;
+                if newer {
+                    *current = position;
+                }
+                newer
+            });
+        }
+        events
+    }
+}
+
 fn writer_stopped() -> CQRSError {
     CQRSError::persistence(
         "the SQLite writer task has stopped (its Tokio runtime shut down); reopen the store",
@@ -550,7 +570,8 @@ impl EventRepository for SqliteEventRepository {
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         if let Some(reader) = &self.inner.reader {
-            return reader.read_all(after_position, limit).await;
+            let page = reader.read_all(after_position, limit).await?;
+            return self.finish_page(page);
         }
         let page: Result<Option<String>, _> = sqlx::query_scalar(rows::PAGE_SQL)
             .bind(after_position)
@@ -564,8 +585,9 @@ impl EventRepository for SqliteEventRepository {
         {
             return Ok(events);
         }
-        // A row the fast path could not take (or a failed query): read row by row, which
-        // names the bad row or reports the database error.
+        // A row the fast path could not take (a payload that is not JSON, a damaged row)
+        // or a failed query: read row by row, which keeps a payload as stored, ends the
+        // page before a damaged row, or reports the database error.
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ? ORDER BY position LIMIT ?"
         );
@@ -575,7 +597,7 @@ impl EventRepository for SqliteEventRepository {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(CQRSError::persistence)?;
-        decode_events(&rows)
+        self.finish_page(rows::decode_page_rows(&rows))
     }
 
     fn subscribe(&self) -> Option<watch::Receiver<i64>> {

@@ -16,7 +16,7 @@ use futures_util::stream::TryStreamExt;
 use sqlx::postgres::{PgPool, PgPoolCopyExt};
 use uuid::Uuid;
 
-use crate::error::CQRSError;
+use crate::error::{CQRSError, DamagedRow};
 use crate::event::{PersistableDomainEvent, RowNames};
 use crate::payload::Payload;
 
@@ -26,31 +26,37 @@ const COLUMNS: i16 = 10;
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
+/// A page of `read_all` read with `COPY`: the events up to the first row that cannot be
+/// decoded, and that row's damage.
+pub(super) struct CopyPage {
+    /// The events before the damaged row (all of them when there is none).
+    pub(super) events: Vec<PersistableDomainEvent>,
+    /// The first row that could not be decoded, if any.
+    pub(super) damage: Option<DamagedRow>,
+}
+
 /// Runs `sql` (a [`Statements::read_all_copy`](super::schema::Statements::read_all_copy))
-/// and decodes its rows.
+/// and decodes its rows up to the first one that cannot be decoded.
 pub(super) async fn read_page(
     pool: &PgPool,
     sql: &str,
     expected: usize,
-) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+) -> Result<CopyPage, CQRSError> {
     let mut chunks = pool
         .copy_out_raw(sql)
         .await
         .map_err(CQRSError::persistence)?;
-    let mut parser = Parser {
-        buffer: Vec::new(),
-        header_read: false,
-        finished: false,
-        events: Vec::with_capacity(expected.min(4096)),
-        names: RowNames::default(),
-    };
+    let mut parser = Parser::new(expected);
     while let Some(chunk) = chunks.try_next().await.map_err(CQRSError::persistence)? {
         parser.feed(&chunk)?;
     }
     if !parser.finished || !parser.buffer.is_empty() {
         return Err(bad_data("the data ended before its trailer"));
     }
-    Ok(parser.events)
+    Ok(CopyPage {
+        events: parser.events,
+        damage: parser.damage,
+    })
 }
 
 fn bad_data(problem: impl std::fmt::Display) -> CQRSError {
@@ -64,9 +70,22 @@ struct Parser {
     finished: bool,
     events: Vec<PersistableDomainEvent>,
     names: RowNames,
+    /// The first row that did not decode; the rows after it are read but not decoded.
+    damage: Option<DamagedRow>,
 }
 
 impl Parser {
+    fn new(expected: usize) -> Self {
+        Parser {
+            buffer: Vec::new(),
+            header_read: false,
+            finished: false,
+            events: Vec::with_capacity(expected.min(4096)),
+            names: RowNames::default(),
+            damage: None,
+        }
+    }
+
     fn feed(&mut self, chunk: &[u8]) -> Result<(), CQRSError> {
         if self.buffer.is_empty() {
             let used = self.parse(chunk)?;
@@ -121,9 +140,15 @@ impl Parser {
                     "a row of {fields} columns, not {COLUMNS}"
                 )));
             }
-            match decode_row(&mut reader, &mut self.names)? {
-                Some(event) => self.events.push(event),
-                None => return Ok(start),
+            let Some(row) = row_fields(&mut reader)? else {
+                return Ok(start);
+            };
+            if self.damage.is_some() {
+                continue;
+            }
+            match decode_row(&row, &mut self.names)? {
+                Ok(event) => self.events.push(event),
+                Err(damage) => self.damage = Some(damage),
             }
         }
     }
@@ -148,37 +173,29 @@ impl<'a> Reader<'a> {
     fn i32(&mut self) -> Option<i32> {
         Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
     }
+}
 
-    /// One field: `Ok(None)` when the data ends inside it, an error for a NULL.
-    fn field(&mut self) -> Result<Option<&'a [u8]>, &'static str> {
-        let Some(length) = self.i32() else {
+/// The fields of one row (`None` for a NULL), or `Ok(None)` when the data ends inside it.
+fn row_fields<'a>(reader: &mut Reader<'a>) -> Result<Option<Row<'a>>, CQRSError> {
+    let mut row: Row<'a> = [None; COLUMNS as usize];
+    for field in &mut row {
+        let Some(length) = reader.i32() else {
             return Ok(None);
         };
-        let length = usize::try_from(length).map_err(|_| "a NULL column")?;
-        Ok(self.take(length))
-    }
-}
-
-/// Reads the next field of a row, returning `Ok(None)` from the caller when the row is not
-/// complete yet.
-macro_rules! field {
-    ($reader:expr, $position:expr, $name:literal) => {
-        match $reader.field() {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Ok(None),
-            Err(problem) => {
-                return Err(corrupt($position, format_args!("{}: {problem}", $name)));
-            }
+        if length == -1 {
+            continue;
         }
-    };
+        let length = usize::try_from(length).map_err(|_| bad_data("a negative field length"))?;
+        let Some(bytes) = reader.take(length) else {
+            return Ok(None);
+        };
+        *field = Some(bytes);
+    }
+    Ok(Some(row))
 }
 
-fn corrupt(position: Option<i64>, problem: impl std::fmt::Display) -> CQRSError {
-    match position {
-        Some(position) => bad_data(format_args!("the row at position {position}: {problem}")),
-        None => bad_data(problem),
-    }
-}
+/// The fields of a row in `EVENT_COLUMNS` order, `None` for a NULL.
+type Row<'a> = [Option<&'a [u8]>; COLUMNS as usize];
 
 fn int8(bytes: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(bytes.try_into().ok()?))
@@ -195,36 +212,67 @@ fn jsonb(bytes: &[u8]) -> Option<&str> {
     }
 }
 
-/// One row, in `EVENT_COLUMNS` order; `Ok(None)` when the data ends inside it.
+/// One row, in `EVENT_COLUMNS` order: the event, or the damage of a row that does not
+/// decode (what could be read of it, naming the first field that could not). A row
+/// without a readable position is an error of the whole read: it cannot be located.
 fn decode_row(
-    reader: &mut Reader<'_>,
+    row: &Row<'_>,
     names: &mut RowNames,
-) -> Result<Option<PersistableDomainEvent>, CQRSError> {
-    let position = int8(field!(reader, None, "position"))
-        .ok_or_else(|| corrupt(None, "position is not an int8"))?;
-    let at = Some(position);
-    let bad = |what: &str| corrupt(at, format_args!("{what} does not decode"));
-    let event_id = Uuid::from_slice(field!(reader, at, "event_id")).map_err(|_| bad("event_id"))?;
-    let aggregate_type =
-        text(field!(reader, at, "aggregate_type")).ok_or_else(|| bad("aggregate_type"))?;
-    let aggregate_id =
-        Uuid::from_slice(field!(reader, at, "aggregate_id")).map_err(|_| bad("aggregate_id"))?;
-    let sequence = int8(field!(reader, at, "sequence")).ok_or_else(|| bad("sequence"))?;
-    let event_type = text(field!(reader, at, "event_type")).ok_or_else(|| bad("event_type"))?;
-    let event_version =
-        text(field!(reader, at, "event_version")).ok_or_else(|| bad("event_version"))?;
-    let payload = jsonb(field!(reader, at, "payload")).ok_or_else(|| bad("payload"))?;
-    let metadata = jsonb(field!(reader, at, "metadata")).ok_or_else(|| bad("metadata"))?;
-    let timestamp = int8(field!(reader, at, "timestamp"))
+) -> Result<Result<PersistableDomainEvent, DamagedRow>, CQRSError> {
+    let position = row[0]
+        .and_then(int8)
+        .ok_or_else(|| bad_data("a row whose position is not an int8"))?;
+    let uuid = |index: usize| row[index].and_then(|bytes| Uuid::from_slice(bytes).ok());
+    let string = |index: usize| row[index].and_then(text);
+    let damage = |what: &str| DamagedRow {
+        position,
+        event_id: uuid(1),
+        aggregate_type: string(2).map(str::to_owned),
+        aggregate_id: uuid(3),
+        sequence: row[4].and_then(int8),
+        event_type: string(5).map(str::to_owned),
+        event_version: string(6).map(str::to_owned),
+        problem: format!("{what} does not decode"),
+    };
+    let (Some(event_id), Some(aggregate_type), Some(aggregate_id), Some(sequence)) =
+        (uuid(1), string(2), uuid(3), row[4].and_then(int8))
+    else {
+        let what = match (uuid(1), string(2), uuid(3)) {
+            (None, _, _) => "event_id",
+            (_, None, _) => "aggregate_type",
+            (_, _, None) => "aggregate_id",
+            _ => "sequence",
+        };
+        return Ok(Err(damage(what)));
+    };
+    let (Some(event_type), Some(event_version)) = (string(5), string(6)) else {
+        let what = if string(5).is_none() {
+            "event_type"
+        } else {
+            "event_version"
+        };
+        return Ok(Err(damage(what)));
+    };
+    let Some(payload) = row[7].and_then(jsonb) else {
+        return Ok(Err(damage("payload")));
+    };
+    let metadata = match row[8].and_then(jsonb) {
+        Some("null") => serde_json::Value::Null,
+        Some(other) => match serde_json::from_str(other) {
+            Ok(metadata) => metadata,
+            Err(_) => return Ok(Err(damage("metadata"))),
+        },
+        None => return Ok(Err(damage("metadata"))),
+    };
+    let Some(timestamp) = row[9]
+        .and_then(int8)
         .and_then(|micros| micros.checked_add(PG_EPOCH_MICROS))
         .and_then(chrono::DateTime::from_timestamp_micros)
-        .ok_or_else(|| bad("timestamp"))?;
-    let metadata = match metadata {
-        "null" => serde_json::Value::Null,
-        other => serde_json::from_str(other).map_err(|_| bad("metadata"))?,
+    else {
+        return Ok(Err(damage("timestamp")));
     };
     let (aggregate_type, aggregate_type_id) = names.aggregate(aggregate_type, aggregate_id);
-    Ok(Some(PersistableDomainEvent {
+    Ok(Ok(PersistableDomainEvent {
         event_id,
         aggregate_type_id,
         aggregate_id,
@@ -275,18 +323,19 @@ mod tests {
         data: &[u8],
         chunk: usize,
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        let mut parser = Parser {
-            buffer: Vec::new(),
-            header_read: false,
-            finished: false,
-            events: Vec::new(),
-            names: RowNames::default(),
-        };
+        Ok(parse_page(data, chunk)?.events)
+    }
+
+    fn parse_page(data: &[u8], chunk: usize) -> Result<CopyPage, CQRSError> {
+        let mut parser = Parser::new(0);
         for piece in data.chunks(chunk) {
             parser.feed(piece)?;
         }
         assert!(parser.finished && parser.buffer.is_empty());
-        Ok(parser.events)
+        Ok(CopyPage {
+            events: parser.events,
+            damage: parser.damage,
+        })
     }
 
     #[test]
@@ -315,16 +364,26 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_row_is_a_typed_error_naming_its_position() {
-        let mut data = copy_data(2);
+    fn a_bad_row_ends_the_page_and_is_named_by_its_position() {
+        let mut data = copy_data(3);
         // The second row's payload loses its jsonb version byte.
-        let at = data.windows(3).rposition(|w| w == b"\x01{\"").unwrap();
+        let at = data.windows(3).position(|w| w == b"\x01{\"").unwrap();
+        let at = at
+            + 1
+            + data[at + 1..]
+                .windows(3)
+                .position(|w| w == b"\x01{\"")
+                .unwrap();
         data[at] = 9;
-        let error = parse_in_chunks(&data, data.len()).unwrap_err().to_string();
-        assert!(
-            error.contains("position 2") && error.contains("payload"),
-            "{error}"
-        );
+        for chunk in [1, 7, data.len()] {
+            let page = parse_page(&data, chunk).unwrap();
+            assert_eq!(page.events.len(), 1, "the row before the damaged one");
+            let damage = page.damage.unwrap();
+            assert_eq!(damage.position, 2);
+            assert_eq!(damage.sequence, Some(2));
+            assert_eq!(damage.event_id, Some(Uuid::from_u128(2)));
+            assert!(damage.problem.contains("payload"), "{damage}");
+        }
         assert!(parse_in_chunks(b"not copy data at all", 64).is_err());
     }
 }

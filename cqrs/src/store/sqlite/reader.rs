@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use crate::error::CQRSError;
 use crate::event::{PersistableDomainEvent, RowNames};
 
-use super::rows::{decode_event, EventRow, EVENT_COLUMNS};
+use super::rows::{decode_event, EventRow, Page, Payloads, EVENT_COLUMNS};
 
 /// Read-only connections to the store's file, at most `connections` in use at once.
 pub(super) struct EventReader {
@@ -122,17 +122,23 @@ impl EventReader {
             let rows = statement
                 .query((aggregate_type, aggregate_id, after_sequence))
                 .map_err(CQRSError::persistence)?;
-            decode_rows(rows, 0)
+            let mut events = Vec::new();
+            let mut names = RowNames::default();
+            let mut rows = rows;
+            while let Some(row) = rows.next().map_err(CQRSError::persistence)? {
+                events.push(decode_event(&Columns(row), &mut names, Payloads::Checked)?);
+            }
+            Ok(events)
         })
         .await
     }
 
-    /// `EventRepository::read_all`.
+    /// `EventRepository::read_all`, as a [`Page`].
     pub(super) async fn read_all(
         self: &Arc<Self>,
         after_position: i64,
         limit: i64,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+    ) -> Result<Page, CQRSError> {
         self.run(move |connection| {
             let mut statement = connection
                 .prepare_cached(&format!(
@@ -143,22 +149,17 @@ impl EventReader {
             let rows = statement
                 .query((after_position, limit))
                 .map_err(CQRSError::persistence)?;
-            decode_rows(rows, usize::try_from(limit).unwrap_or(0).min(4096))
+            let mut page = Page::with_capacity(usize::try_from(limit).unwrap_or(0).min(4096));
+            let mut rows = rows;
+            while let Some(row) = rows.next().map_err(CQRSError::persistence)? {
+                if !page.push(&Columns(row)) {
+                    break;
+                }
+            }
+            Ok(page)
         })
         .await
     }
-}
-
-fn decode_rows(
-    mut rows: rusqlite::Rows<'_>,
-    capacity: usize,
-) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-    let mut events = Vec::with_capacity(capacity);
-    let mut names = RowNames::default();
-    while let Some(row) = rows.next().map_err(CQRSError::persistence)? {
-        events.push(decode_event(&Columns(row), &mut names)?);
-    }
-    Ok(events)
 }
 
 /// A rusqlite row as an [`EventRow`].

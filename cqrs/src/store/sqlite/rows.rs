@@ -8,7 +8,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::error::{CQRSError, DecodeError, EventDecodeError};
+use crate::error::{CQRSError, DamagedRow, DecodeError, EventDecodeError};
 use crate::event::{PersistableDomainEvent, RowNames};
 use crate::payload::Payload;
 use smol_str::SmolStr;
@@ -85,14 +85,25 @@ fn corrupt_at(position: i64) -> impl Fn(String) -> CQRSError {
     move |error| corrupt("cqrs_events", format_args!("at position {position}"), error)
 }
 
+/// What a reader does with a payload that is not JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Payloads {
+    /// Refuse it with an [`EventDecodeError`] (`load_events`: loading an aggregate fails).
+    Checked,
+    /// Keep the text as stored ([`Payload::from_stored_unchecked`]): the event fails to
+    /// decode where it is used, a poison event of one projection (`read_all`).
+    AsStored,
+}
+
 /// Decodes one row selected with [`EVENT_COLUMNS`].
 ///
-/// A payload or metadata that is not JSON, a bad event id or timestamp: an
-/// [`EventDecodeError`] naming the aggregate and sequence. A row whose aggregate id or
-/// sequence cannot be read: a [`CorruptRow`] naming its position.
+/// A payload (with [`Payloads::Checked`]) or metadata that is not JSON, a bad event id or
+/// timestamp: an [`EventDecodeError`] naming the aggregate and sequence. A row whose
+/// aggregate id or sequence cannot be read: a [`CorruptRow`] naming its position.
 pub(super) fn decode_event(
     row: &impl EventRow,
     names: &mut RowNames,
+    payloads: Payloads,
 ) -> Result<PersistableDomainEvent, CQRSError> {
     let position: i64 = row
         .integer(0)
@@ -125,7 +136,11 @@ pub(super) fn decode_event(
     let raw_event_id = row.text(1).map_err(&at)?;
     let event_id = Uuid::parse_str(raw_event_id)
         .map_err(|error| invalid(format!("event_id {raw_event_id:?} is not a UUID: {error}")))?;
-    let payload = Payload::from_json(row.text(7).map_err(&at)?).map_err(&malformed)?;
+    let payload = row.text(7).map_err(&at)?;
+    let payload = match payloads {
+        Payloads::Checked => Payload::from_json(payload).map_err(&malformed)?,
+        Payloads::AsStored => Payload::from_stored_unchecked(payload),
+    };
     let metadata: Value = serde_json::from_str(row.text(8).map_err(&at)?)
         .map_err(|error| invalid(format!("metadata is not JSON: {error}")))?;
     let micros = row.integer(9).map_err(&at)?;
@@ -152,15 +167,105 @@ pub(super) fn decode_event(
 pub(super) fn decode_events(rows: &[SqliteRow]) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
     let mut names = RowNames::default();
     rows.iter()
-        .map(|row| decode_event(row, &mut names))
+        .map(|row| decode_event(row, &mut names, Payloads::Checked))
         .collect()
+}
+
+/// Decodes a page of `read_all` from the sqlx pool with [`Page`].
+pub(super) fn decode_page_rows(rows: &[SqliteRow]) -> Page {
+    let mut page = Page::with_capacity(rows.len());
+    for row in rows {
+        if !page.push(row) {
+            break;
+        }
+    }
+    page
+}
+
+/// A page of `read_all` being decoded: the events up to the first damaged row.
+///
+/// A payload that is not JSON is kept as stored ([`Payloads::AsStored`]). A row that cannot
+/// become an event at all ends the page before it; when it is the first row, the page is
+/// [`CQRSError::DamagedRow`] naming its position instead, so a reader learns where it is and
+/// treats it as one poison event, and the rows after it stay readable.
+pub(super) struct Page {
+    events: Vec<PersistableDomainEvent>,
+    names: RowNames,
+    damage: Option<CQRSError>,
+    damaged_at: Option<i64>,
+}
+
+impl Page {
+    pub(super) fn with_capacity(capacity: usize) -> Self {
+        Page {
+            events: Vec::with_capacity(capacity),
+            names: RowNames::default(),
+            damage: None,
+            damaged_at: None,
+        }
+    }
+
+    /// Decodes `row`; false when the page ends before it.
+    pub(super) fn push(&mut self, row: &impl EventRow) -> bool {
+        match decode_event(row, &mut self.names, Payloads::AsStored) {
+            Ok(event) => {
+                self.events.push(event);
+                true
+            }
+            Err(error) => {
+                self.damaged_at = row.integer(0).ok();
+                if self.events.is_empty() {
+                    self.damage = Some(damaged_row(row, error));
+                }
+                false
+            }
+        }
+    }
+
+    /// The events, or the damage of a page whose first row is damaged; and the position of
+    /// the damaged row that ended the page, if one did (a committed position past the
+    /// events, which tells a reader that more follows).
+    pub(super) fn finish(self) -> (Result<Vec<PersistableDomainEvent>, CQRSError>, Option<i64>) {
+        let events = match self.damage {
+            Some(damage) => Err(damage),
+            None => Ok(self.events),
+        };
+        (events, self.damaged_at)
+    }
+}
+
+/// [`CQRSError::DamagedRow`] for a row that [`decode_event`] refused with `error`, with what
+/// can be read of its identity; `error` itself when not even its position can be read.
+fn damaged_row(row: &impl EventRow, error: CQRSError) -> CQRSError {
+    let Ok(position) = row.integer(0) else {
+        return error;
+    };
+    let problem = match &error {
+        CQRSError::EventDecode(decode) => decode.kind.to_string(),
+        CQRSError::PersistenceError(source) => source
+            .downcast_ref::<CorruptRow>()
+            .map_or_else(|| source.to_string(), |corrupt| corrupt.problem.clone()),
+        other => other.to_string(),
+    };
+    let text = |index| row.text(index).ok().map(str::to_owned);
+    let uuid = |index| row.text(index).ok().and_then(|t| Uuid::parse_str(t).ok());
+    CQRSError::from(DamagedRow {
+        position,
+        event_id: uuid(1),
+        aggregate_type: text(2),
+        aggregate_id: uuid(3),
+        sequence: row.integer(4).ok(),
+        event_type: text(5),
+        event_version: text(6),
+        problem,
+    })
 }
 
 /// `read_all`'s fast path on the sqlx pool (stores made by `from_pool`; the others read with
 /// `reader.rs`): one page of events as a single JSON text built by SQLite, so
 /// that sqlx moves one value instead of ten per event (about twice the catch-up rate).
 /// `json(payload)` fails the whole query on a payload that is not JSON; the caller then
-/// reads the page row by row to name the bad row.
+/// reads the page row by row ([`Page`]), which keeps such a payload as stored.
 pub(super) const PAGE_SQL: &str = "SELECT json_group_array(json_array(position, event_id, \
      aggregate_type, aggregate_id, sequence, event_type, event_version, json(payload), \
      json(metadata), timestamp)) \
