@@ -318,6 +318,21 @@ impl PartialEq for CQRSError {
                 },
             ) => a_view == b_view && a_id == b_id && a_version == b_version,
             (E::ViewHandler(a), E::ViewHandler(b)) => a == b,
+            (
+                E::Unstorable {
+                    aggregate_type: a_type,
+                    aggregate_id: a_id,
+                    first_sequence: a_seq,
+                    reason: a_reason,
+                },
+                E::Unstorable {
+                    aggregate_type: b_type,
+                    aggregate_id: b_id,
+                    first_sequence: b_seq,
+                    reason: b_reason,
+                },
+            ) => a_type == b_type && a_id == b_id && a_seq == b_seq && a_reason == b_reason,
+            (E::DamagedRow(a), E::DamagedRow(b)) => a == b,
             (E::PersistenceError(a), E::PersistenceError(b)) => a.to_string() == b.to_string(),
             (E::Timeout(a), E::Timeout(b)) => a == b,
             (E::ProjectionStopped(a), E::ProjectionStopped(b)) => a.to_string() == b.to_string(),
@@ -332,6 +347,8 @@ impl PartialEq for CQRSError {
                 | E::InvalidAppend(_)
                 | E::ViewConflict { .. }
                 | E::ViewHandler(_)
+                | E::Unstorable { .. }
+                | E::DamagedRow(_)
                 | E::PersistenceError(_)
                 | E::Timeout(_)
                 | E::ProjectionStopped(_),

@@ -16,7 +16,9 @@ pub mod store;
 pub mod view;
 
 pub use crate::aggregate::Aggregate;
-pub use crate::error::{BoxError, CQRSError, DecodeError, EventDecodeError, ViewHandlerError};
+pub use crate::error::{
+    BoxError, CQRSError, DamagedRow, DecodeError, EventDecodeError, ViewHandlerError,
+};
 pub use crate::event::{
     DomainEvent, EventEnvelope, EventType, PersistableDomainEvent, UpcastEvent, Upcasted,
 };
