@@ -5,7 +5,7 @@
 //! dropped at the end, so the tests run in parallel and twice in a row.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs::store::postgres::sqlx::postgres::{PgConnection, PgPoolOptions};
@@ -14,11 +14,10 @@ use cqrs::store::postgres::InvalidIdentifier;
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, Checkpoint, DecodeError, DomainEvent, EventEnvelope,
     EventRepository, PersistableDomainEvent, PostgresEventRepository, PostgresViewRepository,
-    Projection, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotRepository, View, ViewContext,
-    ViewRepository,
+    Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository, View, ViewContext, ViewRepository,
 };
 use cqrs_testkit::conformance::{
-    check_event_repository, check_snapshot_repository, SnapshotHarness, StoreHarness,
+    check_event_repository, check_snapshot_repository, PostgresHarness, StoreHarness,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -84,150 +83,14 @@ impl Fixture {
 // ---------------------------------------------------------------------------------------
 // The testkit's conformance suite.
 
-struct PgHarness {
-    url: String,
-    stores: Mutex<Vec<PostgresEventRepository>>,
-}
-
-impl PgHarness {
-    async fn cleanup(&self) {
-        let stores: Vec<_> = std::mem::take(&mut *self.stores.lock().unwrap());
-        for store in stores {
-            let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", store.schema());
-            let _ = store.pool().execute(sql.as_str()).await;
-            store.pool().close().await;
-        }
-    }
-}
-
-impl StoreHarness for PgHarness {
-    type Store = PostgresEventRepository;
-
-    async fn fresh(&self) -> PostgresEventRepository {
-        let store = Fixture::with_url(self.url.clone(), 8).await.store;
-        self.stores.lock().unwrap().push(store.clone());
-        store
-    }
-
-    async fn corrupt_payload(
-        &self,
-        store: &PostgresEventRepository,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        sequence: i64,
-        raw: &str,
-    ) {
-        // jsonb cannot hold invalid JSON: store such text as a JSON string, which no event
-        // decodes from either.
-        let value: Value =
-            serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
-        let sql = format!(
-            "UPDATE \"{}\".cqrs_events SET payload = $1 \
-             WHERE aggregate_type = $2 AND aggregate_id = $3 AND sequence = $4",
-            store.schema()
-        );
-        let done = sqlx::query(&sql)
-            .bind(&value)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .bind(sequence)
-            .execute(store.pool())
-            .await
-            .unwrap();
-        assert_eq!(done.rows_affected(), 1, "no row to corrupt");
-    }
-
-    async fn set_event_type(
-        &self,
-        store: &PostgresEventRepository,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        sequence: i64,
-        event_type: &str,
-    ) {
-        let sql = format!(
-            "UPDATE \"{}\".cqrs_events SET event_type = $1 \
-             WHERE aggregate_type = $2 AND aggregate_id = $3 AND sequence = $4",
-            store.schema()
-        );
-        let done = sqlx::query(&sql)
-            .bind(event_type)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .bind(sequence)
-            .execute(store.pool())
-            .await
-            .unwrap();
-        assert_eq!(done.rows_affected(), 1, "no row to change");
-    }
-
-    async fn delete_event(
-        &self,
-        store: &PostgresEventRepository,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        sequence: i64,
-    ) {
-        let sql = format!(
-            "DELETE FROM \"{}\".cqrs_events \
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-            store.schema()
-        );
-        let done = sqlx::query(&sql)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .bind(sequence)
-            .execute(store.pool())
-            .await
-            .unwrap();
-        assert_eq!(done.rows_affected(), 1, "no row to delete");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_suite() {
     let Some(url) = url("conformance_suite") else {
         return;
     };
-    let harness = PgHarness {
-        url,
-        stores: Mutex::new(Vec::new()),
-    };
+    let harness = PostgresHarness::new(url);
     check_event_repository(&harness).await;
     harness.cleanup().await;
-}
-
-/// The same store is its own snapshot store; a row is put behind its back with an upsert
-/// that ignores the sequence.
-impl SnapshotHarness for PgHarness {
-    type Events = PostgresEventRepository;
-    type Snapshots = PostgresEventRepository;
-
-    async fn fresh(&self) -> (PostgresEventRepository, PostgresEventRepository) {
-        let store = StoreHarness::fresh(self).await;
-        (store.clone(), store)
-    }
-
-    async fn put_snapshot_unchecked(&self, store: &PostgresEventRepository, snapshot: Snapshot) {
-        let sql = format!(
-            "INSERT INTO \"{}\".cqrs_snapshots \
-                 (aggregate_type, aggregate_id, sequence, state, \"timestamp\") \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-             SET sequence = EXCLUDED.sequence, state = EXCLUDED.state, \
-                 \"timestamp\" = EXCLUDED.\"timestamp\"",
-            store.schema()
-        );
-        sqlx::query(&sql)
-            .bind(&snapshot.aggregate_type)
-            .bind(snapshot.aggregate_id)
-            .bind(snapshot.sequence)
-            .bind(&snapshot.state)
-            .bind(snapshot.timestamp)
-            .execute(store.pool())
-            .await
-            .unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -235,10 +98,7 @@ async fn snapshot_conformance_suite() {
     let Some(url) = url("snapshot_conformance_suite") else {
         return;
     };
-    let harness = PgHarness {
-        url,
-        stores: Mutex::new(Vec::new()),
-    };
+    let harness = PostgresHarness::new(url);
     check_snapshot_repository(&harness).await;
     harness.cleanup().await;
 }
@@ -593,10 +453,7 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
         return;
     };
     let framework = CQRSFramework::<Counter>::new(fx.store.clone());
-    let harness = PgHarness {
-        url: fx.url.clone(),
-        stores: Mutex::new(Vec::new()),
-    };
+    let harness = PostgresHarness::new(fx.url.clone());
 
     let bad_json = Uuid::new_v4();
     let unknown = Uuid::new_v4();

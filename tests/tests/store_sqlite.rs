@@ -7,19 +7,17 @@
 //! the others run with the default, `Durability::Full`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs::store::sqlite::sqlx;
 use cqrs::store::sqlite::{Durability, InvalidTableName, SqliteOptions};
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, Checkpoint, DomainEvent, EventEnvelope, EventRepository,
-    PersistableDomainEvent, Projection, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotRepository,
+    PersistableDomainEvent, Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository,
     SqliteEventRepository, SqliteViewRepository, View, ViewContext, ViewRepository,
 };
-use cqrs_testkit::conformance::{
-    check_event_repository, check_snapshot_repository, SnapshotHarness, StoreHarness,
-};
+use cqrs_testkit::conformance::{check_event_repository, check_snapshot_repository, SqliteHarness};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -100,142 +98,16 @@ async fn execute(store: &SqliteEventRepository, sql: &str, binds: &[&str]) -> u6
 }
 
 // ---------------------------------------------------------------------------------------
-// The conformance suite.
-
-#[derive(Default)]
-struct SqliteHarness {
-    files: Mutex<Vec<TempDb>>,
-}
-
-impl SqliteHarness {
-    async fn damage(
-        &self,
-        store: &SqliteEventRepository,
-        set: &str,
-        value: &str,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        sequence: i64,
-    ) {
-        let sql = format!(
-            "UPDATE cqrs_events SET {set} = ? WHERE aggregate_type = ? AND aggregate_id = ? AND sequence = {sequence}"
-        );
-        let changed = execute(
-            store,
-            &sql,
-            &[value, aggregate_type, &aggregate_id.to_string()],
-        )
-        .await;
-        assert_eq!(
-            changed, 1,
-            "no event {aggregate_type} {aggregate_id} #{sequence}"
-        );
-    }
-}
-
-impl StoreHarness for SqliteHarness {
-    type Store = SqliteEventRepository;
-
-    async fn fresh(&self) -> SqliteEventRepository {
-        let db = TempDb::new();
-        let store = db.open().await;
-        self.files.lock().unwrap().push(db);
-        store
-    }
-
-    async fn corrupt_payload(
-        &self,
-        store: &SqliteEventRepository,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        sequence: i64,
-        raw: &str,
-    ) {
-        self.damage(
-            store,
-            "payload",
-            raw,
-            aggregate_type,
-            aggregate_id,
-            sequence,
-        )
-        .await;
-    }
-
-    async fn set_event_type(
-        &self,
-        store: &SqliteEventRepository,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        sequence: i64,
-        event_type: &str,
-    ) {
-        self.damage(
-            store,
-            "event_type",
-            event_type,
-            aggregate_type,
-            aggregate_id,
-            sequence,
-        )
-        .await;
-    }
-
-    async fn delete_event(
-        &self,
-        store: &SqliteEventRepository,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        sequence: i64,
-    ) {
-        let sql = format!(
-            "DELETE FROM cqrs_events WHERE aggregate_type = ? AND aggregate_id = ? AND sequence = {sequence}"
-        );
-        let deleted = execute(store, &sql, &[aggregate_type, &aggregate_id.to_string()]).await;
-        assert_eq!(
-            deleted, 1,
-            "no event {aggregate_type} {aggregate_id} #{sequence}"
-        );
-    }
-}
+// The conformance suites, on the testkit's SQLite harness.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_store_passes_the_conformance_suite() {
-    check_event_repository(&SqliteHarness::default()).await;
-}
-
-/// The same store is its own snapshot store; a row is put behind its back with an upsert
-/// that ignores the sequence.
-impl SnapshotHarness for SqliteHarness {
-    type Events = SqliteEventRepository;
-    type Snapshots = SqliteEventRepository;
-
-    async fn fresh(&self) -> (SqliteEventRepository, SqliteEventRepository) {
-        let store = StoreHarness::fresh(self).await;
-        (store.clone(), store)
-    }
-
-    async fn put_snapshot_unchecked(&self, store: &SqliteEventRepository, snapshot: Snapshot) {
-        sqlx::query(
-            "INSERT INTO cqrs_snapshots (aggregate_type, aggregate_id, sequence, state, timestamp) \
-             VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
-                 sequence = excluded.sequence, state = excluded.state, timestamp = excluded.timestamp",
-        )
-        .bind(&snapshot.aggregate_type)
-        .bind(snapshot.aggregate_id.to_string())
-        .bind(snapshot.sequence)
-        .bind(snapshot.state.to_string())
-        .bind(snapshot.timestamp.timestamp_micros())
-        .execute(store.pool())
-        .await
-        .unwrap();
-    }
+    check_event_repository(&SqliteHarness::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_store_passes_the_snapshot_conformance_suite() {
-    check_snapshot_repository(&SqliteHarness::default()).await;
+    check_snapshot_repository(&SqliteHarness::new()).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -637,7 +509,7 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
     let store = db.open().await;
     let id = Uuid::new_v4();
     store.append(counter_batch(id, 1, 3)).await.unwrap();
-    let harness = SqliteHarness::default();
+    let harness = SqliteHarness::new();
 
     // Metadata that is not JSON, an event id that is not a UUID: load_events is EventDecode
     // naming the aggregate and the sequence; read_all returns the events before the row,
