@@ -200,7 +200,7 @@ pub enum CQRSError {
     /// poison event under `PoisonPolicy::Stop`. Fix it and start the projection again; the
     /// view is correct up to the position it reached.
     #[error(transparent)]
-    ProjectionStopped(#[from] crate::projection::ProjectionStopped),
+    ProjectionStopped(#[from] ProjectionStopped),
 }
 
 impl CQRSError {
@@ -356,6 +356,23 @@ impl PartialEq for CQRSError {
             ) => false,
         }
     }
+}
+
+/// The projection stopped before it reached the position a caller waits for.
+///
+/// [`ProjectionHandle::wait_for`](crate::ProjectionHandle::wait_for) returns it as
+/// [`CQRSError::ProjectionStopped`]; the runner's own error is
+/// [`ProjectionHandle::last_error`](crate::ProjectionHandle::last_error) or
+/// [`ProjectionHandle::wait`](crate::ProjectionHandle::wait).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("projection {projection} stopped at position {reached} before reaching {wanted}")]
+pub struct ProjectionStopped {
+    /// The projection's checkpoint name.
+    pub projection: String,
+    /// The last position it applied.
+    pub reached: i64,
+    /// The position waited for.
+    pub wanted: i64,
 }
 
 /// Why one stored event could not be decoded, with the event it came from.
@@ -530,35 +547,4 @@ pub struct ViewHandlerError {
     pub event_version: String,
     /// The handler's error, rendered.
     pub message: String,
-}
-
-impl ViewHandlerError {
-    /// The error for `view` refusing `stored` with `message`, as a [`CQRSError`].
-    ///
-    /// ```
-    /// # let stored = cqrs::PersistableDomainEvent {
-    /// #     event_id: uuid::Uuid::nil(), aggregate_type_id: "a:00000000-0000-0000-0000-000000000000".into(),
-    /// #     aggregate_id: uuid::Uuid::nil(), aggregate_type: "a".into(), sequence: 3, position: 9,
-    /// #     event_type: "Deposited".into(), event_version: "1".into(), payload: serde_json::Value::Null.into(),
-    /// #     metadata: serde_json::Value::Null, timestamp: chrono::Utc::now(),
-    /// # };
-    /// let err = cqrs::ViewHandlerError::for_event("balance", &stored, "negative balance");
-    /// assert!(err.to_string().contains("sequence 3, position 9"));
-    /// ```
-    pub fn for_event(
-        view: &str,
-        stored: &crate::event::PersistableDomainEvent,
-        message: impl fmt::Display,
-    ) -> CQRSError {
-        CQRSError::ViewHandler(Box::new(ViewHandlerError {
-            view: view.to_owned(),
-            aggregate_type: stored.aggregate_type.to_string(),
-            aggregate_id: stored.aggregate_id,
-            sequence: stored.sequence,
-            position: stored.position,
-            event_type: stored.event_type.to_string(),
-            event_version: stored.event_version.to_string(),
-            message: message.to_string(),
-        }))
-    }
 }

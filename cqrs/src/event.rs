@@ -9,7 +9,7 @@ use serde_json::Value;
 use smol_str::SmolStr;
 use uuid::Uuid;
 
-use crate::error::{CQRSError, DecodeError, EventDecodeError};
+use crate::error::{CQRSError, DecodeError, EventDecodeError, ViewHandlerError};
 use crate::payload::Payload;
 
 /// One (name, version) pair under which an event type is stored.
@@ -514,5 +514,37 @@ mod row_names_tests {
         assert_eq!(names.event_type("Deposited"), "Deposited");
         assert_eq!(names.event_version("1"), "1");
         assert_eq!(names.event_version("2"), "2");
+    }
+}
+
+// Beside the event it is made from: `error` imports nothing above it.
+impl ViewHandlerError {
+    /// The error for `view` refusing `stored` with `message`, as a [`CQRSError`].
+    ///
+    /// ```
+    /// # let stored = cqrs::PersistableDomainEvent {
+    /// #     event_id: uuid::Uuid::nil(), aggregate_type_id: "a:00000000-0000-0000-0000-000000000000".into(),
+    /// #     aggregate_id: uuid::Uuid::nil(), aggregate_type: "a".into(), sequence: 3, position: 9,
+    /// #     event_type: "Deposited".into(), event_version: "1".into(), payload: serde_json::Value::Null.into(),
+    /// #     metadata: serde_json::Value::Null, timestamp: chrono::Utc::now(),
+    /// # };
+    /// let err = cqrs::ViewHandlerError::for_event("balance", &stored, "negative balance");
+    /// assert!(err.to_string().contains("sequence 3, position 9"));
+    /// ```
+    pub fn for_event(
+        view: &str,
+        stored: &PersistableDomainEvent,
+        message: impl std::fmt::Display,
+    ) -> CQRSError {
+        CQRSError::ViewHandler(Box::new(ViewHandlerError {
+            view: view.to_owned(),
+            aggregate_type: stored.aggregate_type.to_string(),
+            aggregate_id: stored.aggregate_id,
+            sequence: stored.sequence,
+            position: stored.position,
+            event_type: stored.event_type.to_string(),
+            event_version: stored.event_version.to_string(),
+            message: message.to_string(),
+        }))
     }
 }

@@ -29,10 +29,11 @@ use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
 mod poison;
 mod runner;
 
+pub use crate::error::ProjectionStopped;
 pub use poison::{
     DeadLetter, DeadLetterSkip, DeadLetters, HandlerRetry, MemoryDeadLetters, PoisonPolicy,
 };
-pub use runner::{ProjectionHandle, ProjectionStopped};
+pub use runner::ProjectionHandle;
 
 /// How many times in a row a batch may find its checkpoint moved by another projector before
 /// [`Projection::catch_up`] gives up with [`CQRSError::ViewConflict`].

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::aggregate::Aggregate;
-use crate::error::CQRSError;
+use crate::error::{CQRSError, ProjectionStopped};
 use crate::view::View;
 
 use super::{DeadLetter, DeadLetters, Projection, Shared, Stop};
@@ -199,21 +199,6 @@ fn store_backoff(failures: u32) -> Duration {
     Duration::from_millis(50)
         .saturating_mul(1 << doublings)
         .min(MAX_STORE_BACKOFF)
-}
-
-/// The projection stopped before it reached the position a caller waits for.
-///
-/// [`ProjectionHandle::wait_for`] returns it as [`CQRSError::ProjectionStopped`]; the
-/// runner's own error is [`ProjectionHandle::last_error`] or [`ProjectionHandle::wait`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("projection {projection} stopped at position {reached} before reaching {wanted}")]
-pub struct ProjectionStopped {
-    /// The projection's checkpoint name.
-    pub projection: String,
-    /// The last position it applied.
-    pub reached: i64,
-    /// The position waited for.
-    pub wanted: i64,
 }
 
 /// A running projection (see [`Projection::spawn`]): its position, its errors, and a way to
