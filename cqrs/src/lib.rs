@@ -12,13 +12,12 @@ pub mod framework;
 pub mod nats;
 pub mod payload;
 pub mod projection;
+pub mod query;
 pub mod store;
 pub mod view;
 
+// The write side.
 pub use crate::aggregate::Aggregate;
-pub use crate::error::{
-    BoxError, CQRSError, DamagedRow, DecodeError, EventDecodeError, ViewHandlerError,
-};
 pub use crate::event::{
     DomainEvent, EventEnvelope, EventType, PersistableDomainEvent, UpcastEvent, Upcasted,
 };
@@ -26,37 +25,48 @@ pub use crate::framework::{
     CQRSFramework, DispatchReceipt, RetryPolicy, SnapshotPolicy, DEFAULT_STATE_CACHE_CAPACITY,
 };
 pub use crate::payload::Payload;
+/// The string type of stored names (event types and versions, aggregate types): inline up to
+/// 23 bytes, cloned in O(1), built from a `&'static str` without allocating.
+pub use smol_str::SmolStr;
+
+// Errors.
+pub use crate::error::{
+    BoxError, CQRSError, DamagedRow, DecodeError, EventDecodeError, ProjectionStopped,
+    ViewHandlerError,
+};
+
+// The read side.
+pub use crate::projection::{HandlerRetry, PoisonPolicy, Projection, ProjectionHandle};
+pub use crate::query::Query;
+pub use crate::view::View;
+
+// Storage contracts, and the stores in memory.
+pub use crate::store::memory::{
+    MemoryCheckpointRepository, MemoryDeadLetters, MemoryEventRepository, MemorySnapshotRepository,
+    MemoryViewRepository,
+};
+pub use crate::store::{
+    Checkpoint, CheckpointRepository, DeadLetter, DeadLetterSkip, DeadLetters, EventRepository,
+    Snapshot, SnapshotRepository, ViewContext, ViewRepository,
+};
 /// The attribute that the store traits ([`EventRepository`], [`SnapshotRepository`],
 /// [`CheckpointRepository`], [`ViewRepository`], [`DeadLetters`]) are written with, re-exported
 /// so that implementing one needs nothing beyond `cqrs`: put `#[cqrs::async_trait]` on the
 /// `impl` block and write its methods as `async fn`. See [`EventRepository`] for a whole store.
 pub use async_trait::async_trait;
-/// The string type of stored names (event types and versions, aggregate types): inline up to
-/// 23 bytes, cloned in O(1), built from a `&'static str` without allocating.
-pub use smol_str::SmolStr;
-// nats re-exports (owned by the nats integration)
+
+// The stores behind features.
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use crate::nats::{NatsProjection, NatsRelay, NatsStreamConfig};
-pub use crate::projection::{
-    DeadLetter, DeadLetters, HandlerRetry, MemoryDeadLetters, PoisonPolicy, Projection,
-    ProjectionHandle,
-};
-pub use crate::store::memory::{
-    MemoryCheckpointRepository, MemoryEventRepository, MemorySnapshotRepository,
-};
-pub use crate::store::{CheckpointRepository, EventRepository, Snapshot, SnapshotRepository};
-// sqlite re-exports (owned by the sqlite store)
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use crate::store::postgres::{PostgresEventRepository, PostgresViewRepository};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::store::sqlite::{
     SqliteEventRepository, SqliteOptions, SqliteSnapshotRepository, SqliteViewRepository,
 };
-// postgres re-exports (owned by the postgres store)
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use crate::store::postgres::{PostgresEventRepository, PostgresViewRepository};
-pub use crate::view::{Checkpoint, MemoryViewRepository, Query, View, ViewContext, ViewRepository};
 
 /// Derives [`DomainEvent`](trait@DomainEvent): each event's stored name and version, the list
 /// of all of them ([`DomainEvent::EVENT_TYPES`]), and decoding dispatched on (name, version).

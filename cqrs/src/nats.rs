@@ -115,11 +115,13 @@ use uuid::Uuid;
 use crate::aggregate::Aggregate;
 use crate::error::{CQRSError, DamagedRow, ViewHandlerError};
 use crate::event::PersistableDomainEvent;
-use crate::projection::{
-    DeadLetter, DeadLetters, HandlerRetry, MemoryDeadLetters, PoisonPolicy, Projection,
+use crate::projection::{HandlerRetry, PoisonPolicy, Projection};
+use crate::store::memory::MemoryDeadLetters;
+use crate::store::{
+    Checkpoint, CheckpointRepository, DeadLetter, DeadLetters, EventRepository, ViewContext,
+    ViewRepository,
 };
-use crate::store::{CheckpointRepository, EventRepository};
-use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
+use crate::view::View;
 
 /// The async-nats crate this module is built on, to connect and to build a
 /// [`jetstream::Context`] without a version mismatch.

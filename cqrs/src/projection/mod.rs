@@ -24,15 +24,16 @@ use crate::aggregate::Aggregate;
 use crate::error::{CQRSError, DamagedRow, ViewHandlerError};
 use crate::event::{EventEnvelope, PersistableDomainEvent};
 use crate::store::EventRepository;
-use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
+use crate::store::{Checkpoint, ViewContext, ViewRepository};
+use crate::view::View;
 
 mod poison;
 mod runner;
 
 pub use crate::error::ProjectionStopped;
-pub use poison::{
-    DeadLetter, DeadLetterSkip, DeadLetters, HandlerRetry, MemoryDeadLetters, PoisonPolicy,
-};
+pub use crate::store::memory::MemoryDeadLetters;
+pub use crate::store::{DeadLetter, DeadLetterSkip, DeadLetters};
+pub use poison::{HandlerRetry, PoisonPolicy};
 pub use runner::ProjectionHandle;
 
 /// How many times in a row a batch may find its checkpoint moved by another projector before

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
 
+mod dead_letters;
 pub mod memory;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -21,6 +22,10 @@ pub mod postgres;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
+mod view;
+
+pub use self::dead_letters::{DeadLetter, DeadLetterSkip, DeadLetters};
+pub use self::view::{active_version_marker, Checkpoint, ViewContext, ViewRepository};
 
 /// Where events are appended and read back.
 ///
@@ -400,7 +405,7 @@ impl<T: SnapshotRepository + ?Sized> SnapshotRepository for std::sync::Arc<T> {
 
 /// Where a reader that is not a view (an outbox relay, an integration) records how far it has
 /// read the global stream. A projection's checkpoint lives with its views instead (see
-/// [`ViewRepository::commit`](crate::ViewRepository::commit)).
+/// [`ViewRepository::commit`]).
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
@@ -424,7 +429,7 @@ pub trait CheckpointRepository: Send + Sync {
     ///
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the back end fails.
-    async fn save_checkpoint(&self, checkpoint: crate::view::Checkpoint) -> Result<(), CQRSError>;
+    async fn save_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), CQRSError>;
 }
 
 #[async_trait]
@@ -432,7 +437,7 @@ impl<T: CheckpointRepository + ?Sized> CheckpointRepository for std::sync::Arc<T
     async fn load_checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
         (**self).load_checkpoint(name).await
     }
-    async fn save_checkpoint(&self, checkpoint: crate::view::Checkpoint) -> Result<(), CQRSError> {
+    async fn save_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), CQRSError> {
         (**self).save_checkpoint(checkpoint).await
     }
 }

@@ -40,10 +40,10 @@ use uuid::Uuid;
 
 use crate::error::CQRSError;
 use crate::event::{PersistableDomainEvent, RowNames};
+use crate::store::Checkpoint;
 use crate::store::{
     validate_batch, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
 };
-use crate::view::Checkpoint;
 use smol_str::SmolStr;
 
 mod copy;

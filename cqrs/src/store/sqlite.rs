@@ -63,10 +63,10 @@ use uuid::Uuid;
 
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
+use crate::store::Checkpoint;
 use crate::store::{
     validate_batch, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
 };
-use crate::view::Checkpoint;
 
 pub use self::dead_letters::SqliteDeadLetters;
 pub use self::rows::CorruptRow;

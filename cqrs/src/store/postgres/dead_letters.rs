@@ -11,7 +11,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::Row;
 
 use crate::error::CQRSError;
-use crate::projection::{DeadLetter, DeadLetterSkip, DeadLetters};
+use crate::store::{DeadLetter, DeadLetterSkip, DeadLetters};
 
 use super::PostgresEventRepository;
 

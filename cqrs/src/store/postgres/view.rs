@@ -15,7 +15,8 @@ use super::PostgresEventRepository;
 use crate::aggregate::Aggregate;
 use crate::error::CQRSError;
 use crate::store::CheckpointRepository;
-use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
+use crate::store::{Checkpoint, ViewContext, ViewRepository};
+use crate::view::View;
 
 /// A [`ViewRepository`] in the same PostgreSQL schema as a [`PostgresEventRepository`].
 ///

@@ -12,7 +12,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::error::CQRSError;
-use crate::projection::{DeadLetter, DeadLetterSkip, DeadLetters};
+use crate::store::{DeadLetter, DeadLetterSkip, DeadLetters};
 
 use super::SqliteEventRepository;
 

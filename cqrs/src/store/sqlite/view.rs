@@ -8,7 +8,8 @@ use sqlx::Row;
 
 use crate::aggregate::Aggregate;
 use crate::error::CQRSError;
-use crate::view::{Checkpoint, View, ViewContext, ViewRepository};
+use crate::store::{Checkpoint, ViewContext, ViewRepository};
+use crate::view::View;
 
 use super::writer::{Job, ViewCommit, ViewRow};
 use super::SqliteEventRepository;

@@ -29,8 +29,8 @@ use uuid::Uuid;
 
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
+use crate::store::Checkpoint;
 use crate::store::Snapshot;
-use crate::view::Checkpoint;
 
 use super::rows::to_micros;
 use super::schema::GAP_MARKER;

@@ -8,12 +8,17 @@ use smol_str::SmolStr;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+mod dead_letters;
+mod views;
+
+pub use self::dead_letters::MemoryDeadLetters;
+pub use self::views::MemoryViewRepository;
+
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
 use crate::store::{
-    validate_batch, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
+    validate_batch, Checkpoint, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
 };
-use crate::view::Checkpoint;
 
 /// A fast hasher with a random per-process seed: the default SipHash was about a sixth of an
 /// in-memory dispatch.
