@@ -1,4 +1,10 @@
-//! The dispatcher: load, decide, append.
+//! The dispatcher: [`CQRSFramework`] gets an aggregate's state, runs a command on it and
+//! appends the events, retrying a lost race per its [`RetryPolicy`].
+
+// One place runs a command, the same for `dispatch` and `dispatch_new`: `tries` gets a state
+// to decide on (`state_to_decide_on`: the state cache in `cache`, the store through `load`,
+// or the empty state), tries the command on it once (`try_once`), and `Attempts::next` in
+// `retry` says whether to retry or return.
 
 mod cache;
 mod load;
@@ -6,7 +12,6 @@ mod retry;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -15,6 +20,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use self::cache::{Loaded, StateCache};
+use self::retry::{Attempts, Next, Outcome, Source};
 use crate::aggregate::Aggregate;
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
@@ -22,6 +28,10 @@ use crate::store::{EventRepository, SnapshotRepository};
 
 pub use self::load::SnapshotPolicy;
 pub use self::retry::RetryPolicy;
+
+/// The policy of `dispatch_new`, whatever the framework's: a retry would meet the same
+/// history.
+const NO_RETRY: RetryPolicy = RetryPolicy::none();
 
 /// How many aggregates' states a [`CQRSFramework`] keeps in memory unless told otherwise
 /// ([`CQRSFramework::with_state_cache`], [`CQRSFramework::without_state_cache`]).
@@ -51,15 +61,6 @@ impl<E> DispatchReceipt<E> {
         self.attempts = attempts;
         self
     }
-}
-
-/// How one decide-and-append try ended.
-enum Outcome<E, Err> {
-    Appended(DispatchReceipt<E>),
-    /// The domain refused the command.
-    Refused(Err),
-    /// The append (or building it) failed; a conflict is retried per the policy.
-    Failed(CQRSError),
 }
 
 /// The command side: rebuilds an aggregate from its events, runs a command, appends the
@@ -234,8 +235,7 @@ impl<A: Aggregate> CQRSFramework<A> {
         aggregate_id: Uuid,
         command: A::Commands,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        self.dispatch_inner(aggregate_id, command, Value::Null)
-            .await
+        self.run(aggregate_id, command, Value::Null, false).await
     }
 
     /// Runs a command and stores `metadata` (as JSON) with each event it causes.
@@ -250,7 +250,7 @@ impl<A: Aggregate> CQRSFramework<A> {
         metadata: &M,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
         let metadata = Self::metadata_value(aggregate_id, metadata)?;
-        self.dispatch_inner(aggregate_id, command, metadata).await
+        self.run(aggregate_id, command, metadata, false).await
     }
 
     /// `metadata` as JSON, or the typed serialization error naming the aggregate.
@@ -321,8 +321,7 @@ impl<A: Aggregate> CQRSFramework<A> {
         aggregate_id: Uuid,
         command: A::Commands,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        self.dispatch_new_inner(aggregate_id, command, Value::Null)
-            .await
+        self.run(aggregate_id, command, Value::Null, true).await
     }
 
     /// [`dispatch_new`](Self::dispatch_new) storing `metadata` (as JSON) with each event.
@@ -337,8 +336,7 @@ impl<A: Aggregate> CQRSFramework<A> {
         metadata: &M,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
         let metadata = Self::metadata_value(aggregate_id, metadata)?;
-        self.dispatch_new_inner(aggregate_id, command, metadata)
-            .await
+        self.run(aggregate_id, command, metadata, true).await
     }
 
     /// The aggregate's current state, rebuilt from the store (a snapshot the events confirm
@@ -350,154 +348,103 @@ impl<A: Aggregate> CQRSFramework<A> {
         Ok(self.load_from_store(aggregate_id).await?.state)
     }
 
-    async fn dispatch_inner(
+    /// `dispatch` (`new` false) or `dispatch_new` (`new` true), in its tracing span.
+    async fn run(
         &self,
         aggregate_id: Uuid,
         command: A::Commands,
         metadata: Value,
+        new: bool,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let span = dispatch_span(A::NAME, aggregate_id, false);
-        in_span(span, || {
-            self.dispatch_attempts(aggregate_id, command, metadata)
-        })
-        .await
+        let span = dispatch_span(A::NAME, aggregate_id, new);
+        in_span(span, || self.tries(aggregate_id, command, metadata, new)).await
     }
 
-    /// Load, decide, append; again after a conflict, per the retry policy.
-    async fn dispatch_attempts(
+    /// Gets a state, tries the command on it, and retries or returns as [`Attempts::next`]
+    /// decides. `dispatch_new` runs with no retry: its one try is the last.
+    async fn tries(
         &self,
         aggregate_id: Uuid,
-        command: A::Commands,
+        mut command: A::Commands,
         metadata: Value,
+        new: bool,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let mut attempt: u32 = 0;
-        // A cached state found stale is reloaded once without spending an attempt.
-        let mut stale_retry_left = true;
-        // Read the clock only for a policy with a deadline.
-        let deadline = self
-            .retry
-            .deadline()
-            .map(|time| tokio::time::Instant::now() + time);
-        let time_left =
-            || deadline.map(|at| at.saturating_duration_since(tokio::time::Instant::now()));
+        let mut attempts = Attempts::start(if new { &NO_RETRY } else { &self.retry });
         loop {
-            attempt += 1;
-            let (loaded, from_cache) = match self.cache.as_ref().and_then(|c| c.take(aggregate_id))
-            {
-                Some(loaded) => (loaded, true),
-                None => (self.load_from_store(aggregate_id).await?, false),
-            };
-            let may_run_again = (from_cache && stale_retry_left)
-                || (attempt < self.retry.max_attempts() && time_left() != Some(Duration::ZERO));
-            if !may_run_again {
-                // The last try consumes the command; any outcome is final.
-                return match self
-                    .try_once(aggregate_id, loaded, command, &metadata)
-                    .await
-                {
-                    Outcome::Appended(receipt) => Ok(receipt.with_attempts(attempt)),
-                    Outcome::Refused(refusal) => Err(refusal),
-                    Outcome::Failed(error) => Err(error.into()),
-                };
-            }
+            let (loaded, source) = self.state_to_decide_on(aggregate_id, new).await?;
             let sequence = loaded.sequence;
-            match self
-                .try_once(aggregate_id, loaded, command.clone(), &metadata)
-                .await
+            // The last try takes the command; one that another may follow, a copy.
+            let (this_try, spare) = if attempts.may_retry(source) {
+                (command.clone(), Some(command))
+            } else {
+                (command, None)
+            };
+            let mut outcome = self
+                .try_once(aggregate_id, loaded, this_try, &metadata)
+                .await;
+            if attempts.must_confirm(&outcome, source)
+                && self.events.event_sequence(A::NAME, aggregate_id).await? != sequence
             {
-                Outcome::Appended(receipt) => return Ok(receipt.with_attempts(attempt)),
-                Outcome::Refused(refusal) if from_cache && stale_retry_left => {
-                    // The domain may have refused because the cached state is stale (a
-                    // deposit made by another process is missing). One cheap read tells;
-                    // if so, decide again on the stored state.
-                    if self.events.event_sequence(A::NAME, aggregate_id).await? == sequence {
-                        return Err(refusal);
+                // Decided on a state the stream has moved past: the conflict that an append
+                // would have met. The state went back into the cache; drop it.
+                self.forget(aggregate_id);
+                outcome = Outcome::Failed(Self::conflict(aggregate_id, sequence));
+            }
+            match attempts.next(outcome, source, spare) {
+                Next::Return(result) => {
+                    return result.map(|receipt| receipt.with_attempts(attempts.attempt()))
+                }
+                Next::Retry {
+                    command: again,
+                    backoff,
+                } => {
+                    if let Some(backoff) = backoff {
+                        tokio::time::sleep(backoff).await;
                     }
-                    self.forget(aggregate_id);
-                    stale_retry_left = false;
-                    attempt -= 1;
+                    command = again;
                 }
-                Outcome::Refused(refusal) => return Err(refusal),
-                Outcome::Failed(CQRSError::Conflict { .. }) if from_cache && stale_retry_left => {
-                    // The cached state was stale: not a race this caller lost, so try once
-                    // more from the store without spending an attempt.
-                    stale_retry_left = false;
-                    attempt -= 1;
-                }
-                Outcome::Failed(error @ CQRSError::Conflict { .. }) => {
-                    let left = time_left();
-                    if attempt >= self.retry.max_attempts() || left == Some(Duration::ZERO) {
-                        tracing::debug!(attempts = attempt, "conflict, giving up");
-                        return Err(error.into());
-                    }
-                    let backoff = self.retry.backoff(attempt);
-                    tokio::time::sleep(left.map_or(backoff, |left| backoff.min(left))).await;
-                }
-                Outcome::Failed(error) => return Err(error.into()),
             }
         }
     }
 
-    async fn dispatch_new_inner(
+    /// The state a try decides on, and where it came from. For `dispatch`: the cached state,
+    /// or else the state rebuilt from the store. For `dispatch_new`: the empty state at
+    /// sequence 0, without a read, unless the cache holds the aggregate at a later sequence,
+    /// which is the conflict the append would meet.
+    async fn state_to_decide_on(
         &self,
         aggregate_id: Uuid,
-        command: A::Commands,
-        metadata: Value,
-    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let span = dispatch_span(A::NAME, aggregate_id, true);
-        in_span(span, || {
-            self.dispatch_new_once(aggregate_id, command, metadata)
-        })
-        .await
-    }
-
-    /// Decide on the empty state, append at sequence 1, check the premise.
-    async fn dispatch_new_once(
-        &self,
-        aggregate_id: Uuid,
-        command: A::Commands,
-        metadata: Value,
-    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        let exists = || CQRSError::Conflict {
-            aggregate_type: A::NAME.to_owned(),
-            aggregate_id,
-            expected_sequence: 0,
-        };
-        let loaded = match self.cache.as_ref().and_then(|c| c.take(aggregate_id)) {
-            Some(cached) if cached.sequence > 0 => {
-                self.keep(aggregate_id, cached);
-                return Err(exists().into());
-            }
-            _ => Loaded::new(A::State::default(), 0),
-        };
-        let decided = match self
-            .try_once(aggregate_id, loaded, command, &metadata)
-            .await
-        {
-            // The store's unique sequence checked the premise.
-            Outcome::Appended(receipt) if !receipt.events.is_empty() => return Ok(receipt),
-            Outcome::Failed(error) => return Err(error.into()),
-            Outcome::Appended(receipt) => Ok(receipt),
-            Outcome::Refused(refusal) => Err(refusal),
-        };
-        // Decided without an append, so unchecked: the answer holds only if the
-        // aggregate is new. `try_once` cached the empty state; drop it if it is wrong.
-        if self.events.event_sequence(A::NAME, aggregate_id).await? > 0 {
-            self.forget(aggregate_id);
-            return Err(exists().into());
+        new: bool,
+    ) -> Result<(Loaded<A::State>, Source), CQRSError> {
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.take(aggregate_id));
+        if new {
+            return match cached {
+                Some(cached) if cached.sequence > 0 => {
+                    self.keep(aggregate_id, cached);
+                    Err(Self::conflict(aggregate_id, 0))
+                }
+                _ => Ok((Loaded::new(A::State::default(), 0), Source::Empty)),
+            };
         }
-        decided
+        match cached {
+            Some(loaded) => Ok((loaded, Source::Cache)),
+            None => Ok((self.load_from_store(aggregate_id).await?, Source::Store)),
+        }
     }
 
     /// Decides on `loaded` and appends the result once. The state goes back into the cache
-    /// when it is still current (after an append or a refusal); a failed append leaves it out.
+    /// when it is still current (after an append, a refusal or no change); a failed append
+    /// leaves it out.
     async fn try_once(
         &self,
         aggregate_id: Uuid,
         mut loaded: Loaded<A::State>,
         command: A::Commands,
         metadata: &Value,
-    ) -> Outcome<A::Events, A::Errors> {
+    ) -> Outcome<DispatchReceipt<A::Events>, A::Errors> {
         let events = match self
             .aggregate
             .handle_command(aggregate_id, &loaded.state, command)
@@ -512,7 +459,7 @@ impl<A: Aggregate> CQRSFramework<A> {
         if events.is_empty() {
             let sequence = loaded.sequence;
             self.keep(aggregate_id, loaded);
-            return Outcome::Appended(DispatchReceipt {
+            return Outcome::Unchanged(DispatchReceipt {
                 events,
                 sequence,
                 positions: Vec::new(),
@@ -540,6 +487,15 @@ impl<A: Aggregate> CQRSFramework<A> {
             // The state is stale (a conflict) or its fate unknown (a store failure): it stays
             // out of the cache and the next dispatch reads the store.
             Err(error) => Outcome::Failed(error),
+        }
+    }
+
+    /// The conflict of an aggregate that is not at `expected_sequence`.
+    fn conflict(aggregate_id: Uuid, expected_sequence: i64) -> CQRSError {
+        CQRSError::Conflict {
+            aggregate_type: A::NAME.to_owned(),
+            aggregate_id,
+            expected_sequence,
         }
     }
 

@@ -1,8 +1,12 @@
-//! Retrying a dispatch that lost a race: the [`RetryPolicy`].
+//! Retrying a dispatch: the [`RetryPolicy`] a framework is given, and the decision after
+//! each try of one dispatch ([`Attempts::next`]) that applies it.
 
 use std::time::Duration;
 
+use tokio::time::Instant;
 use uuid::Uuid;
+
+use crate::error::CQRSError;
 
 /// What to do when an append loses the race to another writer.
 ///
@@ -88,7 +92,7 @@ impl RetryPolicy {
     }
 
     /// The sleep after attempt `attempt` lost a race.
-    pub(super) fn backoff(&self, attempt: u32) -> Duration {
+    fn backoff(&self, attempt: u32) -> Duration {
         let ceiling = self
             .base_backoff
             .saturating_mul(1u32 << attempt.min(16))
@@ -100,5 +104,157 @@ impl RetryPolicy {
         }
         let random = (Uuid::new_v4().as_u128() & u128::from(u64::MAX)) as u64;
         Duration::from_nanos(random % (nanos + 1))
+    }
+}
+
+/// Where the state a try decided on came from, which says how far its answer is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    /// Read from the store for this try: a conflict is a race this caller lost.
+    Store,
+    /// Taken from the state cache: another writer may have moved the aggregate on since, so
+    /// a conflict, or a refusal that the stored sequence shows was decided on a stale
+    /// state, reloads it once without spending an attempt.
+    Cache,
+    /// The empty state that `dispatch_new` assumes without a read: an answer that no append
+    /// checked (a refusal, or no change) is checked by one read.
+    Empty,
+}
+
+/// How one try (decide on a state, append the events) ended.
+pub(super) enum Outcome<R, Err> {
+    /// The events were appended; `R` is the receipt.
+    Appended(R),
+    /// The command caused no events: nothing was appended.
+    Unchanged(R),
+    /// The domain refused the command.
+    Refused(Err),
+    /// The append, or building it, failed. A [`CQRSError::Conflict`] may be retried.
+    Failed(CQRSError),
+}
+
+/// What a dispatch does after a try.
+pub(super) enum Next<C, R, Err> {
+    /// The dispatch is over, with this result.
+    Return(Result<R, Err>),
+    /// Reload the state and try `command` again, after sleeping `backoff` if there is one
+    /// (there is none when a stale cached state is reloaded: no race was lost).
+    Retry {
+        command: C,
+        backoff: Option<Duration>,
+    },
+}
+
+/// One dispatch's tries under a [`RetryPolicy`]: which attempt is under way, whether the
+/// free reload of a stale cached state is still left, and when the time is up.
+#[derive(Debug)]
+pub(super) struct Attempts<'p> {
+    policy: &'p RetryPolicy,
+    /// The attempt under way, from 1. A free reload does not count.
+    attempt: u32,
+    /// A cached state found stale is reloaded once without spending an attempt.
+    stale_reload_left: bool,
+    /// When no new attempt starts, for a policy with a deadline.
+    deadline: Option<Instant>,
+}
+
+impl<'p> Attempts<'p> {
+    /// The first attempt of a dispatch that starts now. The clock is read only for a policy
+    /// with a deadline.
+    pub(super) fn start(policy: &'p RetryPolicy) -> Self {
+        Attempts {
+            policy,
+            attempt: 1,
+            stale_reload_left: true,
+            deadline: policy.deadline.map(|time| Instant::now() + time),
+        }
+    }
+
+    /// The attempt under way, from 1: the receipt's [`attempts`](super::DispatchReceipt::attempts).
+    pub(super) fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Whether another try may follow the one about to start on a state from `source`. If
+    /// not, that try is the last: it can take the command itself instead of a copy, and its
+    /// outcome is final.
+    pub(super) fn may_retry(&self, source: Source) -> bool {
+        self.stale_reload(source) || (self.attempt < self.policy.max_attempts && !self.time_is_up())
+    }
+
+    /// Whether `outcome`, decided on a state from `source`, stands only if the stream is
+    /// still at that state's sequence, to be checked with one read: no append checked it,
+    /// and the state may be behind the stream (the empty state of `dispatch_new`, or a cached
+    /// state not yet reloaded). If the stream has moved on, the try is to be treated as the
+    /// [`CQRSError::Conflict`] that an append would have met.
+    pub(super) fn must_confirm<R, Err>(&self, outcome: &Outcome<R, Err>, source: Source) -> bool {
+        match outcome {
+            Outcome::Unchanged(_) => source == Source::Empty,
+            Outcome::Refused(_) => source == Source::Empty || self.stale_reload(source),
+            Outcome::Appended(_) | Outcome::Failed(_) => false,
+        }
+    }
+
+    /// Retry or return after a try on a state from `source` ended in `outcome`. `command` is
+    /// the command for another try: `None` when this try took it (its [`may_retry`] was
+    /// false), which makes every outcome final.
+    ///
+    /// Only a conflict is retried: once without spending an attempt when the state came from
+    /// the cache (it was stale, no race was lost), otherwise while the policy has attempts
+    /// and time left, after a random backoff that does not sleep past the deadline. An
+    /// answer from the empty state of `dispatch_new` is never retried: it starts with no
+    /// attempt to spare, and its conflict would meet the same history again.
+    ///
+    /// [`may_retry`]: Attempts::may_retry
+    pub(super) fn next<C, R, Err: From<CQRSError>>(
+        &mut self,
+        outcome: Outcome<R, Err>,
+        source: Source,
+        command: Option<C>,
+    ) -> Next<C, R, Err> {
+        let conflict = match outcome {
+            Outcome::Appended(receipt) | Outcome::Unchanged(receipt) => {
+                return Next::Return(Ok(receipt))
+            }
+            Outcome::Refused(refusal) => return Next::Return(Err(refusal)),
+            Outcome::Failed(conflict @ CQRSError::Conflict { .. }) => conflict,
+            Outcome::Failed(error) => return Next::Return(Err(error.into())),
+        };
+        let Some(command) = command else {
+            return Next::Return(Err(conflict.into()));
+        };
+        if self.stale_reload(source) {
+            self.stale_reload_left = false;
+            return Next::Retry {
+                command,
+                backoff: None,
+            };
+        }
+        let time_left = self.time_left();
+        if self.attempt >= self.policy.max_attempts || time_left == Some(Duration::ZERO) {
+            tracing::debug!(attempts = self.attempt, "conflict, giving up");
+            return Next::Return(Err(conflict.into()));
+        }
+        let backoff = self.policy.backoff(self.attempt);
+        self.attempt += 1;
+        Next::Retry {
+            command,
+            backoff: Some(time_left.map_or(backoff, |left| backoff.min(left))),
+        }
+    }
+
+    /// Whether a state from `source` is a cached one that may still be reloaded for free.
+    fn stale_reload(&self, source: Source) -> bool {
+        source == Source::Cache && self.stale_reload_left
+    }
+
+    fn time_is_up(&self) -> bool {
+        self.time_left() == Some(Duration::ZERO)
+    }
+
+    /// The time until the deadline, if the policy has one (the clock is read only then).
+    fn time_left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|at| at.saturating_duration_since(Instant::now()))
     }
 }
