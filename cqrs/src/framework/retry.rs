@@ -258,3 +258,133 @@ impl<'p> Attempts<'p> {
             .map(|at| at.saturating_duration_since(Instant::now()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use uuid::Uuid;
+
+    use super::{Attempts, Next, Outcome, RetryPolicy, Source};
+    use crate::error::CQRSError;
+
+    type TestOutcome = Outcome<(), CQRSError>;
+
+    fn conflict() -> TestOutcome {
+        Outcome::Failed(CQRSError::Conflict {
+            aggregate_type: "thing".to_owned(),
+            aggregate_id: Uuid::nil(),
+            expected_sequence: 1,
+        })
+    }
+
+    fn refused() -> TestOutcome {
+        Outcome::Refused(CQRSError::InvalidAppend("refused".into()))
+    }
+
+    /// `Some(backoff)` for a retry, `None` for a return.
+    fn retry(next: Next<&str, (), CQRSError>) -> Option<Option<Duration>> {
+        match next {
+            Next::Retry { command, backoff } => {
+                assert_eq!(command, "command", "the retry gets the command back");
+                Some(backoff)
+            }
+            Next::Return(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_conflict_is_retried_while_attempts_are_left_after_a_backoff() {
+        let policy = RetryPolicy::attempts(3).with_backoff(Duration::ZERO, Duration::ZERO);
+        let mut attempts = Attempts::start(&policy);
+        for attempt in 1..3 {
+            assert_eq!(attempts.attempt(), attempt);
+            assert!(attempts.may_retry(Source::Store));
+            let next = attempts.next(conflict(), Source::Store, Some("command"));
+            assert_eq!(retry(next), Some(Some(Duration::ZERO)));
+        }
+        assert_eq!(attempts.attempt(), 3);
+        assert!(
+            !attempts.may_retry(Source::Store),
+            "the third attempt is the last"
+        );
+        let next = attempts.next(conflict(), Source::Store, None::<&str>);
+        assert!(matches!(
+            next,
+            Next::Return(Err(CQRSError::Conflict { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stale_cached_state_is_reloaded_once_without_spending_an_attempt() {
+        let policy = RetryPolicy::none();
+        let mut attempts = Attempts::start(&policy);
+        assert!(attempts.may_retry(Source::Cache));
+        assert!(!attempts.may_retry(Source::Store));
+        let next = attempts.next(conflict(), Source::Cache, Some("command"));
+        assert_eq!(retry(next), Some(None), "a free reload does not sleep");
+        assert_eq!(attempts.attempt(), 1);
+        // The free reload is spent: a cached state from a concurrent dispatch gets none.
+        assert!(!attempts.may_retry(Source::Cache));
+        assert!(!attempts.must_confirm(&refused(), Source::Cache));
+    }
+
+    #[tokio::test]
+    async fn only_unchecked_answers_on_a_state_that_may_be_behind_are_confirmed() {
+        let policy = RetryPolicy::attempts(5);
+        let attempts = Attempts::start(&policy);
+        let unchanged = || TestOutcome::Unchanged(());
+        assert!(attempts.must_confirm(&refused(), Source::Empty));
+        assert!(attempts.must_confirm(&unchanged(), Source::Empty));
+        assert!(attempts.must_confirm(&refused(), Source::Cache));
+        assert!(!attempts.must_confirm(&unchanged(), Source::Cache));
+        assert!(!attempts.must_confirm(&refused(), Source::Store));
+        assert!(!attempts.must_confirm(&unchanged(), Source::Store));
+        assert!(!attempts.must_confirm(&TestOutcome::Appended(()), Source::Empty));
+        assert!(!attempts.must_confirm(&conflict(), Source::Empty));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_or_another_failure_is_never_retried() {
+        let policy = RetryPolicy::attempts(5);
+        let mut attempts = Attempts::start(&policy);
+        let next = attempts.next(refused(), Source::Cache, Some("command"));
+        assert_eq!(retry(next), None);
+        let failure = Outcome::Failed(CQRSError::Timeout(Duration::from_secs(1)));
+        assert_eq!(
+            retry(attempts.next(failure, Source::Store, Some("command"))),
+            None
+        );
+        assert_eq!(attempts.attempt(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_starts_when_the_time_is_up_is_the_last() {
+        let policy = RetryPolicy::within(Duration::ZERO);
+        let mut attempts = Attempts::start(&policy);
+        assert!(!attempts.may_retry(Source::Store));
+        // A stale cached state is still reloaded: no attempt is spent on it.
+        assert!(attempts.may_retry(Source::Cache));
+        assert_eq!(
+            retry(attempts.next(conflict(), Source::Cache, Some("command"))),
+            Some(None)
+        );
+        let next = attempts.next(conflict(), Source::Store, None::<&str>);
+        assert!(matches!(
+            next,
+            Next::Return(Err(CQRSError::Conflict { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_empty_state_of_dispatch_new_is_never_retried() {
+        // `dispatch_new` runs with no retry, whatever the framework's policy.
+        let mut attempts = Attempts::start(&super::super::NO_RETRY);
+        assert!(!attempts.may_retry(Source::Empty));
+        let next = attempts.next(conflict(), Source::Empty, None::<&str>);
+        assert!(matches!(
+            next,
+            Next::Return(Err(CQRSError::Conflict { .. }))
+        ));
+    }
+}
