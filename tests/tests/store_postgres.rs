@@ -17,7 +17,8 @@ use cqrs::{
     Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository, View, ViewContext, ViewRepository,
 };
 use cqrs_testkit::conformance::{
-    check_event_repository, check_snapshot_repository, PostgresHarness, StoreHarness,
+    check_event_repository, check_snapshot_repository, check_view_repository, PostgresHarness,
+    StoreHarness,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -100,6 +101,16 @@ async fn snapshot_conformance_suite() {
     };
     let harness = PostgresHarness::new(url);
     check_snapshot_repository(&harness).await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn view_conformance_suite() {
+    let Some(url) = url("view_conformance_suite") else {
+        return;
+    };
+    let harness = PostgresHarness::new(url);
+    check_view_repository(&harness).await;
     harness.cleanup().await;
 }
 

@@ -17,7 +17,9 @@ use cqrs::{
     PersistableDomainEvent, Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository,
     SqliteEventRepository, SqliteViewRepository, View, ViewContext, ViewRepository,
 };
-use cqrs_testkit::conformance::{check_event_repository, check_snapshot_repository, SqliteHarness};
+use cqrs_testkit::conformance::{
+    check_event_repository, check_snapshot_repository, check_view_repository, SqliteHarness,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -108,6 +110,11 @@ async fn sqlite_store_passes_the_conformance_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_store_passes_the_snapshot_conformance_suite() {
     check_snapshot_repository(&SqliteHarness::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_view_store_passes_the_view_conformance_suite() {
+    check_view_repository(&SqliteHarness::new()).await;
 }
 
 // ---------------------------------------------------------------------------------------

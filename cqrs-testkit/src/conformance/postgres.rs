@@ -9,7 +9,7 @@ use cqrs::{PostgresEventRepository, Snapshot};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{SnapshotHarness, StoreHarness};
+use super::{SnapshotHarness, StoreHarness, ViewHarness};
 
 /// Runs the conformance suites on [`PostgresEventRepository`] against a real server: each
 /// [`fresh`](StoreHarness::fresh) store lives in a schema of its own (`t_<uuid>`), which
@@ -227,5 +227,21 @@ impl SnapshotHarness for PostgresHarness {
             .execute(store.pool())
             .await
             .unwrap_or_else(|error| panic!("PostgresHarness: cannot put a snapshot: {error}"));
+    }
+}
+
+impl ViewHarness for PostgresHarness {
+    type Database = PostgresEventRepository;
+    const VERSIONS_SHARE_A_TABLE: bool = true;
+
+    async fn fresh(&self) -> PostgresEventRepository {
+        StoreHarness::fresh(self).await
+    }
+
+    fn views<A: cqrs::Aggregate, V: cqrs::View<A>>(
+        &self,
+        database: &PostgresEventRepository,
+    ) -> impl cqrs::ViewRepository<A, V> {
+        cqrs::PostgresViewRepository::<V>::new(database)
     }
 }

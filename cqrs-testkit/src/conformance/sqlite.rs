@@ -7,7 +7,7 @@ use cqrs::store::sqlite::sqlx;
 use cqrs::{Snapshot, SqliteEventRepository};
 use uuid::Uuid;
 
-use super::{SnapshotHarness, StoreHarness};
+use super::{SnapshotHarness, StoreHarness, ViewHarness};
 
 /// Runs the conformance suites on [`SqliteEventRepository`]: each
 /// [`fresh`](StoreHarness::fresh) store is a new file in the system's temp directory, removed
@@ -185,5 +185,21 @@ impl SnapshotHarness for SqliteHarness {
         .execute(store.pool())
         .await
         .unwrap_or_else(|error| panic!("SqliteHarness: cannot put a snapshot: {error}"));
+    }
+}
+
+impl ViewHarness for SqliteHarness {
+    type Database = SqliteEventRepository;
+    const VERSIONS_SHARE_A_TABLE: bool = true;
+
+    async fn fresh(&self) -> SqliteEventRepository {
+        StoreHarness::fresh(self).await
+    }
+
+    fn views<A: cqrs::Aggregate, V: cqrs::View<A>>(
+        &self,
+        database: &SqliteEventRepository,
+    ) -> impl cqrs::ViewRepository<A, V> {
+        cqrs::SqliteViewRepository::<V>::new(database)
     }
 }
