@@ -95,6 +95,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+mod checkpoints;
+mod dead_letters;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 mod postgres;
@@ -103,6 +105,15 @@ mod snapshots;
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 mod sqlite;
 mod views;
+pub use checkpoints::{
+    check_checkpoint_missing, check_checkpoint_names_independent, check_checkpoint_repository,
+    check_checkpoint_round_trip, check_checkpoint_save_replaces, CheckpointHarness,
+    MemoryCheckpointHarness,
+};
+pub use dead_letters::{
+    check_dead_letter_record_and_skip, check_dead_letter_record_replaces,
+    check_dead_letter_round_trip, check_dead_letters, DeadLetterHarness,
+};
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresHarness;
 pub use snapshots::{

@@ -17,8 +17,8 @@ use cqrs::{
     Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository, View, ViewContext, ViewRepository,
 };
 use cqrs_testkit::conformance::{
-    check_event_repository, check_snapshot_repository, check_view_repository, PostgresHarness,
-    StoreHarness,
+    check_checkpoint_repository, check_dead_letters, check_event_repository,
+    check_snapshot_repository, check_view_repository, PostgresHarness, StoreHarness,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -111,6 +111,26 @@ async fn view_conformance_suite() {
     };
     let harness = PostgresHarness::new(url);
     check_view_repository(&harness).await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkpoint_conformance_suite() {
+    let Some(url) = url("checkpoint_conformance_suite") else {
+        return;
+    };
+    let harness = PostgresHarness::new(url);
+    check_checkpoint_repository(&harness).await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letter_conformance_suite() {
+    let Some(url) = url("dead_letter_conformance_suite") else {
+        return;
+    };
+    let harness = PostgresHarness::new(url);
+    check_dead_letters(&harness).await;
     harness.cleanup().await;
 }
 

@@ -18,7 +18,8 @@ use cqrs::{
     SqliteEventRepository, SqliteViewRepository, View, ViewContext, ViewRepository,
 };
 use cqrs_testkit::conformance::{
-    check_event_repository, check_snapshot_repository, check_view_repository, SqliteHarness,
+    check_checkpoint_repository, check_dead_letters, check_event_repository,
+    check_snapshot_repository, check_view_repository, SqliteHarness,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -115,6 +116,16 @@ async fn sqlite_store_passes_the_snapshot_conformance_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_view_store_passes_the_view_conformance_suite() {
     check_view_repository(&SqliteHarness::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_checkpoints_pass_the_checkpoint_conformance_suite() {
+    check_checkpoint_repository(&SqliteHarness::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_dead_letters_pass_the_dead_letter_conformance_suite() {
+    check_dead_letters(&SqliteHarness::new()).await;
 }
 
 // ---------------------------------------------------------------------------------------

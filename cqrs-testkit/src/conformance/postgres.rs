@@ -9,7 +9,7 @@ use cqrs::{PostgresEventRepository, Snapshot};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{SnapshotHarness, StoreHarness, ViewHarness};
+use super::{CheckpointHarness, DeadLetterHarness, SnapshotHarness, StoreHarness, ViewHarness};
 
 /// Runs the conformance suites on [`PostgresEventRepository`] against a real server: each
 /// [`fresh`](StoreHarness::fresh) store lives in a schema of its own (`t_<uuid>`), which
@@ -243,5 +243,24 @@ impl ViewHarness for PostgresHarness {
         database: &PostgresEventRepository,
     ) -> impl cqrs::ViewRepository<A, V> {
         cqrs::PostgresViewRepository::<V>::new(database)
+    }
+}
+
+impl CheckpointHarness for PostgresHarness {
+    type Checkpoints = PostgresEventRepository;
+
+    async fn fresh(&self) -> PostgresEventRepository {
+        StoreHarness::fresh(self).await
+    }
+}
+
+impl DeadLetterHarness for PostgresHarness {
+    type Sink = cqrs::store::postgres::PostgresDeadLetters;
+
+    fn dead_letters(
+        &self,
+        database: &PostgresEventRepository,
+    ) -> cqrs::store::postgres::PostgresDeadLetters {
+        cqrs::store::postgres::PostgresDeadLetters::new(database)
     }
 }

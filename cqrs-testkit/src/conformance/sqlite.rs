@@ -7,7 +7,7 @@ use cqrs::store::sqlite::sqlx;
 use cqrs::{Snapshot, SqliteEventRepository};
 use uuid::Uuid;
 
-use super::{SnapshotHarness, StoreHarness, ViewHarness};
+use super::{CheckpointHarness, DeadLetterHarness, SnapshotHarness, StoreHarness, ViewHarness};
 
 /// Runs the conformance suites on [`SqliteEventRepository`]: each
 /// [`fresh`](StoreHarness::fresh) store is a new file in the system's temp directory, removed
@@ -201,5 +201,24 @@ impl ViewHarness for SqliteHarness {
         database: &SqliteEventRepository,
     ) -> impl cqrs::ViewRepository<A, V> {
         cqrs::SqliteViewRepository::<V>::new(database)
+    }
+}
+
+impl CheckpointHarness for SqliteHarness {
+    type Checkpoints = SqliteEventRepository;
+
+    async fn fresh(&self) -> SqliteEventRepository {
+        StoreHarness::fresh(self).await
+    }
+}
+
+impl DeadLetterHarness for SqliteHarness {
+    type Sink = cqrs::store::sqlite::SqliteDeadLetters;
+
+    fn dead_letters(
+        &self,
+        database: &SqliteEventRepository,
+    ) -> cqrs::store::sqlite::SqliteDeadLetters {
+        cqrs::store::sqlite::SqliteDeadLetters::new(database)
     }
 }
