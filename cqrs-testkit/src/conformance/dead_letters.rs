@@ -149,7 +149,7 @@ fn expect_eq<T: PartialEq + Debug>(check: &str, what: &str, expected: T, actual:
     if expected != actual {
         fail(
             check,
-            format_args!("{what}: expected {expected:?}, the sink has {actual:?}"),
+            format_args!("{what}: expected {expected:?}, found {actual:?}"),
         );
     }
 }
