@@ -19,6 +19,9 @@
 //! | --- | --- | --- |
 //! | [`check_event_repository`] | [`StoreHarness`] | [`MemoryHarness`]; `SqliteHarness` (feature `sqlite`); `PostgresHarness` (feature `postgres`) |
 //! | [`check_snapshot_repository`] | [`SnapshotHarness`] | [`MemorySnapshotHarness`]; `SqliteHarness`; `PostgresHarness` |
+//! | [`check_view_repository`] | [`ViewHarness`] | [`MemoryViewHarness`]; `SqliteHarness`; `PostgresHarness` |
+//! | [`check_checkpoint_repository`] | [`CheckpointHarness`] | [`MemoryCheckpointHarness`]; `SqliteHarness`; `PostgresHarness` |
+//! | [`check_dead_letter_repository`] | [`DeadLetterHarness`] (on a [`ViewHarness`]) | [`MemoryViewHarness`]; `SqliteHarness`; `PostgresHarness` |
 //!
 //! A store of your own implements the harness traits (below); testing your application
 //! against SQLite or PostgreSQL, enable the testkit's feature and use the harness as it is.
@@ -112,7 +115,7 @@ pub use checkpoints::{
 };
 pub use dead_letters::{
     check_dead_letter_record_and_skip, check_dead_letter_record_replaces,
-    check_dead_letter_round_trip, check_dead_letters, DeadLetterHarness,
+    check_dead_letter_repository, check_dead_letter_round_trip, DeadLetterHarness,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresHarness;

@@ -438,5 +438,5 @@ async fn a_skip_that_leaves_the_checkpoint_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_store_without_a_flaw_passes() {
     conformance::check_view_repository(&FlawedHarness(Flaw::None)).await;
-    conformance::check_dead_letters(&FlawedHarness(Flaw::None)).await;
+    conformance::check_dead_letter_repository(&FlawedHarness(Flaw::None)).await;
 }

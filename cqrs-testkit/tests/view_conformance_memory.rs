@@ -1,7 +1,7 @@
 //! The in-memory view, checkpoint and dead-letter stores pass their conformance suites.
 
 use cqrs_testkit::conformance::{
-    check_checkpoint_repository, check_dead_letters, check_view_repository,
+    check_checkpoint_repository, check_dead_letter_repository, check_view_repository,
     MemoryCheckpointHarness, MemoryViewHarness,
 };
 
@@ -17,5 +17,5 @@ async fn memory_checkpoint_store_conforms() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_dead_letters_conform() {
-    check_dead_letters(&MemoryViewHarness).await;
+    check_dead_letter_repository(&MemoryViewHarness).await;
 }

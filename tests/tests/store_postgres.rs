@@ -17,7 +17,7 @@ use cqrs::{
     Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository, View, ViewContext, ViewRepository,
 };
 use cqrs_testkit::conformance::{
-    check_checkpoint_repository, check_dead_letters, check_event_repository,
+    check_checkpoint_repository, check_dead_letter_repository, check_event_repository,
     check_snapshot_repository, check_view_repository, PostgresHarness, StoreHarness,
 };
 use serde::{Deserialize, Serialize};
@@ -130,7 +130,7 @@ async fn dead_letter_conformance_suite() {
         return;
     };
     let harness = PostgresHarness::new(url);
-    check_dead_letters(&harness).await;
+    check_dead_letter_repository(&harness).await;
     harness.cleanup().await;
 }
 

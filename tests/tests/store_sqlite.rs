@@ -18,7 +18,7 @@ use cqrs::{
     SqliteEventRepository, SqliteViewRepository, View, ViewContext, ViewRepository,
 };
 use cqrs_testkit::conformance::{
-    check_checkpoint_repository, check_dead_letters, check_event_repository,
+    check_checkpoint_repository, check_dead_letter_repository, check_event_repository,
     check_snapshot_repository, check_view_repository, SqliteHarness,
 };
 use serde::{Deserialize, Serialize};
@@ -125,7 +125,7 @@ async fn sqlite_checkpoints_pass_the_checkpoint_conformance_suite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_dead_letters_pass_the_dead_letter_conformance_suite() {
-    check_dead_letters(&SqliteHarness::new()).await;
+    check_dead_letter_repository(&SqliteHarness::new()).await;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 //!
 //! A store author implements [`DeadLetterHarness`] (on top of the store's [`ViewHarness`]:
 //! the sink on a database, beside the views whose checkpoints it moves) and calls
-//! [`check_dead_letters`]. Every clause has its own `check_*` function too. A check panics on
+//! [`check_dead_letter_repository`]. Every clause has its own `check_*` function too. A check panics on
 //! the first violation with a message that starts with
 //! ``store conformance check `NAME` failed:``.
 
@@ -27,7 +27,7 @@ use super::{fail, ok, MemoryViewDatabase, MemoryViewHarness, ViewHarness};
 ///
 /// ```
 /// use cqrs::projection::MemoryDeadLetters;
-/// use cqrs_testkit::conformance::{check_dead_letters, DeadLetterHarness, MemoryViewDatabase, ViewHarness};
+/// use cqrs_testkit::conformance::{check_dead_letter_repository, DeadLetterHarness, MemoryViewDatabase, ViewHarness};
 ///
 /// /// Memory views with a sink of their own, to show the shape; a SQL harness returns the
 /// /// sink on the database's file or schema.
@@ -55,7 +55,7 @@ use super::{fail, ok, MemoryViewDatabase, MemoryViewHarness, ViewHarness};
 /// }
 ///
 /// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
-/// check_dead_letters(&MyHarness).await;
+/// check_dead_letter_repository(&MyHarness).await;
 /// # });
 /// ```
 pub trait DeadLetterHarness: ViewHarness {
@@ -81,15 +81,15 @@ impl DeadLetterHarness for MemoryViewHarness {
 /// [`check_dead_letter_record_replaces`], [`check_dead_letter_record_and_skip`].
 ///
 /// ```
-/// use cqrs_testkit::conformance::{check_dead_letters, MemoryViewHarness};
+/// use cqrs_testkit::conformance::{check_dead_letter_repository, MemoryViewHarness};
 ///
 /// #[tokio::test(flavor = "multi_thread")]
 /// async fn memory_dead_letters_conform() {
-///     check_dead_letters(&MemoryViewHarness).await;
+///     check_dead_letter_repository(&MemoryViewHarness).await;
 /// }
 /// # fn main() {}
 /// ```
-pub async fn check_dead_letters<H: DeadLetterHarness>(harness: &H) {
+pub async fn check_dead_letter_repository<H: DeadLetterHarness>(harness: &H) {
     check_dead_letter_round_trip(harness).await;
     check_dead_letter_record_replaces(harness).await;
     check_dead_letter_record_and_skip(harness).await;

@@ -16,7 +16,10 @@ use super::{CheckpointHarness, DeadLetterHarness, SnapshotHarness, StoreHarness,
 /// [`cleanup`](PostgresHarness::cleanup) drops. Damage is done with SQL behind the store's
 /// back.
 ///
-/// The same store is its own snapshot store, so the harness runs the snapshot suite too.
+/// The same store is its own snapshot store and checkpoint store, and its schema holds the
+/// views (`PostgresViewRepository`, whose versions share a table) and the dead letters
+/// (`PostgresDeadLetters`, which moves the views' checkpoints), so the harness runs the snapshot,
+/// view, checkpoint and dead-letter suites too.
 ///
 /// ```no_run
 /// use cqrs_testkit::conformance::{check_event_repository, PostgresHarness};

@@ -14,7 +14,10 @@ use super::{CheckpointHarness, DeadLetterHarness, SnapshotHarness, StoreHarness,
 /// (with its `-wal` and `-shm` files) when the harness is dropped. Damage is done with SQL on
 /// the file, behind the store's back.
 ///
-/// The same store is its own snapshot store, so the harness runs the snapshot suite too.
+/// The same store is its own snapshot store and checkpoint store, and its file holds the
+/// views (`SqliteViewRepository`, whose versions share a table) and the dead letters
+/// (`SqliteDeadLetters`, which moves the views' checkpoints), so the harness runs the snapshot,
+/// view, checkpoint and dead-letter suites too.
 ///
 /// ```no_run
 /// use cqrs_testkit::conformance::{check_event_repository, check_snapshot_repository, SqliteHarness};
