@@ -19,6 +19,9 @@
 //! | --- | --- | --- |
 //! | [`check_event_repository`] | [`StoreHarness`] | [`MemoryHarness`]; `SqliteHarness` (feature `sqlite`); `PostgresHarness` (feature `postgres`) |
 //! | [`check_snapshot_repository`] | [`SnapshotHarness`] | [`MemorySnapshotHarness`]; `SqliteHarness`; `PostgresHarness` |
+//! | [`check_view_repository`] | [`ViewHarness`] | [`MemoryViewHarness`]; `SqliteHarness`; `PostgresHarness` |
+//! | [`check_checkpoint_repository`] | [`CheckpointHarness`] | [`MemoryCheckpointHarness`]; `SqliteHarness`; `PostgresHarness` |
+//! | [`check_dead_letter_repository`] | [`DeadLetterHarness`] (on a [`ViewHarness`]) | [`MemoryViewHarness`]; `SqliteHarness`; `PostgresHarness` |
 //!
 //! A store of your own implements the harness traits (below); testing your application
 //! against SQLite or PostgreSQL, enable the testkit's feature and use the harness as it is.
@@ -95,6 +98,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+mod checkpoints;
+mod dead_letters;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 mod postgres;
@@ -102,6 +107,16 @@ mod snapshots;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 mod sqlite;
+mod views;
+pub use checkpoints::{
+    check_checkpoint_missing, check_checkpoint_names_independent, check_checkpoint_repository,
+    check_checkpoint_round_trip, check_checkpoint_save_replaces, CheckpointHarness,
+    MemoryCheckpointHarness,
+};
+pub use dead_letters::{
+    check_dead_letter_record_and_skip, check_dead_letter_record_replaces,
+    check_dead_letter_repository, check_dead_letter_round_trip, DeadLetterHarness,
+};
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresHarness;
 pub use snapshots::{
@@ -111,6 +126,12 @@ pub use snapshots::{
 };
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteHarness;
+pub use views::{
+    check_view_checkpoint_never_goes_back, check_view_commit_with_checkpoint,
+    check_view_list_order, check_view_missing_row, check_view_optimistic_version,
+    check_view_repository, check_view_round_trip, check_view_version_activation,
+    check_view_versions_kept_apart, MemoryViewDatabase, MemoryViewHarness, ViewHarness,
+};
 
 /// What the conformance suite needs to know about a store: how to get an empty one, and how
 /// to damage its rows behind its back (to check that damage is reported, not hidden).

@@ -17,7 +17,8 @@ use cqrs::{
     Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository, View, ViewContext, ViewRepository,
 };
 use cqrs_testkit::conformance::{
-    check_event_repository, check_snapshot_repository, PostgresHarness, StoreHarness,
+    check_checkpoint_repository, check_dead_letter_repository, check_event_repository,
+    check_snapshot_repository, check_view_repository, PostgresHarness, StoreHarness,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -100,6 +101,36 @@ async fn snapshot_conformance_suite() {
     };
     let harness = PostgresHarness::new(url);
     check_snapshot_repository(&harness).await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn view_conformance_suite() {
+    let Some(url) = url("view_conformance_suite") else {
+        return;
+    };
+    let harness = PostgresHarness::new(url);
+    check_view_repository(&harness).await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkpoint_conformance_suite() {
+    let Some(url) = url("checkpoint_conformance_suite") else {
+        return;
+    };
+    let harness = PostgresHarness::new(url);
+    check_checkpoint_repository(&harness).await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letter_conformance_suite() {
+    let Some(url) = url("dead_letter_conformance_suite") else {
+        return;
+    };
+    let harness = PostgresHarness::new(url);
+    check_dead_letter_repository(&harness).await;
     harness.cleanup().await;
 }
 
@@ -773,56 +804,6 @@ async fn checkpoint_of(views: &PostgresViewRepository<CounterTotal>, name: &str)
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_view_writer_gets_a_conflict_and_writes_nothing() {
-    let Some(fx) = Fixture::new("stale_view_writer_gets_a_conflict_and_writes_nothing").await
-    else {
-        return;
-    };
-    let views = views(&fx);
-    let repo: &dyn ViewRepository<Counter, CounterTotal> = &views;
-
-    // Two writers create the same new row: the second loses.
-    let mut a = repo.load_for_update("v1").await.unwrap();
-    let mut b = repo.load_for_update("v1").await.unwrap();
-    assert_eq!((a.version, b.version), (0, 0));
-    a.view.total = 10;
-    b.view.total = 20;
-    repo.commit(vec![a], Some(cp("p", 1))).await.unwrap();
-    let error = repo.commit(vec![b], Some(cp("p", 2))).await.unwrap_err();
-    assert!(
-        matches!(&error, CQRSError::ViewConflict { view, view_id, expected_version: 0 } if view == "counter_total" && view_id == "v1"),
-        "{error:?}"
-    );
-    assert_eq!(repo.load("v1").await.unwrap().unwrap().total, 10);
-    assert_eq!(checkpoint_of(&views, "p").await, 1);
-
-    // Two writers update the same row: the stale one loses, and its other changes and its
-    // checkpoint are not written either.
-    let mut fresh = repo.load_for_update("v1").await.unwrap();
-    let mut stale = repo.load_for_update("v1").await.unwrap();
-    let mut other = repo.load_for_update("v2").await.unwrap();
-    assert_eq!(fresh.version, 1);
-    fresh.view.total = 11;
-    stale.view.total = 99;
-    other.view.total = 5;
-    repo.commit(vec![fresh], Some(cp("p", 3))).await.unwrap();
-    let error = repo
-        .commit(vec![other, stale], Some(cp("p", 4)))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&error, CQRSError::ViewConflict { view_id, expected_version: 1, .. } if view_id == "v1"),
-        "{error:?}"
-    );
-    assert_eq!(repo.load("v1").await.unwrap().unwrap().total, 11);
-    assert_eq!(repo.load("v2").await.unwrap(), None);
-    assert_eq!(checkpoint_of(&views, "p").await, 3);
-    let loaded = repo.load_for_update("v1").await.unwrap();
-    assert_eq!(loaded.version, 2);
-    fx.drop_schema().await;
-}
-
 fn cp(name: &str, position: i64) -> Checkpoint {
     Checkpoint {
         name: name.to_owned(),
@@ -881,39 +862,6 @@ async fn projection_commits_views_and_checkpoint_together() {
     projection.catch_up().await.unwrap();
     let even = repo.load(&ids[0].to_string()).await.unwrap().unwrap();
     assert_eq!((even.total, even.events), (130, 6));
-    fx.drop_schema().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_checkpoint_never_goes_back_with_view_changes() {
-    let Some(fx) = Fixture::new("a_checkpoint_never_goes_back_with_view_changes").await else {
-        return;
-    };
-    let views = views(&fx);
-    let repo: &dyn ViewRepository<Counter, CounterTotal> = &views;
-    let id = Uuid::new_v4().to_string();
-    let name = "totals_v1";
-    let mut first = repo.load_for_update(&id).await.unwrap();
-    first.view.total = 5;
-    repo.commit(vec![first], Some(cp(name, 10))).await.unwrap();
-
-    // A stale projector that read checkpoint 4 and loaded the rows after the commit above:
-    // its row versions are current, but its checkpoint is behind. Refused, nothing written.
-    for stale in [4, 10] {
-        let mut row = repo.load_for_update(&id).await.unwrap();
-        row.view.total += 1;
-        let error = repo
-            .commit(vec![row], Some(cp(name, stale)))
-            .await
-            .unwrap_err();
-        assert!(matches!(error, CQRSError::ViewConflict { .. }), "{error:?}");
-        assert_eq!(repo.load(&id).await.unwrap().unwrap().total, 5);
-        assert_eq!(checkpoint_of(&views, name).await, 10);
-    }
-    // The same checkpoint with no row change is a harmless no-op; forward is fine.
-    repo.commit(Vec::new(), Some(cp(name, 10))).await.unwrap();
-    repo.commit(Vec::new(), Some(cp(name, 11))).await.unwrap();
-    assert_eq!(checkpoint_of(&views, name).await, 11);
     fx.drop_schema().await;
 }
 

@@ -9,14 +9,17 @@ use cqrs::{PostgresEventRepository, Snapshot};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{SnapshotHarness, StoreHarness};
+use super::{CheckpointHarness, DeadLetterHarness, SnapshotHarness, StoreHarness, ViewHarness};
 
 /// Runs the conformance suites on [`PostgresEventRepository`] against a real server: each
 /// [`fresh`](StoreHarness::fresh) store lives in a schema of its own (`t_<uuid>`), which
 /// [`cleanup`](PostgresHarness::cleanup) drops. Damage is done with SQL behind the store's
 /// back.
 ///
-/// The same store is its own snapshot store, so the harness runs the snapshot suite too.
+/// The same store is its own snapshot store and checkpoint store, and its schema holds the
+/// views (`PostgresViewRepository`, whose versions share a table) and the dead letters
+/// (`PostgresDeadLetters`, which moves the views' checkpoints), so the harness runs the snapshot,
+/// view, checkpoint and dead-letter suites too.
 ///
 /// ```no_run
 /// use cqrs_testkit::conformance::{check_event_repository, PostgresHarness};
@@ -227,5 +230,40 @@ impl SnapshotHarness for PostgresHarness {
             .execute(store.pool())
             .await
             .unwrap_or_else(|error| panic!("PostgresHarness: cannot put a snapshot: {error}"));
+    }
+}
+
+impl ViewHarness for PostgresHarness {
+    type Database = PostgresEventRepository;
+    const VERSIONS_SHARE_A_TABLE: bool = true;
+
+    async fn fresh(&self) -> PostgresEventRepository {
+        StoreHarness::fresh(self).await
+    }
+
+    fn views<A: cqrs::Aggregate, V: cqrs::View<A>>(
+        &self,
+        database: &PostgresEventRepository,
+    ) -> impl cqrs::ViewRepository<A, V> {
+        cqrs::PostgresViewRepository::<V>::new(database)
+    }
+}
+
+impl CheckpointHarness for PostgresHarness {
+    type Checkpoints = PostgresEventRepository;
+
+    async fn fresh(&self) -> PostgresEventRepository {
+        StoreHarness::fresh(self).await
+    }
+}
+
+impl DeadLetterHarness for PostgresHarness {
+    type Sink = cqrs::store::postgres::PostgresDeadLetters;
+
+    fn dead_letters(
+        &self,
+        database: &PostgresEventRepository,
+    ) -> cqrs::store::postgres::PostgresDeadLetters {
+        cqrs::store::postgres::PostgresDeadLetters::new(database)
     }
 }

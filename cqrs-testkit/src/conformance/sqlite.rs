@@ -7,14 +7,17 @@ use cqrs::store::sqlite::sqlx;
 use cqrs::{Snapshot, SqliteEventRepository};
 use uuid::Uuid;
 
-use super::{SnapshotHarness, StoreHarness};
+use super::{CheckpointHarness, DeadLetterHarness, SnapshotHarness, StoreHarness, ViewHarness};
 
 /// Runs the conformance suites on [`SqliteEventRepository`]: each
 /// [`fresh`](StoreHarness::fresh) store is a new file in the system's temp directory, removed
 /// (with its `-wal` and `-shm` files) when the harness is dropped. Damage is done with SQL on
 /// the file, behind the store's back.
 ///
-/// The same store is its own snapshot store, so the harness runs the snapshot suite too.
+/// The same store is its own snapshot store and checkpoint store, and its file holds the
+/// views (`SqliteViewRepository`, whose versions share a table) and the dead letters
+/// (`SqliteDeadLetters`, which moves the views' checkpoints), so the harness runs the snapshot,
+/// view, checkpoint and dead-letter suites too.
 ///
 /// ```no_run
 /// use cqrs_testkit::conformance::{check_event_repository, check_snapshot_repository, SqliteHarness};
@@ -185,5 +188,40 @@ impl SnapshotHarness for SqliteHarness {
         .execute(store.pool())
         .await
         .unwrap_or_else(|error| panic!("SqliteHarness: cannot put a snapshot: {error}"));
+    }
+}
+
+impl ViewHarness for SqliteHarness {
+    type Database = SqliteEventRepository;
+    const VERSIONS_SHARE_A_TABLE: bool = true;
+
+    async fn fresh(&self) -> SqliteEventRepository {
+        StoreHarness::fresh(self).await
+    }
+
+    fn views<A: cqrs::Aggregate, V: cqrs::View<A>>(
+        &self,
+        database: &SqliteEventRepository,
+    ) -> impl cqrs::ViewRepository<A, V> {
+        cqrs::SqliteViewRepository::<V>::new(database)
+    }
+}
+
+impl CheckpointHarness for SqliteHarness {
+    type Checkpoints = SqliteEventRepository;
+
+    async fn fresh(&self) -> SqliteEventRepository {
+        StoreHarness::fresh(self).await
+    }
+}
+
+impl DeadLetterHarness for SqliteHarness {
+    type Sink = cqrs::store::sqlite::SqliteDeadLetters;
+
+    fn dead_letters(
+        &self,
+        database: &SqliteEventRepository,
+    ) -> cqrs::store::sqlite::SqliteDeadLetters {
+        cqrs::store::sqlite::SqliteDeadLetters::new(database)
     }
 }
