@@ -216,7 +216,7 @@ impl<A: Aggregate, V: View<A>> ViewRepository<A, V> for JsonViews<V> {
 
     async fn activate_version(&self, version: u64) -> Result<(), CQRSError> {
         if !self.database.has(Flaw::ActivationGoesBack) {
-            let marker = cqrs::view::active_version_marker(V::TABLE_NAME);
+            let marker = cqrs::store::active_version_marker(V::TABLE_NAME);
             let position = i64::try_from(version).map_err(CQRSError::persistence)?;
             if self.checkpoint(&marker).await? >= position {
                 return Ok(());
@@ -239,7 +239,7 @@ impl<A: Aggregate, V: View<A>> ViewRepository<A, V> for JsonViews<V> {
                 other => other,
             };
         }
-        let marker = cqrs::view::active_version_marker(V::TABLE_NAME);
+        let marker = cqrs::store::active_version_marker(V::TABLE_NAME);
         self.database
             .lock()
             .checkpoints
