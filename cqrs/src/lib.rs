@@ -58,14 +58,20 @@ pub use async_trait::async_trait;
 // The stores behind features.
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
-pub use crate::nats::{NatsProjection, NatsRelay, NatsStreamConfig};
+pub use crate::nats::{
+    NatsProjection, NatsProjectionHandle, NatsRelay, NatsRelayHandle, NatsStreamConfig,
+    UndecodableMessage,
+};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use crate::store::postgres::{PostgresEventRepository, PostgresViewRepository};
+pub use crate::store::postgres::{
+    PostgresDeadLetters, PostgresEventRepository, PostgresViewRepository,
+};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::store::sqlite::{
-    SqliteEventRepository, SqliteOptions, SqliteSnapshotRepository, SqliteViewRepository,
+    Durability, SqliteDeadLetters, SqliteEventRepository, SqliteOptions, SqliteSnapshotRepository,
+    SqliteViewRepository,
 };
 
 /// Derives [`DomainEvent`](trait@DomainEvent): each event's stored name and version, the list
