@@ -90,21 +90,21 @@ impl<V> MemoryViewRepository<V> {
         V: Clone,
     {
         let inner = self.lock();
-        let mut ids: Vec<&String> = inner
+        let mut rows: Vec<(&String, &V)> = inner
             .rows
-            .keys()
-            .filter(|id| after.is_none_or(|after| id.as_str() > after))
+            .iter()
+            .filter(|(id, _)| after.is_none_or(|after| id.as_str() > after))
+            .map(|(id, (view, _))| (id, view))
             .collect();
-        ids.sort_unstable();
-        Ok(ids
+        // Only the page is sorted: the `limit` lowest ids are picked out first.
+        if rows.len() > limit {
+            rows.select_nth_unstable_by(limit, |a, b| a.0.cmp(b.0));
+            rows.truncate(limit);
+        }
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Ok(rows
             .into_iter()
-            .take(limit)
-            .filter_map(|id| {
-                inner
-                    .rows
-                    .get(id)
-                    .map(|(view, _)| (id.clone(), view.clone()))
-            })
+            .map(|(id, view)| (id.clone(), view.clone()))
             .collect())
     }
 
