@@ -192,7 +192,7 @@ where
 {
     let handle = Projection::<BankAccount, BalanceView>::new(store.clone(), views)
         .with_load_concurrency(env_usize("BENCH_LAG_LOADS", 8))
-        .spawn();
+        .start();
     let live_by = Instant::now() + Duration::from_secs(30);
     while !handle.is_live() {
         if Instant::now() > live_by || handle.is_finished() {

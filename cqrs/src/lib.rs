@@ -14,6 +14,7 @@ pub mod payload;
 pub mod projection;
 pub mod query;
 pub mod store;
+mod task;
 pub mod view;
 
 // The write side.
@@ -59,8 +60,7 @@ pub use async_trait::async_trait;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use crate::nats::{
-    NatsProjection, NatsProjectionHandle, NatsRelay, NatsRelayHandle, NatsStreamConfig,
-    UndecodableMessage,
+    NatsProjection, NatsRelay, NatsRelayHandle, NatsStreamConfig, UndecodableMessage,
 };
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

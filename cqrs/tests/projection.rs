@@ -209,7 +209,7 @@ async fn an_event_appended_after_catch_up_reaches_the_view_by_notification() {
     let runner = Projection::<Ledger, Balance>::new(store.clone(), views.clone())
         .with_poll_interval(Duration::from_secs(3600))
         .with_safety_poll_interval(Duration::from_secs(3600))
-        .spawn();
+        .start();
     assert_eq!(runner.wait_for(2, WAIT).await.unwrap(), 2);
     // Caught up (and its version activated) before the next append.
     tokio::time::timeout(WAIT, async {
@@ -274,7 +274,7 @@ async fn without_notifications_the_runner_polls() {
     let views = MemoryViewRepository::<Balance>::new();
     let runner = Projection::<Ledger, Balance>::new(Deaf(store.clone()), views.clone())
         .with_poll_interval(Duration::from_millis(10))
-        .spawn();
+        .start();
     let id = Uuid::new_v4();
     let receipt = framework.dispatch(id, vec![1, 2, 3]).await.unwrap();
     runner
@@ -297,7 +297,7 @@ async fn a_poison_event_under_stop_names_itself_after_the_retries_and_keeps_the_
     let runner = Projection::<Ledger, NoThirteen>::new(store.clone(), views.clone())
         .with_poison_policy(PoisonPolicy::Stop)
         .with_handler_retry(quick_retry(3))
-        .spawn();
+        .start();
     let position_watch = runner.subscribe();
     // A reader waiting for a position past the poison event learns that the runner ended.
     let waited = runner.wait_for(4, WAIT).await.unwrap_err();
@@ -375,7 +375,7 @@ async fn a_poison_event_under_skip_and_record_is_a_dead_letter_and_the_rest_appl
     let runner = Projection::<Ledger, NoSixSixSix>::new(store.clone(), views.clone())
         .with_poison_policy(PoisonPolicy::SkipAndRecord)
         .with_handler_retry(quick_retry(2))
-        .spawn();
+        .start();
     runner.wait_for(4, WAIT).await.unwrap();
     let total = load(&views, "all").await.unwrap();
     assert_eq!((total.sum, total.events), (7, 3));
@@ -461,18 +461,18 @@ async fn two_runners_on_one_view_never_apply_an_event_twice() {
     let runners = [
         Projection::<Ledger, Balance>::new(store.clone(), Dawdling(balances.clone()))
             .with_batch_size(7)
-            .spawn(),
+            .start(),
         Projection::<Ledger, Balance>::new(store.clone(), Dawdling(balances.clone()))
             .with_batch_size(13)
-            .spawn(),
+            .start(),
     ];
     let total_runners = [
         Projection::<Ledger, GrandTotal>::new(store.clone(), Dawdling(totals.clone()))
             .with_batch_size(5)
-            .spawn(),
+            .start(),
         Projection::<Ledger, GrandTotal>::new(store.clone(), Dawdling(totals.clone()))
             .with_batch_size(11)
-            .spawn(),
+            .start(),
     ];
 
     let ids: Vec<Uuid> = (0..8).map(|_| Uuid::new_v4()).collect();
@@ -524,10 +524,10 @@ async fn several_views_run_side_by_side_with_their_own_checkpoints() {
     let balances = MemoryViewRepository::<Balance>::new();
     let totals = MemoryViewRepository::<GrandTotal>::new();
     let balance_runner =
-        Projection::<Ledger, Balance>::new(store.clone(), balances.clone()).spawn();
+        Projection::<Ledger, Balance>::new(store.clone(), balances.clone()).start();
     let total_runner = Projection::<Ledger, GrandTotal>::new(store.clone(), totals.clone())
         .with_name("grand_total_reporting")
-        .spawn();
+        .start();
     let id = Uuid::new_v4();
     let receipt = framework.dispatch(id, vec![3, 4]).await.unwrap();
     let position = receipt.last_position().unwrap();
@@ -555,7 +555,7 @@ async fn a_stopped_runner_resumes_at_its_checkpoint() {
     let first = framework.dispatch(id, vec![1; 30]).await.unwrap();
     let runner = Projection::<Ledger, Balance>::new(store.clone(), views.clone())
         .with_batch_size(4)
-        .spawn();
+        .start();
     runner
         .wait_for(first.last_position().unwrap(), WAIT)
         .await
@@ -566,7 +566,7 @@ async fn a_stopped_runner_resumes_at_its_checkpoint() {
     let restarted =
         Projection::<Ledger, Balance>::new(store.clone(), views.clone()).with_batch_size(4);
     assert_eq!(restarted.position().await.unwrap(), 30);
-    let runner = restarted.spawn();
+    let runner = restarted.start();
     runner
         .wait_for(second.last_position().unwrap(), WAIT)
         .await
@@ -613,7 +613,7 @@ async fn run_stops_when_its_shutdown_future_completes() {
 async fn waiting_on_a_handle_times_out_or_reports_a_stopped_runner() {
     let store = MemoryEventRepository::new();
     let views = MemoryViewRepository::<Balance>::new();
-    let runner = Projection::<Ledger, Balance>::new(store.clone(), views.clone()).spawn();
+    let runner = Projection::<Ledger, Balance>::new(store.clone(), views.clone()).start();
     let error = runner
         .wait_for(1, Duration::from_millis(50))
         .await

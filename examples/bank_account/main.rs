@@ -178,7 +178,7 @@ async fn demo(events: Arc<dyn EventRepository>, views: Views) -> Result<(), Box<
     let framework = CQRSFramework::<BankAccount>::new(Arc::clone(&events));
     // The balance view is kept up to date by a projection runner in the background: it
     // catches up from its checkpoint, then follows new events as they are committed.
-    let runner = Projection::<BankAccount, BalanceView>::new(events, Arc::clone(&views)).spawn();
+    let runner = Projection::<BankAccount, BalanceView>::new(events, Arc::clone(&views)).start();
 
     println!("account {ACCOUNT}");
     let mut steps = Vec::new();

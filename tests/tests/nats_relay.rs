@@ -439,7 +439,7 @@ async fn relay_runner_publishes_events_appended_while_it_runs() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    handle.stop().await.unwrap();
+    handle.shutdown().await.unwrap();
     let stored = store.read_all(0, usize::MAX).await.unwrap();
     assert_stream_is_store(&jetstream, &test.config, &stored).await;
 }
@@ -667,8 +667,8 @@ async fn projection_runner_applies_events_as_they_arrive() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    projection.stop().await.unwrap();
-    relay.stop().await.unwrap();
+    projection.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
 }
 
 /// A fresh test stream holding one ledger's events 1 to 3, published by a relay.
@@ -805,7 +805,7 @@ async fn projection_never_silently_drops_a_message_it_cannot_apply() {
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].event_type, "Frozen");
     assert_eq!(letters[0].position, 4);
-    running.stop().await.unwrap();
+    running.shutdown().await.unwrap();
 }
 
 /// Failures left before the flaky view accepts the event at position 2.
@@ -1134,7 +1134,7 @@ async fn damaged_rows_are_relayed_and_dead_lettered_by_the_consumer() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    handle.stop().await.unwrap();
+    handle.shutdown().await.unwrap();
     let messages = stream_messages(&jetstream, &test.config).await;
     let positions: Vec<&str> = messages
         .iter()

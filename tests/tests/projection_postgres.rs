@@ -124,7 +124,7 @@ async fn an_event_appended_after_catch_up_reaches_the_view_by_notification() {
     framework.dispatch(id, vec![1, 2]).await.unwrap();
     let runner = Projection::<Ledger, BalanceV1>::new(store.clone(), views(&store))
         .with_safety_poll_interval(Duration::from_secs(3600))
-        .spawn();
+        .start();
     runner.wait_for(2, WAIT).await.unwrap();
     let receipt = framework.dispatch(id, vec![3]).await.unwrap();
     runner
@@ -146,13 +146,13 @@ async fn two_runners_on_one_view_never_apply_an_event_twice() {
     let runners = [
         Projection::<Ledger, GrandTotal>::new(store.clone(), views(&store))
             .with_batch_size(5)
-            .spawn(),
+            .start(),
         Projection::<Ledger, GrandTotal>::new(store.clone(), views(&store))
             .with_batch_size(11)
-            .spawn(),
+            .start(),
         Projection::<Ledger, GrandTotal>::new(store.clone(), views(&store))
             .with_batch_size(17)
-            .spawn(),
+            .start(),
     ];
     let mut writers = Vec::new();
     for w in 0..4u64 {
@@ -204,7 +204,7 @@ async fn a_version_bump_rebuilds_beside_the_old_version_and_switches_when_caught
     assert_eq!(end, 300);
     let (replayed, _) = replay(&store).await;
 
-    let v1 = Projection::<Ledger, BalanceV1>::new(store.clone(), views(&store)).spawn();
+    let v1 = Projection::<Ledger, BalanceV1>::new(store.clone(), views(&store)).start();
     v1.wait_for(end, WAIT).await.unwrap();
     eventually(|| async { v1.is_live() }).await;
     let v2_views = views::<BalanceV2>(&store);
@@ -218,7 +218,7 @@ async fn a_version_bump_rebuilds_beside_the_old_version_and_switches_when_caught
             initial_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(5),
         })
-        .spawn();
+        .start();
     v2.wait_for(GATE_AT, WAIT).await.unwrap();
     assert_eq!(v2.position(), GATE_AT);
     assert!(!v2.is_live());

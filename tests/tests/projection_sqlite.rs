@@ -127,7 +127,7 @@ async fn an_event_appended_after_catch_up_reaches_the_view_by_notification() {
     let runner = Projection::<Ledger, BalanceV1>::new(store.clone(), store.views())
         .with_name("live_balances")
         .with_safety_poll_interval(Duration::from_secs(3600))
-        .spawn();
+        .start();
     runner.wait_for(2, Duration::from_secs(5)).await.unwrap();
     let receipt = framework.dispatch(id, vec![3]).await.unwrap();
     runner
@@ -159,7 +159,7 @@ async fn a_version_bump_rebuilds_beside_the_old_version_and_switches_when_caught
 
     let v1_views = store.views::<BalanceV1>();
     let v2_views = store.views::<BalanceV2>();
-    let v1 = Projection::<Ledger, BalanceV1>::new(store.clone(), v1_views.clone()).spawn();
+    let v1 = Projection::<Ledger, BalanceV1>::new(store.clone(), v1_views.clone()).start();
     v1.wait_for(end, Duration::from_secs(10)).await.unwrap();
     eventually(|| async { v1.is_live() }).await;
     assert_eq!(
@@ -177,7 +177,7 @@ async fn a_version_bump_rebuilds_beside_the_old_version_and_switches_when_caught
             initial_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(5),
         })
-        .spawn();
+        .start();
     assert_eq!(v2.name(), "balances_v2");
     v2.wait_for(GATE_AT, Duration::from_secs(10)).await.unwrap();
     assert_eq!(v2.position(), GATE_AT);
@@ -230,13 +230,13 @@ async fn projector_child() {
             .with_poison_policy(PoisonPolicy::Stop)
             .with_handler_retry(HandlerRetry::none())
             .with_safety_poll_interval(Duration::from_millis(20))
-            .spawn()
+            .start()
     };
     let balances = spawn_balances();
     let totals = Projection::<Ledger, GrandTotal>::new(store.clone(), store.views())
         .with_batch_size(333)
         .with_safety_poll_interval(Duration::from_millis(20))
-        .spawn();
+        .start();
     match std::env::var(CHILD_UNTIL) {
         Ok(until) => {
             let until: i64 = until.parse().unwrap();

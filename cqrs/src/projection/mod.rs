@@ -2,33 +2,31 @@
 //!
 //! A [`Projection`] reads the events after its checkpoint, applies them to its view and
 //! commits the view changes together with the new checkpoint. [`Projection::catch_up`] does
-//! it once; [`Projection::spawn`] (or [`Projection::run`]) catches up and then follows the
+//! it once; [`Projection::start`] (or [`Projection::run`]) catches up and then follows the
 //! store live, with a [`ProjectionHandle`] to read its position, wait for a position (read
 //! your writes), read its dead letters and stop it.
 //!
 //! Delivery guarantees, poison events and view version switches are described in
 //! `docs/adr/0005-projections.md` and on [`Projection`].
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{stream, StreamExt, TryStreamExt};
-use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::aggregate::Aggregate;
-use crate::error::{CQRSError, DamagedRow, ViewHandlerError};
-use crate::event::{EventEnvelope, PersistableDomainEvent};
-use crate::store::EventRepository;
-use crate::store::{Checkpoint, ViewContext, ViewRepository};
+use crate::error::CQRSError;
+use crate::store::{EventRepository, ViewRepository};
+use crate::task::Stop;
 use crate::view::View;
 
+mod core;
 mod poison;
 mod runner;
+
+pub(crate) use self::core::{Applied, Core};
 
 pub use crate::error::ProjectionStopped;
 pub use crate::store::memory::MemoryDeadLetters;
@@ -36,27 +34,12 @@ pub use crate::store::{DeadLetter, DeadLetterSkip, DeadLetters};
 pub use poison::{HandlerRetry, PoisonPolicy};
 pub use runner::ProjectionHandle;
 
-/// How many times in a row a batch may find its checkpoint moved by another projector before
-/// [`Projection::catch_up`] gives up with [`CQRSError::ViewConflict`].
-const MAX_STALE_IN_A_ROW: u32 = 64;
-
-/// How many view rows a batch loads at once, by default.
-const LOAD_CONCURRENCY: usize = 8;
-
-/// The envelopes of one stored event, each with the id of the view instance it updates.
-/// The envelopes one stored event decoded into, and the view ids each one updates (by index
-/// into the envelopes).
-type Targets<A> = (
-    Vec<EventEnvelope<<A as Aggregate>::Events>>,
-    Vec<(String, usize)>,
-);
-
 /// Keeps one view up to date from the event store.
 ///
 /// [`catch_up`](Projection::catch_up) reads every event after the view's checkpoint in
 /// global order, in batches, feeds the events of aggregate type `A` to the view instances
 /// they concern, and commits each batch's view changes together with the new checkpoint
-/// through [`ViewRepository::commit`]. [`spawn`](Projection::spawn) does the same and then
+/// through [`ViewRepository::commit`]. [`start`](Projection::start) does the same and then
 /// keeps following the store.
 ///
 /// # Exactly once
@@ -126,127 +109,24 @@ type Targets<A> = (
 /// ```
 pub struct Projection<A: Aggregate, V: View<A>> {
     events: Arc<dyn EventRepository>,
-    views: Arc<dyn ViewRepository<A, V>>,
-    name: String,
+    core: Core<A, V>,
     batch_size: usize,
-    poison: PoisonPolicy,
-    retry: HandlerRetry,
     poll_interval: Duration,
     safety_poll_interval: Duration,
-    load_concurrency: usize,
-    dead_letters: Arc<dyn DeadLetters>,
-    /// The checkpoint position as far as this projection knows it; dropped with the
-    /// projection, which tells a handle's waiters that the runner ended.
-    progress: watch::Sender<i64>,
-    shared: Arc<Shared>,
     _marker: PhantomData<fn() -> (A, V)>,
-}
-
-/// What a projection shares with its handle.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    /// Caught up with the store at least once.
-    pub(crate) live: AtomicBool,
-    /// This projection's version was made the active one.
-    pub(crate) activated: AtomicBool,
-    /// The last error the runner met, rendered.
-    pub(crate) last_error: Mutex<Option<String>>,
-}
-
-impl Shared {
-    pub(crate) fn set_last_error(&self, error: Option<String>) {
-        *self
-            .last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
-    }
 }
 
 impl<A: Aggregate, V: View<A>> fmt::Debug for Projection<A, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Projection")
-            .field("name", &self.name)
+            .field("name", &self.core.name)
             .field("batch_size", &self.batch_size)
-            .field("poison", &self.poison)
-            .field("retry", &self.retry)
+            .field("poison", &self.core.poison)
+            .field("retry", &self.core.retry)
             .field("poll_interval", &self.poll_interval)
             .field("safety_poll_interval", &self.safety_poll_interval)
-            .field("load_concurrency", &self.load_concurrency)
+            .field("load_concurrency", &self.core.load_concurrency)
             .finish()
-    }
-}
-
-/// How a batch ended.
-enum Applied {
-    /// Committed with its checkpoint.
-    Committed,
-    /// Another projector moved the checkpoint or a row first; nothing was written.
-    Stale,
-    /// The runner was asked to stop (only while waiting between retries).
-    Stopped,
-}
-
-/// Why a batch was not committed.
-enum BatchError {
-    /// The event at `index` of the batch failed to decode or to apply.
-    Poison { index: usize, error: CQRSError },
-    /// A store error: nothing was written.
-    Store(CQRSError),
-}
-
-impl From<CQRSError> for BatchError {
-    fn from(error: CQRSError) -> Self {
-        BatchError::Store(error)
-    }
-}
-
-/// Lets a runner interrupt waits; `catch_up` never stops.
-pub(crate) struct Stop {
-    signal: Option<watch::Receiver<bool>>,
-}
-
-impl Stop {
-    pub(crate) fn never() -> Self {
-        Stop { signal: None }
-    }
-
-    pub(crate) fn on(signal: watch::Receiver<bool>) -> Self {
-        Stop {
-            signal: Some(signal),
-        }
-    }
-
-    pub(crate) fn is_stopped(&self) -> bool {
-        self.signal.as_ref().is_some_and(|signal| {
-            *signal.borrow() || signal.has_changed().is_err() // sender gone: stop too
-        })
-    }
-
-    /// Sleeps for `duration`; true if a stop was asked meanwhile.
-    pub(crate) async fn sleep(&mut self, duration: Duration) -> bool {
-        match self.signal.as_mut() {
-            None => {
-                tokio::time::sleep(duration).await;
-                false
-            }
-            Some(signal) => {
-                let woken = tokio::select! {
-                    () = tokio::time::sleep(duration) => false,
-                    _ = signal.wait_for(|stop| *stop) => true,
-                };
-                woken || self.is_stopped()
-            }
-        }
-    }
-
-    /// Waits until a stop is asked (forever for [`Stop::never`]).
-    pub(crate) async fn stopped(&mut self) {
-        match self.signal.as_mut() {
-            None => std::future::pending().await,
-            Some(signal) => {
-                let _ = signal.wait_for(|stop| *stop).await;
-            }
-        }
     }
 }
 
@@ -259,21 +139,10 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     ) -> Self {
         Projection {
             events: Arc::new(events),
-            views: Arc::new(views),
-            name: Self::default_name(),
+            core: Core::new(Arc::new(views), Self::default_name()),
             batch_size: 500,
-            poison: PoisonPolicy::default(),
-            retry: HandlerRetry::default(),
             poll_interval: Duration::from_millis(100),
             safety_poll_interval: Duration::from_secs(1),
-            load_concurrency: LOAD_CONCURRENCY,
-            dead_letters: Arc::new(MemoryDeadLetters::new()),
-            progress: watch::channel(0).0,
-            shared: Arc::new(Shared {
-                live: AtomicBool::new(false),
-                activated: AtomicBool::new(false),
-                last_error: Mutex::new(None),
-            }),
             _marker: PhantomData,
         }
     }
@@ -286,7 +155,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// Uses another checkpoint name.
     #[must_use]
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
+        self.core.name = name.into();
         self
     }
 
@@ -301,7 +170,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// [`PoisonPolicy::Stop`]).
     #[must_use]
     pub fn with_poison_policy(mut self, policy: PoisonPolicy) -> Self {
-        self.poison = policy;
+        self.core.poison = policy;
         self
     }
 
@@ -309,10 +178,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// [`HandlerRetry::default`]: 3 tries, 100 ms then 200 ms).
     #[must_use]
     pub fn with_handler_retry(mut self, retry: HandlerRetry) -> Self {
-        self.retry = HandlerRetry {
-            attempts: retry.attempts.max(1),
-            ..retry
-        };
+        self.core.set_retry(retry);
         self
     }
 
@@ -320,7 +186,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// [`MemoryDeadLetters`] owned by this projection).
     #[must_use]
     pub fn with_dead_letters(mut self, sink: impl DeadLetters + 'static) -> Self {
-        self.dead_letters = Arc::new(sink);
+        self.core.dead_letters = Arc::new(sink);
         self
     }
 
@@ -346,13 +212,13 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// 1 loads them one after the other.
     #[must_use]
     pub fn with_load_concurrency(mut self, loads: usize) -> Self {
-        self.load_concurrency = loads.max(1);
+        self.core.load_concurrency = loads.max(1);
         self
     }
 
     /// The checkpoint name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.core.name
     }
 
     /// The global position of the last event applied.
@@ -360,7 +226,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// # Errors
     /// The view store's error.
     pub async fn position(&self) -> Result<i64, CQRSError> {
-        self.views.checkpoint(&self.name).await
+        self.core.checkpoint().await
     }
 
     /// The events this projection skipped under [`PoisonPolicy::SkipAndRecord`].
@@ -368,7 +234,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// # Errors
     /// The dead-letter sink's error.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, CQRSError> {
-        self.dead_letters.list(&self.name).await
+        self.core.dead_letters().await
     }
 
     /// Applies every event committed so far; returns the new checkpoint position. Once
@@ -435,9 +301,9 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     ) -> Result<Option<i64>, CQRSError> {
         let mut position = match known {
             Some(position) => position,
-            None => self.views.checkpoint(&self.name).await?,
+            None => self.core.checkpoint().await?,
         };
-        self.publish(position);
+        self.core.publish(position);
         // The highest position the store knows is committed, taken before each read: a short
         // page below it ended early (before a damaged row, see `EventRepository::read_all`),
         // so read on. Appends after the read do not count, so a busy store still ends a
@@ -453,12 +319,12 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
             {
                 Ok(batch) => {
                     let Some(last) = batch.last().map(|e| e.position) else {
-                        self.caught_up().await?;
+                        self.core.caught_up().await?;
                         return Ok(Some(position));
                     };
                     let span = tracing::debug_span!(
                         "projection_batch",
-                        projection = %self.name,
+                        projection = %self.core.name,
                         view = V::TABLE_NAME,
                         view_version = V::VERSION,
                         from = position + 1,
@@ -466,6 +332,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
                         events = batch.len(),
                     );
                     let applied = self
+                        .core
                         .apply_batch(position, &batch, stop)
                         .instrument(span)
                         .await?;
@@ -475,7 +342,10 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
                 }
                 // A row the store cannot read as an event: one poison event at its position.
                 Err(CQRSError::DamagedRow(damage)) if damage.position > position => {
-                    let applied = self.handle_damaged_row(position, &damage, stop).await?;
+                    let applied = self
+                        .core
+                        .handle_damaged_row(position, &damage, Some(&*self.events), stop)
+                        .await?;
                     (applied, damage.position, true)
                 }
                 Err(error) => return Err(error),
@@ -484,433 +354,17 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
                 Applied::Committed => {
                     stale = 0;
                     position = last;
-                    self.publish(position);
+                    self.core.publish(position);
                     if !more {
-                        self.caught_up().await?;
+                        self.core.caught_up().await?;
                         return Ok(Some(position));
                     }
                 }
                 Applied::Stale => {
-                    stale += 1;
-                    let moved = self.views.checkpoint(&self.name).await?;
-                    tracing::debug!(
-                        projection = %self.name,
-                        from = position,
-                        now = moved,
-                        "another projector committed first; resuming from its checkpoint"
-                    );
-                    if stale >= MAX_STALE_IN_A_ROW {
-                        return Err(CQRSError::ViewConflict {
-                            view: V::TABLE_NAME.to_owned(),
-                            view_id: format!("checkpoint {}", self.name),
-                            expected_version: position,
-                        });
-                    }
-                    position = moved;
-                    self.publish(position);
+                    position = self.core.resume_after_stale(position, &mut stale).await?;
                 }
                 Applied::Stopped => return Ok(None),
             }
-        }
-    }
-
-    /// Tells the handle's watchers about a new checkpoint (never going back).
-    fn publish(&self, position: i64) {
-        self.progress.send_if_modified(|known| {
-            if position > *known {
-                *known = position;
-                true
-            } else {
-                false
-            }
-        });
-    }
-
-    /// Marks the projection live and, the first time, makes its version the active one.
-    async fn caught_up(&self) -> Result<(), CQRSError> {
-        if !self.shared.activated.load(Ordering::Acquire) {
-            let before = self.views.active_version().await?;
-            if before.is_none_or(|active| active < V::VERSION) {
-                self.views.activate_version(V::VERSION).await?;
-                tracing::info!(
-                    projection = %self.name,
-                    view = V::TABLE_NAME,
-                    version = V::VERSION,
-                    previous = ?before,
-                    "view version caught up and activated"
-                );
-            }
-            self.shared.activated.store(true, Ordering::Release);
-        }
-        self.shared.live.store(true, Ordering::Release);
-        Ok(())
-    }
-
-    /// Applies `batch` (the events after checkpoint `from`), committing the events before a
-    /// poison event on their own, then handling the poison event, then the rest.
-    async fn apply_batch(
-        &self,
-        mut from: i64,
-        batch: &[PersistableDomainEvent],
-        stop: &mut Stop,
-    ) -> Result<Applied, CQRSError> {
-        let mut rest = batch;
-        let mut end = rest.len();
-        // The failure of the first event of `rest`, when a bigger batch already tried it.
-        let mut poison: Option<CQRSError> = None;
-        while !rest.is_empty() {
-            if let Some(error) = poison.take() {
-                match self.handle_poison(from, &rest[0], error, stop).await? {
-                    Applied::Committed => {
-                        from = rest[0].position;
-                        rest = &rest[1..];
-                        end = rest.len();
-                        continue;
-                    }
-                    other => return Ok(other),
-                }
-            }
-            let Some(last) = rest[..end].last().map(|e| e.position) else {
-                end = rest.len();
-                continue;
-            };
-            match self.apply_events(from, &rest[..end]).await {
-                Ok(Applied::Committed) => {
-                    from = last;
-                    rest = &rest[end..];
-                    end = rest.len();
-                }
-                Ok(other) => return Ok(other),
-                Err(BatchError::Store(error)) => return Err(error),
-                Err(BatchError::Poison { index, error }) if index > 0 => {
-                    // Commit the events before it first, then deal with it alone.
-                    match self.apply_events(from, &rest[..index]).await {
-                        Ok(Applied::Committed) => {
-                            from = rest[index - 1].position;
-                            rest = &rest[index..];
-                            end = rest.len();
-                            poison = Some(error);
-                        }
-                        Ok(other) => return Ok(other),
-                        Err(BatchError::Store(error)) => return Err(error),
-                        // A handler that fails where it passed a moment ago: start over on
-                        // the shorter prefix.
-                        Err(BatchError::Poison { index: 0, error }) => poison = Some(error),
-                        Err(BatchError::Poison { index: earlier, .. }) => end = earlier,
-                    }
-                }
-                Err(BatchError::Poison { error, .. }) => poison = Some(error),
-            }
-        }
-        Ok(Applied::Committed)
-    }
-
-    /// Retries the poison `event` (the first after checkpoint `from`), then applies the
-    /// policy. `Committed` means the checkpoint is past it (applied or skipped).
-    async fn handle_poison(
-        &self,
-        from: i64,
-        event: &PersistableDomainEvent,
-        mut error: CQRSError,
-        stop: &mut Stop,
-    ) -> Result<Applied, CQRSError> {
-        let mut failures = 1;
-        while failures < self.retry.attempts {
-            let wait = self.retry.backoff(failures);
-            tracing::warn!(
-                projection = %self.name,
-                position = event.position,
-                attempt = failures,
-                retry_in = ?wait,
-                %error,
-                "view handler failed; retrying"
-            );
-            if stop.sleep(wait).await {
-                return Ok(Applied::Stopped);
-            }
-            match self.apply_events(from, std::slice::from_ref(event)).await {
-                Ok(applied) => return Ok(applied),
-                Err(BatchError::Store(error)) => return Err(error),
-                Err(BatchError::Poison { error: again, .. }) => error = again,
-            }
-            failures += 1;
-        }
-        match self.poison {
-            PoisonPolicy::Stop => {
-                tracing::error!(
-                    projection = %self.name,
-                    view = V::TABLE_NAME,
-                    aggregate_type = %event.aggregate_type,
-                    aggregate_id = %event.aggregate_id,
-                    sequence = event.sequence,
-                    position = event.position,
-                    event_type = %event.event_type,
-                    event_version = %event.event_version,
-                    attempts = failures,
-                    %error,
-                    "poison event: projection stops"
-                );
-                Err(error)
-            }
-            PoisonPolicy::SkipAndRecord => {
-                let letter = DeadLetter::new(&self.name, V::TABLE_NAME, event, &error, failures);
-                self.skip_and_record(from, letter).await
-            }
-        }
-    }
-
-    /// Handles the row after checkpoint `from` that the store cannot read as an event
-    /// ([`CQRSError::DamagedRow`]): a poison event at its position. `Committed` means the
-    /// checkpoint is past it; `Stale` that the page is to be read again.
-    ///
-    /// A row of another aggregate type is passed over like any event of another type. Any
-    /// other row is read again per [`HandlerRetry`] (a repaired row is then read as the
-    /// event it is), then the policy applies: `Stop` ends with the damage as the error,
-    /// `SkipAndRecord` records a dead letter and moves the checkpoint past the position.
-    async fn handle_damaged_row(
-        &self,
-        from: i64,
-        damage: &DamagedRow,
-        stop: &mut Stop,
-    ) -> Result<Applied, CQRSError> {
-        if damage
-            .aggregate_type
-            .as_deref()
-            .is_some_and(|aggregate_type| aggregate_type != A::NAME)
-        {
-            return match self.commit_after(from, damage.position, Vec::new()).await {
-                Ok(applied) => Ok(applied),
-                Err(BatchError::Store(error) | BatchError::Poison { error, .. }) => Err(error),
-            };
-        }
-        let mut failures = 1;
-        while failures < self.retry.attempts {
-            let wait = self.retry.backoff(failures);
-            tracing::warn!(
-                projection = %self.name,
-                position = damage.position,
-                attempt = failures,
-                retry_in = ?wait,
-                error = %damage,
-                "damaged row in the event store; reading it again"
-            );
-            if stop.sleep(wait).await {
-                return Ok(Applied::Stopped);
-            }
-            match self.events.read_all(from, 1).await {
-                Err(CQRSError::DamagedRow(again)) if *again == *damage => {}
-                // Repaired, or changed: read the page again.
-                Ok(_) | Err(CQRSError::DamagedRow(_)) => return Ok(Applied::Stale),
-                Err(error) => return Err(error),
-            }
-            failures += 1;
-        }
-        match self.poison {
-            PoisonPolicy::Stop => {
-                tracing::error!(
-                    projection = %self.name,
-                    view = V::TABLE_NAME,
-                    position = damage.position,
-                    attempts = failures,
-                    error = %damage,
-                    "poison event (a damaged row): projection stops"
-                );
-                Err(CQRSError::from(damage.clone()))
-            }
-            PoisonPolicy::SkipAndRecord => {
-                let letter =
-                    DeadLetter::for_damaged_row(&self.name, V::TABLE_NAME, damage, failures);
-                self.skip_and_record(from, letter).await
-            }
-        }
-    }
-
-    /// Records `letter` (the poison event right after checkpoint `from`) and moves the
-    /// checkpoint past it, exactly once with a sink that keeps the view store's checkpoints,
-    /// at least once otherwise. `Stale` when another projector moved the checkpoint.
-    async fn skip_and_record(&self, from: i64, letter: DeadLetter) -> Result<Applied, CQRSError> {
-        if self.views.checkpoint(&self.name).await? != from {
-            return Ok(Applied::Stale);
-        }
-        let position = letter.position;
-        // A sink on the view store's database records the letter with the checkpoint that
-        // skips the event, in one transaction: exactly once.
-        let skipped = self.dead_letters.record_and_skip(&letter, from).await?;
-        if skipped != DeadLetterSkip::Unsupported {
-            let now = self.views.checkpoint(&self.name).await?;
-            if skipped == DeadLetterSkip::Committed && now >= position {
-                self.log_skipped(&letter, "exactly once");
-                self.publish(position);
-                return Ok(Applied::Committed);
-            }
-            if now != from {
-                return Ok(Applied::Stale);
-            }
-            tracing::warn!(
-                projection = %self.name,
-                "the dead-letter sink does not keep this view store's checkpoints; \
-                 recording the dead letter before the checkpoint instead"
-            );
-        }
-        // Recorded before the checkpoint moves: at least once, idempotent per
-        // (projection, position).
-        self.dead_letters.record(letter.clone()).await?;
-        self.log_skipped(&letter, "at least once");
-        let checkpoint = Checkpoint {
-            name: self.name.clone(),
-            position,
-        };
-        match self.views.commit(Vec::new(), Some(checkpoint)).await {
-            Ok(()) => {
-                self.publish(position);
-                Ok(Applied::Committed)
-            }
-            Err(CQRSError::ViewConflict { .. }) => Ok(Applied::Stale),
-            Err(error) => Err(error),
-        }
-    }
-
-    /// Logs a poison event skipped under [`PoisonPolicy::SkipAndRecord`].
-    fn log_skipped(&self, letter: &DeadLetter, recorded: &'static str) {
-        tracing::error!(
-            projection = %self.name,
-            view = V::TABLE_NAME,
-            aggregate_type = %letter.aggregate_type,
-            aggregate_id = %letter.aggregate_id,
-            sequence = letter.sequence,
-            position = letter.position,
-            event_type = %letter.event_type,
-            event_version = %letter.event_version,
-            attempts = letter.attempts,
-            error = %letter.error,
-            recorded,
-            "poison event skipped and recorded as a dead letter"
-        );
-    }
-
-    /// Applies `events` (the events right after checkpoint `from`) and commits them with the
-    /// checkpoint at the last one, or reports the first poison event.
-    async fn apply_events(
-        &self,
-        from: i64,
-        events: &[PersistableDomainEvent],
-    ) -> Result<Applied, BatchError> {
-        let Some(last) = events.last().map(|e| e.position) else {
-            return Ok(Applied::Committed);
-        };
-        match self.apply_in_memory(events).await {
-            Ok(changes) => self.commit_after(from, last, changes).await,
-            // A refusal may come from rows another projector already moved past these
-            // events: only a failure on the current checkpoint is a poison event.
-            Err(BatchError::Poison { .. }) if self.views.checkpoint(&self.name).await? != from => {
-                Ok(Applied::Stale)
-            }
-            Err(error) => Err(error),
-        }
-    }
-
-    /// Loads the touched view rows and applies `events` to them, without writing.
-    ///
-    /// The events are decoded first (up to the first one that does not decode) to learn
-    /// which rows they touch; the rows are then loaded concurrently (up to
-    /// [`with_load_concurrency`](Self::with_load_concurrency) at a time), so a batch costs about one load's latency rather than
-    /// one per row, and the events are applied in order.
-    async fn apply_in_memory(
-        &self,
-        events: &[PersistableDomainEvent],
-    ) -> Result<Vec<ViewContext<V>>, BatchError> {
-        // Per event of `A` (by index in `events`): the view ids it touches, with its envelopes.
-        let mut decoded: Vec<(usize, Targets<A>)> = Vec::new();
-        let mut undecodable = None;
-        let mut order: Vec<String> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
-        for (index, stored) in events.iter().enumerate() {
-            if stored.aggregate_type != A::NAME {
-                continue;
-            }
-            // An upcast may turn one stored event into several, or none (then only the
-            // checkpoint moves past it).
-            match stored.decode_all::<A::Events>() {
-                Ok(envelopes) => {
-                    let mut targets = Vec::with_capacity(envelopes.len());
-                    for (at, envelope) in envelopes.iter().enumerate() {
-                        for view_id in V::view_ids(envelope) {
-                            if seen.insert(view_id.clone()) {
-                                order.push(view_id.clone());
-                            }
-                            targets.push((view_id, at));
-                        }
-                    }
-                    decoded.push((index, (envelopes, targets)));
-                }
-                Err(error) => {
-                    undecodable = Some(BatchError::Poison { index, error });
-                    break;
-                }
-            }
-        }
-        // Boxed futures collected first: a closure held across the await would trip the
-        // compiler's `Send` proof of the spawned runner.
-        let loads: Vec<_> = order
-            .iter()
-            .map(|view_id| self.views.load_for_update(view_id))
-            .collect();
-        let loaded: Vec<ViewContext<V>> = stream::iter(loads)
-            .buffered(self.load_concurrency)
-            .try_collect()
-            .await?;
-        let mut touched: HashMap<&str, ViewContext<V>> =
-            order.iter().map(String::as_str).zip(loaded).collect();
-        for (index, (envelopes, targets)) in &decoded {
-            let stored = &events[*index];
-            for (view_id, at) in targets {
-                let Some(context) = touched.get_mut(view_id.as_str()) else {
-                    continue;
-                };
-                context
-                    .view
-                    .handle_event_for(view_id, &envelopes[*at])
-                    .map_err(|error| BatchError::Poison {
-                        index: *index,
-                        error: ViewHandlerError::for_event(V::TABLE_NAME, stored, error),
-                    })?;
-            }
-        }
-        // An event that does not decode fails after the events before it applied cleanly.
-        if let Some(poison) = undecodable {
-            return Err(poison);
-        }
-        Ok(order
-            .iter()
-            .filter_map(|id| touched.remove(id.as_str()))
-            .collect())
-    }
-
-    /// Commits `changes` with the checkpoint `last`, unless the checkpoint moved from `from`.
-    async fn commit_after(
-        &self,
-        from: i64,
-        last: i64,
-        changes: Vec<ViewContext<V>>,
-    ) -> Result<Applied, BatchError> {
-        // Re-read the checkpoint after loading the rows. A projector that committed any of
-        // these events before our loads shows here (its rows and checkpoint commit
-        // together); one that commits after our loads makes our row versions stale, and the
-        // store refuses a checkpoint that goes back. Either way nothing is applied twice.
-        if self.views.checkpoint(&self.name).await? != from {
-            return Ok(Applied::Stale);
-        }
-        let checkpoint = Checkpoint {
-            name: self.name.clone(),
-            position: last,
-        };
-        match self.views.commit(changes, Some(checkpoint)).await {
-            Ok(()) => {
-                self.publish(last);
-                Ok(Applied::Committed)
-            }
-            Err(CQRSError::ViewConflict { .. }) => Ok(Applied::Stale),
-            Err(error) => Err(BatchError::Store(error)),
         }
     }
 }

@@ -2,22 +2,19 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::aggregate::Aggregate;
-use crate::error::{CQRSError, ProjectionStopped};
+use crate::error::CQRSError;
+use crate::task::{backoff, is_transient, Stop, Task};
 use crate::view::View;
 
-use super::{DeadLetter, DeadLetters, Projection, Shared, Stop};
-
-/// The longest wait between two tries after a store error.
-const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
+use super::core::Watched;
+use super::{DeadLetter, DeadLetters, Projection};
 
 impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// Catches up, then follows the store until `shutdown` completes or a poison event stops
@@ -92,7 +89,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// let store = MemoryEventRepository::new();
     /// let views = MemoryViewRepository::<CounterTotal>::new();
     /// let framework = CQRSFramework::<Counter>::new(store.clone());
-    /// let runner = Projection::<Counter, CounterTotal>::new(store, views.clone()).spawn();
+    /// let runner = Projection::<Counter, CounterTotal>::new(store, views.clone()).start();
     ///
     /// let id = Uuid::new_v4();
     /// let receipt = framework.dispatch(id, CounterCommand::Increment { by: 4 }).await?;
@@ -105,35 +102,18 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// # }).unwrap();
     /// ```
     #[must_use = "dropping the handle stops the projection"]
-    pub fn spawn(self) -> ProjectionHandle {
-        let (stop, signal) = watch::channel(false);
-        let shared = Arc::clone(&self.shared);
-        let dead_letters = Arc::clone(&self.dead_letters);
-        let position = self.progress.subscribe();
-        let name = self.name.clone();
-        let task = tokio::spawn(self.run_until(Stop::on(signal)));
-        ProjectionHandle {
-            name,
-            stop,
-            position,
-            shared,
-            dead_letters,
-            task,
-        }
+    pub fn start(self) -> ProjectionHandle {
+        ProjectionHandle::spawn(self.core.watch(), |stop| self.run_until(stop))
     }
 
     async fn run_until(self, mut stop: Stop) -> Result<(), CQRSError> {
         let span = tracing::info_span!(
             "projection",
-            projection = %self.name,
+            projection = %self.core.name,
             view = V::TABLE_NAME,
             view_version = V::VERSION,
         );
-        let result = self.follow(&mut stop).instrument(span).await;
-        if let Err(error) = &result {
-            self.shared.set_last_error(Some(error.to_string()));
-        }
-        result
+        self.follow(&mut stop).instrument(span).await
     }
 
     async fn follow(&self, stop: &mut Stop) -> Result<(), CQRSError> {
@@ -159,9 +139,9 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
                 Err(error) if is_transient(&error) => {
                     known = None;
                     failures = failures.saturating_add(1);
-                    let wait = store_backoff(failures);
+                    let wait = backoff(failures);
                     tracing::warn!(%error, retry_in = ?wait, "projection failed; retrying");
-                    self.shared.set_last_error(Some(error.to_string()));
+                    self.core.shared.set_last_error(Some(error.to_string()));
                     if stop.sleep(wait).await {
                         return Ok(());
                     }
@@ -187,35 +167,18 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     }
 }
 
-fn is_transient(error: &CQRSError) -> bool {
-    matches!(
-        error,
-        CQRSError::PersistenceError(_) | CQRSError::ViewConflict { .. }
-    )
-}
-
-fn store_backoff(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(10);
-    Duration::from_millis(50)
-        .saturating_mul(1 << doublings)
-        .min(MAX_STORE_BACKOFF)
-}
-
-/// A running projection (see [`Projection::spawn`]): its position, its errors, and a way to
-/// stop it. Dropping the handle stops the projection.
+/// A running projection (see [`Projection::start`] and
+/// [`NatsProjection::start`](crate::NatsProjection::start)): its position, its errors, and a
+/// way to stop it. Dropping the handle stops the projection.
 pub struct ProjectionHandle {
-    name: String,
-    stop: watch::Sender<bool>,
-    position: watch::Receiver<i64>,
-    shared: Arc<Shared>,
+    task: Task,
     dead_letters: Arc<dyn DeadLetters>,
-    task: JoinHandle<Result<(), CQRSError>>,
 }
 
 impl fmt::Debug for ProjectionHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProjectionHandle")
-            .field("name", &self.name)
+            .field("name", &self.name())
             .field("position", &self.position())
             .field("live", &self.is_live())
             .field("finished", &self.is_finished())
@@ -224,20 +187,38 @@ impl fmt::Debug for ProjectionHandle {
 }
 
 impl ProjectionHandle {
+    /// Spawns `run` (a source's loop, given the stop signal; `watched` is what its engine
+    /// shows a handle) on a tokio task and returns its handle.
+    pub(crate) fn spawn<F>(watched: Watched, run: impl FnOnce(Stop) -> F) -> Self
+    where
+        F: Future<Output = Result<(), CQRSError>> + Send + 'static,
+    {
+        let Watched {
+            name,
+            position,
+            shared,
+            dead_letters,
+        } = watched;
+        ProjectionHandle {
+            task: Task::spawn(name, position, shared, run),
+            dead_letters,
+        }
+    }
+
     /// The projection's checkpoint name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.task.name()
     }
 
     /// The position of the last event applied (0 until the checkpoint is read).
     pub fn position(&self) -> i64 {
-        *self.position.borrow()
+        self.task.position()
     }
 
     /// A receiver of the position, updated after every committed batch: await
     /// `changed()` or `wait_for(..)` on it to follow the projection.
     pub fn subscribe(&self) -> watch::Receiver<i64> {
-        self.position.clone()
+        self.task.subscribe()
     }
 
     /// Waits until the projection has applied every event up to `position` (read your
@@ -248,28 +229,13 @@ impl ProjectionHandle {
     /// [`CQRSError::Timeout`]; [`CQRSError::ProjectionStopped`] when the runner ended
     /// before reaching `position`.
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> Result<i64, CQRSError> {
-        let mut progress = self.position.clone();
-        let reached = tokio::time::timeout(timeout, async {
-            progress
-                .wait_for(|reached| *reached >= position)
-                .await
-                .map(|reached| *reached)
-        })
-        .await
-        .map_err(|_| CQRSError::Timeout(timeout))?;
-        reached.map_err(|_| {
-            CQRSError::ProjectionStopped(ProjectionStopped {
-                projection: self.name.clone(),
-                reached: self.position(),
-                wanted: position,
-            })
-        })
+        self.task.wait_for(position, timeout).await
     }
 
-    /// True once the projection has caught up with the store (it then follows it live) and
+    /// True once the projection has caught up with its source (it then follows it live) and
     /// activated its view version (see [`Projection`]).
     pub fn is_live(&self) -> bool {
-        self.shared.live.load(Ordering::Acquire)
+        self.task.is_live()
     }
 
     /// True when the runner has ended (stopped, or failed: see [`wait`](Self::wait)).
@@ -280,11 +246,7 @@ impl ProjectionHandle {
     /// The last error the runner met, rendered: a store error it is retrying, or the error
     /// it stopped with. `None` when there was none.
     pub fn last_error(&self) -> Option<String> {
-        self.shared
-            .last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.task.last_error()
     }
 
     /// The events the projection skipped under
@@ -293,12 +255,13 @@ impl ProjectionHandle {
     /// # Errors
     /// The dead-letter sink's error.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, CQRSError> {
-        self.dead_letters.list(&self.name).await
+        self.dead_letters.list(self.task.name()).await
     }
 
-    /// Asks the runner to stop after the batch in flight; see [`wait`](Self::wait).
+    /// Asks the runner to stop after the batch in flight (a wait between handler retries
+    /// ends at once); see [`wait`](Self::wait).
     pub fn stop(&self) {
-        let _ = self.stop.send(true);
+        self.task.stop();
     }
 
     /// Waits for the runner to end and returns how it ended.
@@ -306,14 +269,7 @@ impl ProjectionHandle {
     /// # Errors
     /// The error the runner stopped with (see [`Projection::run`]).
     pub async fn wait(self) -> Result<(), CQRSError> {
-        let ProjectionHandle { task, stop, .. } = self;
-        let result = task.await;
-        drop(stop);
-        match result {
-            Ok(result) => result,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(_) => Ok(()), // cancelled with its runtime
-        }
+        self.task.wait().await
     }
 
     /// [`stop`](Self::stop), then [`wait`](Self::wait).

@@ -1,0 +1,116 @@
+//! NATS JetStream (feature `nats`): an outbox relay that publishes committed events, and a
+//! projection fed from JetStream.
+//!
+//! * [`NatsRelay`] reads the store in global order from its own checkpoint (a
+//!   [`CheckpointRepository`]) and publishes each event to a JetStream stream, on the subject
+//!   `<prefix>.<aggregate_type>.<event_type>`, with `Nats-Msg-Id` set to the event id. It waits
+//!   for the server's acknowledgement of every message of a batch before it saves the
+//!   checkpoint, so a crash republishes at most the unacknowledged tail, which the server
+//!   deduplicates. Every message but the first of a run also carries
+//!   `Nats-Expected-Last-Msg-Id` (the previous event's id), so the stream holds the events in
+//!   global order even when a publish fails half-way through a batch.
+//! * [`NatsProjection`] feeds a [`View`] from that stream through a durable pull consumer. Each
+//!   batch of messages becomes one [`ViewRepository::commit`] of the view changes and the
+//!   checkpoint (the last event's global position), and the messages are acknowledged only
+//!   after that commit. A message whose position is not above the checkpoint was already
+//!   applied: it is acknowledged and not applied again.
+//!
+//! Delivery is at least once; the effect on the view is exactly once (see
+//! `docs/adr/0006-nats.md`).
+//!
+//! # Wire format
+//!
+//! The body of every message is the [`PersistableDomainEvent`] as JSON (its serde form: the
+//! fields `event_id`, `aggregate_type_id`, `aggregate_id`, `aggregate_type`, `sequence`,
+//! `position`, `event_type`, `event_version`, `payload`, `metadata`, `timestamp`), so a
+//! consumer in any language reads the whole event, and [`NatsProjection`] decodes it exactly as
+//! a store would. The headers repeat what a router needs without parsing the body:
+//!
+//! | header | value |
+//! |--------|-------|
+//! | `Nats-Msg-Id` | the event id (deduplication) |
+//! | [`HEADER_AGGREGATE_TYPE`] | the aggregate type |
+//! | [`HEADER_AGGREGATE_ID`] | the aggregate id |
+//! | [`HEADER_SEQUENCE`] | the event's sequence within its aggregate |
+//! | [`HEADER_POSITION`] | the event's global position |
+//! | [`HEADER_EVENT_TYPE`] | the stored event name |
+//! | [`HEADER_EVENT_VERSION`] | the stored event version |
+//!
+//! A damaged row of the store travels as it is, so a consumer meets the same poison event
+//! as a reader of the store: an event whose stored payload is not JSON has, in place of
+//! `payload`, `payload_text` holding the stored text as a JSON string ([`decode_message`]
+//! gives the event back with that payload, which then fails to decode); a row the store
+//! cannot read as an event at all ([`CQRSError::DamagedRow`]) is a message of its own whose
+//! body is `{"damaged_row": {..}}` and whose headers name what could be read of it (always
+//! its position; the message id is `cqrs-damaged-row-<position>` when the event id is
+//! unreadable).
+//!
+//! # Example
+//!
+//! ```no_run
+//! # use cqrs::{Aggregate, CQRSError, DomainEvent, EventEnvelope, View};
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+//! # enum CounterEvent { Incremented { by: u32 } }
+//! # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
+//! # #[derive(Default)] struct Counter;
+//! # impl Aggregate for Counter {
+//! #     const NAME: &'static str = "counter";
+//! #     type Events = CounterEvent; type Commands = (); type Errors = CounterError; type State = ();
+//! #     async fn handle_command(&self, _: uuid::Uuid, _: &(), _: ()) -> Result<Vec<CounterEvent>, CounterError> { Ok(vec![]) }
+//! #     fn handle_event(&self, _: &mut (), _: &CounterEvent) {}
+//! # }
+//! # #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+//! # struct CounterTotal { total: u64 }
+//! # impl View<Counter> for CounterTotal {
+//! #     const TABLE_NAME: &'static str = "counter_total";
+//! #     const VERSION: u64 = 1;
+//! #     fn handle_event(&mut self, e: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
+//! #         let CounterEvent::Incremented { by } = e.event; self.total += u64::from(by); Ok(()) }
+//! # }
+//! use cqrs::nats::{NatsProjection, NatsRelay, NatsStreamConfig};
+//! use cqrs::{MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = cqrs::nats::async_nats::connect("nats://127.0.0.1:4222").await?;
+//! let jetstream = cqrs::nats::async_nats::jetstream::new(client);
+//! let stream = NatsStreamConfig::new("EVENTS", "events");
+//!
+//! // Publisher side: the relay runs beside the application.
+//! let store = MemoryEventRepository::new();
+//! let relay = NatsRelay::new(store.clone(), MemoryCheckpointRepository::new(), jetstream.clone(), stream.clone());
+//! let relay = relay.start();
+//!
+//! // Consumer side, possibly in another service.
+//! let views = MemoryViewRepository::<CounterTotal>::new();
+//! let projection = NatsProjection::<Counter, CounterTotal>::new(jetstream, stream, views);
+//! projection.catch_up().await?;
+//!
+//! relay.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod codec;
+mod config;
+mod consumer;
+mod relay;
+
+/// [`jetstream::Context`] without a version mismatch.
+#[doc(no_inline)]
+pub use async_nats;
+
+pub use codec::{
+    decode_message, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_EVENT_TYPE,
+    HEADER_EVENT_VERSION, HEADER_POSITION, HEADER_SEQUENCE,
+};
+pub use config::NatsStreamConfig;
+pub use consumer::{NatsProjection, UndecodableMessage};
+pub use relay::{NatsRelay, NatsRelayHandle};
+
+use crate::error::CQRSError;
+
+/// A broker failure, as the error every caller of this module sees.
+pub(crate) fn broker(error: impl Into<crate::error::BoxError>) -> CQRSError {
+    CQRSError::persistence(error)
+}

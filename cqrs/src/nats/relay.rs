@@ -1,0 +1,509 @@
+//! The outbox relay: publishes committed events to JetStream in global order.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::context::{Publish, PublishErrorKind};
+use async_nats::HeaderMap;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::error::{CQRSError, DamagedRow};
+use crate::event::PersistableDomainEvent;
+use crate::store::{Checkpoint, CheckpointRepository, EventRepository};
+use crate::task::{backoff, Shared, Stop, Task};
+
+use super::codec::{damaged_row_message_id, encode, encode_damaged_row};
+use super::{broker, NatsStreamConfig};
+
+/// One message of a relay batch, ready to publish.
+struct Outgoing {
+    position: i64,
+    message_id: String,
+    subject: String,
+    body: Vec<u8>,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    fn event(stream: &NatsStreamConfig, event: &PersistableDomainEvent) -> Result<Self, CQRSError> {
+        let (body, headers) = encode(event)?;
+        Ok(Outgoing {
+            position: event.position,
+            message_id: event.event_id.to_string(),
+            subject: stream.subject_for(event),
+            body,
+            headers,
+        })
+    }
+
+    fn damaged_row(stream: &NatsStreamConfig, damage: &DamagedRow) -> Result<Self, CQRSError> {
+        let (subject, body, headers) = encode_damaged_row(stream, damage)?;
+        Ok(Outgoing {
+            position: damage.position,
+            message_id: damaged_row_message_id(damage),
+            subject,
+            body,
+            headers,
+        })
+    }
+}
+
+/// Publishes committed events to a JetStream stream, in global order, exactly once in the
+/// stream (see the [module docs](super)).
+///
+/// Each run of [`relay_once`](Self::relay_once) reads up to `batch_size` events after the
+/// relay's checkpoint, publishes them all (pipelined), waits for every acknowledgement, then
+/// saves the checkpoint at the last one. If anything fails the checkpoint stays where it was
+/// and the next run republishes the batch; the server drops the copies by `Nats-Msg-Id`.
+///
+/// [`start`](Self::start) runs it in the background: catch up, then wait for the store's
+/// notification (or poll every `poll_interval` when the store cannot notify, or when another
+/// process appends), retrying failures with a backoff.
+pub struct NatsRelay {
+    events: Arc<dyn EventRepository>,
+    checkpoints: Arc<dyn CheckpointRepository>,
+    jetstream: jetstream::Context,
+    stream: NatsStreamConfig,
+    name: String,
+    batch_size: usize,
+    poll_interval: Duration,
+    /// The id of the last event this relay saw acknowledged, when the stream is known to end
+    /// with it: the next publish expects it as the stream's last message id. `None` at the
+    /// start of a run and after any failure.
+    last_published: tokio::sync::Mutex<Option<String>>,
+    /// The checkpoint as far as this relay knows it, for its handle.
+    progress: watch::Sender<i64>,
+    shared: Arc<Shared>,
+}
+
+/// What one relay batch did.
+struct Relayed {
+    /// Messages published (a damaged row counts as one).
+    published: usize,
+    /// The position of the last one, or the checkpoint when none.
+    last: i64,
+    /// The batch was a damaged row's message: more may follow.
+    damaged: bool,
+}
+
+impl fmt::Debug for NatsRelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsRelay")
+            .field("name", &self.name)
+            .field("stream", &self.stream)
+            .field("batch_size", &self.batch_size)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsRelay {
+    /// The checkpoint name a relay to `stream` uses unless [`with_name`](Self::with_name)
+    /// sets another: `nats_relay_<stream name>`.
+    ///
+    /// ```
+    /// let stream = cqrs::NatsStreamConfig::new("EVENTS", "events");
+    /// assert_eq!(cqrs::NatsRelay::default_name(&stream), "nats_relay_EVENTS");
+    /// ```
+    pub fn default_name(stream: &NatsStreamConfig) -> String {
+        format!("nats_relay_{}", stream.stream_name())
+    }
+
+    /// A relay from `events` to `stream`, with its checkpoint in `checkpoints` under
+    /// [`default_name`](Self::default_name), publishing 256 events per batch.
+    pub fn new(
+        events: impl EventRepository + 'static,
+        checkpoints: impl CheckpointRepository + 'static,
+        jetstream: jetstream::Context,
+        stream: NatsStreamConfig,
+    ) -> Self {
+        NatsRelay {
+            events: Arc::new(events),
+            checkpoints: Arc::new(checkpoints),
+            jetstream,
+            name: Self::default_name(&stream),
+            stream,
+            batch_size: 256,
+            poll_interval: Duration::from_millis(500),
+            last_published: tokio::sync::Mutex::new(None),
+            progress: watch::channel(0).0,
+            shared: Arc::new(Shared::default()),
+        }
+    }
+
+    /// Uses another checkpoint name.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Publishes up to `batch_size` events per batch (default 256, at least 1).
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// How long the background relay waits for a notification before it looks at the store
+    /// anyway (default 500 ms). Appends by other processes are only seen this way.
+    #[must_use]
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// The checkpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The stream this relay publishes to.
+    pub fn stream(&self) -> &NatsStreamConfig {
+        &self.stream
+    }
+
+    /// The position of the last event known to be in the stream.
+    ///
+    /// # Errors
+    /// The checkpoint store's error.
+    pub async fn position(&self) -> Result<i64, CQRSError> {
+        self.checkpoints.load_checkpoint(&self.name).await
+    }
+
+    /// Creates or updates the stream (see [`NatsStreamConfig::ensure_stream`]).
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`].
+    pub async fn ensure_stream(&self) -> Result<(), CQRSError> {
+        self.stream.ensure_stream(&self.jetstream).await
+    }
+
+    /// Publishes one batch of events after the checkpoint and saves the checkpoint; returns
+    /// how many events were published (0 when there was nothing new).
+    ///
+    /// # Errors
+    /// A store error, [`CQRSError::Serialization`], or [`CQRSError::PersistenceError`] when a
+    /// publish is refused or not acknowledged (the checkpoint is then unchanged).
+    pub async fn relay_once(&self) -> Result<usize, CQRSError> {
+        Ok(self.relay_batch().await?.published)
+    }
+
+    /// [`relay_once`](Self::relay_once), saying also where the batch ended and whether the
+    /// store may hold more.
+    async fn relay_batch(&self) -> Result<Relayed, CQRSError> {
+        let mut last_published = self.last_published.lock().await;
+        let from = self.checkpoints.load_checkpoint(&self.name).await?;
+        let (batch, damaged) = match self.events.read_all(from, self.batch_size).await {
+            Ok(events) => (
+                events
+                    .iter()
+                    .map(|event| Outgoing::event(&self.stream, event))
+                    .collect::<Result<Vec<_>, _>>()?,
+                false,
+            ),
+            // A row the store cannot read as an event: published as a message of its own,
+            // so each consumer meets it as a poison event at its position.
+            Err(CQRSError::DamagedRow(damage)) if damage.position > from => {
+                tracing::error!(
+                    relay = %self.name,
+                    position = damage.position,
+                    error = %damage,
+                    "damaged row in the event store; publishing it as a damaged-row message"
+                );
+                (vec![Outgoing::damaged_row(&self.stream, &damage)?], true)
+            }
+            Err(error) => return Err(error),
+        };
+        let Some(last) = batch.last() else {
+            return Ok(Relayed {
+                published: 0,
+                last: from,
+                damaged,
+            });
+        };
+        let span = tracing::debug_span!(
+            "nats_relay_batch",
+            relay = %self.name,
+            stream = %self.stream.stream_name(),
+            from = from + 1,
+            to = last.position,
+            events = batch.len(),
+        );
+        let result = async {
+            match self.publish_batch(&batch, last_published.as_deref()).await {
+                // The stream does not end with the event this relay published last: another
+                // publisher wrote to it, or an earlier publish of this batch failed. Publishing
+                // the batch again from the checkpoint, with no expectation on its first event,
+                // is safe: everything up to the checkpoint is in the stream, and copies of
+                // what is already there are dropped by their `Nats-Msg-Id`.
+                Err(BatchFailure::Chain(error)) => {
+                    tracing::debug!(%error, "stream's last message is not the relay's; republishing the batch");
+                    self.publish_batch(&batch, None).await
+                }
+                other => other,
+            }
+        }
+        .instrument(span)
+        .await
+        .map_err(BatchFailure::into_error);
+        match result {
+            Ok(()) => {
+                *last_published = Some(last.message_id.clone());
+                Ok(Relayed {
+                    published: batch.len(),
+                    last: last.position,
+                    damaged,
+                })
+            }
+            Err(error) => {
+                *last_published = None;
+                Err(error)
+            }
+        }
+    }
+
+    async fn publish_batch(
+        &self,
+        batch: &[Outgoing],
+        previous: Option<&str>,
+    ) -> Result<(), BatchFailure> {
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut previous = previous;
+        for message in batch {
+            let mut publish = Publish::build()
+                .payload(message.body.clone().into())
+                .headers(message.headers.clone());
+            if let Some(previous) = previous {
+                publish = publish.expected_last_message_id(previous);
+            }
+            let ack = self
+                .jetstream
+                .send_publish(message.subject.clone(), publish)
+                .await
+                .map_err(|error| BatchFailure::Other(broker(error)))?;
+            acks.push((message.position, ack));
+            previous = Some(&message.message_id);
+        }
+        let mut duplicates = 0_usize;
+        for (position, ack) in acks {
+            let ack = ack.await.map_err(|error| {
+                if error.kind() == PublishErrorKind::WrongLastMessageId {
+                    return BatchFailure::Chain(broker(error));
+                }
+                tracing::warn!(position, %error, "JetStream refused or did not acknowledge an event");
+                BatchFailure::Other(broker(error))
+            })?;
+            if ack.duplicate {
+                duplicates += 1;
+            }
+        }
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        self.checkpoints
+            .save_checkpoint(Checkpoint {
+                name: self.name.clone(),
+                position: last.position,
+            })
+            .await
+            .map_err(BatchFailure::Other)?;
+        self.progress.send_if_modified(|known| {
+            let moved = last.position > *known;
+            *known = (*known).max(last.position);
+            moved
+        });
+        tracing::debug!(duplicates, "relay batch acknowledged");
+        Ok(())
+    }
+
+    /// Publishes every event committed so far; returns the new checkpoint position.
+    ///
+    /// # Errors
+    /// What [`relay_once`](Self::relay_once) returns; batches before the failing one stay
+    /// published and checkpointed.
+    pub async fn catch_up(&self) -> Result<i64, CQRSError> {
+        // The highest position the store knows is committed, taken before each read: a short
+        // batch below it ended early (before a damaged row, see `EventRepository::read_all`),
+        // so read on.
+        let head = self.events.subscribe();
+        loop {
+            let known = head.as_ref().map(|head| *head.borrow());
+            let relayed = self.relay_batch().await?;
+            let more = relayed.published > 0
+                && (relayed.damaged
+                    || relayed.published >= self.batch_size
+                    || known.is_none_or(|known| known > relayed.last));
+            if !more {
+                self.shared.set_live();
+                return self.position().await;
+            }
+        }
+    }
+
+    /// Runs the relay in a background task and returns its handle: ensures the stream,
+    /// catches up, then publishes new events as the store reports them. Failures are
+    /// retried with a backoff (up to 5 s) from the checkpoint and shown as the handle's
+    /// [`last_error`](NatsRelayHandle::last_error). Dropping the handle stops the relay.
+    #[must_use = "dropping the handle stops the relay"]
+    pub fn start(self) -> NatsRelayHandle {
+        let task = Task::spawn(
+            self.name.clone(),
+            self.progress.subscribe(),
+            Arc::clone(&self.shared),
+            |stop| self.run_until(stop),
+        );
+        NatsRelayHandle { task }
+    }
+
+    async fn run_until(self, stop: Stop) -> Result<(), CQRSError> {
+        let mut changes = self.events.subscribe();
+        let mut failures: u32 = 0;
+        let mut stream_ready = false;
+        loop {
+            if stop.is_stopped() {
+                return Ok(());
+            }
+            let result = async {
+                if !stream_ready {
+                    self.ensure_stream().await?;
+                    stream_ready = true;
+                }
+                let position = self.catch_up().await?;
+                self.progress.send_if_modified(|known| {
+                    let moved = position > *known;
+                    *known = (*known).max(position);
+                    moved
+                });
+                Ok::<_, CQRSError>(())
+            }
+            .await;
+            let wait = match result {
+                Ok(()) => {
+                    failures = 0;
+                    self.poll_interval
+                }
+                // Nothing the relay meets is skipped: it retries until it can publish.
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let wait = backoff(failures);
+                    tracing::warn!(relay = %self.name, %error, retry_in = ?wait, "NATS relay failed; retrying");
+                    self.shared.set_last_error(Some(error.to_string()));
+                    wait
+                }
+            };
+            let mut interrupt = stop.clone();
+            tokio::select! {
+                () = interrupt.stopped() => return Ok(()),
+                () = wait_for_change(&mut changes, wait) => {}
+            }
+        }
+    }
+}
+
+/// Why a relay batch failed.
+enum BatchFailure {
+    /// The server refused an event because the stream's last message was not the one
+    /// expected before it.
+    Chain(CQRSError),
+    /// Anything else.
+    Other(CQRSError),
+}
+
+impl BatchFailure {
+    fn into_error(self) -> CQRSError {
+        match self {
+            BatchFailure::Chain(error) | BatchFailure::Other(error) => error,
+        }
+    }
+}
+
+/// Waits until the store reports a change or `wait` has passed.
+async fn wait_for_change(changes: &mut Option<watch::Receiver<i64>>, wait: Duration) {
+    match changes.as_mut() {
+        Some(rx) => {
+            if let Ok(Err(_)) = tokio::time::timeout(wait, rx.changed()).await {
+                // The store is gone; poll from now on.
+                *changes = None;
+            }
+        }
+        None => tokio::time::sleep(wait).await,
+    }
+}
+
+/// The handle of a relay started with [`NatsRelay::start`]: the same vocabulary as a
+/// [`ProjectionHandle`](crate::ProjectionHandle). Dropping it stops the relay.
+#[derive(Debug)]
+pub struct NatsRelayHandle {
+    task: Task,
+}
+
+impl NatsRelayHandle {
+    /// The relay's checkpoint name.
+    pub fn name(&self) -> &str {
+        self.task.name()
+    }
+
+    /// The position of the last event known to be in the stream (0 until the relay has
+    /// read its checkpoint).
+    pub fn position(&self) -> i64 {
+        self.task.position()
+    }
+
+    /// A receiver of the position, updated after every acknowledged batch.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.task.subscribe()
+    }
+
+    /// Waits until every event up to `position` is in the stream (pass a
+    /// [`DispatchReceipt`](crate::DispatchReceipt)'s last position), for at most `timeout`.
+    ///
+    /// # Errors
+    /// [`CQRSError::Timeout`]; [`CQRSError::ProjectionStopped`] when the relay ended before
+    /// reaching `position`.
+    pub async fn wait_for(&self, position: i64, timeout: Duration) -> Result<i64, CQRSError> {
+        self.task.wait_for(position, timeout).await
+    }
+
+    /// True once the relay has caught up with the store (it then follows it live).
+    pub fn is_live(&self) -> bool {
+        self.task.is_live()
+    }
+
+    /// True when the relay has ended (stopped, or failed: see [`wait`](Self::wait)).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// The last error the relay met, rendered: a failure it is retrying, or the error it
+    /// stopped with. `None` when there was none.
+    pub fn last_error(&self) -> Option<String> {
+        self.task.last_error()
+    }
+
+    /// Asks the relay to stop after its current batch; see [`wait`](Self::wait).
+    pub fn stop(&self) {
+        self.task.stop();
+    }
+
+    /// Waits for the relay to end and returns how it ended.
+    ///
+    /// # Errors
+    /// None: the relay retries every failure until it is stopped (a panic of its task is
+    /// resumed here). The `Result` matches the other handles'.
+    pub async fn wait(self) -> Result<(), CQRSError> {
+        self.task.wait().await
+    }
+
+    /// [`stop`](Self::stop), then [`wait`](Self::wait).
+    ///
+    /// # Errors
+    /// The error the relay had stopped with before, if any.
+    pub async fn shutdown(self) -> Result<(), CQRSError> {
+        self.stop();
+        self.wait().await
+    }
+}
