@@ -24,53 +24,22 @@ use cqrs::nats::{
 };
 use cqrs::store::sqlite::{Durability, SqliteOptions};
 use cqrs::{
-    Aggregate, CQRSError, Checkpoint, CheckpointRepository, DomainEvent, EventEnvelope,
-    EventRepository, HandlerRetry, MemoryCheckpointRepository, MemoryEventRepository,
-    MemoryViewRepository, PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View,
-    ViewContext, ViewRepository,
+    Aggregate, CQRSError, Checkpoint, CheckpointRepository, EventEnvelope, EventRepository,
+    HandlerRetry, MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository,
+    PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View, ViewContext, ViewRepository,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------
-// The domain: a ledger whose view checks that it sees each event once and in order.
+// The domain: the shared ledger, with a view that checks that it sees each event once and
+// in order.
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
-enum LedgerEvent {
-    Credited { amount: u64 },
-    Debited { amount: u64 },
-}
+mod common;
 
-#[derive(Debug, thiserror::Error)]
-enum LedgerError {
-    #[error(transparent)]
-    Framework(#[from] CQRSError),
-    #[error("event {got} applied after {last}: out of order or twice")]
-    OutOfOrder { last: i64, got: i64 },
-}
-
-#[derive(Default)]
-struct Ledger;
-
-impl Aggregate for Ledger {
-    const NAME: &'static str = "ledger";
-    type State = ();
-    type Commands = ();
-    type Events = LedgerEvent;
-    type Errors = LedgerError;
-
-    async fn handle_command(
-        &self,
-        _id: Uuid,
-        _state: &(),
-        _command: (),
-    ) -> Result<Vec<LedgerEvent>, LedgerError> {
-        Ok(Vec::new())
-    }
-
-    fn handle_event(&self, _state: &mut (), _event: &LedgerEvent) {}
-}
+use common::ledger::{Ledger, LedgerError, LedgerEvent};
+use common::nats::{connect, nats_url, TestStream};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Balance {
@@ -92,10 +61,8 @@ impl View<Ledger> for Balance {
                 got: envelope.position,
             });
         }
-        match envelope.event {
-            LedgerEvent::Credited { amount } => self.balance += amount as i64,
-            LedgerEvent::Debited { amount } => self.balance -= amount as i64,
-        }
+        let LedgerEvent::Deposited { amount } = envelope.event;
+        self.balance += amount as i64;
         self.events += 1;
         self.last_sequence = envelope.sequence;
         self.last_position = envelope.position;
@@ -107,15 +74,12 @@ impl View<Ledger> for Balance {
 fn ledger_events(id: Uuid, first: i64, count: i64) -> Vec<PersistableDomainEvent> {
     (first..first + count)
         .map(|sequence| {
-            let event = if sequence % 3 == 0 {
-                LedgerEvent::Debited {
-                    amount: sequence as u64,
-                }
+            let amount = if sequence % 3 == 0 {
+                sequence as u64
             } else {
-                LedgerEvent::Credited {
-                    amount: 10 * sequence as u64,
-                }
+                10 * sequence as u64
             };
+            let event = LedgerEvent::Deposited { amount };
             PersistableDomainEvent::new(
                 Ledger::NAME,
                 id,
@@ -134,7 +98,7 @@ fn audit_event(id: Uuid, sequence: i64) -> PersistableDomainEvent {
         "audit",
         id,
         sequence,
-        &LedgerEvent::Credited { amount: 1 },
+        &LedgerEvent::Deposited { amount: 1 },
         serde_json::Value::Null,
     )
     .unwrap();
@@ -192,53 +156,6 @@ async fn load_views(
 
 // ---------------------------------------------------------------------------------------
 // The server and a stream per test.
-
-/// The server's URL, or `None` (after saying why) when the suite is not configured.
-fn nats_url() -> Option<String> {
-    cqrs_tests::server_url("CQRS_NATS_URL", "nats (JetStream)", "nats://127.0.0.1:4222")
-}
-
-async fn connect(url: &str) -> jetstream::Context {
-    let client = async_nats::connect(url)
-        .await
-        .unwrap_or_else(|error| panic!("CQRS_NATS_URL={url} is set but unreachable: {error}"));
-    jetstream::new(client)
-}
-
-/// A stream of its own for one test, deleted (best effort) when dropped, even on a failure.
-struct TestStream {
-    url: String,
-    config: NatsStreamConfig,
-}
-
-impl TestStream {
-    fn new(url: &str) -> Self {
-        let tag = Uuid::new_v4().simple().to_string();
-        TestStream {
-            url: url.to_owned(),
-            config: NatsStreamConfig::new(format!("CQRS_TEST_{tag}"), format!("cqrs_test_{tag}")),
-        }
-    }
-}
-
-impl Drop for TestStream {
-    fn drop(&mut self) {
-        let url = self.url.clone();
-        let name = self.config.stream_name().to_owned();
-        // Drop cannot await; a thread with its own runtime can.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let client = async_nats::connect(url).await.ok()?;
-                jetstream::new(client).delete_stream(name).await.ok()
-            })
-        })
-        .join();
-    }
-}
 
 /// Every message of the stream, in stream order.
 async fn stream_messages(
@@ -716,7 +633,7 @@ async fn projection_never_silently_drops_a_message_it_cannot_apply() {
     // A body that is not an event, on a ledger subject.
     jetstream
         .publish(
-            format!("{}.ledger.Credited", test.config.subject_prefix()),
+            format!("{}.ledger.Deposited", test.config.subject_prefix()),
             "not an event".into(),
         )
         .await
@@ -764,7 +681,7 @@ async fn projection_never_silently_drops_a_message_it_cannot_apply() {
     assert!(result.is_ok(), "{result:?}");
     let undecodable = skipping.undecodable();
     assert_eq!(undecodable.len(), 1, "{undecodable:?}");
-    assert!(undecodable[0].subject.ends_with(".ledger.Credited"));
+    assert!(undecodable[0].subject.ends_with(".ledger.Deposited"));
     let letters = skipping.dead_letters().await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].sequence, 4);
@@ -1104,7 +1021,7 @@ async fn damaged_rows_are_relayed_and_dead_lettered_by_the_consumer() {
     }
     // Position 3 (a2): a payload that is not JSON; position 5 (a3): metadata that is not.
     for sql in [
-        "UPDATE cqrs_events SET payload = '{\"Credited\": oops' WHERE position = 3",
+        "UPDATE cqrs_events SET payload = '{\"Deposited\": oops' WHERE position = 3",
         "UPDATE cqrs_events SET metadata = '{oops' WHERE position = 5",
     ] {
         let changed = cqrs::store::sqlite::sqlx::query(sql)

@@ -32,9 +32,12 @@ use common::nats::{connect, nats_url, TestStream};
 
 /// Per event (aggregate id, sequence): how many more times it is refused (`u32::MAX`:
 /// always), and how many times it was refused.
-static FAILING: Mutex<Option<HashMap<(Uuid, i64), (u32, u32)>>> = Mutex::new(None);
+static FAILING: Mutex<Option<Failing>> = Mutex::new(None);
 
-fn failing<T>(f: impl FnOnce(&mut HashMap<(Uuid, i64), (u32, u32)>) -> T) -> T {
+/// (aggregate id, sequence) → (refusals left, refusals made).
+type Failing = HashMap<(Uuid, i64), (u32, u32)>;
+
+fn failing<T>(f: impl FnOnce(&mut Failing) -> T) -> T {
     f(FAILING
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -185,7 +188,7 @@ impl Fixture {
                     .with_dead_letters(self.sink())
                     .with_batch_size(batch_size),
             ),
-            Some((jetstream, stream, _)) => Feed::Nats(
+            Some((jetstream, stream, _)) => Feed::Nats(Box::new(
                 NatsProjection::new(jetstream.clone(), stream.config.clone(), views)
                     .with_durable_name(format!("{consumer}_{}", Uuid::new_v4().simple()))
                     .with_poison_policy(policy)
@@ -193,7 +196,7 @@ impl Fixture {
                     .with_dead_letters(self.sink())
                     .with_batch_size(batch_size)
                     .with_fetch_wait(Duration::from_millis(100)),
-            ),
+            )),
         }
     }
 }
@@ -209,7 +212,7 @@ impl Drop for Fixture {
 /// A projection fed by either source, through what both offer.
 enum Feed {
     Store(Projection<Ledger, Balance>),
-    Nats(NatsProjection<Ledger, Balance>),
+    Nats(Box<NatsProjection<Ledger, Balance>>),
 }
 
 impl Feed {
@@ -239,7 +242,7 @@ impl Feed {
     fn start(self) -> ProjectionHandle {
         match self {
             Feed::Store(projection) => projection.start(),
-            Feed::Nats(projection) => projection.start(),
+            Feed::Nats(projection) => (*projection).start(),
         }
     }
 }
