@@ -223,6 +223,13 @@ impl Feed {
         }
     }
 
+    async fn wait_for(&self, position: i64, timeout: Duration) -> Result<i64, CQRSError> {
+        match self {
+            Feed::Store(projection) => projection.wait_for(position, timeout).await,
+            Feed::Nats(projection) => projection.wait_for(position, timeout).await,
+        }
+    }
+
     async fn position(&self) -> i64 {
         match self {
             Feed::Store(projection) => projection.position().await,
@@ -294,6 +301,7 @@ for_both_sources!(
     a_stop_request_ends_the_wait_between_retries,
     a_commit_whose_answer_was_lost_is_not_applied_again,
     two_projectors_of_one_view_apply_each_event_once,
+    wait_for_applies_the_events_that_arrive_while_it_waits,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -528,4 +536,34 @@ async fn two_projectors_of_one_view_apply_each_event_once(fixture: Fixture) {
         assert_eq!(view.deposits, 20);
         assert_eq!(view.sum, (1..=10).map(|round| 2 * round + 100).sum::<u64>());
     }
+}
+
+async fn wait_for_applies_the_events_that_arrive_while_it_waits(fixture: Fixture) {
+    let id = Uuid::new_v4();
+    let first = fixture.deposit(id, vec![1, 2, 3]).await;
+    let projection = fixture.projection(
+        fixture.views(),
+        PoisonPolicy::Stop,
+        HandlerRetry::none(),
+        100,
+        "wait",
+    );
+    // A fresh store numbers positions from 1 without gaps: the next two events are at
+    // `first[2] + 1` and `first[2] + 2`.
+    let target = first[2] + 2;
+    let later = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        fixture.deposit(id, vec![4, 5]).await
+    };
+    let (reached, more) = tokio::join!(projection.wait_for(target, Duration::from_secs(30)), later);
+    assert_eq!(more, vec![target - 1, target]);
+    assert_eq!(reached.unwrap(), target);
+    let view = balance(&fixture, id).await.unwrap();
+    assert_eq!((view.sum, view.deposits), (15, 5));
+    // A position that never comes: a timeout, not a hang.
+    let error = projection
+        .wait_for(target + 1, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CQRSError::Timeout(_)), "{error:?}");
 }

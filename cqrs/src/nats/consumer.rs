@@ -479,6 +479,28 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
         self.position().await
     }
 
+    /// Waits until the checkpoint reaches `position` (for reading your own writes), applying
+    /// messages as they arrive, for at most `timeout`, as [`Projection::wait_for`] does. A
+    /// running projection's [`ProjectionHandle::wait_for`] waits without pulling itself.
+    ///
+    /// # Errors
+    /// [`CQRSError::Timeout`], or what [`catch_up`](Self::catch_up) returns.
+    pub async fn wait_for(&self, position: i64, timeout: Duration) -> Result<i64, CQRSError> {
+        let work = async {
+            loop {
+                let reached = self.catch_up().await?;
+                if reached >= position {
+                    return Ok(reached);
+                }
+                self.pull_once(Some(self.fetch_wait), &mut Stop::never())
+                    .await?;
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| CQRSError::Timeout(timeout))?
+    }
+
     /// Applies messages fetched from any consumer of the stream (the background runner and
     /// [`catch_up`](Self::catch_up) use it with their own), in order, through the projection
     /// engine, then acknowledges every message the checkpoint has passed. Returns how many
