@@ -152,7 +152,7 @@ pub(super) fn damaged_row_message_id(damage: &DamagedRow) -> String {
     }
 }
 
-/// Decodes the body of a message published by [`NatsRelay`].
+/// Decodes the body of a message published by [`NatsRelay`](super::NatsRelay).
 ///
 /// An event whose stored payload is not JSON comes back with that text as its payload
 /// ([`Payload::from_stored_unchecked`](crate::Payload::from_stored_unchecked)), so decoding

@@ -2,25 +2,28 @@
 //! projection fed from JetStream.
 //!
 //! * [`NatsRelay`] reads the store in global order from its own checkpoint (a
-//!   [`CheckpointRepository`]) and publishes each event to a JetStream stream, on the subject
+//!   [`CheckpointRepository`](crate::CheckpointRepository)) and publishes each event to a JetStream stream, on the subject
 //!   `<prefix>.<aggregate_type>.<event_type>`, with `Nats-Msg-Id` set to the event id. It waits
 //!   for the server's acknowledgement of every message of a batch before it saves the
 //!   checkpoint, so a crash republishes at most the unacknowledged tail, which the server
 //!   deduplicates. Every message but the first of a run also carries
 //!   `Nats-Expected-Last-Msg-Id` (the previous event's id), so the stream holds the events in
 //!   global order even when a publish fails half-way through a batch.
-//! * [`NatsProjection`] feeds a [`View`] from that stream through a durable pull consumer. Each
-//!   batch of messages becomes one [`ViewRepository::commit`] of the view changes and the
-//!   checkpoint (the last event's global position), and the messages are acknowledged only
-//!   after that commit. A message whose position is not above the checkpoint was already
-//!   applied: it is acknowledged and not applied again.
+//! * [`NatsProjection`] feeds a [`View`](crate::View) from that stream through a durable pull
+//!   consumer. It is a source of the same projection engine as the store-fed
+//!   [`Projection`](crate::Projection): each pulled batch is applied and committed with the
+//!   checkpoint (the last event's global position) in one
+//!   [`ViewRepository::commit`](crate::ViewRepository::commit), with the same retry, poison
+//!   policy and dead letters, and the messages are acknowledged only after that commit. A
+//!   message whose position is not above the checkpoint was already applied: it is
+//!   acknowledged and not applied again.
 //!
 //! Delivery is at least once; the effect on the view is exactly once (see
 //! `docs/adr/0006-nats.md`).
 //!
 //! # Wire format
 //!
-//! The body of every message is the [`PersistableDomainEvent`] as JSON (its serde form: the
+//! The body of every message is the [`PersistableDomainEvent`](crate::PersistableDomainEvent) as JSON (its serde form: the
 //! fields `event_id`, `aggregate_type_id`, `aggregate_id`, `aggregate_type`, `sequence`,
 //! `position`, `event_type`, `event_version`, `payload`, `metadata`, `timestamp`), so a
 //! consumer in any language reads the whole event, and [`NatsProjection`] decodes it exactly as
@@ -96,7 +99,7 @@ mod config;
 mod consumer;
 mod relay;
 
-/// [`jetstream::Context`] without a version mismatch.
+/// [`jetstream::Context`](async_nats::jetstream::Context) without a version mismatch.
 #[doc(no_inline)]
 pub use async_nats;
 
