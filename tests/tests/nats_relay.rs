@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -26,7 +25,7 @@ use cqrs::store::sqlite::{Durability, SqliteOptions};
 use cqrs::{
     Aggregate, CQRSError, Checkpoint, CheckpointRepository, EventEnvelope, EventRepository,
     HandlerRetry, MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository,
-    PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View, ViewContext, ViewRepository,
+    PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View, ViewRepository,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -39,6 +38,7 @@ use uuid::Uuid;
 mod common;
 
 use common::ledger::{Ledger, LedgerError, LedgerEvent};
+use common::lost_commit::LostCommitAnswer;
 use common::nats::{connect, nats_url, TestStream};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -459,45 +459,6 @@ async fn projection_from_jetstream_equals_a_full_replay_and_redelivery_applies_o
     assert_eq!(info.num_pending, 0);
 }
 
-/// A view store whose second commit is written and then reported as failed, as when the
-/// process dies (or the connection drops) between the commit and the acknowledgements.
-#[derive(Clone)]
-struct LostCommitAnswer {
-    views: MemoryViewRepository<Balance>,
-    commits: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl ViewRepository<Ledger, Balance> for LostCommitAnswer {
-    async fn load(&self, view_id: &str) -> Result<Option<Balance>, CQRSError> {
-        ViewRepository::<Ledger, Balance>::load(&self.views, view_id).await
-    }
-    async fn list(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, Balance)>, CQRSError> {
-        ViewRepository::<Ledger, Balance>::list(&self.views, after, limit).await
-    }
-    async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<Balance>, CQRSError> {
-        ViewRepository::<Ledger, Balance>::load_for_update(&self.views, view_id).await
-    }
-    async fn commit(
-        &self,
-        changes: Vec<ViewContext<Balance>>,
-        checkpoint: Option<Checkpoint>,
-    ) -> Result<(), CQRSError> {
-        ViewRepository::<Ledger, Balance>::commit(&self.views, changes, checkpoint).await?;
-        if self.commits.fetch_add(1, Ordering::SeqCst) == 1 {
-            return Err(CQRSError::persistence("connection lost after the commit"));
-        }
-        Ok(())
-    }
-    async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
-        ViewRepository::<Ledger, Balance>::checkpoint(&self.views, name).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projection_applies_once_when_the_commit_succeeded_but_the_acks_were_not_sent() {
     let Some(url) = nats_url() else { return };
@@ -516,10 +477,8 @@ async fn projection_applies_once_when_the_commit_succeeded_but_the_acks_were_not
     relay.catch_up().await.unwrap();
 
     let views = MemoryViewRepository::<Balance>::new();
-    let flaky = LostCommitAnswer {
-        views: views.clone(),
-        commits: Arc::new(AtomicUsize::new(0)),
-    };
+    // The second commit is written, then its answer is lost.
+    let flaky = LostCommitAnswer::new(views.clone(), 1);
     let durable = format!("balance_{}", Uuid::new_v4().simple());
     let projection =
         NatsProjection::<Ledger, Balance>::new(jetstream.clone(), test.config.clone(), flaky)

@@ -8,16 +8,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use cqrs::{
-    CQRSError, CQRSFramework, Checkpoint, DeadLetter, EventEnvelope, HandlerRetry,
-    MemoryCheckpointRepository, NatsProjection, NatsRelay, PoisonPolicy, Projection,
-    ProjectionHandle, SqliteDeadLetters, SqliteEventRepository, SqliteViewRepository, View,
-    ViewContext, ViewRepository,
+    CQRSError, CQRSFramework, DeadLetter, EventEnvelope, HandlerRetry, MemoryCheckpointRepository,
+    NatsProjection, NatsRelay, PoisonPolicy, Projection, ProjectionHandle, SqliteDeadLetters,
+    SqliteEventRepository, SqliteViewRepository, View, ViewRepository,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -25,6 +22,7 @@ use uuid::Uuid;
 mod common;
 
 use common::ledger::{Ledger, LedgerError, LedgerEvent};
+use common::lost_commit::LostCommitAnswer;
 use common::nats::{connect, nats_url, TestStream};
 
 // ---------------------------------------------------------------------------------------
@@ -444,52 +442,11 @@ async fn a_stop_request_ends_the_wait_between_retries(fixture: Fixture) {
     assert!(store_position.dead_letters().await.is_empty());
 }
 
-/// A view store whose second commit is written and then reported as failed, as when the
-/// process dies (or the connection drops) between the commit and what follows it.
-#[derive(Clone)]
-struct LostCommitAnswer {
-    views: SqliteViewRepository<Balance>,
-    commits: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl ViewRepository<Ledger, Balance> for LostCommitAnswer {
-    async fn load(&self, view_id: &str) -> Result<Option<Balance>, CQRSError> {
-        ViewRepository::<Ledger, Balance>::load(&self.views, view_id).await
-    }
-    async fn list(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, Balance)>, CQRSError> {
-        ViewRepository::<Ledger, Balance>::list(&self.views, after, limit).await
-    }
-    async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<Balance>, CQRSError> {
-        ViewRepository::<Ledger, Balance>::load_for_update(&self.views, view_id).await
-    }
-    async fn commit(
-        &self,
-        changes: Vec<ViewContext<Balance>>,
-        checkpoint: Option<Checkpoint>,
-    ) -> Result<(), CQRSError> {
-        ViewRepository::<Ledger, Balance>::commit(&self.views, changes, checkpoint).await?;
-        if self.commits.fetch_add(1, Ordering::SeqCst) == 1 {
-            return Err(CQRSError::persistence("connection lost after the commit"));
-        }
-        Ok(())
-    }
-    async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
-        ViewRepository::<Ledger, Balance>::checkpoint(&self.views, name).await
-    }
-}
-
 async fn a_commit_whose_answer_was_lost_is_not_applied_again(fixture: Fixture) {
     let id = Uuid::new_v4();
     let positions = fixture.deposit(id, vec![1, 2, 3, 4, 5, 6]).await;
-    let lossy = LostCommitAnswer {
-        views: fixture.views(),
-        commits: Arc::new(AtomicUsize::new(0)),
-    };
+    // The second commit is written, then its answer is lost.
+    let lossy = LostCommitAnswer::new(fixture.views(), 1);
     let projection = fixture.projection(lossy, PoisonPolicy::Stop, HandlerRetry::none(), 2, "lost");
 
     // Batch 1 commits; batch 2 commits but its answer is lost.

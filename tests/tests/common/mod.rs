@@ -1,4 +1,5 @@
 //! Test support shared by several suites in this folder.
 
 pub mod ledger;
+pub mod lost_commit;
 pub mod nats;
