@@ -1,0 +1,212 @@
+//! Appending a batch: one statement, and the explanation of a unique-key violation (an
+//! idempotent retry, a reused event id, or a lost race).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use smol_str::SmolStr;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::PostgresEventRepository;
+use crate::error::CQRSError;
+use crate::event::PersistableDomainEvent;
+use crate::store::validate_batch;
+
+impl PostgresEventRepository {
+    /// Appends one batch (see [`EventRepository::append`] and the type's docs).
+    pub(super) async fn append_batch(
+        &self,
+        events: Vec<PersistableDomainEvent>,
+    ) -> Result<Vec<i64>, CQRSError> {
+        let expected = validate_batch(&events)?;
+        let n = events.len();
+        let aggregate_type = events[0].aggregate_type.clone();
+        let aggregate_id = events[0].aggregate_id;
+        let result = if let [event] = events.as_slice() {
+            sqlx::query(&self.inner.sql.append_one)
+                .bind(event.event_id)
+                .bind(aggregate_type.as_str())
+                .bind(aggregate_id)
+                .bind(event.sequence)
+                .bind(event.event_type.as_str())
+                .bind(event.event_version.as_str())
+                .bind(&event.payload)
+                .bind(&event.metadata)
+                .bind(event.timestamp)
+                .bind(expected)
+                .fetch_all(&self.inner.pool)
+                .await
+        } else {
+            let mut sequences = Vec::with_capacity(n);
+            let mut event_ids = Vec::with_capacity(n);
+            let mut event_types = Vec::with_capacity(n);
+            let mut event_versions = Vec::with_capacity(n);
+            let mut payloads = Vec::with_capacity(n);
+            let mut metadata = Vec::with_capacity(n);
+            let mut timestamps: Vec<DateTime<Utc>> = Vec::with_capacity(n);
+            for event in &events {
+                event_ids.push(event.event_id);
+                sequences.push(event.sequence);
+                event_types.push(event.event_type.as_str());
+                event_versions.push(event.event_version.as_str());
+                payloads.push(&event.payload);
+                metadata.push(&event.metadata);
+                timestamps.push(event.timestamp);
+            }
+            sqlx::query(&self.inner.sql.append)
+                .bind(&event_ids)
+                .bind(aggregate_type.as_str())
+                .bind(aggregate_id)
+                .bind(&sequences)
+                .bind(&event_types)
+                .bind(&event_versions)
+                .bind(&payloads)
+                .bind(&metadata)
+                .bind(&timestamps)
+                .bind(expected)
+                .fetch_all(&self.inner.pool)
+                .await
+        };
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
+                // Only this rare path needs the events' identities.
+                let identities: Vec<StoredIdentity> = events
+                    .iter()
+                    .map(|event| StoredIdentity {
+                        event_id: event.event_id,
+                        aggregate_type: event.aggregate_type.clone(),
+                        aggregate_id: event.aggregate_id,
+                        sequence: event.sequence,
+                        position: 0,
+                    })
+                    .collect();
+                return self.explain_unique_violation(&identities, expected).await;
+            }
+            Err(sqlx::Error::Database(db))
+                if db
+                    .code()
+                    .as_deref()
+                    .is_some_and(|code| UNSTORABLE.contains(&code)) =>
+            {
+                return Err(CQRSError::Unstorable {
+                    aggregate_type: aggregate_type.to_string(),
+                    aggregate_id,
+                    first_sequence: expected + 1,
+                    reason: format!(
+                        "PostgreSQL refused the data (SQLSTATE {}): {}",
+                        db.code().unwrap_or_default(),
+                        db.message()
+                    ),
+                });
+            }
+            Err(other) => return Err(CQRSError::persistence(other)),
+        };
+        let mut by_sequence = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let sequence: i64 = row.try_get(0).map_err(CQRSError::persistence)?;
+            let position: i64 = row.try_get(1).map_err(CQRSError::persistence)?;
+            by_sequence.push((sequence, position));
+        }
+        by_sequence.sort_unstable();
+        if by_sequence.is_empty() {
+            // The statement inserts nothing only when sequence `expected` is not stored.
+            return Err(CQRSError::InvalidAppend(format!(
+                "first sequence {} skips ahead of the stored history of {aggregate_type} {aggregate_id}",
+                expected + 1
+            )));
+        }
+        if by_sequence.len() != n {
+            return Err(CQRSError::persistence(format!(
+                "the append stored {} of {n} events",
+                by_sequence.len()
+            )));
+        }
+        let positions: Vec<i64> = by_sequence.into_iter().map(|(_, p)| p).collect();
+        if let Some(&last) = positions.last() {
+            self.note_committed(last);
+            self.announce();
+        }
+        Ok(positions)
+    }
+
+    /// An append hit a unique key: tell an idempotent retry (success, with the stored
+    /// positions), a reused id and a lost race apart.
+    async fn explain_unique_violation(
+        &self,
+        events: &[StoredIdentity],
+        expected: i64,
+    ) -> Result<Vec<i64>, CQRSError> {
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let rows = sqlx::query(&self.inner.sql.find_ids)
+            .bind(&ids)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(CQRSError::persistence)?;
+        let mut stored: HashMap<Uuid, StoredIdentity> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let found = StoredIdentity {
+                event_id: row.try_get(0).map_err(CQRSError::persistence)?,
+                aggregate_type: SmolStr::new(
+                    row.try_get::<&str, _>(1).map_err(CQRSError::persistence)?,
+                ),
+                aggregate_id: row.try_get(2).map_err(CQRSError::persistence)?,
+                sequence: row.try_get(3).map_err(CQRSError::persistence)?,
+                position: row.try_get(4).map_err(CQRSError::persistence)?,
+            };
+            stored.insert(found.event_id, found);
+        }
+        let first = &events[0];
+        if stored.contains_key(&first.event_id) {
+            let mut positions = Vec::with_capacity(events.len());
+            for event in events {
+                match stored.get(&event.event_id) {
+                    Some(row)
+                        if row.aggregate_type == event.aggregate_type
+                            && row.aggregate_id == event.aggregate_id
+                            && row.sequence == event.sequence
+                            && positions.last().is_none_or(|&p| p < row.position) =>
+                    {
+                        positions.push(row.position);
+                    }
+                    _ => {
+                        return Err(CQRSError::DuplicateEventId {
+                            event_id: event.event_id,
+                        })
+                    }
+                }
+            }
+            tracing::debug!(
+                aggregate_type = %first.aggregate_type,
+                aggregate_id = %first.aggregate_id,
+                "append retried after it had committed; returning the stored positions"
+            );
+            return Ok(positions);
+        }
+        if let Some(dup) = events.iter().find(|e| stored.contains_key(&e.event_id)) {
+            return Err(CQRSError::DuplicateEventId {
+                event_id: dup.event_id,
+            });
+        }
+        Err(CQRSError::Conflict {
+            aggregate_type: first.aggregate_type.to_string(),
+            aggregate_id: first.aggregate_id,
+            expected_sequence: expected,
+        })
+    }
+}
+
+/// SQLSTATEs of an append refused for what the events hold, which no retry gets past:
+/// `untranslatable_character` (a `\u0000` in `jsonb`), `character_not_in_repertoire` (a NUL
+/// in `text`), and `invalid_text_representation` (a payload that is not JSON).
+const UNSTORABLE: [&str; 3] = ["22P05", "22021", "22P02"];
+
+/// The identity of an event, as sent in an append or found stored.
+struct StoredIdentity {
+    event_id: Uuid,
+    aggregate_type: SmolStr,
+    aggregate_id: Uuid,
+    sequence: i64,
+    position: i64,
+}

@@ -1,0 +1,392 @@
+//! Event, view and snapshot stores on PostgreSQL (feature `postgres`), through sqlx.
+//!
+//! * [`PostgresEventRepository`]: the [`EventRepository`] (and [`SnapshotRepository`]) on one
+//!   schema of a PostgreSQL database. Many processes may share one database: appends are
+//!   optimistic (a lost race is a [`CQRSError::Conflict`] raised by a unique constraint) and
+//!   [`read_all`](EventRepository::read_all) is gap-safe without serialising writers.
+//! * [`PostgresViewRepository`]: views as JSONB rows in the table named by
+//!   [`View::TABLE_NAME`](crate::View::TABLE_NAME), with an optimistic row version, committed
+//!   together with the projection's checkpoint in one transaction.
+//!
+//! The schema, and the reasons for each of its constraints, are in
+//! `docs/adr/0004-postgres-store.md`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cqrs::CQRSError> {
+//! use cqrs::{EventRepository, PostgresEventRepository};
+//!
+//! let store = PostgresEventRepository::connect("postgres://postgres@127.0.0.1/test")
+//!     .await?
+//!     .with_schema("my_app")?;
+//! store.migrate().await?;
+//! let first_page = store.read_all(0, 100).await?;
+//! # let _ = first_page;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use tokio::sync::{watch, Notify};
+use uuid::Uuid;
+
+use crate::error::CQRSError;
+use crate::event::PersistableDomainEvent;
+use crate::store::EventRepository;
+
+mod append;
+mod checkpoints;
+mod copy;
+mod dead_letters;
+mod notify;
+mod payload;
+mod read;
+mod rows;
+mod schema;
+mod snapshots;
+mod view;
+
+pub use self::dead_letters::PostgresDeadLetters;
+use self::notify::channel_name;
+use self::rows::collect_events;
+pub use self::schema::InvalidIdentifier;
+use self::schema::{validate_identifier, Statements, DEFAULT_SCHEMA};
+pub use self::view::PostgresViewRepository;
+
+/// The sqlx crate this store is built on, re-exported so that a pool for
+/// [`PostgresEventRepository::from_pool`] can be built with the very same version.
+pub use ::sqlx;
+
+/// How long [`read_all`](EventRepository::read_all) waits, by default, for the transactions
+/// that may still fill a hole in the positions before it returns only the events below it.
+pub const DEFAULT_GAP_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The shortest time, by default, between two `pg_notify`s of one handle: appends that commit
+/// in between are announced together by the next one (see
+/// [`with_notify_interval`](PostgresEventRepository::with_notify_interval)).
+pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(10);
+
+/// An event store (and snapshot store) in one schema of a PostgreSQL database.
+///
+/// Cloning gives another handle to the same pool and schema. Create the tables once with
+/// [`migrate`](Self::migrate) (idempotent, safe to run from several processes at once).
+///
+/// * **Append** is one round trip: a single `INSERT` in an implicit transaction, which
+///   stores the whole batch or nothing. A lost race hits the
+///   unique key `(aggregate_type, aggregate_id, sequence)` and is reported as
+///   [`CQRSError::Conflict`]. A retry of a batch whose event ids are already stored with the
+///   same aggregate and sequences succeeds and returns the positions stored the first time,
+///   so after a dropped connection (an ambiguous [`CQRSError::PersistenceError`]) the same
+///   append can simply be sent again.
+/// * **`read_all`** never returns a position while a lower one may still commit, and no
+///   writer waits for another: see [`read_all`](EventRepository::read_all) below and the ADR.
+/// * **Snapshots** live in `cqrs_snapshots`, one row per aggregate, replaced only by a newer
+///   sequence (or removed by a delete); it is the [`SnapshotRepository`] too.
+/// * **Checkpoints** of other readers (a relay) live in `cqrs_checkpoints`: it is the
+///   [`CheckpointRepository`] too.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use cqrs::store::postgres::sqlx::postgres::PgPoolOptions;
+/// use cqrs::PostgresEventRepository;
+///
+/// let pool = PgPoolOptions::new()
+///     .max_connections(32)
+///     .connect("postgres://postgres@127.0.0.1/test")
+///     .await?;
+/// let store = PostgresEventRepository::from_pool(pool).with_schema("bank")?;
+/// store.migrate().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresEventRepository {
+    inner: Arc<Inner>,
+}
+
+/// What a handle was configured with; a builder method copies it into a new handle.
+#[derive(Clone)]
+struct Settings {
+    schema: String,
+    gap_timeout: Duration,
+    /// Whether appends announce themselves with `pg_notify` (after their commit).
+    notify: bool,
+    /// The shortest time between two notifications.
+    notify_interval: Duration,
+}
+
+struct Inner {
+    pool: PgPool,
+    settings: Settings,
+    sql: Statements,
+    /// Every position at or below this is final: stored and visible, or never to be stored.
+    settled: AtomicI64,
+    /// The highest position this handle knows to be committed.
+    position: watch::Sender<i64>,
+    /// View tables already created through this handle.
+    view_tables: Mutex<HashSet<String>>,
+    /// The `LISTEN`/`NOTIFY` channel of this schema.
+    channel: String,
+    /// Wakes the notifier task after an append.
+    wake: Arc<Notify>,
+    notifier_started: AtomicBool,
+    listener_started: AtomicBool,
+    /// Set to true when the last handle is dropped: the background tasks end.
+    shutdown: watch::Sender<bool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+impl std::fmt::Debug for PostgresEventRepository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresEventRepository")
+            .field("schema", &self.inner.settings.schema)
+            .field("gap_timeout", &self.inner.settings.gap_timeout)
+            .field("notify", &self.inner.settings.notify)
+            .field("notify_interval", &self.inner.settings.notify_interval)
+            .field("settled", &self.inner.settled.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresEventRepository {
+    /// Connects a pool to `url`; the tables live in the schema `public` unless
+    /// [`with_schema`](Self::with_schema) says otherwise.
+    ///
+    /// The pool has sqlx's default options but one: a connection taken from the pool is
+    /// pinged first only when it sat idle for [`IDLE_PING_AFTER`] or longer (sqlx pings
+    /// before every use by default, a round trip per statement). A connection the server
+    /// closed within that second fails its statement with
+    /// [`CQRSError::PersistenceError`], which a retry of the command gets past. Use
+    /// [`from_pool`](Self::from_pool) to choose otherwise.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the URL is invalid or the server unreachable.
+    pub async fn connect(url: &str) -> Result<Self, CQRSError> {
+        let pool = PgPoolOptions::new()
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_PING_AFTER {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .connect(url)
+            .await
+            .map_err(CQRSError::persistence)?;
+        Ok(Self::from_pool(pool))
+    }
+
+    /// A store on an existing pool (to choose its size and timeouts), in the schema `public`.
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self::build(
+            pool,
+            Settings {
+                schema: DEFAULT_SCHEMA.to_owned(),
+                gap_timeout: DEFAULT_GAP_TIMEOUT,
+                notify: true,
+                notify_interval: DEFAULT_NOTIFY_INTERVAL,
+            },
+        )
+    }
+
+    fn build(pool: PgPool, settings: Settings) -> Self {
+        PostgresEventRepository {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Statements::new(&settings.schema),
+                channel: channel_name(&settings.schema),
+                settings,
+                settled: AtomicI64::new(0),
+                position: watch::channel(0).0,
+                view_tables: Mutex::new(HashSet::new()),
+                wake: Arc::new(Notify::new()),
+                notifier_started: AtomicBool::new(false),
+                listener_started: AtomicBool::new(false),
+                shutdown: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// The same pool, with every table in the schema `schema` (created by
+    /// [`migrate`](Self::migrate)).
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] carrying an [`InvalidIdentifier`] when `schema` is not
+    /// a plain identifier (1 to 63 ASCII letters, digits and `_`, not starting with a digit
+    /// or `pg_`). It is never spliced into SQL otherwise.
+    pub fn with_schema(self, schema: &str) -> Result<Self, CQRSError> {
+        validate_identifier("schema", schema)?;
+        Ok(self.rebuild(|settings| settings.schema = schema.to_owned()))
+    }
+
+    /// A new handle on the same pool with changed settings (and fresh state: watermark,
+    /// background tasks).
+    fn rebuild(&self, change: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.inner.settings.clone();
+        change(&mut settings);
+        Self::build(self.inner.pool.clone(), settings)
+    }
+
+    /// How long [`read_all`](EventRepository::read_all) may wait for in-flight transactions
+    /// when it finds a hole in the positions (default [`DEFAULT_GAP_TIMEOUT`]). After that it
+    /// returns the events below the hole (possibly none) and the caller reads again later.
+    #[must_use]
+    pub fn with_gap_timeout(self, timeout: Duration) -> Self {
+        self.rebuild(|settings| settings.gap_timeout = timeout)
+    }
+
+    /// Whether appends announce new positions to other processes with `pg_notify` (default
+    /// true). The notification is sent after the append commits, from a background task
+    /// that coalesces bursts into one `NOTIFY` (at most one per
+    /// [`with_notify_interval`](Self::with_notify_interval)), never inside the append
+    /// transaction (PostgreSQL serialises the commits of notifying transactions). Handles in
+    /// this process learn of this handle's appends without it.
+    #[must_use]
+    pub fn with_notifications(self, notify: bool) -> Self {
+        self.rebuild(|settings| settings.notify = notify)
+    }
+
+    /// The shortest time between two notifications of this handle (default
+    /// [`DEFAULT_NOTIFY_INTERVAL`], 10 ms).
+    ///
+    /// An append after a quiet spell is announced at once; during a burst, the appends
+    /// that commit within `interval` of the previous notification are announced together
+    /// by one `pg_notify` when the interval ends. So another process hears of a committed
+    /// append at most `interval` plus one round trip after its commit (while the database
+    /// is reachable), and a busy writer sends at most one notification per interval instead
+    /// of one per commit. Each notification is a small transaction of its own; it commits
+    /// with `synchronous_commit = off` (a lost notification only delays listeners, which
+    /// poll as a fallback), so it never waits for a WAL flush. `Duration::ZERO` sends one
+    /// notification after another, as fast as they go.
+    #[must_use]
+    pub fn with_notify_interval(self, interval: Duration) -> Self {
+        self.rebuild(|settings| settings.notify_interval = interval)
+    }
+
+    /// The `LISTEN`/`NOTIFY` channel on which appends to this schema are announced; the
+    /// payload is the highest position the appending process knows to be committed.
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &str {
+        &self.inner.settings.schema
+    }
+
+    /// A view store for `V` in this store's schema, through its pool (see
+    /// [`PostgresViewRepository`]).
+    pub fn views<V>(&self) -> PostgresViewRepository<V> {
+        PostgresViewRepository::new(self)
+    }
+
+    /// Creates the schema and the tables if they do not exist.
+    ///
+    /// Idempotent, and safe when several processes migrate at once: it runs in one
+    /// transaction under an advisory lock keyed by the schema name.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the server refuses (e.g. no `CREATE` privilege).
+    pub async fn migrate(&self) -> Result<(), CQRSError> {
+        // One simple-query message: PostgreSQL runs all its statements in one implicit
+        // transaction, so the advisory lock is held until every object exists.
+        sqlx::raw_sql(&self.inner.sql.migrate)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(CQRSError::persistence)?;
+        Ok(())
+    }
+
+    fn statements(&self) -> &Statements {
+        &self.inner.sql
+    }
+
+    fn view_tables(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.inner
+            .view_tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// How long a connection of a pool made by [`PostgresEventRepository::connect`] may sit idle
+/// before it is pinged when taken from the pool.
+pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
+
+#[async_trait]
+impl EventRepository for PostgresEventRepository {
+    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        self.append_batch(events).await
+    }
+
+    async fn load_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: i64,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let rows = sqlx::query(&self.inner.sql.load_events)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(after_sequence)
+            .fetch(&self.inner.pool);
+        collect_events(rows, 16).await
+    }
+
+    async fn event_sequence(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<i64, CQRSError> {
+        sqlx::query_scalar(&self.inner.sql.event_sequence)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(CQRSError::persistence)
+    }
+
+    /// Up to `limit` events after `after_position`, in position order, gap-safe.
+    ///
+    /// Positions come from a sequence, which is not commit-ordered, so a hole below a
+    /// visible position may belong to a transaction still in flight. Every append assigns
+    /// its transaction id before it draws a position, so such a transaction was already
+    /// running when this read began: the store waits (up to the gap timeout) until every
+    /// transaction in progress at that moment has ended, then reads again. A hole still
+    /// there belongs to a rolled-back append and is skipped from then on. If the wait times
+    /// out, only the events below the first open hole are returned.
+    async fn read_all(
+        &self,
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        self.read_page(after_position, limit).await
+    }
+
+    /// A receiver of the highest position known to be committed: by this handle's own
+    /// appends and reads at once, and by other processes' appends through `LISTEN` on
+    /// [`channel`](PostgresEventRepository::channel) (a background task, started by the
+    /// first call inside a Tokio runtime; after a lost connection it reconnects and wakes
+    /// the receivers, since notifications may have been missed). The `LISTEN` task holds
+    /// one connection of the pool. A value is a hint to read, not a promise that `read_all`
+    /// returns up to it.
+    fn subscribe(&self) -> Option<watch::Receiver<i64>> {
+        self.start_listener();
+        Some(self.inner.position.subscribe())
+    }
+}
