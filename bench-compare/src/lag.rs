@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs::store::sqlite::SqliteOptions;
+use cqrs::SqliteOptions;
 use cqrs::{
     CQRSFramework, EventRepository, PostgresEventRepository, PostgresViewRepository, Projection,
     ProjectionHandle, SqliteEventRepository, ViewRepository,

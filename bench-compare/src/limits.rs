@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use cqrs::store::sqlite::SqliteOptions;
+use cqrs::SqliteOptions;
 use cqrs::{CQRSFramework, PostgresEventRepository, SqliteEventRepository};
 use cqrs_examples::bank::{BankAccount, BankCommand};
 use sqlx::postgres::PgPoolOptions;

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs::store::sqlite::SqliteOptions;
+use cqrs::SqliteOptions;
 use cqrs::{
     CQRSFramework, DomainEvent, EventRepository, MemoryEventRepository, MemoryViewRepository,
     PersistableDomainEvent, PostgresEventRepository, Projection, SqliteEventRepository,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DurationRound, TimeDelta};
-use cqrs::store::validate_batch;
+use cqrs::validate_batch;
 use cqrs::{CQRSError, EventRepository, MemoryEventRepository, PersistableDomainEvent};
 use cqrs_testkit::conformance::{self, MemoryHarness, StoreHarness};
 use serde_json::Value;

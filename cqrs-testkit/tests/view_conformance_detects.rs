@@ -10,8 +10,8 @@ use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
-use cqrs::projection::{DeadLetter, DeadLetterSkip, DeadLetters};
 use cqrs::{Aggregate, CQRSError, Checkpoint, View, ViewContext, ViewRepository};
+use cqrs::{DeadLetter, DeadLetterSkip, DeadLetters};
 use cqrs_testkit::conformance::{self, DeadLetterHarness, ViewHarness};
 use serde_json::Value;
 
@@ -216,7 +216,7 @@ impl<A: Aggregate, V: View<A>> ViewRepository<A, V> for JsonViews<V> {
 
     async fn activate_version(&self, version: u64) -> Result<(), CQRSError> {
         if !self.database.has(Flaw::ActivationGoesBack) {
-            let marker = cqrs::store::active_version_marker(V::TABLE_NAME);
+            let marker = cqrs::active_version_marker(V::TABLE_NAME);
             let position = i64::try_from(version).map_err(CQRSError::persistence)?;
             if self.checkpoint(&marker).await? >= position {
                 return Ok(());
@@ -239,7 +239,7 @@ impl<A: Aggregate, V: View<A>> ViewRepository<A, V> for JsonViews<V> {
                 other => other,
             };
         }
-        let marker = cqrs::store::active_version_marker(V::TABLE_NAME);
+        let marker = cqrs::active_version_marker(V::TABLE_NAME);
         self.database
             .lock()
             .checkpoints

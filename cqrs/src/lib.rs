@@ -1,21 +1,22 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod aggregate;
-pub mod error;
-pub mod event;
-pub mod framework;
+mod aggregate;
+mod error;
+mod event;
+mod framework;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
-pub mod nats;
-pub mod payload;
-pub mod projection;
-pub mod query;
-pub mod store;
+mod nats;
+mod payload;
+mod projection;
+mod query;
+mod store;
 mod task;
-pub mod view;
+mod view;
 
 // The write side.
 pub use crate::aggregate::Aggregate;
@@ -47,8 +48,9 @@ pub use crate::store::memory::{
     MemoryViewRepository,
 };
 pub use crate::store::{
-    Checkpoint, CheckpointRepository, DeadLetter, DeadLetterSkip, DeadLetters, EventRepository,
-    Snapshot, SnapshotRepository, ViewContext, ViewRepository,
+    active_version_marker, validate_batch, Checkpoint, CheckpointRepository, DeadLetter,
+    DeadLetterSkip, DeadLetters, EventRepository, Snapshot, SnapshotRepository, ViewContext,
+    ViewRepository,
 };
 /// The attribute that the store traits ([`EventRepository`], [`SnapshotRepository`],
 /// [`CheckpointRepository`], [`ViewRepository`], [`DeadLetters`]) are written with, re-exported
@@ -65,14 +67,28 @@ pub use crate::nats::{
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use crate::store::postgres::{
-    PostgresDeadLetters, PostgresEventRepository, PostgresViewRepository,
+    InvalidIdentifier, PostgresDeadLetters, PostgresEventRepository, PostgresViewRepository,
 };
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::store::sqlite::{
-    Durability, SqliteDeadLetters, SqliteEventRepository, SqliteOptions, SqliteSnapshotRepository,
-    SqliteViewRepository,
+    CorruptRow, Durability, InvalidTableName, SqliteDeadLetters, SqliteEventRepository,
+    SqliteOptions, SqliteSnapshotRepository, SqliteViewRepository, WriterError,
 };
+/// The async-nats crate the NATS relay and projection are built on, re-exported so that the
+/// [`jetstream::Context`](async_nats::jetstream::Context) they take is built with the very
+/// same version.
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+#[doc(no_inline)]
+pub use async_nats;
+/// The sqlx crate the SQL stores are built on, re-exported so that a pool for
+/// [`SqliteEventRepository::from_pool`] or `PostgresEventRepository::from_pool` is built with
+/// the very same version.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+#[doc(no_inline)]
+pub use sqlx;
 
 /// Derives [`DomainEvent`](trait@DomainEvent): each event's stored name and version, the list
 /// of all of them ([`DomainEvent::EVENT_TYPES`]), and decoding dispatched on (name, version).

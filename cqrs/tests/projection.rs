@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cqrs::projection::{HandlerRetry, ProjectionStopped};
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, DomainEvent, EventEnvelope, EventRepository,
     MemoryEventRepository, MemoryViewRepository, PersistableDomainEvent, PoisonPolicy, Projection,
     View, ViewRepository,
 };
+use cqrs::{HandlerRetry, ProjectionStopped};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -726,7 +726,7 @@ impl EventRepository for DamagedAt {
                 return Ok(events);
             }
             let event = &events[0];
-            return Err(cqrs::error::DamagedRow {
+            return Err(cqrs::DamagedRow {
                 position: event.position,
                 event_id: Some(event.event_id),
                 aggregate_type: Some(event.aggregate_type.to_string()),

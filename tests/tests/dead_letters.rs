@@ -10,16 +10,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::Utc;
-use cqrs::projection::{DeadLetter, DeadLetterSkip, DeadLetters, HandlerRetry};
-use cqrs::store::postgres::sqlx::postgres::PgPoolOptions;
-use cqrs::store::postgres::sqlx::Executor;
-use cqrs::store::postgres::PostgresDeadLetters;
-use cqrs::store::sqlite::SqliteDeadLetters;
+use cqrs::sqlx::postgres::PgPoolOptions;
+use cqrs::sqlx::Executor;
+use cqrs::PostgresDeadLetters;
+use cqrs::SqliteDeadLetters;
 use cqrs::{
     CQRSFramework, Checkpoint, CheckpointRepository, EventEnvelope, EventRepository, PoisonPolicy,
     PostgresEventRepository, PostgresViewRepository, Projection, SqliteEventRepository, View,
     ViewRepository,
 };
+use cqrs::{DeadLetter, DeadLetterSkip, DeadLetters, HandlerRetry};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -102,7 +102,7 @@ impl Backend for Sqlite {
         SqliteDeadLetters::new(&self.store)
     }
     async fn rows(&self) -> i64 {
-        cqrs::store::sqlite::sqlx::query_scalar("SELECT count(*) FROM cqrs_dead_letters")
+        cqrs::sqlx::query_scalar("SELECT count(*) FROM cqrs_dead_letters")
             .fetch_one(self.store.pool())
             .await
             .unwrap()
@@ -163,7 +163,7 @@ impl Backend for Postgres {
             "SELECT count(*) FROM \"{}\".cqrs_dead_letters",
             self.store.schema()
         );
-        cqrs::store::postgres::sqlx::query_scalar(&sql)
+        cqrs::sqlx::query_scalar(&sql)
             .fetch_one(self.store.pool())
             .await
             .unwrap()
@@ -383,10 +383,10 @@ impl Damage {
 async fn damaged_store(damage: Damage, own_pool: bool) -> (Sqlite, Uuid, Uuid) {
     let mut backend = Sqlite::new().await;
     if own_pool {
-        let options = cqrs::store::sqlite::sqlx::sqlite::SqliteConnectOptions::new()
+        let options = cqrs::sqlx::sqlite::SqliteConnectOptions::new()
             .filename(&backend.path)
-            .journal_mode(cqrs::store::sqlite::sqlx::sqlite::SqliteJournalMode::Wal);
-        let pool = cqrs::store::sqlite::sqlx::sqlite::SqlitePoolOptions::new()
+            .journal_mode(cqrs::sqlx::sqlite::SqliteJournalMode::Wal);
+        let pool = cqrs::sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(2)
             .connect_with(options)
             .await

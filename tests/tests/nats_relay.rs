@@ -14,19 +14,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cqrs::nats::async_nats;
-use cqrs::nats::async_nats::jetstream;
-use cqrs::nats::async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use cqrs::nats::{
-    NatsProjection, NatsRelay, NatsStreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE,
-    HEADER_EVENT_TYPE, HEADER_EVENT_VERSION, HEADER_POSITION, HEADER_SEQUENCE,
-};
-use cqrs::store::sqlite::{Durability, SqliteOptions};
+use cqrs::async_nats;
+use cqrs::async_nats::jetstream;
+use cqrs::async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use cqrs::{
     Aggregate, CQRSError, Checkpoint, CheckpointRepository, EventEnvelope, EventRepository,
     HandlerRetry, MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository,
     PersistableDomainEvent, PoisonPolicy, SqliteEventRepository, View, ViewRepository,
 };
+use cqrs::{Durability, SqliteOptions};
+use cqrs::{NatsProjection, NatsRelay, NatsStreamConfig};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -207,7 +204,10 @@ async fn assert_stream_is_store(
             message.sequence,
             event.position
         );
-        assert_eq!(header(message, HEADER_POSITION), event.position.to_string());
+        assert_eq!(
+            header(message, NatsRelay::HEADER_POSITION),
+            event.position.to_string()
+        );
     }
 }
 
@@ -253,15 +253,30 @@ async fn relay_publishes_every_event_in_global_order_with_headers() {
             )
         );
         assert_eq!(header(message, "Nats-Msg-Id"), event.event_id.to_string());
-        assert_eq!(header(message, HEADER_AGGREGATE_TYPE), event.aggregate_type);
         assert_eq!(
-            header(message, HEADER_AGGREGATE_ID),
+            header(message, NatsRelay::HEADER_AGGREGATE_TYPE),
+            event.aggregate_type
+        );
+        assert_eq!(
+            header(message, NatsRelay::HEADER_AGGREGATE_ID),
             event.aggregate_id.to_string()
         );
-        assert_eq!(header(message, HEADER_SEQUENCE), event.sequence.to_string());
-        assert_eq!(header(message, HEADER_POSITION), event.position.to_string());
-        assert_eq!(header(message, HEADER_EVENT_TYPE), event.event_type);
-        assert_eq!(header(message, HEADER_EVENT_VERSION), event.event_version);
+        assert_eq!(
+            header(message, NatsRelay::HEADER_SEQUENCE),
+            event.sequence.to_string()
+        );
+        assert_eq!(
+            header(message, NatsRelay::HEADER_POSITION),
+            event.position.to_string()
+        );
+        assert_eq!(
+            header(message, NatsRelay::HEADER_EVENT_TYPE),
+            event.event_type
+        );
+        assert_eq!(
+            header(message, NatsRelay::HEADER_EVENT_VERSION),
+            event.event_version
+        );
         // The wire format: the stored event as JSON, whole.
         let body: PersistableDomainEvent = serde_json::from_slice(&message.payload).unwrap();
         assert_eq!(&body, event);
@@ -983,7 +998,7 @@ async fn damaged_rows_are_relayed_and_dead_lettered_by_the_consumer() {
         "UPDATE cqrs_events SET payload = '{\"Deposited\": oops' WHERE position = 3",
         "UPDATE cqrs_events SET metadata = '{oops' WHERE position = 5",
     ] {
-        let changed = cqrs::store::sqlite::sqlx::query(sql)
+        let changed = cqrs::sqlx::query(sql)
             .execute(store.pool())
             .await
             .unwrap()
@@ -1014,7 +1029,7 @@ async fn damaged_rows_are_relayed_and_dead_lettered_by_the_consumer() {
     let messages = stream_messages(&jetstream, &test.config).await;
     let positions: Vec<&str> = messages
         .iter()
-        .map(|message| header(message, HEADER_POSITION))
+        .map(|message| header(message, NatsRelay::HEADER_POSITION))
         .collect();
     assert_eq!(positions, ["1", "2", "3", "4", "5", "6"]);
 

@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs::projection::HandlerRetry;
-use cqrs::store::postgres::sqlx::postgres::PgPoolOptions;
-use cqrs::store::postgres::sqlx::Executor;
+use cqrs::sqlx::postgres::PgPoolOptions;
+use cqrs::sqlx::Executor;
+use cqrs::HandlerRetry;
 use cqrs::{
     CQRSFramework, EventRepository, PostgresEventRepository, PostgresViewRepository, Projection,
     View, ViewRepository,

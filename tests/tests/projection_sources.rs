@@ -111,11 +111,7 @@ struct Fixture {
     source: Source,
     path: PathBuf,
     store: SqliteEventRepository,
-    nats: Option<(
-        cqrs::nats::async_nats::jetstream::Context,
-        TestStream,
-        NatsRelay,
-    )>,
+    nats: Option<(cqrs::async_nats::jetstream::Context, TestStream, NatsRelay)>,
 }
 
 impl Fixture {

@@ -15,12 +15,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs::projection::HandlerRetry;
-use cqrs::store::sqlite::{Durability, SqliteOptions};
+use cqrs::HandlerRetry;
 use cqrs::{
     CQRSFramework, EventRepository, PoisonPolicy, Projection, SqliteEventRepository, View,
     ViewRepository,
 };
+use cqrs::{Durability, SqliteOptions};
 use uuid::Uuid;
 
 const CHILD_DB: &str = "CQRS_PROJECTOR_CHILD_DB";

@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs::store::postgres::sqlx::postgres::{PgConnection, PgPoolOptions};
-use cqrs::store::postgres::sqlx::{self, Connection, Executor, Row};
-use cqrs::store::postgres::InvalidIdentifier;
+use cqrs::sqlx::postgres::{PgConnection, PgPoolOptions};
+use cqrs::sqlx::{self, Connection, Executor, Row};
+use cqrs::InvalidIdentifier;
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, Checkpoint, DecodeError, DomainEvent, EventEnvelope,
     EventRepository, PersistableDomainEvent, PostgresEventRepository, PostgresViewRepository,
@@ -1073,7 +1073,8 @@ async fn connect_replaces_connections_the_server_closed_while_they_were_idle() {
 
     // Idle for longer than IDLE_PING_AFTER: the ping finds the dead connection and the pool
     // opens a new one, so the caller never sees the server's restart.
-    tokio::time::sleep(cqrs::store::postgres::IDLE_PING_AFTER + Duration::from_millis(500)).await;
+    tokio::time::sleep(cqrs::PostgresEventRepository::IDLE_PING_AFTER + Duration::from_millis(500))
+        .await;
     assert_eq!(store.event_sequence(Counter::NAME, id).await.unwrap(), 1);
     store.append(vec![added(id, 2, 1)]).await.unwrap();
     assert_eq!(positions(&store.read_all(0, 10).await.unwrap()).len(), 2);

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs::store::sqlite::sqlx;
-use cqrs::store::sqlite::{Durability, InvalidTableName, SqliteOptions};
+use cqrs::sqlx;
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, Checkpoint, DomainEvent, EventEnvelope, EventRepository,
     PersistableDomainEvent, Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository,
     SqliteEventRepository, SqliteViewRepository, View, ViewContext, ViewRepository,
 };
+use cqrs::{Durability, InvalidTableName, SqliteOptions};
 use cqrs_testkit::conformance::{
     check_checkpoint_repository, check_dead_letter_repository, check_event_repository,
     check_snapshot_repository, check_view_repository, SqliteHarness,

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::ledger::{Ledger, LedgerError, LedgerEvent};
-use cqrs::store::postgres::sqlx::postgres::PgPoolOptions;
-use cqrs::store::postgres::sqlx::Executor;
+use cqrs::sqlx::postgres::PgPoolOptions;
+use cqrs::sqlx::Executor;
 use cqrs::{
     CQRSFramework, EventEnvelope, EventRepository, MemoryEventRepository, MemoryViewRepository,
     PostgresEventRepository, Projection, SqliteEventRepository, View, ViewRepository,

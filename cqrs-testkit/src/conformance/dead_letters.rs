@@ -10,8 +10,8 @@
 use std::fmt::Debug;
 
 use chrono::{DateTime, Utc};
-use cqrs::projection::{DeadLetter, DeadLetterSkip, DeadLetters, MemoryDeadLetters};
 use cqrs::ViewRepository;
+use cqrs::{DeadLetter, DeadLetterSkip, DeadLetters, MemoryDeadLetters};
 use uuid::Uuid;
 
 use super::views::{checkpoint_of, cp, ConformanceTally, TallyV1};
@@ -26,7 +26,7 @@ use super::{fail, ok, MemoryViewDatabase, MemoryViewHarness, ViewHarness};
 /// checked for writing nothing there.
 ///
 /// ```
-/// use cqrs::projection::MemoryDeadLetters;
+/// use cqrs::MemoryDeadLetters;
 /// use cqrs_testkit::conformance::{check_dead_letter_repository, DeadLetterHarness, MemoryViewDatabase, ViewHarness};
 ///
 /// /// Memory views with a sink of their own, to show the shape; a SQL harness returns the

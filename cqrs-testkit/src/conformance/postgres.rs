@@ -3,8 +3,8 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use cqrs::store::postgres::sqlx::postgres::PgPoolOptions;
-use cqrs::store::postgres::sqlx::{self, Executor};
+use cqrs::sqlx::postgres::PgPoolOptions;
+use cqrs::sqlx::{self, Executor};
 use cqrs::{PostgresEventRepository, Snapshot};
 use serde_json::Value;
 use uuid::Uuid;
@@ -258,12 +258,9 @@ impl CheckpointHarness for PostgresHarness {
 }
 
 impl DeadLetterHarness for PostgresHarness {
-    type Sink = cqrs::store::postgres::PostgresDeadLetters;
+    type Sink = cqrs::PostgresDeadLetters;
 
-    fn dead_letters(
-        &self,
-        database: &PostgresEventRepository,
-    ) -> cqrs::store::postgres::PostgresDeadLetters {
-        cqrs::store::postgres::PostgresDeadLetters::new(database)
+    fn dead_letters(&self, database: &PostgresEventRepository) -> cqrs::PostgresDeadLetters {
+        cqrs::PostgresDeadLetters::new(database)
     }
 }

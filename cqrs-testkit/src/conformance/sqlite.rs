@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
-use cqrs::store::sqlite::sqlx;
+use cqrs::sqlx;
 use cqrs::{Snapshot, SqliteEventRepository};
 use uuid::Uuid;
 
@@ -216,12 +216,9 @@ impl CheckpointHarness for SqliteHarness {
 }
 
 impl DeadLetterHarness for SqliteHarness {
-    type Sink = cqrs::store::sqlite::SqliteDeadLetters;
+    type Sink = cqrs::SqliteDeadLetters;
 
-    fn dead_letters(
-        &self,
-        database: &SqliteEventRepository,
-    ) -> cqrs::store::sqlite::SqliteDeadLetters {
-        cqrs::store::sqlite::SqliteDeadLetters::new(database)
+    fn dead_letters(&self, database: &SqliteEventRepository) -> cqrs::SqliteDeadLetters {
+        cqrs::SqliteDeadLetters::new(database)
     }
 }

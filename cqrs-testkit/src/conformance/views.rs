@@ -14,7 +14,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::sync::{Mutex, PoisonError};
 
-use cqrs::projection::MemoryDeadLetters;
+use cqrs::MemoryDeadLetters;
 use cqrs::{
     Aggregate, CQRSError, Checkpoint, DomainEvent, EventEnvelope, MemoryViewRepository, View,
     ViewContext, ViewRepository,

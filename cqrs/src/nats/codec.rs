@@ -13,17 +13,17 @@ use super::config::subject_token;
 use super::NatsStreamConfig;
 
 /// Header naming the event's aggregate type.
-pub const HEADER_AGGREGATE_TYPE: &str = "Cqrs-Aggregate-Type";
+pub(super) const HEADER_AGGREGATE_TYPE: &str = "Cqrs-Aggregate-Type";
 /// Header naming the event's aggregate id.
-pub const HEADER_AGGREGATE_ID: &str = "Cqrs-Aggregate-Id";
+pub(super) const HEADER_AGGREGATE_ID: &str = "Cqrs-Aggregate-Id";
 /// Header carrying the event's sequence within its aggregate.
-pub const HEADER_SEQUENCE: &str = "Cqrs-Sequence";
+pub(super) const HEADER_SEQUENCE: &str = "Cqrs-Sequence";
 /// Header carrying the event's global position in the store.
-pub const HEADER_POSITION: &str = "Cqrs-Position";
+pub(super) const HEADER_POSITION: &str = "Cqrs-Position";
 /// Header carrying the stored event name.
-pub const HEADER_EVENT_TYPE: &str = "Cqrs-Event-Type";
+pub(super) const HEADER_EVENT_TYPE: &str = "Cqrs-Event-Type";
 /// Header carrying the stored event version.
-pub const HEADER_EVENT_VERSION: &str = "Cqrs-Event-Version";
+pub(super) const HEADER_EVENT_VERSION: &str = "Cqrs-Event-Version";
 
 /// The body of an event whose stored payload is not JSON (a damaged row, see
 /// [`Payload`](crate::Payload)): the event's fields with the payload as a JSON string of the
@@ -152,7 +152,8 @@ pub(super) fn damaged_row_message_id(damage: &DamagedRow) -> String {
     }
 }
 
-/// Decodes the body of a message published by [`NatsRelay`](super::NatsRelay).
+/// Decodes the body of a message published by the relay (see
+/// [`NatsRelay::decode_message`](super::NatsRelay::decode_message)).
 ///
 /// An event whose stored payload is not JSON comes back with that text as its payload
 /// ([`Payload::from_stored_unchecked`](crate::Payload::from_stored_unchecked)), so decoding
@@ -162,7 +163,7 @@ pub(super) fn damaged_row_message_id(damage: &DamagedRow) -> String {
 /// [`CQRSError::DamagedRow`] for the message of a row the store could not read as an event;
 /// [`CQRSError::Deserialization`] naming the subject and stream sequence when the body is not
 /// a [`PersistableDomainEvent`].
-pub fn decode_message(
+pub(super) fn decode_message(
     subject: &str,
     stream_sequence: u64,
     body: &[u8],

@@ -21,32 +21,7 @@
 //! Delivery is at least once; the effect on the view is exactly once (see
 //! `docs/adr/0006-nats.md`).
 //!
-//! # Wire format
-//!
-//! The body of every message is the [`PersistableDomainEvent`](crate::PersistableDomainEvent) as JSON (its serde form: the
-//! fields `event_id`, `aggregate_type_id`, `aggregate_id`, `aggregate_type`, `sequence`,
-//! `position`, `event_type`, `event_version`, `payload`, `metadata`, `timestamp`), so a
-//! consumer in any language reads the whole event, and [`NatsProjection`] decodes it exactly as
-//! a store would. The headers repeat what a router needs without parsing the body:
-//!
-//! | header | value |
-//! |--------|-------|
-//! | `Nats-Msg-Id` | the event id (deduplication) |
-//! | [`HEADER_AGGREGATE_TYPE`] | the aggregate type |
-//! | [`HEADER_AGGREGATE_ID`] | the aggregate id |
-//! | [`HEADER_SEQUENCE`] | the event's sequence within its aggregate |
-//! | [`HEADER_POSITION`] | the event's global position |
-//! | [`HEADER_EVENT_TYPE`] | the stored event name |
-//! | [`HEADER_EVENT_VERSION`] | the stored event version |
-//!
-//! A damaged row of the store travels as it is, so a consumer meets the same poison event
-//! as a reader of the store: an event whose stored payload is not JSON has, in place of
-//! `payload`, `payload_text` holding the stored text as a JSON string ([`decode_message`]
-//! gives the event back with that payload, which then fails to decode); a row the store
-//! cannot read as an event at all ([`CQRSError::DamagedRow`]) is a message of its own whose
-//! body is `{"damaged_row": {..}}` and whose headers name what could be read of it (always
-//! its position; the message id is `cqrs-damaged-row-<position>` when the event id is
-//! unreadable).
+//! The wire format is documented on [`NatsRelay`].
 //!
 //! # Example
 //!
@@ -71,12 +46,12 @@
 //! #     fn handle_event(&mut self, e: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
 //! #         let CounterEvent::Incremented { by } = e.event; self.total += u64::from(by); Ok(()) }
 //! # }
-//! use cqrs::nats::{NatsProjection, NatsRelay, NatsStreamConfig};
+//! use cqrs::{NatsProjection, NatsRelay, NatsStreamConfig};
 //! use cqrs::{MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let client = cqrs::nats::async_nats::connect("nats://127.0.0.1:4222").await?;
-//! let jetstream = cqrs::nats::async_nats::jetstream::new(client);
+//! let client = cqrs::async_nats::connect("nats://127.0.0.1:4222").await?;
+//! let jetstream = cqrs::async_nats::jetstream::new(client);
 //! let stream = NatsStreamConfig::new("EVENTS", "events");
 //!
 //! // Publisher side: the relay runs beside the application.
@@ -99,14 +74,6 @@ mod config;
 mod consumer;
 mod relay;
 
-/// [`jetstream::Context`](async_nats::jetstream::Context) without a version mismatch.
-#[doc(no_inline)]
-pub use async_nats;
-
-pub use codec::{
-    decode_message, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_EVENT_TYPE,
-    HEADER_EVENT_VERSION, HEADER_POSITION, HEADER_SEQUENCE,
-};
 pub use config::NatsStreamConfig;
 pub use consumer::{NatsProjection, UndecodableMessage};
 pub use relay::{NatsRelay, NatsRelayHandle};

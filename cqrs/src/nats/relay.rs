@@ -15,7 +15,7 @@ use crate::event::PersistableDomainEvent;
 use crate::store::{Checkpoint, CheckpointRepository, EventRepository};
 use crate::task::{backoff, Shared, Stop, Task};
 
-use super::codec::{damaged_row_message_id, encode, encode_damaged_row};
+use super::codec::{self, damaged_row_message_id, encode, encode_damaged_row};
 use super::{broker, NatsStreamConfig};
 
 /// One message of a relay batch, ready to publish.
@@ -52,7 +52,7 @@ impl Outgoing {
 }
 
 /// Publishes committed events to a JetStream stream, in global order, exactly once in the
-/// stream (see the [module docs](super)).
+/// stream.
 ///
 /// Each run of [`relay_once`](Self::relay_once) reads up to `batch_size` events after the
 /// relay's checkpoint, publishes them all (pipelined), waits for every acknowledgement, then
@@ -62,6 +62,33 @@ impl Outgoing {
 /// [`start`](Self::start) runs it in the background: catch up, then wait for the store's
 /// notification (or poll every `poll_interval` when the store cannot notify, or when another
 /// process appends), retrying failures with a backoff.
+///
+/// # Wire format
+///
+/// The body of every message is the [`PersistableDomainEvent`] as JSON (its serde form:
+/// the fields `event_id`, `aggregate_type_id`, `aggregate_id`, `aggregate_type`, `sequence`,
+/// `position`, `event_type`, `event_version`, `payload`, `metadata`, `timestamp`), so a
+/// consumer in any language reads the whole event, and
+/// [`NatsProjection`](crate::NatsProjection) decodes it exactly as a store would. The headers repeat what a router needs without parsing the body:
+///
+/// | header | value |
+/// |--------|-------|
+/// | `Nats-Msg-Id` | the event id (deduplication) |
+/// | [`HEADER_AGGREGATE_TYPE`](Self::HEADER_AGGREGATE_TYPE) | the aggregate type |
+/// | [`HEADER_AGGREGATE_ID`](Self::HEADER_AGGREGATE_ID) | the aggregate id |
+/// | [`HEADER_SEQUENCE`](Self::HEADER_SEQUENCE) | the event's sequence within its aggregate |
+/// | [`HEADER_POSITION`](Self::HEADER_POSITION) | the event's global position |
+/// | [`HEADER_EVENT_TYPE`](Self::HEADER_EVENT_TYPE) | the stored event name |
+/// | [`HEADER_EVENT_VERSION`](Self::HEADER_EVENT_VERSION) | the stored event version |
+///
+/// A damaged row of the store travels as it is, so a consumer meets the same poison event
+/// as a reader of the store: an event whose stored payload is not JSON has, in place of
+/// `payload`, `payload_text` holding the stored text as a JSON string
+/// ([`decode_message`](Self::decode_message) gives the event back with that payload, which then fails to decode); a row the store
+/// cannot read as an event at all ([`CQRSError::DamagedRow`]) is a message of its own whose
+/// body is `{"damaged_row": {..}}` and whose headers name what could be read of it (always
+/// its position; the message id is `cqrs-damaged-row-<position>` when the event id is
+/// unreadable).
 pub struct NatsRelay {
     events: Arc<dyn EventRepository>,
     checkpoints: Arc<dyn CheckpointRepository>,
@@ -101,6 +128,38 @@ impl fmt::Debug for NatsRelay {
 }
 
 impl NatsRelay {
+    /// Header naming the event's aggregate type.
+    pub const HEADER_AGGREGATE_TYPE: &'static str = codec::HEADER_AGGREGATE_TYPE;
+    /// Header naming the event's aggregate id.
+    pub const HEADER_AGGREGATE_ID: &'static str = codec::HEADER_AGGREGATE_ID;
+    /// Header carrying the event's sequence within its aggregate.
+    pub const HEADER_SEQUENCE: &'static str = codec::HEADER_SEQUENCE;
+    /// Header carrying the event's global position in the store.
+    pub const HEADER_POSITION: &'static str = codec::HEADER_POSITION;
+    /// Header carrying the stored event name.
+    pub const HEADER_EVENT_TYPE: &'static str = codec::HEADER_EVENT_TYPE;
+    /// Header carrying the stored event version.
+    pub const HEADER_EVENT_VERSION: &'static str = codec::HEADER_EVENT_VERSION;
+
+    /// Decodes the body of a message a relay published, for a consumer that reads the
+    /// stream without [`NatsProjection`](crate::NatsProjection).
+    ///
+    /// An event whose stored payload is not JSON comes back with that text as its payload
+    /// ([`Payload::from_stored_unchecked`](crate::Payload::from_stored_unchecked)), so decoding
+    /// it fails as it does from the store.
+    ///
+    /// # Errors
+    /// [`CQRSError::DamagedRow`] for the message of a row the store could not read as an
+    /// event; [`CQRSError::Deserialization`] naming the subject and stream sequence when the
+    /// body is not a [`PersistableDomainEvent`].
+    pub fn decode_message(
+        subject: &str,
+        stream_sequence: u64,
+        body: &[u8],
+    ) -> Result<PersistableDomainEvent, CQRSError> {
+        codec::decode_message(subject, stream_sequence, body)
+    }
+
     /// The checkpoint name a relay to `stream` uses unless [`with_name`](Self::with_name)
     /// sets another: `nats_relay_<stream name>`.
     ///

@@ -28,9 +28,7 @@ mod runner;
 
 pub(crate) use self::core::{Applied, Core};
 
-pub use crate::error::ProjectionStopped;
-pub use crate::store::memory::MemoryDeadLetters;
-pub use crate::store::{DeadLetter, DeadLetterSkip, DeadLetters};
+pub(crate) use crate::store::{DeadLetter, DeadLetters};
 pub use poison::{HandlerRetry, PoisonPolicy};
 pub use runner::ProjectionHandle;
 
@@ -183,7 +181,7 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     }
 
     /// Where [`PoisonPolicy::SkipAndRecord`] records skipped events (default: a
-    /// [`MemoryDeadLetters`] owned by this projection).
+    /// [`MemoryDeadLetters`](crate::MemoryDeadLetters) owned by this projection).
     #[must_use]
     pub fn with_dead_letters(mut self, sink: impl DeadLetters + 'static) -> Self {
         self.core.dead_letters = Arc::new(sink);

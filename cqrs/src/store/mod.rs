@@ -15,13 +15,13 @@ use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
 
 mod dead_letters;
-pub mod memory;
+pub(crate) mod memory;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub mod postgres;
+pub(crate) mod postgres;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub mod sqlite;
+pub(crate) mod sqlite;
 mod view;
 
 pub use self::dead_letters::{DeadLetter, DeadLetterSkip, DeadLetters};

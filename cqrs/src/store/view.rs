@@ -182,7 +182,7 @@ pub trait ViewRepository<A: Aggregate, V: View<A>>: Send + Sync {
 /// `"{table_name}@active"`.
 ///
 /// ```
-/// assert_eq!(cqrs::store::active_version_marker("balances"), "balances@active");
+/// assert_eq!(cqrs::active_version_marker("balances"), "balances@active");
 /// ```
 pub fn active_version_marker(table_name: &str) -> String {
     format!("{table_name}@active")

@@ -2,8 +2,8 @@
 
 #![allow(dead_code)]
 
-use cqrs::nats::async_nats;
-use cqrs::nats::async_nats::jetstream;
+use cqrs::async_nats;
+use cqrs::async_nats::jetstream;
 use cqrs::NatsStreamConfig;
 use uuid::Uuid;
 

@@ -7,7 +7,7 @@ use crate::error::CQRSError;
 use crate::store::{Checkpoint, CheckpointRepository};
 
 /// Checkpoints of readers that are not views (an outbox relay), in `cqrs_checkpoints`, the
-/// table where [`PostgresViewRepository`] commits projection checkpoints too.
+/// table where [`PostgresViewRepository`](crate::PostgresViewRepository) commits projection checkpoints too.
 #[async_trait]
 impl CheckpointRepository for PostgresEventRepository {
     async fn load_checkpoint(&self, name: &str) -> Result<i64, CQRSError> {

@@ -95,7 +95,7 @@ impl Statements {
 /// checkpoints).
 ///
 /// ```no_run
-/// use cqrs::store::postgres::PostgresDeadLetters;
+/// use cqrs::PostgresDeadLetters;
 /// use cqrs::PostgresEventRepository;
 ///
 /// # async fn run() -> Result<(), cqrs::CQRSError> {

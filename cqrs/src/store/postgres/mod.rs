@@ -1,28 +1,8 @@
-//! Event, view and snapshot stores on PostgreSQL (feature `postgres`), through sqlx.
-//!
-//! * [`PostgresEventRepository`]: the [`EventRepository`] (and [`SnapshotRepository`]) on one
-//!   schema of a PostgreSQL database. Many processes may share one database: appends are
-//!   optimistic (a lost race is a [`CQRSError::Conflict`] raised by a unique constraint) and
-//!   [`read_all`](EventRepository::read_all) is gap-safe without serialising writers.
-//! * [`PostgresViewRepository`]: views as JSONB rows in the table named by
-//!   [`View::TABLE_NAME`](crate::View::TABLE_NAME), with an optimistic row version, committed
-//!   together with the projection's checkpoint in one transaction.
-//!
-//! The schema, and the reasons for each of its constraints, are in
-//! `docs/adr/0004-postgres-store.md`.
-//!
-//! ```no_run
-//! # async fn demo() -> Result<(), cqrs::CQRSError> {
-//! use cqrs::{EventRepository, PostgresEventRepository};
-//!
-//! let store = PostgresEventRepository::connect("postgres://postgres@127.0.0.1/test")
-//!     .await?
-//!     .with_schema("my_app")?;
-//! store.migrate().await?;
-//! let first_page = store.read_all(0, 100).await?;
-//! # let _ = first_page;
-//! # Ok(()) }
-//! ```
+//! The PostgreSQL store (feature `postgres`): the handle and its settings here; appends,
+//! `read_all` paging, notifications, row decoding, snapshots, checkpoints, views and dead
+//! letters in the files beside it. What it guarantees is documented on
+//! [`PostgresEventRepository`]; the schema, and the reasons for each of its constraints, are
+//! in `docs/adr/0004-postgres-store.md`.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -57,19 +37,6 @@ pub use self::schema::InvalidIdentifier;
 use self::schema::{validate_identifier, Statements, DEFAULT_SCHEMA};
 pub use self::view::PostgresViewRepository;
 
-/// The sqlx crate this store is built on, re-exported so that a pool for
-/// [`PostgresEventRepository::from_pool`] can be built with the very same version.
-pub use ::sqlx;
-
-/// How long [`read_all`](EventRepository::read_all) waits, by default, for the transactions
-/// that may still fill a hole in the positions before it returns only the events below it.
-pub const DEFAULT_GAP_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// The shortest time, by default, between two `pg_notify`s of one handle: appends that commit
-/// in between are announced together by the next one (see
-/// [`with_notify_interval`](PostgresEventRepository::with_notify_interval)).
-pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(10);
-
 /// An event store (and snapshot store) in one schema of a PostgreSQL database.
 ///
 /// Cloning gives another handle to the same pool and schema. Create the tables once with
@@ -85,13 +52,13 @@ pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(10);
 /// * **`read_all`** never returns a position while a lower one may still commit, and no
 ///   writer waits for another: see [`read_all`](EventRepository::read_all) below and the ADR.
 /// * **Snapshots** live in `cqrs_snapshots`, one row per aggregate, replaced only by a newer
-///   sequence (or removed by a delete); it is the [`SnapshotRepository`] too.
+///   sequence (or removed by a delete); it is the [`SnapshotRepository`](crate::SnapshotRepository) too.
 /// * **Checkpoints** of other readers (a relay) live in `cqrs_checkpoints`: it is the
-///   [`CheckpointRepository`] too.
+///   [`CheckpointRepository`](crate::CheckpointRepository) too.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use cqrs::store::postgres::sqlx::postgres::PgPoolOptions;
+/// use cqrs::sqlx::postgres::PgPoolOptions;
 /// use cqrs::PostgresEventRepository;
 ///
 /// let pool = PgPoolOptions::new()
@@ -157,11 +124,24 @@ impl std::fmt::Debug for PostgresEventRepository {
 }
 
 impl PostgresEventRepository {
+    /// How long [`read_all`](EventRepository::read_all) waits, by default, for the transactions
+    /// that may still fill a hole in the positions before it returns only the events below it.
+    pub const DEFAULT_GAP_TIMEOUT: Duration = Duration::from_millis(500);
+
+    /// The shortest time, by default, between two `pg_notify`s of one handle: appends that commit
+    /// in between are announced together by the next one (see
+    /// [`with_notify_interval`](Self::with_notify_interval)).
+    pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(10);
+
+    /// How long a connection of a pool made by [`connect`](Self::connect) may sit idle
+    /// before it is pinged when taken from the pool.
+    pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
+
     /// Connects a pool to `url`; the tables live in the schema `public` unless
     /// [`with_schema`](Self::with_schema) says otherwise.
     ///
     /// The pool has sqlx's default options but one: a connection taken from the pool is
-    /// pinged first only when it sat idle for [`IDLE_PING_AFTER`] or longer (sqlx pings
+    /// pinged first only when it sat idle for [`IDLE_PING_AFTER`](Self::IDLE_PING_AFTER) or longer (sqlx pings
     /// before every use by default, a round trip per statement). A connection the server
     /// closed within that second fails its statement with
     /// [`CQRSError::PersistenceError`], which a retry of the command gets past. Use
@@ -174,7 +154,7 @@ impl PostgresEventRepository {
             .test_before_acquire(false)
             .before_acquire(|connection, meta| {
                 Box::pin(async move {
-                    if meta.idle_for >= IDLE_PING_AFTER {
+                    if meta.idle_for >= Self::IDLE_PING_AFTER {
                         sqlx::Connection::ping(connection).await?;
                     }
                     Ok(true)
@@ -192,9 +172,9 @@ impl PostgresEventRepository {
             pool,
             Settings {
                 schema: DEFAULT_SCHEMA.to_owned(),
-                gap_timeout: DEFAULT_GAP_TIMEOUT,
+                gap_timeout: Self::DEFAULT_GAP_TIMEOUT,
                 notify: true,
-                notify_interval: DEFAULT_NOTIFY_INTERVAL,
+                notify_interval: Self::DEFAULT_NOTIFY_INTERVAL,
             },
         )
     }
@@ -238,7 +218,7 @@ impl PostgresEventRepository {
     }
 
     /// How long [`read_all`](EventRepository::read_all) may wait for in-flight transactions
-    /// when it finds a hole in the positions (default [`DEFAULT_GAP_TIMEOUT`]). After that it
+    /// when it finds a hole in the positions (default [`DEFAULT_GAP_TIMEOUT`](Self::DEFAULT_GAP_TIMEOUT)). After that it
     /// returns the events below the hole (possibly none) and the caller reads again later.
     #[must_use]
     pub fn with_gap_timeout(self, timeout: Duration) -> Self {
@@ -257,7 +237,7 @@ impl PostgresEventRepository {
     }
 
     /// The shortest time between two notifications of this handle (default
-    /// [`DEFAULT_NOTIFY_INTERVAL`], 10 ms).
+    /// [`DEFAULT_NOTIFY_INTERVAL`](Self::DEFAULT_NOTIFY_INTERVAL), 10 ms).
     ///
     /// An append after a quiet spell is announced at once; during a burst, the appends
     /// that commit within `interval` of the previous notification are announced together
@@ -323,10 +303,6 @@ impl PostgresEventRepository {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
-
-/// How long a connection of a pool made by [`PostgresEventRepository::connect`] may sit idle
-/// before it is pinged when taken from the pool.
-pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
 #[async_trait]
 impl EventRepository for PostgresEventRepository {

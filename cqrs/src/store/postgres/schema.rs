@@ -31,7 +31,7 @@ pub(super) const DEFAULT_SCHEMA: &str = "public";
 /// `cqrs_checkpoints`, `cqrs_dead_letters`). A name is always double-quoted in SQL, so case is kept as written.
 ///
 /// ```
-/// use cqrs::store::postgres::InvalidIdentifier;
+/// use cqrs::InvalidIdentifier;
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://localhost/db").unwrap();
 /// let err = cqrs::PostgresEventRepository::from_pool(pool)

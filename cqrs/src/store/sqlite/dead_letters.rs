@@ -90,8 +90,8 @@ const FIRST_CHECKPOINT: &str = "INSERT INTO cqrs_checkpoints (name, position, up
 /// #     fn handle_event(&mut self, e: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
 /// #         let CounterEvent::Incremented { by } = e.event; self.total += u64::from(by); Ok(()) }
 /// # }
-/// use cqrs::projection::PoisonPolicy;
-/// use cqrs::store::sqlite::SqliteDeadLetters;
+/// use cqrs::PoisonPolicy;
+/// use cqrs::SqliteDeadLetters;
 /// use cqrs::{Projection, SqliteEventRepository};
 ///
 /// # async fn run() -> Result<(), CQRSError> {

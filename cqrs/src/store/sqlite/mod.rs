@@ -1,43 +1,6 @@
-//! Event, view and snapshot stores on SQLite (feature `sqlite`).
-//!
-//! One file holds everything: the events, the snapshots, the projections' checkpoints and the
-//! views. [`SqliteEventRepository`] is the handle to it; it implements [`EventRepository`]
-//! and [`SnapshotRepository`], and [`SqliteViewRepository`] keeps views beside the events so
-//! that a projection commits a view change and its checkpoint in one transaction.
-//!
-//! * **Durable by default.** The file is in WAL mode with `synchronous=FULL`: an append that
-//!   returned `Ok` survives a power cut. [`Durability::Normal`] trades the last commits
-//!   before a power cut (never a process crash) for fewer fsyncs.
-//! * **Group commit.** Every write goes to one writer task that owns the write connection.
-//!   It takes all writes waiting at once and commits them in one transaction, so concurrent
-//!   dispatches share an fsync; each write still fails or succeeds on its own (a lost race
-//!   is that append's [`CQRSError::Conflict`], not its neighbours'). It waits briefly for
-//!   dispatches still reading their aggregate, and inserts a group's events with one
-//!   statement, so a group of small appends costs one round trip to SQLite.
-//! * **Races are caught by the schema.** `UNIQUE (aggregate_type, aggregate_id, sequence)`
-//!   refuses the second of two writers; `UNIQUE (event_id)` makes a retried append
-//!   recognisable; a trigger refuses a sequence that skips ahead. Nothing is decided by a
-//!   read before the write.
-//! * **Reads** never wait for the writer (WAL). Event reads (`load_events`, `read_all`) run
-//!   on read-only connections of the store's own, one blocking-thread job per read that
-//!   also decodes the rows; other reads use the sqlx pool ([`pool`](SqliteEventRepository::pool)).
-//!
-//! The schema and the reasons for each constraint are in `docs/adr/0003-sqlite-store.md`.
-//!
-//! ```
-//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! use cqrs::{EventRepository, SqliteEventRepository};
-//!
-//! let path = std::env::temp_dir().join(format!("cqrs-doc-{}.sqlite", uuid::Uuid::new_v4()));
-//! let store = SqliteEventRepository::open(&path).await?;
-//! assert_eq!(store.read_all(0, 100).await?.len(), 0);
-//! # drop(store);
-//! # for suffix in ["", "-wal", "-shm"] {
-//! #     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-//! # }
-//! # Ok::<(), cqrs::CQRSError>(())
-//! # }).unwrap();
-//! ```
+//! The SQLite store (feature `sqlite`): the handle and its settings here; the writer task,
+//! the readers, row decoding, the schema, views and dead letters in the files beside it.
+//! What it guarantees is documented on [`SqliteEventRepository`].
 
 mod dead_letters;
 mod reader;
@@ -74,12 +37,6 @@ pub use self::schema::InvalidTableName;
 pub use self::view::SqliteViewRepository;
 pub use self::writer::WriterError;
 
-/// The sqlx crate this store is built on, for [`SqliteEventRepository::pool`],
-/// [`SqliteEventRepository::from_pool`] and [`SqliteEventRepository::connect_with`] without
-/// a version mismatch.
-#[doc(no_inline)]
-pub use sqlx;
-
 use self::reader::EventReader;
 use self::rows::{decode_events, EVENT_COLUMNS};
 use self::writer::{Job, Readers, WriteConnection};
@@ -107,7 +64,7 @@ pub enum Durability {
 ///
 /// ```
 /// use std::time::Duration;
-/// use cqrs::store::sqlite::{Durability, SqliteOptions};
+/// use cqrs::{Durability, SqliteOptions};
 /// let options = SqliteOptions::default()
 ///     .durability(Durability::Normal)
 ///     .busy_timeout(Duration::from_secs(10))
@@ -214,8 +171,32 @@ impl SqliteOptions {
 /// writer). The writer runs as a task on the Tokio runtime that opened the store, until the
 /// last handle is dropped; use the store from that runtime.
 ///
-/// See the [module docs](self) for how it works and `docs/adr/0003-sqlite-store.md` for
-/// the schema.
+/// One file holds everything: the events, the snapshots, the projections' checkpoints and the
+/// views. [`SqliteEventRepository`] is the handle to it; it implements [`EventRepository`]
+/// and [`SnapshotRepository`], and [`SqliteViewRepository`] keeps views beside the events so
+/// that a projection commits a view change and its checkpoint in one transaction.
+///
+/// * **Durable by default.** The file is in WAL mode with `synchronous=FULL`: an append that
+///   returned `Ok` survives a power cut. [`Durability::Normal`] trades the last commits
+///   before a power cut (never a process crash) for fewer fsyncs.
+/// * **Group commit.** Every write goes to one writer task that owns the write connection.
+///   It takes all writes waiting at once and commits them in one transaction, so concurrent
+///   dispatches share an fsync; each write still fails or succeeds on its own (a lost race
+///   is that append's [`CQRSError::Conflict`], not its neighbours'). It waits briefly for
+///   dispatches still reading their aggregate, and inserts a group's events with one
+///   statement, so a group of small appends costs one round trip to SQLite.
+/// * **Races are caught by the schema.** `UNIQUE (aggregate_type, aggregate_id, sequence)`
+///   refuses the second of two writers; `UNIQUE (event_id)` makes a retried append
+///   recognisable; a trigger refuses a sequence that skips ahead. Nothing is decided by a
+///   read before the write.
+/// * **Reads** never wait for the writer (WAL). Event reads (`load_events`, `read_all`) run
+///   on read-only connections of the store's own, one blocking-thread job per read that
+///   also decodes the rows; other reads use the sqlx pool ([`pool`](Self::pool)).
+///
+/// The schema and the reasons for each constraint are in `docs/adr/0003-sqlite-store.md`.
+///
+///
+/// The schema and the reasons for each constraint are in `docs/adr/0003-sqlite-store.md`.
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
