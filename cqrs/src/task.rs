@@ -112,6 +112,8 @@ pub(crate) struct Task {
     stop: watch::Sender<bool>,
     position: watch::Receiver<i64>,
     shared: Arc<Shared>,
+    /// Closed once the runner has ended and its error, if any, is the last error.
+    ended: watch::Receiver<()>,
     task: JoinHandle<Result<(), CQRSError>>,
 }
 
@@ -129,6 +131,7 @@ impl Task {
         F: Future<Output = Result<(), CQRSError>> + Send + 'static,
     {
         let (stop, signal) = watch::channel(false);
+        let (ending, ended) = watch::channel(());
         let work = run(Stop::on(signal));
         let task = tokio::spawn({
             let shared = Arc::clone(&shared);
@@ -137,6 +140,7 @@ impl Task {
                 if let Err(error) = &result {
                     shared.set_last_error(Some(error.to_string()));
                 }
+                drop(ending);
                 result
             }
         });
@@ -145,6 +149,7 @@ impl Task {
             stop,
             position,
             shared,
+            ended,
             task,
         }
     }
@@ -167,11 +172,18 @@ impl Task {
         timeout: Duration,
     ) -> Result<i64, CQRSError> {
         let mut progress = self.position.clone();
+        let mut ended = self.ended.clone();
         let reached = tokio::time::timeout(timeout, async {
-            progress
+            let reached = progress
                 .wait_for(|reached| *reached >= position)
                 .await
-                .map(|reached| *reached)
+                .map(|reached| *reached);
+            if reached.is_err() {
+                // The runner dropped its position before its task recorded why it ended:
+                // wait for that, so `last_error` tells once this returns.
+                let _ = ended.changed().await;
+            }
+            reached
         })
         .await
         .map_err(|_| CQRSError::Timeout(timeout))?;
