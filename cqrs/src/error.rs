@@ -429,7 +429,7 @@ impl From<EventDecodeError> for CQRSError {
 /// serde form), so a consumer meets the same poison event as a store reader.
 ///
 /// ```
-/// let damage = cqrs::error::DamagedRow {
+/// let damage = cqrs::DamagedRow {
 ///     position: 7,
 ///     event_id: None,
 ///     aggregate_type: Some("account".into()),

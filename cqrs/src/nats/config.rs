@@ -33,7 +33,7 @@ pub(super) fn subject_token(name: &str) -> String {
 ///
 /// ```
 /// use std::time::Duration;
-/// use cqrs::nats::NatsStreamConfig;
+/// use cqrs::NatsStreamConfig;
 /// let config = NatsStreamConfig::new("BANK_EVENTS", "bank").with_duplicate_window(Duration::from_secs(600));
 /// assert_eq!(config.subjects(), "bank.>");
 /// assert_eq!(config.aggregate_subjects("account"), "bank.account.>");

@@ -28,7 +28,7 @@ pub enum PoisonPolicy {
 ///
 /// ```
 /// use std::time::Duration;
-/// let retry = cqrs::projection::HandlerRetry {
+/// let retry = cqrs::HandlerRetry {
 ///     attempts: 5,
 ///     initial_backoff: Duration::from_millis(10),
 ///     max_backoff: Duration::from_secs(1),

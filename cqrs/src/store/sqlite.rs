@@ -107,7 +107,7 @@ pub enum Durability {
 ///
 /// ```
 /// use std::time::Duration;
-/// use cqrs::store::sqlite::{Durability, SqliteOptions};
+/// use cqrs::{Durability, SqliteOptions};
 /// let options = SqliteOptions::default()
 ///     .durability(Durability::Normal)
 ///     .busy_timeout(Duration::from_secs(10))

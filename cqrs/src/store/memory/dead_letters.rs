@@ -12,7 +12,7 @@ use crate::store::{DeadLetter, DeadLetters};
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-/// use cqrs::projection::{DeadLetters, MemoryDeadLetters};
+/// use cqrs::{DeadLetters, MemoryDeadLetters};
 /// let letters = MemoryDeadLetters::new();
 /// assert!(letters.list("balances_v1").await.unwrap().is_empty());
 /// # });
