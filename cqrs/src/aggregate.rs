@@ -25,33 +25,13 @@ use crate::event::DomainEvent;
 /// `handle_command` is an `async fn` in your impl; no `#[async_trait]` is needed.
 ///
 /// ```
-/// use cqrs::{Aggregate, CQRSError, DomainEvent};
-/// use serde::{Deserialize, Serialize};
+/// # use cqrs::doc::{CounterCommand, CounterError, CounterEvent, CounterState};
+/// use cqrs::Aggregate;
 /// use uuid::Uuid;
 ///
-/// #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
-/// enum CounterEvent {
-///     #[event(name = "Incremented", version = "1")]
-///     Incremented { by: u32 },
-/// }
-///
-/// #[derive(Debug, Clone)]
-/// enum CounterCommand {
-///     Increment { by: u32 },
-/// }
-///
-/// #[derive(Debug, thiserror::Error)]
-/// enum CounterError {
-///     #[error("too big")]
-///     TooBig,
-///     #[error(transparent)]
-///     Framework(#[from] CQRSError),
-/// }
-///
-/// #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-/// struct CounterState {
-///     value: u32,
-/// }
+/// // The domain's own types: `CounterEvent` (`Incremented { by }`, `Reset`), `CounterCommand`
+/// // (`Increment { by }`, `Reset`), `CounterError` (`TooBig`, or the framework's error) and
+/// // `CounterState { value }`.
 ///
 /// #[derive(Default)]
 /// struct Counter;
@@ -72,12 +52,14 @@ use crate::event::DomainEvent;
 ///         match command {
 ///             CounterCommand::Increment { by } if state.value + by > 10 => Err(CounterError::TooBig),
 ///             CounterCommand::Increment { by } => Ok(vec![CounterEvent::Incremented { by }]),
+///             CounterCommand::Reset => Ok(vec![CounterEvent::Reset]),
 ///         }
 ///     }
 ///
 ///     fn handle_event(&self, state: &mut CounterState, event: &CounterEvent) {
 ///         match event {
 ///             CounterEvent::Incremented { by } => state.value += by,
+///             CounterEvent::Reset => state.value = 0,
 ///         }
 ///     }
 /// }

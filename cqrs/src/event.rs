@@ -132,16 +132,14 @@ pub trait DomainEvent:
     /// overrides it when an `#[event(upcast(..))]` step can split or drop an event.
     ///
     /// ```
+    /// # use cqrs::doc::CounterEvent;
     /// use cqrs::DomainEvent;
-    /// use serde::{Deserialize, Serialize};
     ///
-    /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
-    /// enum Event {
-    ///     Happened { n: u32 },
-    /// }
-    ///
-    /// let payload = cqrs::Payload::from_json(r#"{ "Happened": { "n": 1 } }"#)?;
-    /// assert_eq!(Event::decode_all("Happened", "1", &payload)?, vec![Event::Happened { n: 1 }]);
+    /// let payload = cqrs::Payload::from_json(r#"{ "Incremented": { "by": 1 } }"#)?;
+    /// assert_eq!(
+    ///     CounterEvent::decode_all("Incremented", "1", &payload)?,
+    ///     vec![CounterEvent::Incremented { by: 1 }]
+    /// );
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///

@@ -4,7 +4,13 @@
 #![warn(unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// The derive macros emit `::cqrs::...` paths; this makes them resolve inside the crate too.
+extern crate self as cqrs;
+
 mod aggregate;
+// A fixture for the crate's doc examples, not part of the API.
+#[doc(hidden)]
+pub mod doc;
 mod error;
 mod event;
 mod framework;
@@ -272,28 +278,9 @@ pub use cqrs_derive::DomainEvent;
 /// `handle_command` stays an ordinary `async fn` in an ordinary impl.
 ///
 /// ```
-/// use cqrs::{Aggregate, CQRSError, DomainEvent};
-/// use serde::{Deserialize, Serialize};
+/// # use cqrs::doc::{CounterCommand, CounterError, CounterEvent, CounterState};
+/// use cqrs::{Aggregate, DomainEvent};
 /// use uuid::Uuid;
-///
-/// #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
-/// enum CounterEvent {
-///     Incremented { by: u32 },
-/// }
-///
-/// #[derive(Debug, Clone)]
-/// enum CounterCommand {
-///     Increment { by: u32 },
-/// }
-///
-/// #[derive(Debug, thiserror::Error)]
-/// #[error(transparent)]
-/// struct CounterError(#[from] CQRSError);
-///
-/// #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-/// struct CounterState {
-///     value: u32,
-/// }
 ///
 /// #[derive(Default)]
 /// struct Counter;
@@ -308,12 +295,14 @@ pub use cqrs_derive::DomainEvent;
 ///     ) -> Result<Vec<CounterEvent>, CounterError> {
 ///         match command {
 ///             CounterCommand::Increment { by } => Ok(vec![CounterEvent::Incremented { by }]),
+///             CounterCommand::Reset => Ok(vec![CounterEvent::Reset]),
 ///         }
 ///     }
 ///
 ///     fn handle_event(&self, state: &mut CounterState, event: &CounterEvent) {
 ///         match event {
 ///             CounterEvent::Incremented { by } => state.value += by,
+///             CounterEvent::Reset => state.value = 0,
 ///         }
 ///     }
 /// }
@@ -339,17 +328,8 @@ pub use cqrs_derive::aggregate;
 /// Writing `const TABLE_NAME` or `const VERSION` in the block as well is a compile error.
 ///
 /// ```
-/// # use cqrs::{Aggregate, CQRSError, DomainEvent};
+/// # use cqrs::doc::{Counter, CounterError, CounterEvent};
 /// # use serde::{Deserialize, Serialize};
-/// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
-/// # enum CounterEvent { Incremented { by: u32 } }
-/// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
-/// # #[derive(Default)] struct Counter;
-/// # #[cqrs::aggregate(name = "counter")]
-/// # impl Aggregate for Counter {
-/// #     async fn handle_command(&self, _: uuid::Uuid, _: &(), _: ()) -> Result<Vec<CounterEvent>, CounterError> { Ok(vec![]) }
-/// #     fn handle_event(&self, _: &mut (), _: &CounterEvent) {}
-/// # }
 /// use cqrs::{EventEnvelope, View};
 ///
 /// #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -361,7 +341,8 @@ pub use cqrs_derive::aggregate;
 /// impl View<Counter> for CounterTotal {
 ///     fn handle_event(&mut self, envelope: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
 ///         match envelope.event {
-///             CounterEvent::Incremented { by } => self.total += u64::from(by),
+///             CounterEvent::Incremented { by } => self.total += by,
+///             CounterEvent::Reset => self.total = 0,
 ///         }
 ///         Ok(())
 ///     }

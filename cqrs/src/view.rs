@@ -19,18 +19,8 @@ use crate::event::EventEnvelope;
 ///
 /// ```
 /// use cqrs::{EventEnvelope, View};
-/// # use cqrs::{Aggregate, CQRSError, DomainEvent};
+/// # use cqrs::doc::{Counter, CounterError, CounterEvent};
 /// # use serde::{Deserialize, Serialize};
-/// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
-/// # enum CounterEvent { Incremented { by: u32 } }
-/// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
-/// # #[derive(Default)] struct Counter;
-/// # impl Aggregate for Counter {
-/// #     const NAME: &'static str = "counter";
-/// #     type Events = CounterEvent; type Commands = (); type Errors = CounterError; type State = ();
-/// #     async fn handle_command(&self, _: uuid::Uuid, _: &(), _: ()) -> Result<Vec<CounterEvent>, CounterError> { Ok(vec![]) }
-/// #     fn handle_event(&self, _: &mut (), _: &CounterEvent) {}
-/// # }
 ///
 /// #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 /// struct CounterTotal {
@@ -43,7 +33,8 @@ use crate::event::EventEnvelope;
 ///
 ///     fn handle_event(&mut self, envelope: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
 ///         match envelope.event {
-///             CounterEvent::Incremented { by } => self.total += u64::from(by),
+///             CounterEvent::Incremented { by } => self.total += by,
+///             CounterEvent::Reset => self.total = 0,
 ///         }
 ///         Ok(())
 ///     }

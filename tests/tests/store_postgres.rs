@@ -12,17 +12,24 @@ use cqrs::sqlx::postgres::{PgConnection, PgPoolOptions};
 use cqrs::sqlx::{self, Connection, Executor, Row};
 use cqrs::InvalidIdentifier;
 use cqrs::{
-    Aggregate, CQRSError, CQRSFramework, Checkpoint, DecodeError, DomainEvent, EventEnvelope,
-    EventRepository, PersistableDomainEvent, PostgresEventRepository, PostgresViewRepository,
-    Projection, RetryPolicy, SnapshotPolicy, SnapshotRepository, View, ViewContext, ViewRepository,
+    Aggregate, CQRSError, CQRSFramework, Checkpoint, DecodeError, EventEnvelope, EventRepository,
+    PersistableDomainEvent, PostgresEventRepository, PostgresViewRepository, Projection,
+    RetryPolicy, SnapshotPolicy, SnapshotRepository, View, ViewContext, ViewRepository,
 };
 use cqrs_testkit::conformance::{
     check_checkpoint_repository, check_dead_letter_repository, check_event_repository,
     check_snapshot_repository, check_view_repository, PostgresHarness, StoreHarness,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use uuid::Uuid;
+
+mod common;
+
+use common::counter::{
+    counter_event, Counter, CounterCommand, CounterError, CounterEvent, CounterView, Tally,
+    TallyState,
+};
 
 const URL_VAR: &str = "CQRS_POSTGRES_URL";
 
@@ -135,93 +142,7 @@ async fn dead_letter_conformance_suite() {
 }
 
 // ---------------------------------------------------------------------------------------
-// A tiny counter aggregate and a view of it.
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
-enum CounterEvent {
-    #[event(name = "Added", version = "1")]
-    Added { by: u64 },
-}
-
-#[derive(Debug, Clone)]
-enum CounterCommand {
-    Add { by: u64 },
-}
-
-#[derive(Debug, thiserror::Error)]
-enum CounterError {
-    #[error(transparent)]
-    Framework(#[from] CQRSError),
-}
-
-impl CounterError {
-    fn framework(&self) -> &CQRSError {
-        let CounterError::Framework(e) = self;
-        e
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct CounterState {
-    total: u64,
-    count: u64,
-}
-
-#[derive(Default)]
-struct Counter;
-
-impl Aggregate for Counter {
-    const NAME: &'static str = "pg_counter";
-    type Events = CounterEvent;
-    type Commands = CounterCommand;
-    type Errors = CounterError;
-    type State = CounterState;
-
-    async fn handle_command(
-        &self,
-        _id: Uuid,
-        _state: &CounterState,
-        command: CounterCommand,
-    ) -> Result<Vec<CounterEvent>, CounterError> {
-        let CounterCommand::Add { by } = command;
-        Ok(vec![CounterEvent::Added { by }])
-    }
-
-    fn handle_event(&self, state: &mut CounterState, event: &CounterEvent) {
-        let CounterEvent::Added { by } = event;
-        state.total += by;
-        state.count += 1;
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct CounterTotal {
-    total: u64,
-    events: u64,
-}
-
-impl View<Counter> for CounterTotal {
-    const TABLE_NAME: &'static str = "counter_total";
-    const VERSION: u64 = 1;
-
-    fn handle_event(&mut self, envelope: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
-        let CounterEvent::Added { by } = envelope.event;
-        self.total += by;
-        self.events += 1;
-        Ok(())
-    }
-}
-
-fn added(id: Uuid, sequence: i64, by: u64) -> PersistableDomainEvent {
-    PersistableDomainEvent::new(
-        Counter::NAME,
-        id,
-        sequence,
-        &CounterEvent::Added { by },
-        Value::Null,
-    )
-    .unwrap()
-}
+// Raw inserts.
 
 /// Inserts `event` on `conn` inside the transaction the caller has open, the way an append
 /// does (transaction id first, then the position), and returns the position it took.
@@ -258,15 +179,15 @@ fn positions(events: &[PersistableDomainEvent]) -> Vec<i64> {
 // Races.
 
 /// 16 tasks x 500 dispatches on one aggregate through one framework.
-async fn race(framework: Arc<CQRSFramework<Counter>>, id: Uuid) -> (u64, u64, Vec<String>) {
+async fn race(framework: Arc<CQRSFramework<Tally>>, id: Uuid) -> (u64, i64, Vec<String>) {
     let mut tasks = Vec::new();
-    for task in 0..16u64 {
+    for task in 0..16i64 {
         let framework = Arc::clone(&framework);
         tasks.push(tokio::spawn(async move {
-            let (mut ok, mut conflicts, mut other, mut sum) = (0u64, 0u64, Vec::new(), 0u64);
-            for i in 0..500u64 {
+            let (mut ok, mut conflicts, mut other, mut sum) = (0u64, 0u64, Vec::new(), 0i64);
+            for i in 0..500i64 {
                 let by = task * 1000 + i + 1;
-                match framework.dispatch(id, CounterCommand::Add { by }).await {
+                match framework.dispatch(id, CounterCommand::Add(by)).await {
                     Ok(_) => {
                         ok += 1;
                         sum += by;
@@ -298,27 +219,27 @@ async fn sixteen_writers_race_on_one_aggregate() {
     };
     // Without retries: every failure is a conflict and every success is stored exactly once.
     let framework = Arc::new(
-        CQRSFramework::<Counter>::new(fx.store.clone())
+        CQRSFramework::<Tally>::new(fx.store.clone())
             .with_snapshots(fx.store.clone(), SnapshotPolicy::every(50)),
     );
     let id = Uuid::new_v4();
     let (ok, sum, other) = race(Arc::clone(&framework), id).await;
     assert!(other.is_empty(), "failures other than Conflict: {other:?}");
-    let stored = fx.store.load_events(Counter::NAME, id, 0).await.unwrap();
+    let stored = fx.store.load_events(Tally::NAME, id, 0).await.unwrap();
     let sequences: Vec<i64> = stored.iter().map(|e| e.sequence).collect();
     assert_eq!(sequences, (1..=ok as i64).collect::<Vec<_>>());
     let ids: HashSet<Uuid> = stored.iter().map(|e| e.event_id).collect();
     assert_eq!(ids.len(), stored.len());
-    let state = CQRSFramework::<Counter>::new(fx.store.clone())
+    let state = CQRSFramework::<Tally>::new(fx.store.clone())
         .load(id)
         .await
         .unwrap();
-    assert_eq!((state.count, state.total), (ok, sum));
+    assert_eq!((state.events, state.total), (ok as i64, sum));
     assert!(ok < 8000, "16 writers on one aggregate never conflicted");
 
     // With retries: all 8000 succeed and the sum is exact.
     let framework = Arc::new(
-        CQRSFramework::<Counter>::new(fx.store.clone())
+        CQRSFramework::<Tally>::new(fx.store.clone())
             .with_snapshots(fx.store.clone(), SnapshotPolicy::every(50))
             .with_retry(
                 RetryPolicy::attempts(100_000)
@@ -329,20 +250,20 @@ async fn sixteen_writers_race_on_one_aggregate() {
     let (ok, sum, other) = race(framework, id).await;
     assert!(other.is_empty(), "failures with retries on: {other:?}");
     assert_eq!(ok, 8000);
-    let state = CQRSFramework::<Counter>::new(fx.store.clone())
+    let state = CQRSFramework::<Tally>::new(fx.store.clone())
         .load(id)
         .await
         .unwrap();
-    assert_eq!(state.count, 8000);
+    assert_eq!(state.events, 8000);
     assert_eq!(state.total, sum);
     assert_eq!(
         state.total,
-        (0..16u64)
-            .map(|t| (0..500u64).map(|i| t * 1000 + i + 1).sum::<u64>())
-            .sum::<u64>()
+        (0..16i64)
+            .map(|t| (0..500i64).map(|i| t * 1000 + i + 1).sum::<i64>())
+            .sum::<i64>()
     );
     assert_eq!(
-        fx.store.event_sequence(Counter::NAME, id).await.unwrap(),
+        fx.store.event_sequence(Tally::NAME, id).await.unwrap(),
         8000
     );
     fx.drop_schema().await;
@@ -362,18 +283,18 @@ async fn reader_never_skips_a_lower_position_that_commits_last() {
         .clone()
         .with_gap_timeout(Duration::from_millis(200));
     let first = store
-        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .append(vec![counter_event(Uuid::new_v4(), 1, 1)])
         .await
         .unwrap()[0];
 
     // A transaction takes the next position and stays open.
     let mut held = fx.connection().await;
     held.execute("BEGIN").await.unwrap();
-    let slow = added(Uuid::new_v4(), 1, 2);
+    let slow = counter_event(Uuid::new_v4(), 1, 2);
     let low = append_on(&mut held, fx.schema(), &slow).await;
     // A later append takes a higher position and commits first.
     let high = store
-        .append(vec![added(Uuid::new_v4(), 1, 3)])
+        .append(vec![counter_event(Uuid::new_v4(), 1, 3)])
         .await
         .unwrap()[0];
     assert!(first < low && low < high, "{first} < {low} < {high}");
@@ -396,9 +317,9 @@ async fn reader_never_skips_a_lower_position_that_commits_last() {
 
     // A rolled-back transaction leaves a hole that is skipped once it is known to be final.
     held.execute("BEGIN").await.unwrap();
-    let lost = append_on(&mut held, fx.schema(), &added(Uuid::new_v4(), 1, 4)).await;
+    let lost = append_on(&mut held, fx.schema(), &counter_event(Uuid::new_v4(), 1, 4)).await;
     let after = store
-        .append(vec![added(Uuid::new_v4(), 1, 5)])
+        .append(vec![counter_event(Uuid::new_v4(), 1, 5)])
         .await
         .unwrap()[0];
     assert!(store.read_all(high, 100).await.unwrap().is_empty());
@@ -458,7 +379,7 @@ async fn concurrent_reader_sees_every_event_once_in_order() {
             for i in 0..60 {
                 let id = if i % 3 == 0 { shared } else { own };
                 framework
-                    .dispatch(id, CounterCommand::Add { by: w * 100 + i })
+                    .dispatch(id, CounterCommand::Add(w * 100 + i))
                     .await
                     .unwrap();
             }
@@ -492,7 +413,7 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
     for id in [bad_json, unknown, hole] {
         for by in 1..=3 {
             framework
-                .dispatch(id, CounterCommand::Add { by })
+                .dispatch(id, CounterCommand::Add(by))
                 .await
                 .unwrap();
         }
@@ -522,7 +443,7 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
     // rows again: a framework without the cache (a restarted process) rebuilds from them.
     let uncached = CQRSFramework::<Counter>::new(fx.store.clone()).without_state_cache();
     let error = uncached
-        .dispatch(unknown, CounterCommand::Add { by: 1 })
+        .dispatch(unknown, CounterCommand::Add(1))
         .await
         .unwrap_err();
     match error.framework() {
@@ -572,7 +493,7 @@ async fn unreachable_server_is_a_persistence_error() {
     let store = PostgresEventRepository::from_pool(pool);
     let framework = CQRSFramework::<Counter>::new(store.clone());
     let error = framework
-        .dispatch(Uuid::new_v4(), CounterCommand::Add { by: 1 })
+        .dispatch(Uuid::new_v4(), CounterCommand::Add(1))
         .await
         .unwrap_err();
     assert!(
@@ -580,7 +501,7 @@ async fn unreachable_server_is_a_persistence_error() {
         "{error:?}"
     );
     let error = store
-        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .append(vec![counter_event(Uuid::new_v4(), 1, 1)])
         .await
         .unwrap_err();
     assert!(matches!(error, CQRSError::PersistenceError(_)), "{error:?}");
@@ -605,10 +526,10 @@ async fn dropped_connection_mid_append_is_a_persistence_error_and_a_retry_succee
     // on the unique key, and we kill its connection while it waits.
     let mut blocker = fx.connection().await;
     blocker.execute("BEGIN").await.unwrap();
-    append_on(&mut blocker, fx.schema(), &added(id, 1, 100)).await;
+    append_on(&mut blocker, fx.schema(), &counter_event(id, 1, 100)).await;
     let dispatch = {
         let framework = Arc::clone(&framework);
-        tokio::spawn(async move { framework.dispatch(id, CounterCommand::Add { by: 1 }).await })
+        tokio::spawn(async move { framework.dispatch(id, CounterCommand::Add(1)).await })
     };
     let mut killer = fx.connection().await;
     let pattern = format!("%INSERT INTO \"{}\".cqrs_events%", fx.schema());
@@ -643,14 +564,14 @@ async fn dropped_connection_mid_append_is_a_persistence_error_and_a_retry_succee
 
     // The same command again, through the same pool: it succeeds, once.
     let receipt = framework
-        .dispatch(id, CounterCommand::Add { by: 1 })
+        .dispatch(id, CounterCommand::Add(1))
         .await
         .unwrap();
     assert_eq!(receipt.sequence, 1);
     assert_eq!(framework.load(id).await.unwrap().total, 1);
 
     // An append that committed but whose answer was lost is simply sent again.
-    let batch = vec![added(id, 2, 5), added(id, 3, 6)];
+    let batch = vec![counter_event(id, 2, 5), counter_event(id, 3, 6)];
     let first = fx.store.append(batch.clone()).await.unwrap();
     let again = fx.store.append(batch).await.unwrap();
     assert_eq!(first, again);
@@ -685,7 +606,7 @@ async fn migrate_is_idempotent_and_safe_concurrently() {
         stores.push(task.await.unwrap().unwrap());
     }
     let positions = stores[0]
-        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .append(vec![counter_event(Uuid::new_v4(), 1, 1)])
         .await
         .unwrap();
     assert_eq!(stores[3].read_all(0, 10).await.unwrap().len(), 1);
@@ -720,32 +641,32 @@ async fn snapshots_load_the_same_state_as_a_full_replay() {
     let Some(fx) = Fixture::new("snapshots_load_the_same_state_as_a_full_replay").await else {
         return;
     };
-    let with_snapshots = CQRSFramework::<Counter>::new(fx.store.clone())
+    let with_snapshots = CQRSFramework::<Tally>::new(fx.store.clone())
         .with_snapshots(fx.store.clone(), SnapshotPolicy::every(10));
-    let replay = CQRSFramework::<Counter>::new(fx.store.clone());
+    let replay = CQRSFramework::<Tally>::new(fx.store.clone());
     let id = Uuid::new_v4();
     for by in 1..=25 {
         with_snapshots
-            .dispatch(id, CounterCommand::Add { by })
+            .dispatch(id, CounterCommand::Add(by))
             .await
             .unwrap();
     }
     let snapshot = fx
         .store
-        .load_snapshot(Counter::NAME, id)
+        .load_snapshot(Tally::NAME, id)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(snapshot.sequence, 20);
-    let expected = CounterState {
+    let expected = TallyState {
         total: (1..=25).sum(),
-        count: 25,
+        events: 25,
     };
     assert_eq!(
-        serde_json::from_value::<CounterState>(snapshot.state.clone()).unwrap(),
-        CounterState {
+        serde_json::from_value::<TallyState>(snapshot.state.clone()).unwrap(),
+        TallyState {
             total: (1..=20).sum(),
-            count: 20
+            events: 20
         }
     );
     assert_eq!(with_snapshots.load(id).await.unwrap(), expected);
@@ -754,11 +675,11 @@ async fn snapshots_load_the_same_state_as_a_full_replay() {
     // An older snapshot never replaces a newer one.
     let mut older = snapshot.clone();
     older.sequence = 10;
-    older.state = json!({ "total": 0, "count": 0 });
+    older.state = json!({ "total": 0, "events": 0 });
     fx.store.save_snapshot(older).await.unwrap();
     assert_eq!(
         fx.store
-            .load_snapshot(Counter::NAME, id)
+            .load_snapshot(Tally::NAME, id)
             .await
             .unwrap()
             .unwrap()
@@ -779,13 +700,13 @@ async fn snapshots_load_the_same_state_as_a_full_replay() {
     assert_eq!(with_snapshots.load(id).await.unwrap(), expected);
     let rewritten = fx
         .store
-        .load_snapshot(Counter::NAME, id)
+        .load_snapshot(Tally::NAME, id)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(rewritten.sequence, 25);
     assert_eq!(
-        serde_json::from_value::<CounterState>(rewritten.state).unwrap(),
+        serde_json::from_value::<TallyState>(rewritten.state).unwrap(),
         expected
     );
     fx.drop_schema().await;
@@ -794,12 +715,12 @@ async fn snapshots_load_the_same_state_as_a_full_replay() {
 // ---------------------------------------------------------------------------------------
 // Views.
 
-fn views(fx: &Fixture) -> PostgresViewRepository<CounterTotal> {
+fn views(fx: &Fixture) -> PostgresViewRepository<CounterView> {
     PostgresViewRepository::new(&fx.store)
 }
 
-async fn checkpoint_of(views: &PostgresViewRepository<CounterTotal>, name: &str) -> i64 {
-    ViewRepository::<Counter, CounterTotal>::checkpoint(views, name)
+async fn checkpoint_of(views: &PostgresViewRepository<CounterView>, name: &str) -> i64 {
+    ViewRepository::<Counter, CounterView>::checkpoint(views, name)
         .await
         .unwrap()
 }
@@ -818,19 +739,19 @@ async fn projection_commits_views_and_checkpoint_together() {
     };
     let framework = CQRSFramework::<Counter>::new(fx.store.clone());
     let ids = [Uuid::new_v4(), Uuid::new_v4()];
-    for by in 1..=10u64 {
+    for by in 1..=10i64 {
         framework
-            .dispatch(ids[(by % 2) as usize], CounterCommand::Add { by })
+            .dispatch(ids[(by % 2) as usize], CounterCommand::Add(by))
             .await
             .unwrap();
     }
     let views = views(&fx);
-    let projection = Projection::<Counter, CounterTotal>::new(fx.store.clone(), views.clone())
-        .with_batch_size(3);
+    let projection =
+        Projection::<Counter, CounterView>::new(fx.store.clone(), views.clone()).with_batch_size(3);
     let reached = projection.catch_up().await.unwrap();
     let all = fx.store.read_all(0, 100).await.unwrap();
     assert_eq!(reached, all.last().unwrap().position);
-    let repo: &dyn ViewRepository<Counter, CounterTotal> = &views;
+    let repo: &dyn ViewRepository<Counter, CounterView> = &views;
     let even = repo.load(&ids[0].to_string()).await.unwrap().unwrap();
     let odd = repo.load(&ids[1].to_string()).await.unwrap().unwrap();
     assert_eq!((even.total, even.events), (2 + 4 + 6 + 8 + 10, 5));
@@ -842,15 +763,15 @@ async fn projection_commits_views_and_checkpoint_together() {
     // A batch whose view write fails leaves the checkpoint where it was: simulate another
     // projector bumping the row between load and commit.
     framework
-        .dispatch(ids[0], CounterCommand::Add { by: 100 })
+        .dispatch(ids[0], CounterCommand::Add(100))
         .await
         .unwrap();
-    let mut ctx: ViewContext<CounterTotal> =
+    let mut ctx: ViewContext<CounterView> =
         repo.load_for_update(&ids[0].to_string()).await.unwrap();
     let bump = repo.load_for_update(&ids[0].to_string()).await.unwrap();
     repo.commit(vec![bump], None).await.unwrap();
     ctx.view.total += 100;
-    let name = Projection::<Counter, CounterTotal>::default_name();
+    let name = Projection::<Counter, CounterView>::default_name();
     let before = checkpoint_of(&views, &name).await;
     let error = repo
         .commit(vec![ctx], Some(cp(&name, before + 1)))
@@ -883,7 +804,7 @@ async fn view_table_name_is_validated_not_spliced() {
         return;
     };
     fx.store
-        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .append(vec![counter_event(Uuid::new_v4(), 1, 1)])
         .await
         .unwrap();
     let views = PostgresViewRepository::<BadlyNamed>::new(&fx.store);
@@ -922,7 +843,10 @@ async fn subscribers_hear_of_appends_from_other_processes() {
     let mut heard = None;
     // The LISTEN starts in the background: append until one is heard (at most ~10 s).
     for sequence in 1..=20 {
-        let position = other.append(vec![added(id, sequence, 1)]).await.unwrap()[0];
+        let position = other
+            .append(vec![counter_event(id, sequence, 1)])
+            .await
+            .unwrap()[0];
         let waited = tokio::time::timeout(Duration::from_millis(500), async {
             while *receiver.borrow_and_update() < position {
                 receiver.changed().await.unwrap();
@@ -947,7 +871,7 @@ async fn subscribers_hear_of_appends_from_other_processes() {
     // Without notifications nothing is announced.
     let quiet = other.clone().with_notifications(false);
     let last = quiet
-        .append(vec![added(Uuid::new_v4(), 1, 1)])
+        .append(vec![counter_event(Uuid::new_v4(), 1, 1)])
         .await
         .unwrap()[0];
     let waited = tokio::time::timeout(Duration::from_millis(300), async {
@@ -983,30 +907,30 @@ fn snapshot_plus_tail_equals_full_replay_for_random_histories() {
         cases: 24,
         ..ProptestConfig::default()
     };
-    proptest!(config, |(amounts in proptest::collection::vec(1u64..1000, 1..40), every in 1u32..8, cache in any::<bool>())| {
+    proptest!(config, |(amounts in proptest::collection::vec(1i64..1000, 1..40), every in 1u32..8, cache in any::<bool>())| {
         let (with_snapshots, replayed, snapshot) = runtime.block_on(async {
-            let mut framework = CQRSFramework::<Counter>::new(fx.store.clone())
+            let mut framework = CQRSFramework::<Tally>::new(fx.store.clone())
                 .with_snapshots(fx.store.clone(), SnapshotPolicy::every(every));
             if cache {
                 framework = framework.with_state_cache(8);
             }
             let id = Uuid::new_v4();
             for by in &amounts {
-                framework.dispatch(id, CounterCommand::Add { by: *by }).await.unwrap();
+                framework.dispatch(id, CounterCommand::Add(*by)).await.unwrap();
             }
             // A framework that only reads snapshots, never the cache.
-            let reader = CQRSFramework::<Counter>::new(fx.store.clone())
+            let reader = CQRSFramework::<Tally>::new(fx.store.clone())
                 .with_snapshots(fx.store.clone(), SnapshotPolicy::Never);
-            let replay = CQRSFramework::<Counter>::new(fx.store.clone());
+            let replay = CQRSFramework::<Tally>::new(fx.store.clone());
             (
                 reader.load(id).await.unwrap(),
                 replay.load(id).await.unwrap(),
-                fx.store.load_snapshot(Counter::NAME, id).await.unwrap(),
+                fx.store.load_snapshot(Tally::NAME, id).await.unwrap(),
             )
         });
         prop_assert_eq!(&with_snapshots, &replayed);
-        prop_assert_eq!(replayed.count, amounts.len() as u64);
-        prop_assert_eq!(replayed.total, amounts.iter().sum::<u64>());
+        prop_assert_eq!(replayed.events, amounts.len() as i64);
+        prop_assert_eq!(replayed.total, amounts.iter().sum::<i64>());
         let expected_snapshot = (amounts.len() as i64 / i64::from(every)) * i64::from(every);
         prop_assert_eq!(snapshot.map_or(0, |s| s.sequence), expected_snapshot);
     });
@@ -1023,7 +947,7 @@ async fn payloads_and_metadata_come_back_as_the_same_json() {
         return;
     };
     let id = Uuid::new_v4();
-    let read = cqrs_tests::check_awkward_payloads(&fx.store, &added(id, 1, 1)).await;
+    let read = cqrs_tests::check_awkward_payloads(&fx.store, &counter_event(id, 1, 1)).await;
     // Pages of one split the same rows across many COPY statements.
     let mut after = 0;
     let mut one_by_one = Vec::new();
@@ -1058,7 +982,7 @@ async fn connect_replaces_connections_the_server_closed_while_they_were_idle() {
             .unwrap();
     store.migrate().await.unwrap();
     let id = Uuid::new_v4();
-    store.append(vec![added(id, 1, 1)]).await.unwrap();
+    store.append(vec![counter_event(id, 1, 1)]).await.unwrap();
 
     let mut admin = PgConnection::connect(&base).await.unwrap();
     let terminated: i64 = sqlx::query_scalar(
@@ -1076,7 +1000,7 @@ async fn connect_replaces_connections_the_server_closed_while_they_were_idle() {
     tokio::time::sleep(cqrs::PostgresEventRepository::IDLE_PING_AFTER + Duration::from_millis(500))
         .await;
     assert_eq!(store.event_sequence(Counter::NAME, id).await.unwrap(), 1);
-    store.append(vec![added(id, 2, 1)]).await.unwrap();
+    store.append(vec![counter_event(id, 2, 1)]).await.unwrap();
     assert_eq!(positions(&store.read_all(0, 10).await.unwrap()).len(), 2);
 
     admin
@@ -1095,17 +1019,20 @@ async fn a_nul_character_is_unstorable_and_stores_nothing() {
         return;
     };
     let id = Uuid::new_v4();
-    fx.store.append(vec![added(id, 1, 1)]).await.unwrap();
+    fx.store
+        .append(vec![counter_event(id, 1, 1)])
+        .await
+        .unwrap();
 
-    let mut in_payload = added(id, 2, 2);
-    in_payload.payload = json!({ "Added": { "by": 2 }, "note": "a\u{0}b" }).into();
-    let mut in_metadata = added(id, 2, 2);
+    let mut in_payload = counter_event(id, 2, 2);
+    in_payload.payload = json!({ "Added": { "amount": 2 }, "note": "a\u{0}b" }).into();
+    let mut in_metadata = counter_event(id, 2, 2);
     in_metadata.metadata = json!({ "who": "x\u{0}y" });
-    let mut in_event_type = added(id, 2, 2);
+    let mut in_event_type = counter_event(id, 2, 2);
     in_event_type.event_type = "Add\u{0}ed".into();
     // A batch of two, to go through the multi-row statement too.
-    let mut batch = vec![added(id, 2, 2), added(id, 3, 3)];
-    batch[1].payload = json!({ "Added": { "by": 3 }, "note": "\u{0}" }).into();
+    let mut batch = vec![counter_event(id, 2, 2), counter_event(id, 3, 3)];
+    batch[1].payload = json!({ "Added": { "amount": 3 }, "note": "\u{0}" }).into();
 
     for (what, events) in [
         ("payload", vec![in_payload]),
@@ -1133,17 +1060,16 @@ async fn a_nul_character_is_unstorable_and_stores_nothing() {
     // Nothing of the refused appends was stored, and the aggregate goes on from sequence 1.
     assert_eq!(fx.store.event_sequence(Counter::NAME, id).await.unwrap(), 1);
     assert_eq!(positions(&fx.store.read_all(0, 10).await.unwrap()).len(), 1);
-    fx.store.append(vec![added(id, 2, 2)]).await.unwrap();
+    fx.store
+        .append(vec![counter_event(id, 2, 2)])
+        .await
+        .unwrap();
 
     // Through the framework: the retry policy does not retry it, and the error comes back.
     let framework =
         CQRSFramework::<Counter>::new(fx.store.clone()).with_retry(RetryPolicy::attempts(5));
     let error = framework
-        .dispatch_with_metadata(
-            id,
-            CounterCommand::Add { by: 1 },
-            &json!({ "note": "\u{0}" }),
-        )
+        .dispatch_with_metadata(id, CounterCommand::Add(1), &json!({ "note": "\u{0}" }))
         .await
         .unwrap_err();
     assert!(
@@ -1167,7 +1093,12 @@ async fn a_row_that_does_not_decode_ends_the_page_and_is_one_poison_event() {
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let mut stored = Vec::new();
     for (id, sequence) in [(a, 1), (b, 1), (a, 2), (b, 2), (a, 3)] {
-        stored.extend(fx.store.append(vec![added(id, sequence, 1)]).await.unwrap());
+        stored.extend(
+            fx.store
+                .append(vec![counter_event(id, sequence, 1)])
+                .await
+                .unwrap(),
+        );
     }
     // Valid jsonb that no JSON reader of ours takes: a number beyond f64.
     let sql = format!(
@@ -1198,7 +1129,7 @@ async fn a_row_that_does_not_decode_ends_the_page_and_is_one_poison_event() {
     assert!(fx.store.load_events(Counter::NAME, a, 0).await.is_err());
 
     // A projection skips it with one dead letter and applies the rest.
-    let projection = Projection::<Counter, CounterTotal>::new(fx.store.clone(), views(&fx))
+    let projection = Projection::<Counter, CounterView>::new(fx.store.clone(), views(&fx))
         .with_poison_policy(cqrs::PoisonPolicy::SkipAndRecord)
         .with_handler_retry(cqrs::HandlerRetry::none());
     assert_eq!(projection.catch_up().await.unwrap(), stored[4]);

@@ -22,8 +22,15 @@ use cqrs_testkit::conformance::{
     check_snapshot_repository, check_view_repository, SqliteHarness,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use uuid::Uuid;
+
+mod common;
+
+use common::counter::{
+    counter_event, Counter, CounterCommand, CounterError, CounterEvent, CounterState, CounterView,
+    Tally,
+};
 
 // ---------------------------------------------------------------------------------------
 // Temporary database files.
@@ -129,144 +136,10 @@ async fn sqlite_dead_letters_pass_the_dead_letter_conformance_suite() {
 }
 
 // ---------------------------------------------------------------------------------------
-// A tiny counter domain. `State` keeps the log of every amount applied, so an event folded
-// twice or skipped shows in the state, not only in a total.
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-enum CounterEvent {
-    Added { amount: i64 },
-    Reset,
-}
-
-impl DomainEvent for CounterEvent {
-    fn persisted_event_name(&self) -> &'static str {
-        match self {
-            CounterEvent::Added { .. } => "Added",
-            CounterEvent::Reset => "Reset",
-        }
-    }
-    fn persisted_event_version(&self) -> &'static str {
-        "1"
-    }
-}
-
-#[derive(Debug, Clone)]
-enum CounterCommand {
-    Add(i64),
-    /// Adds `amount` twice in one command (a two-event append).
-    AddTwice(i64),
-    Reset,
-    /// Changes nothing.
-    Noop,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum CounterError {
-    #[error(transparent)]
-    Framework(#[from] CQRSError),
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct CounterState {
-    total: i64,
-    applied: Vec<i64>,
-    resets: u32,
-}
-
-#[derive(Debug, Default)]
-struct Counter;
-
-impl Aggregate for Counter {
-    const NAME: &'static str = "counter";
-    type Events = CounterEvent;
-    type Commands = CounterCommand;
-    type Errors = CounterError;
-    type State = CounterState;
-
-    async fn handle_command(
-        &self,
-        _id: Uuid,
-        _state: &CounterState,
-        command: CounterCommand,
-    ) -> Result<Vec<CounterEvent>, CounterError> {
-        Ok(match command {
-            CounterCommand::Add(amount) => vec![CounterEvent::Added { amount }],
-            CounterCommand::AddTwice(amount) => {
-                vec![
-                    CounterEvent::Added { amount },
-                    CounterEvent::Added { amount },
-                ]
-            }
-            CounterCommand::Reset => vec![CounterEvent::Reset],
-            CounterCommand::Noop => Vec::new(),
-        })
-    }
-
-    fn handle_event(&self, state: &mut CounterState, event: &CounterEvent) {
-        match event {
-            CounterEvent::Added { amount } => {
-                state.total += amount;
-                state.applied.push(*amount);
-            }
-            CounterEvent::Reset => {
-                state.total = 0;
-                state.resets += 1;
-            }
-        }
-    }
-}
-
-/// The same events with a constant-size state, for the races: `Counter`'s log of every
-/// amount would make each load of a long history cost more than the race itself.
-#[derive(Debug, Default)]
-struct Tally;
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct TallyState {
-    total: i64,
-    events: i64,
-}
-
-impl Aggregate for Tally {
-    const NAME: &'static str = "tally";
-    type Events = CounterEvent;
-    type Commands = CounterCommand;
-    type Errors = CounterError;
-    type State = TallyState;
-
-    async fn handle_command(
-        &self,
-        id: Uuid,
-        _state: &TallyState,
-        command: CounterCommand,
-    ) -> Result<Vec<CounterEvent>, CounterError> {
-        Counter
-            .handle_command(id, &CounterState::default(), command)
-            .await
-    }
-
-    fn handle_event(&self, state: &mut TallyState, event: &CounterEvent) {
-        state.events += 1;
-        match event {
-            CounterEvent::Added { amount } => state.total += amount,
-            CounterEvent::Reset => state.total = 0,
-        }
-    }
-}
+// Helpers over the shared counter domain (`common::counter`).
 
 fn conflict_of(error: &CounterError) -> bool {
     matches!(error, CounterError::Framework(CQRSError::Conflict { .. }))
-}
-
-fn counter_event(id: Uuid, sequence: i64, amount: i64) -> PersistableDomainEvent {
-    PersistableDomainEvent::new(
-        Counter::NAME,
-        id,
-        sequence,
-        &CounterEvent::Added { amount },
-        Value::Null,
-    )
-    .unwrap()
 }
 
 fn counter_batch(id: Uuid, from: i64, to: i64) -> Vec<PersistableDomainEvent> {
@@ -823,26 +696,6 @@ async fn an_older_snapshot_never_replaces_a_newer_one() {
 
 // ---------------------------------------------------------------------------------------
 // Views.
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct CounterView {
-    total: i64,
-    events: u64,
-}
-
-impl View<Counter> for CounterView {
-    const TABLE_NAME: &'static str = "counter_view";
-    const VERSION: u64 = 1;
-
-    fn handle_event(&mut self, envelope: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
-        match envelope.event {
-            CounterEvent::Added { amount } => self.total += amount,
-            CounterEvent::Reset => self.total = 0,
-        }
-        self.events += 1;
-        Ok(())
-    }
-}
 
 /// Version 2 of the same view: same table, counts only the events.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

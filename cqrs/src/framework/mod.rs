@@ -79,22 +79,8 @@ impl<E> DispatchReceipt<E> {
 ///    conflict (retried per the [`RetryPolicy`]).
 ///
 /// ```
-/// # use cqrs::{Aggregate, CQRSError, DomainEvent};
-/// # use serde::{Deserialize, Serialize};
+/// # use cqrs::doc::{Counter, CounterCommand, CounterError};
 /// # use uuid::Uuid;
-/// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
-/// # enum CounterEvent { Incremented { by: u32 } }
-/// # #[derive(Debug, Clone)] enum CounterCommand { Increment { by: u32 } }
-/// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
-/// # #[derive(Debug, Clone, Default, Serialize, Deserialize)] struct CounterState { value: u32 }
-/// # #[derive(Default)] struct Counter;
-/// # impl Aggregate for Counter {
-/// #     const NAME: &'static str = "counter";
-/// #     type Events = CounterEvent; type Commands = CounterCommand; type Errors = CounterError; type State = CounterState;
-/// #     async fn handle_command(&self, _: Uuid, _: &CounterState, c: CounterCommand) -> Result<Vec<CounterEvent>, CounterError> {
-/// #         let CounterCommand::Increment { by } = c; Ok(vec![CounterEvent::Incremented { by }]) }
-/// #     fn handle_event(&self, s: &mut CounterState, e: &CounterEvent) { let CounterEvent::Incremented { by } = e; s.value += by; }
-/// # }
 /// use cqrs::{CQRSFramework, MemoryEventRepository};
 ///
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
@@ -191,20 +177,8 @@ impl<A: Aggregate> CQRSFramework<A> {
     /// to see every stored event decoded on each dispatch.
     ///
     /// ```
-    /// # use cqrs::{Aggregate, CQRSError, DomainEvent};
-    /// # use serde::{Deserialize, Serialize};
-    /// # use uuid::Uuid;
-    /// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
-    /// # enum E { Happened }
-    /// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct Error(#[from] CQRSError);
-    /// # #[derive(Default)] struct Thing;
-    /// # impl Aggregate for Thing {
-    /// #     const NAME: &'static str = "thing";
-    /// #     type Events = E; type Commands = (); type Errors = Error; type State = ();
-    /// #     async fn handle_command(&self, _: Uuid, _: &(), _: ()) -> Result<Vec<E>, Error> { Ok(vec![E::Happened]) }
-    /// #     fn handle_event(&self, _: &mut (), _: &E) {}
-    /// # }
-    /// let framework = cqrs::CQRSFramework::<Thing>::new(cqrs::MemoryEventRepository::new())
+    /// # use cqrs::doc::Counter;
+    /// let framework = cqrs::CQRSFramework::<Counter>::new(cqrs::MemoryEventRepository::new())
     ///     .without_state_cache();
     /// assert!(format!("{framework:?}").contains("cache: None"));
     /// ```
@@ -281,23 +255,9 @@ impl<A: Aggregate> CQRSFramework<A> {
     /// answer is returned; if it is not, the result is the same conflict.
     ///
     /// ```
-    /// # use cqrs::{Aggregate, CQRSError, DomainEvent};
-    /// # use serde::{Deserialize, Serialize};
+    /// # use cqrs::doc::{Counter, CounterCommand, CounterError};
     /// # use uuid::Uuid;
-    /// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
-    /// # enum CounterEvent { Incremented { by: u32 } }
-    /// # #[derive(Debug, Clone)] enum CounterCommand { Increment { by: u32 } }
-    /// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
-    /// # #[derive(Debug, Clone, Default, Serialize, Deserialize)] struct CounterState { value: u32 }
-    /// # #[derive(Default)] struct Counter;
-    /// # impl Aggregate for Counter {
-    /// #     const NAME: &'static str = "counter";
-    /// #     type Events = CounterEvent; type Commands = CounterCommand; type Errors = CounterError; type State = CounterState;
-    /// #     async fn handle_command(&self, _: Uuid, _: &CounterState, c: CounterCommand) -> Result<Vec<CounterEvent>, CounterError> {
-    /// #         let CounterCommand::Increment { by } = c; Ok(vec![CounterEvent::Incremented { by }]) }
-    /// #     fn handle_event(&self, s: &mut CounterState, e: &CounterEvent) { let CounterEvent::Incremented { by } = e; s.value += by; }
-    /// # }
-    /// use cqrs::{CQRSFramework, MemoryEventRepository};
+    /// use cqrs::{CQRSError, CQRSFramework, MemoryEventRepository};
     ///
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
     /// let framework = CQRSFramework::<Counter>::new(MemoryEventRepository::new());
@@ -307,7 +267,7 @@ impl<A: Aggregate> CQRSFramework<A> {
     ///
     /// // The aggregate exists now: a second `dispatch_new` is a conflict and stores nothing.
     /// let again = framework.dispatch_new(id, CounterCommand::Increment { by: 3 }).await;
-    /// assert!(matches!(again, Err(CounterError(CQRSError::Conflict { expected_sequence: 0, .. }))));
+    /// assert!(matches!(again, Err(CounterError::Framework(CQRSError::Conflict { expected_sequence: 0, .. }))));
     /// assert_eq!(framework.load(id).await?.value, 2);
     /// # Ok::<(), CounterError>(())
     /// # }).unwrap();

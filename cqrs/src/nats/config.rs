@@ -97,21 +97,17 @@ impl NatsStreamConfig {
     /// `<prefix>.<aggregate_type>.<event_type>`: where `event` is published.
     ///
     /// ```
-    /// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, cqrs::DomainEvent)]
-    /// enum AccountEvent {
-    ///     Deposited { amount: u64 },
-    /// }
-    ///
-    /// let event = AccountEvent::Deposited { amount: 5 };
+    /// # use cqrs::doc::CounterEvent;
+    /// let event = CounterEvent::Incremented { by: 5 };
     /// let stored = cqrs::PersistableDomainEvent::new(
-    ///     "account",
+    ///     "counter",
     ///     uuid::Uuid::new_v4(),
     ///     1,
     ///     &event,
     ///     serde_json::Value::Null,
     /// )?;
     /// let config = cqrs::NatsStreamConfig::new("EVENTS", "events");
-    /// assert_eq!(config.subject_for(&stored), "events.account.Deposited");
+    /// assert_eq!(config.subject_for(&stored), "events.counter.Incremented");
     /// # Ok::<(), cqrs::CQRSError>(())
     /// ```
     pub fn subject_for(&self, event: &PersistableDomainEvent) -> String {

@@ -26,28 +26,11 @@
 //! # Example
 //!
 //! ```no_run
-//! # use cqrs::{Aggregate, CQRSError, DomainEvent, EventEnvelope, View};
-//! # use serde::{Deserialize, Serialize};
-//! # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
-//! # enum CounterEvent { Incremented { by: u32 } }
-//! # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
-//! # #[derive(Default)] struct Counter;
-//! # impl Aggregate for Counter {
-//! #     const NAME: &'static str = "counter";
-//! #     type Events = CounterEvent; type Commands = (); type Errors = CounterError; type State = ();
-//! #     async fn handle_command(&self, _: uuid::Uuid, _: &(), _: ()) -> Result<Vec<CounterEvent>, CounterError> { Ok(vec![]) }
-//! #     fn handle_event(&self, _: &mut (), _: &CounterEvent) {}
-//! # }
-//! # #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-//! # struct CounterTotal { total: u64 }
-//! # impl View<Counter> for CounterTotal {
-//! #     const TABLE_NAME: &'static str = "counter_total";
-//! #     const VERSION: u64 = 1;
-//! #     fn handle_event(&mut self, e: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
-//! #         let CounterEvent::Incremented { by } = e.event; self.total += u64::from(by); Ok(()) }
-//! # }
-//! use cqrs::{NatsProjection, NatsRelay, NatsStreamConfig};
-//! use cqrs::{MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository};
+//! # use cqrs::doc::{Counter, CounterTotal};
+//! use cqrs::{
+//!     MemoryCheckpointRepository, MemoryEventRepository, MemoryViewRepository, NatsProjection,
+//!     NatsRelay, NatsStreamConfig,
+//! };
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let client = cqrs::async_nats::connect("nats://127.0.0.1:4222").await?;

@@ -56,29 +56,8 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
     /// handle. Dropping the handle stops the runner, like [`ProjectionHandle::stop`].
     ///
     /// ```
-    /// # use cqrs::{Aggregate, CQRSError, DomainEvent, EventEnvelope, View};
-    /// # use serde::{Deserialize, Serialize};
+    /// # use cqrs::doc::{Counter, CounterCommand, CounterTotal};
     /// # use uuid::Uuid;
-    /// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
-    /// # enum CounterEvent { Incremented { by: u32 } }
-    /// # #[derive(Debug, Clone)] enum CounterCommand { Increment { by: u32 } }
-    /// # #[derive(Debug, thiserror::Error)] #[error(transparent)] struct CounterError(#[from] CQRSError);
-    /// # #[derive(Default)] struct Counter;
-    /// # impl Aggregate for Counter {
-    /// #     const NAME: &'static str = "counter";
-    /// #     type Events = CounterEvent; type Commands = CounterCommand; type Errors = CounterError; type State = ();
-    /// #     async fn handle_command(&self, _: Uuid, _: &(), c: CounterCommand) -> Result<Vec<CounterEvent>, CounterError> {
-    /// #         let CounterCommand::Increment { by } = c; Ok(vec![CounterEvent::Incremented { by }]) }
-    /// #     fn handle_event(&self, _: &mut (), _: &CounterEvent) {}
-    /// # }
-    /// # #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-    /// # struct CounterTotal { total: u64 }
-    /// # impl View<Counter> for CounterTotal {
-    /// #     const TABLE_NAME: &'static str = "counter_total";
-    /// #     const VERSION: u64 = 1;
-    /// #     fn handle_event(&mut self, e: &EventEnvelope<CounterEvent>) -> Result<(), CounterError> {
-    /// #         let CounterEvent::Incremented { by } = e.event; self.total += u64::from(by); Ok(()) }
-    /// # }
     /// use std::time::Duration;
     /// use cqrs::{CQRSFramework, MemoryEventRepository, MemoryViewRepository, Projection, Query};
     ///

@@ -57,6 +57,7 @@ pub use self::view::{active_version_marker, Checkpoint, ViewContext, ViewReposit
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
 ///
+/// # use cqrs::doc::CounterEvent;
 /// use cqrs::{CQRSError, EventRepository, MemoryEventRepository, PersistableDomainEvent};
 /// use uuid::Uuid;
 ///
@@ -97,12 +98,10 @@ pub use self::view::{active_version_marker, Checkpoint, ViewContext, ViewReposit
 ///     }
 /// }
 ///
-/// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, cqrs::DomainEvent)]
-/// struct Incremented;
-///
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let store = CountingStore::default();
-/// let event = PersistableDomainEvent::new("counter", Uuid::new_v4(), 1, &Incremented, serde_json::Value::Null)?;
+/// let incremented = CounterEvent::Incremented { by: 1 };
+/// let event = PersistableDomainEvent::new("counter", Uuid::new_v4(), 1, &incremented, serde_json::Value::Null)?;
 /// store.append(vec![event]).await?;
 /// assert_eq!(store.appends.load(Ordering::Relaxed), 1);
 /// # Ok::<(), CQRSError>(())

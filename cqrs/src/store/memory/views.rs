@@ -14,8 +14,8 @@ use crate::view::View;
 /// view stores. Cloning gives another handle to the same store.
 ///
 /// ```
-/// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct Balance;
-/// let views = cqrs::MemoryViewRepository::<Balance>::new();
+/// # use cqrs::doc::CounterTotal;
+/// let views = cqrs::MemoryViewRepository::<CounterTotal>::new();
 /// # let _ = views;
 /// ```
 #[derive(Debug)]
@@ -58,9 +58,9 @@ impl<V> MemoryViewRepository<V> {
     /// [`ViewRepository::load`], without naming the aggregate.
     ///
     /// ```
-    /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct Balance;
+    /// # use cqrs::doc::CounterTotal;
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-    /// let views = cqrs::MemoryViewRepository::<Balance>::new();
+    /// let views = cqrs::MemoryViewRepository::<CounterTotal>::new();
     /// assert!(views.load("42").await?.is_none());
     /// assert!(views.list(None, 100).await?.is_empty());
     /// # Ok::<(), cqrs::CQRSError>(())
