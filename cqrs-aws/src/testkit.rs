@@ -1,0 +1,250 @@
+//! The conformance suites of `cqrs-testkit` on the DynamoDB stores: [`DynamoDbHarness`].
+//!
+//! Each [`fresh`](StoreHarness::fresh) store is a new small table (`cqrs-test-{uuid}`) on
+//! the emulator named by [`ENDPOINT_VAR`] (`CQRS_DYNAMODB_ENDPOINT`): an emulator's
+//! transactions slow down as a table grows, and tests in parallel never share a table.
+//!
+//! ```no_run
+//! use cqrs_aws::testkit::DynamoDbHarness;
+//! use cqrs_testkit::conformance::check_event_repository;
+//!
+//! #[tokio::test(flavor = "multi_thread")]
+//! async fn dynamodb_store_conforms() {
+//!     // Without CQRS_DYNAMODB_ENDPOINT: says which variable enables the suite, and passes.
+//!     let Some(harness) = DynamoDbHarness::from_env("dynamodb event store") else { return };
+//!     check_event_repository(&harness).await;
+//! }
+//! # fn main() {}
+//! ```
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::{Mutex, PoisonError};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::Client;
+use cqrs::{PersistableDomainEvent, Snapshot};
+use cqrs_testkit::conformance::{SnapshotHarness, StoreHarness};
+use uuid::Uuid;
+
+use crate::items::{self, key, s, Reader, PK};
+use crate::{DynamoDbEventRepository, DynamoDbSnapshotRepository};
+
+/// The environment variable naming the emulator's endpoint, e.g. `http://127.0.0.1:5000`.
+pub const ENDPOINT_VAR: &str = "CQRS_DYNAMODB_ENDPOINT";
+
+/// The endpoint in [`ENDPOINT_VAR`], or `None` when it is unset or empty.
+///
+/// When it is unset, says once per `suite` and process, on the real standard error (past
+/// the test harness's output capture), which suite is skipped and how to enable it.
+///
+/// ```
+/// # if std::env::var_os(cqrs_aws::testkit::ENDPOINT_VAR).is_none() {
+/// assert!(cqrs_aws::testkit::endpoint("doc example").is_none());
+/// # }
+/// ```
+pub fn endpoint(suite: &str) -> Option<String> {
+    match std::env::var(ENDPOINT_VAR) {
+        Ok(value) if !value.trim().is_empty() => Some(value),
+        _ => {
+            static SAID: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+            let mut said = SAID.lock().unwrap_or_else(PoisonError::into_inner);
+            if said
+                .get_or_insert_with(HashSet::new)
+                .insert(suite.to_owned())
+            {
+                // `eprintln!` is captured by libtest; a direct write is not.
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "note: skipping the {suite} suite: set {ENDPOINT_VAR}=http://127.0.0.1:5000 \
+                     (a DynamoDB emulator, e.g. python3 .ci/moto-single.py 5000) to run it"
+                );
+            }
+            None
+        }
+    }
+}
+
+/// The conformance harness of the DynamoDB stores: a fresh table per store, and damage
+/// done with plain item writes behind the store's back.
+///
+/// It implements [`StoreHarness`] for [`DynamoDbEventRepository`] and [`SnapshotHarness`]
+/// for it with [`DynamoDbSnapshotRepository`] (on the same table).
+#[derive(Debug, Clone)]
+pub struct DynamoDbHarness {
+    client: Client,
+}
+
+impl DynamoDbHarness {
+    /// A harness on the emulator at `endpoint_url`.
+    pub fn new(endpoint_url: &str) -> Self {
+        DynamoDbHarness {
+            client: crate::local_client(endpoint_url),
+        }
+    }
+
+    /// A harness on the emulator named by [`ENDPOINT_VAR`], or `None` after saying that
+    /// `suite` is skipped (see [`endpoint`]).
+    pub fn from_env(suite: &str) -> Option<Self> {
+        endpoint(suite).map(|url| Self::new(&url))
+    }
+
+    /// The client the harness and its stores use.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// A new event store on a new table.
+    ///
+    /// # Panics
+    /// When the table cannot be created: the emulator is unreachable (a test's failure).
+    pub async fn fresh_store(&self) -> DynamoDbEventRepository {
+        let table = format!("cqrs-test-{}", Uuid::new_v4().simple());
+        let store = DynamoDbEventRepository::new(self.client.clone(), table);
+        if let Err(error) = store.ensure_table().await {
+            panic!("{ENDPOINT_VAR} is set but no table could be created there: {error}");
+        }
+        store
+    }
+
+    /// Sets attribute `name` of the event's stream item and of its position copy to `value`.
+    async fn set_event_attribute(
+        &self,
+        store: &DynamoDbEventRepository,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+        name: &str,
+        value: AttributeValue,
+    ) {
+        let stream = PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id);
+        let found = self
+            .client
+            .get_item()
+            .table_name(store.table())
+            .set_key(Some(key(stream.as_str(), sequence)))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DynamoDbHarness: GetItem failed: {e:?}"));
+        let Some(item) = found.item() else {
+            panic!("DynamoDbHarness: no event {aggregate_type} {aggregate_id} #{sequence}");
+        };
+        let position = Reader(item)
+            .number(items::POSITION)
+            .unwrap_or_else(|problem| panic!("DynamoDbHarness: {problem}"));
+        for (pk, sk) in [
+            (stream.to_string(), sequence),
+            (items::position_pk(position), position),
+        ] {
+            self.client
+                .update_item()
+                .table_name(store.table())
+                .set_key(Some(key(pk, sk)))
+                .update_expression("SET #name = :value")
+                .condition_expression("attribute_exists(#pk)")
+                .expression_attribute_names("#name", name)
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_values(":value", value.clone())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("DynamoDbHarness: UpdateItem failed: {e:?}"));
+        }
+    }
+}
+
+impl StoreHarness for DynamoDbHarness {
+    type Store = DynamoDbEventRepository;
+
+    async fn fresh(&self) -> DynamoDbEventRepository {
+        self.fresh_store().await
+    }
+
+    async fn corrupt_payload(
+        &self,
+        store: &DynamoDbEventRepository,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+        raw: &str,
+    ) {
+        self.set_event_attribute(
+            store,
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            items::PAYLOAD,
+            s(raw),
+        )
+        .await;
+    }
+
+    async fn set_event_type(
+        &self,
+        store: &DynamoDbEventRepository,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+        event_type: &str,
+    ) {
+        self.set_event_attribute(
+            store,
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            items::EVENT_TYPE,
+            s(event_type),
+        )
+        .await;
+    }
+
+    /// Deletes the event's item from its aggregate's history (its copy in the global order
+    /// stays, as a row kept by another index would).
+    async fn delete_event(
+        &self,
+        store: &DynamoDbEventRepository,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+    ) {
+        let stream = PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id);
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(store.table())
+            .set_key(Some(key(stream.as_str(), sequence)))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DynamoDbHarness: DeleteItem failed: {e:?}"));
+        assert!(
+            deleted.attributes().is_some(),
+            "DynamoDbHarness::delete_event: no event {aggregate_type} {aggregate_id} #{sequence}"
+        );
+    }
+}
+
+impl SnapshotHarness for DynamoDbHarness {
+    type Events = DynamoDbEventRepository;
+    type Snapshots = DynamoDbSnapshotRepository;
+
+    async fn fresh(&self) -> (DynamoDbEventRepository, DynamoDbSnapshotRepository) {
+        let events = self.fresh_store().await;
+        let snapshots = DynamoDbSnapshotRepository::new(self.client.clone(), events.table());
+        (events, snapshots)
+    }
+
+    async fn put_snapshot_unchecked(
+        &self,
+        snapshots: &DynamoDbSnapshotRepository,
+        snapshot: Snapshot,
+    ) {
+        self.client
+            .put_item()
+            .table_name(snapshots.table())
+            .set_item(Some(DynamoDbSnapshotRepository::item(&snapshot)))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DynamoDbHarness: PutItem failed: {e:?}"));
+    }
+}
