@@ -49,7 +49,7 @@ const MISSING_POSITION_ATTEMPTS: u32 = 4;
 /// `$id#{event_id}`, which makes retries idempotent and ids unique in the table) and draws
 /// the events' global positions from one counter item (`$all`), writing a copy of each event
 /// under `$all#{partition}` / position, which is what [`read_all`](EventRepository::read_all)
-/// pages through. See `docs/adr/0012-dynamodb-store.md` for the cost of that global order.
+/// pages through. See `docs/adr/0013-dynamodb-store.md` for the cost of that global order.
 ///
 /// An append holds at most [`MAX_EVENTS_PER_APPEND`] events. Loads follow `LastEvaluatedKey`
 /// to the end, with strongly consistent reads. The store never notifies
@@ -422,7 +422,7 @@ impl DynamoDbEventRepository {
 #[cqrs::async_trait]
 impl EventRepository for DynamoDbEventRepository {
     async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
-        let expected = cqrs::store::validate_batch(&events)?;
+        let expected = cqrs::validate_batch(&events)?;
         let first = &events[0];
         let unstorable = |reason: String| CQRSError::Unstorable {
             aggregate_type: first.aggregate_type.to_string(),

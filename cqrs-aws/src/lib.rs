@@ -13,7 +13,7 @@
 //! * `testkit` (feature `testkit`): the conformance suites' harness, one fresh table per
 //!   test against the emulator named by `CQRS_DYNAMODB_ENDPOINT`.
 //!
-//! The design, its costs and its limits: `docs/adr/0012-dynamodb-store.md`.
+//! The design, its costs and its limits: `docs/adr/0013-dynamodb-store.md`.
 //!
 //! ```no_run
 //! use std::sync::Arc;
