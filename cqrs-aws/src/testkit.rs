@@ -70,6 +70,12 @@ pub fn endpoint(suite: &str) -> Option<String> {
 ///
 /// It implements [`StoreHarness`] for [`DynamoDbEventRepository`] and [`SnapshotHarness`]
 /// for it with [`DynamoDbSnapshotRepository`] (on the same table).
+///
+/// # Panics
+///
+/// Like an assertion, every harness method panics, naming the request, when the emulator
+/// refuses a request or an item it reads back is missing: a harness fails the test it
+/// serves. The stores themselves return typed errors.
 #[derive(Debug, Clone)]
 pub struct DynamoDbHarness {
     client: Client,
