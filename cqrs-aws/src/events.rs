@@ -12,7 +12,7 @@ use aws_sdk_dynamodb::types::{
     TransactWriteItem, Update,
 };
 use aws_sdk_dynamodb::Client;
-use cqrs::{CQRSError, EventRepository, PersistableDomainEvent};
+use cqrs::{CQRSError, EventRepository, PersistableDomainEvent, StoredEventId};
 use uuid::Uuid;
 
 use crate::items::{
@@ -83,14 +83,6 @@ impl std::fmt::Debug for DynamoDbEventRepository {
             .field("table", &self.table)
             .finish_non_exhaustive()
     }
-}
-
-/// What an event id is stored for.
-struct StoredIdentity {
-    aggregate_type: String,
-    aggregate_id: Uuid,
-    sequence: i64,
-    position: i64,
 }
 
 impl DynamoDbEventRepository {
@@ -250,50 +242,14 @@ impl DynamoDbEventRepository {
     /// Why an append whose event items or ids were already taken failed: a retry of a
     /// committed append (its positions), an id stored for another event
     /// ([`CQRSError::DuplicateEventId`]), or another writer's events
-    /// ([`CQRSError::Conflict`]).
+    /// ([`CQRSError::Conflict`]); see [`cqrs::explain_refused_append`].
     async fn explain_taken(
         &self,
         events: &[PersistableDomainEvent],
         expected: i64,
     ) -> Result<Vec<i64>, CQRSError> {
         let stored = self.stored_identities(events).await?;
-        let first = &events[0];
-        if stored.contains_key(&first.event_id) {
-            let mut positions: Vec<i64> = Vec::with_capacity(events.len());
-            for event in events {
-                match stored.get(&event.event_id) {
-                    Some(found)
-                        if found.aggregate_type == event.aggregate_type.as_str()
-                            && found.aggregate_id == event.aggregate_id
-                            && found.sequence == event.sequence
-                            && positions.last().is_none_or(|&p| p < found.position) =>
-                    {
-                        positions.push(found.position);
-                    }
-                    _ => {
-                        return Err(CQRSError::DuplicateEventId {
-                            event_id: event.event_id,
-                        })
-                    }
-                }
-            }
-            tracing::debug!(
-                aggregate_type = %first.aggregate_type,
-                aggregate_id = %first.aggregate_id,
-                "append retried after it had committed; returning the stored positions"
-            );
-            return Ok(positions);
-        }
-        if let Some(dup) = events.iter().find(|e| stored.contains_key(&e.event_id)) {
-            return Err(CQRSError::DuplicateEventId {
-                event_id: dup.event_id,
-            });
-        }
-        Err(CQRSError::Conflict {
-            aggregate_type: first.aggregate_type.to_string(),
-            aggregate_id: first.aggregate_id,
-            expected_sequence: expected,
-        })
+        cqrs::explain_refused_append(events, &stored, expected)
     }
 
     /// The stored identities of those of `events`' ids that are taken, read in one
@@ -301,7 +257,7 @@ impl DynamoDbEventRepository {
     async fn stored_identities(
         &self,
         events: &[PersistableDomainEvent],
-    ) -> Result<HashMap<Uuid, StoredIdentity>, CQRSError> {
+    ) -> Result<HashMap<Uuid, StoredEventId>, CQRSError> {
         let mut gets = Vec::with_capacity(events.len());
         for event in events {
             let get = Get::builder()
@@ -326,7 +282,7 @@ impl DynamoDbEventRepository {
             let r = Reader(item);
             let corrupt =
                 |problem: String| CQRSError::persistence(damaged(&self.table, item, problem));
-            let found = StoredIdentity {
+            let found = StoredEventId {
                 aggregate_type: r.string(items::AGGREGATE_TYPE).map_err(corrupt)?.to_owned(),
                 aggregate_id: r.uuid(items::AGGREGATE_ID).map_err(corrupt)?,
                 sequence: r.number(items::SEQUENCE).map_err(corrupt)?,

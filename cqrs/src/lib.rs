@@ -54,9 +54,9 @@ pub use crate::store::memory::{
     MemoryViewRepository,
 };
 pub use crate::store::{
-    active_version_marker, validate_batch, Checkpoint, CheckpointRepository, DeadLetter,
-    DeadLetterSkip, DeadLetters, EventRepository, Snapshot, SnapshotRepository, ViewContext,
-    ViewRepository,
+    active_version_marker, explain_refused_append, validate_batch, Checkpoint,
+    CheckpointRepository, DeadLetter, DeadLetterSkip, DeadLetters, EventRepository, Snapshot,
+    SnapshotRepository, StoredEventId, ViewContext, ViewRepository,
 };
 /// The attribute that the store traits ([`EventRepository`], [`SnapshotRepository`],
 /// [`CheckpointRepository`], [`ViewRepository`], [`DeadLetters`]) are written with, re-exported

@@ -510,3 +510,102 @@ pub fn validate_batch(events: &[PersistableDomainEvent]) -> Result<i64, CQRSErro
     }
     Ok(first.sequence - 1)
 }
+
+/// Where a store found an event id already stored: the event it belongs to, as
+/// [`explain_refused_append`] compares it with a refused batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEventId {
+    /// The aggregate type of the stored event.
+    pub aggregate_type: String,
+    /// The aggregate id of the stored event.
+    pub aggregate_id: Uuid,
+    /// The stored event's sequence in its aggregate.
+    pub sequence: i64,
+    /// The stored event's global position.
+    pub position: i64,
+}
+
+/// Explains an append that a store refused because an event's key or id was already taken,
+/// from the stored events of those of the batch's ids that are taken (`stored`, by event id).
+///
+/// * Every event of `events` stored as that same event (aggregate, sequence, and positions
+///   in order): the append is a retry of one that committed, and the stored positions are
+///   the answer, as [`EventRepository::append`] promises for an idempotent retry.
+/// * Some id stored for another event: [`CQRSError::DuplicateEventId`] naming it.
+/// * No id stored: another writer took the sequences first, [`CQRSError::Conflict`] against
+///   `expected` (the sequence the writer expected last, as [`validate_batch`] returns it).
+///
+/// Stores call it on the rare path where the database refused an append on a unique key or
+/// a condition; it reads nothing itself.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use cqrs::{explain_refused_append, CQRSError, PersistableDomainEvent, StoredEventId};
+/// # use uuid::Uuid;
+///
+/// # use cqrs::doc::CounterEvent;
+/// let id = Uuid::new_v4();
+/// let event = PersistableDomainEvent::new("counter", id, 1, &CounterEvent::Incremented { by: 1 }, serde_json::Value::Null)?;
+/// // Nothing of the batch is stored: another writer won the race.
+/// let refused = explain_refused_append(std::slice::from_ref(&event), &HashMap::new(), 0);
+/// assert!(matches!(refused, Err(CQRSError::Conflict { expected_sequence: 0, .. })));
+///
+/// // The same event stored at position 7: a retry of an append that committed.
+/// let stored = HashMap::from([(event.event_id, StoredEventId {
+///     aggregate_type: "counter".into(),
+///     aggregate_id: id,
+///     sequence: 1,
+///     position: 7,
+/// })]);
+/// assert_eq!(explain_refused_append(&[event], &stored, 0)?, vec![7]);
+/// # Ok::<(), CQRSError>(())
+/// ```
+///
+/// # Errors
+/// [`CQRSError::DuplicateEventId`] or [`CQRSError::Conflict`] as above;
+/// [`CQRSError::InvalidAppend`] for an empty batch.
+pub fn explain_refused_append(
+    events: &[PersistableDomainEvent],
+    stored: &std::collections::HashMap<Uuid, StoredEventId>,
+    expected: i64,
+) -> Result<Vec<i64>, CQRSError> {
+    let first = events
+        .first()
+        .ok_or_else(|| CQRSError::InvalidAppend("empty batch".into()))?;
+    if stored.contains_key(&first.event_id) {
+        let mut positions: Vec<i64> = Vec::with_capacity(events.len());
+        for event in events {
+            match stored.get(&event.event_id) {
+                Some(found)
+                    if found.aggregate_type == event.aggregate_type.as_str()
+                        && found.aggregate_id == event.aggregate_id
+                        && found.sequence == event.sequence
+                        && positions.last().is_none_or(|&p| p < found.position) =>
+                {
+                    positions.push(found.position);
+                }
+                _ => {
+                    return Err(CQRSError::DuplicateEventId {
+                        event_id: event.event_id,
+                    })
+                }
+            }
+        }
+        tracing::debug!(
+            aggregate_type = %first.aggregate_type,
+            aggregate_id = %first.aggregate_id,
+            "append retried after it had committed; returning the stored positions"
+        );
+        return Ok(positions);
+    }
+    if let Some(taken) = events.iter().find(|e| stored.contains_key(&e.event_id)) {
+        return Err(CQRSError::DuplicateEventId {
+            event_id: taken.event_id,
+        });
+    }
+    Err(CQRSError::Conflict {
+        aggregate_type: first.aggregate_type.to_string(),
+        aggregate_id: first.aggregate_id,
+        expected_sequence: expected,
+    })
+}

@@ -4,14 +4,13 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use smol_str::SmolStr;
 use sqlx::Row;
 use uuid::Uuid;
 
 use super::PostgresEventRepository;
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
-use crate::store::validate_batch;
+use crate::store::{explain_refused_append, validate_batch, StoredEventId};
 
 impl PostgresEventRepository {
     /// Appends one batch (see [`EventRepository::append`] and the type's docs).
@@ -71,18 +70,7 @@ impl PostgresEventRepository {
         let rows = match result {
             Ok(rows) => rows,
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
-                // Only this rare path needs the events' identities.
-                let identities: Vec<StoredIdentity> = events
-                    .iter()
-                    .map(|event| StoredIdentity {
-                        event_id: event.event_id,
-                        aggregate_type: event.aggregate_type.clone(),
-                        aggregate_id: event.aggregate_id,
-                        sequence: event.sequence,
-                        position: 0,
-                    })
-                    .collect();
-                return self.explain_unique_violation(&identities, expected).await;
+                return self.explain_unique_violation(&events, expected).await;
             }
             Err(sqlx::Error::Database(db))
                 if db
@@ -135,7 +123,7 @@ impl PostgresEventRepository {
     /// positions), a reused id and a lost race apart.
     async fn explain_unique_violation(
         &self,
-        events: &[StoredIdentity],
+        events: &[PersistableDomainEvent],
         expected: i64,
     ) -> Result<Vec<i64>, CQRSError> {
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
@@ -144,56 +132,17 @@ impl PostgresEventRepository {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(CQRSError::persistence)?;
-        let mut stored: HashMap<Uuid, StoredIdentity> = HashMap::with_capacity(rows.len());
+        let mut stored: HashMap<Uuid, StoredEventId> = HashMap::with_capacity(rows.len());
         for row in &rows {
-            let found = StoredIdentity {
-                event_id: row.try_get(0).map_err(CQRSError::persistence)?,
-                aggregate_type: SmolStr::new(
-                    row.try_get::<&str, _>(1).map_err(CQRSError::persistence)?,
-                ),
+            let found = StoredEventId {
+                aggregate_type: row.try_get(1).map_err(CQRSError::persistence)?,
                 aggregate_id: row.try_get(2).map_err(CQRSError::persistence)?,
                 sequence: row.try_get(3).map_err(CQRSError::persistence)?,
                 position: row.try_get(4).map_err(CQRSError::persistence)?,
             };
-            stored.insert(found.event_id, found);
+            stored.insert(row.try_get(0).map_err(CQRSError::persistence)?, found);
         }
-        let first = &events[0];
-        if stored.contains_key(&first.event_id) {
-            let mut positions = Vec::with_capacity(events.len());
-            for event in events {
-                match stored.get(&event.event_id) {
-                    Some(row)
-                        if row.aggregate_type == event.aggregate_type
-                            && row.aggregate_id == event.aggregate_id
-                            && row.sequence == event.sequence
-                            && positions.last().is_none_or(|&p| p < row.position) =>
-                    {
-                        positions.push(row.position);
-                    }
-                    _ => {
-                        return Err(CQRSError::DuplicateEventId {
-                            event_id: event.event_id,
-                        })
-                    }
-                }
-            }
-            tracing::debug!(
-                aggregate_type = %first.aggregate_type,
-                aggregate_id = %first.aggregate_id,
-                "append retried after it had committed; returning the stored positions"
-            );
-            return Ok(positions);
-        }
-        if let Some(dup) = events.iter().find(|e| stored.contains_key(&e.event_id)) {
-            return Err(CQRSError::DuplicateEventId {
-                event_id: dup.event_id,
-            });
-        }
-        Err(CQRSError::Conflict {
-            aggregate_type: first.aggregate_type.to_string(),
-            aggregate_id: first.aggregate_id,
-            expected_sequence: expected,
-        })
+        explain_refused_append(events, &stored, expected)
     }
 }
 
@@ -201,12 +150,3 @@ impl PostgresEventRepository {
 /// `untranslatable_character` (a `\u0000` in `jsonb`), `character_not_in_repertoire` (a NUL
 /// in `text`), and `invalid_text_representation` (a payload that is not JSON).
 const UNSTORABLE: [&str; 3] = ["22P05", "22021", "22P02"];
-
-/// The identity of an event, as sent in an append or found stored.
-struct StoredIdentity {
-    event_id: Uuid,
-    aggregate_type: SmolStr,
-    aggregate_id: Uuid,
-    sequence: i64,
-    position: i64,
-}
