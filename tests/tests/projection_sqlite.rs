@@ -9,7 +9,6 @@
 //! variable.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,7 +19,6 @@ use cqrs::{
     CQRSFramework, EventRepository, PoisonPolicy, Projection, SqliteEventRepository, View,
     ViewRepository,
 };
-use cqrs::{Durability, SqliteOptions};
 use uuid::Uuid;
 
 const CHILD_DB: &str = "CQRS_PROJECTOR_CHILD_DB";
@@ -29,39 +27,7 @@ const CHILD_UNTIL: &str = "CQRS_PROJECTOR_CHILD_UNTIL";
 mod common;
 
 use common::ledger::*;
-
-struct TempDb {
-    path: PathBuf,
-}
-
-impl TempDb {
-    fn new() -> Self {
-        TempDb {
-            path: std::env::temp_dir().join(format!("cqrs-projection-{}.sqlite", Uuid::new_v4())),
-        }
-    }
-
-    async fn open(&self) -> SqliteEventRepository {
-        open(&self.path.display().to_string()).await
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
-        }
-    }
-}
-
-async fn open(path: &str) -> SqliteEventRepository {
-    let options = SqliteOptions::default()
-        .durability(Durability::Normal)
-        .busy_timeout(Duration::from_secs(30));
-    let store = SqliteEventRepository::connect(path, options).await.unwrap();
-    store.migrate().await.unwrap();
-    store
-}
+use common::temp_db::{open_shared, TempDb};
 
 async fn head(store: &SqliteEventRepository) -> i64 {
     let mut after = 0;
@@ -119,8 +85,8 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_appended_after_catch_up_reaches_the_view_by_notification() {
-    let db = TempDb::new();
-    let store = db.open().await;
+    let db = TempDb::new("projection");
+    let store = db.open_shared().await;
     let framework = CQRSFramework::<Ledger>::new(store.clone());
     let id = Uuid::new_v4();
     framework.dispatch(id, vec![1, 2]).await.unwrap();
@@ -141,8 +107,8 @@ async fn an_event_appended_after_catch_up_reaches_the_view_by_notification() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_bump_rebuilds_beside_the_old_version_and_switches_when_caught_up() {
-    let db = TempDb::new();
-    let store = db.open().await;
+    let db = TempDb::new("projection");
+    let store = db.open_shared().await;
     let framework = CQRSFramework::<Ledger>::new(store.clone());
     let ids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
     for round in 0..50u64 {
@@ -223,7 +189,7 @@ async fn a_version_bump_rebuilds_beside_the_old_version_and_switches_when_caught
 #[ignore = "the projector child process of the crash test; run by it, not on its own"]
 async fn projector_child() {
     let path = std::env::var(CHILD_DB).expect("CQRS_PROJECTOR_CHILD_DB names the database");
-    let store = open(&path).await;
+    let store = open_shared(&path).await;
     let spawn_balances = || {
         Projection::<Ledger, BalanceV1>::new(store.clone(), store.views())
             .with_batch_size(200)
@@ -294,9 +260,9 @@ async fn a_projector_killed_at_random_moments_applies_every_event_exactly_once()
     const LEDGERS: u64 = 200;
     const PER_COMMAND: u64 = 10;
 
-    let db = TempDb::new();
-    let store = db.open().await;
-    let path = db.path.display().to_string();
+    let db = TempDb::new("projection");
+    let store = db.open_shared().await;
+    let path = db.url();
     let started = Instant::now();
 
     // The appender: concurrent writers, each its own ledgers, PER_COMMAND events a command.

@@ -6,7 +6,6 @@
 //! Tests where durability plays no part use `Durability::Normal` to spare the disk fsyncs;
 //! the others run with the default, `Durability::Full`.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,72 +30,7 @@ use common::counter::{
     counter_event, Counter, CounterCommand, CounterError, CounterEvent, CounterState, CounterView,
     Tally,
 };
-
-// ---------------------------------------------------------------------------------------
-// Temporary database files.
-
-/// A database path in the temp dir; the file and its `-wal`/`-shm` companions are removed
-/// on drop.
-struct TempDb {
-    path: PathBuf,
-}
-
-impl TempDb {
-    fn new() -> Self {
-        TempDb {
-            path: std::env::temp_dir().join(format!("cqrs-sqlite-test-{}.sqlite", Uuid::new_v4())),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    async fn open(&self) -> SqliteEventRepository {
-        SqliteEventRepository::open(&self.path).await.unwrap()
-    }
-
-    async fn open_with(&self, options: SqliteOptions) -> SqliteEventRepository {
-        let store = SqliteEventRepository::connect(&self.path.display().to_string(), options)
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
-        store
-    }
-
-    /// A store on a sqlx pool the test made (`from_pool`): its reads go through sqlx rather
-    /// than the store's own read-only connections.
-    async fn open_on_own_pool(&self) -> SqliteEventRepository {
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&self.path)
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await
-            .unwrap();
-        let store = SqliteEventRepository::from_pool(pool, SqliteOptions::default())
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
-        store
-    }
-
-    /// A store without the fsync per commit, for tests about logic rather than durability.
-    async fn open_fast(&self) -> SqliteEventRepository {
-        self.open_with(SqliteOptions::default().durability(Durability::Normal))
-            .await
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
-        }
-    }
-}
+use common::temp_db::TempDb;
 
 /// Runs a statement on the store's file behind its back.
 async fn execute(store: &SqliteEventRepository, sql: &str, binds: &[&str]) -> u64 {
@@ -172,7 +106,7 @@ fn racing_framework(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixteen_writers_without_retry_store_each_sequence_once() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open().await;
     let framework = racing_framework(&store, RetryPolicy::none());
     let id = Uuid::new_v4();
@@ -219,7 +153,7 @@ async fn sixteen_writers_without_retry_store_each_sequence_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixteen_writers_with_retry_all_succeed_and_the_total_is_exact() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     // Every one of the 8000 wins needs a commit of its own (one winner per group on a
     // single aggregate): without fsyncs this stays a test of the retries, not of the disk.
     let store = db.open_fast().await;
@@ -257,7 +191,7 @@ async fn sixteen_writers_with_retry_all_succeed_and_the_total_is_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grouped_appends_keep_their_own_outcomes() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open().await;
     let contested = Uuid::new_v4();
     let mut tasks = Vec::new();
@@ -312,7 +246,7 @@ async fn grouped_appends_keep_their_own_outcomes() {
 
 #[tokio::test]
 async fn a_batch_larger_than_one_statement_is_atomic() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open().await;
     let id = Uuid::new_v4();
     let positions = store.append(counter_batch(id, 1, 250)).await.unwrap();
@@ -356,7 +290,7 @@ async fn a_batch_larger_than_one_statement_is_atomic() {
 
 #[tokio::test]
 async fn the_schema_itself_refuses_holes_and_duplicates() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open().await;
     let id = Uuid::new_v4();
     store.append(counter_batch(id, 1, 2)).await.unwrap();
@@ -396,7 +330,7 @@ async fn the_schema_itself_refuses_holes_and_duplicates() {
 
 #[tokio::test]
 async fn damaged_rows_are_typed_errors_naming_the_event() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open().await;
     let id = Uuid::new_v4();
     store.append(counter_batch(id, 1, 3)).await.unwrap();
@@ -406,7 +340,7 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
     // naming the aggregate and the sequence; read_all returns the events before the row,
     // and a page that starts with it is DamagedRow naming its position.
     for (column, value) in [("metadata", "{oops"), ("event_id", "not-a-uuid")] {
-        let db = TempDb::new();
+        let db = TempDb::new("sqlite-test");
         let store = db.open().await;
         store.append(counter_batch(id, 1, 3)).await.unwrap();
         harness
@@ -465,7 +399,7 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
         other => panic!("expected DamagedRow, got {other:?}"),
     }
     // Loading the aggregate with a damaged payload is still an error naming the row.
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open().await;
     store.append(counter_batch(id, 1, 3)).await.unwrap();
     harness
@@ -484,7 +418,7 @@ async fn damaged_rows_are_typed_errors_naming_the_event() {
 /// (PostgreSQL refuses it with `CQRSError::Unstorable`).
 #[tokio::test]
 async fn a_nul_character_round_trips() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open_fast().await;
     let id = Uuid::new_v4();
     let mut event = counter_event(id, 1, 1);
@@ -539,7 +473,7 @@ fn state_from_snapshot_and_tail_equals_a_full_replay() {
         .enable_all()
         .build()
         .unwrap();
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = runtime.block_on(db.open_fast());
     let mut runner = TestRunner::new(Config {
         cases: 48,
@@ -591,7 +525,7 @@ fn state_from_snapshot_and_tail_equals_a_full_replay() {
 
 #[tokio::test]
 async fn a_snapshot_that_no_longer_decodes_is_replayed_and_rewritten() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open_fast().await;
     let framework = CQRSFramework::<Counter>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotPolicy::every(5));
@@ -663,7 +597,7 @@ async fn a_snapshot_that_no_longer_decodes_is_replayed_and_rewritten() {
 
 #[tokio::test]
 async fn an_older_snapshot_never_replaces_a_newer_one() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open_fast().await;
     let id = Uuid::new_v4();
     let snapshot = |sequence: i64| cqrs::Snapshot {
@@ -762,7 +696,7 @@ async fn checkpoint(views: &Views, name: &str) -> i64 {
 /// one the event store's `CheckpointRepository` reads, in the same file.
 #[tokio::test]
 async fn a_view_commit_moves_the_checkpoint_the_store_reads() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open().await;
     let views: Views = store.views();
 
@@ -783,7 +717,7 @@ async fn a_view_commit_moves_the_checkpoint_the_store_reads() {
 
 #[tokio::test]
 async fn a_projection_applies_every_event_once_across_restarts() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
     {
         let store = db.open_fast().await;
@@ -844,7 +778,7 @@ async fn a_projection_applies_every_event_once_across_restarts() {
 
 #[tokio::test]
 async fn a_view_table_name_that_is_not_an_identifier_is_refused() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open().await;
     let id = Uuid::new_v4();
     store.append(counter_batch(id, 1, 1)).await.unwrap();
@@ -867,7 +801,7 @@ async fn a_view_table_name_that_is_not_an_identifier_is_refused() {
 
 #[tokio::test]
 async fn everything_survives_reopening_the_file() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let id = Uuid::new_v4();
     let first_positions;
     {
@@ -933,7 +867,7 @@ async fn everything_survives_reopening_the_file() {
 #[tokio::test]
 async fn the_file_is_in_wal_mode_with_the_chosen_durability() {
     for (durability, expected) in [(Durability::Full, 2), (Durability::Normal, 1)] {
-        let db = TempDb::new();
+        let db = TempDb::new("sqlite-test");
         let store = db
             .open_with(SqliteOptions::default().durability(durability))
             .await;
@@ -960,7 +894,7 @@ async fn an_invalid_url_is_a_persistence_error() {
 
 #[test]
 fn a_store_whose_runtime_stopped_fails_typed_and_the_append_can_be_retried() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let first = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1026,7 +960,7 @@ async fn child_appends_until_killed() {
 
 #[tokio::test]
 async fn a_killed_writer_leaves_only_whole_commands() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let exe = std::env::current_exe().unwrap();
     let mut seen = 0;
     for round in 0..3 {
@@ -1081,7 +1015,7 @@ async fn a_killed_writer_leaves_only_whole_commands() {
 
 #[tokio::test]
 async fn a_store_on_a_pool_of_your_own() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     let store = db.open_on_own_pool().await;
     let id = Uuid::new_v4();
     let positions = store.append(counter_batch(id, 1, 3)).await.unwrap();
@@ -1113,9 +1047,9 @@ async fn payloads_round_trip(store: &SqliteEventRepository) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_and_metadata_come_back_as_the_same_json() {
-    let db = TempDb::new();
+    let db = TempDb::new("sqlite-test");
     payloads_round_trip(&db.open_fast().await).await;
 
-    let other = TempDb::new();
+    let other = TempDb::new("sqlite-test");
     payloads_round_trip(&other.open_on_own_pool().await).await;
 }

@@ -4,3 +4,4 @@ pub mod counter;
 pub mod ledger;
 pub mod lost_commit;
 pub mod nats;
+pub mod temp_db;
