@@ -6,9 +6,7 @@ use aws_sdk_dynamodb::Client;
 use chrono::Utc;
 use cqrs::{CQRSError, Checkpoint, CheckpointRepository};
 
-use crate::items::{
-    self, checkpoint_pk, damaged, key, n, s, Item, Reader, KIND, KIND_CHECKPOINT,
-};
+use crate::items::{self, checkpoint_pk, damaged, key, n, s, Item, Reader, KIND, KIND_CHECKPOINT};
 use crate::sdk_error;
 
 /// The checkpoints of readers that are not views (a relay, an integration), in a view table

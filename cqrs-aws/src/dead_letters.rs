@@ -178,20 +178,20 @@ impl DeadLetters for DynamoDbDeadLetters {
                 letter.position, letter.projection
             )));
         }
-        let condition = if from == 0 {
-            "attribute_not_exists(#pk) OR #position = :from"
-        } else {
-            "#position = :from"
-        };
         let checkpoint = Put::builder()
             .table_name(self.table.as_ref())
             .set_item(Some(checkpoint_item(&letter.projection, letter.position)))
-            .condition_expression(condition)
-            .expression_attribute_names("#pk", PK)
             .expression_attribute_names("#position", items::POSITION)
-            .expression_attribute_values(":from", n(from))
-            .build()
-            .map_err(build_error)?;
+            .expression_attribute_values(":from", n(from));
+        let checkpoint = if from == 0 {
+            // A checkpoint never recorded is at 0.
+            checkpoint
+                .condition_expression("attribute_not_exists(#pk) OR #position = :from")
+                .expression_attribute_names("#pk", PK)
+        } else {
+            checkpoint.condition_expression("#position = :from")
+        };
+        let checkpoint = checkpoint.build().map_err(build_error)?;
         let record = Put::builder()
             .table_name(self.table.as_ref())
             .set_item(Some(letter_item(letter)))

@@ -77,9 +77,9 @@ use aws_sdk_dynamodb::error::{BuildError, DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::operation::create_table::CreateTableError;
 use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement,
-    KeyType, Projection, ProjectionType, ScalarAttributeType, StreamSpecification,
-    StreamViewType, TableStatus,
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType,
+    Projection, ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType,
+    TableStatus,
 };
 use aws_sdk_dynamodb::Client;
 use aws_smithy_http_client::tls;
@@ -90,16 +90,16 @@ mod dead_letters;
 mod events;
 mod items;
 mod snapshots;
-mod transact;
-mod views;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
+mod transact;
+mod views;
 
-pub use events::{DynamoDbEventRepository, MAX_EVENTS_PER_APPEND, TRANSACTION_ITEM_LIMIT};
-pub use items::DamagedItem;
 pub use checkpoints::DynamoDbCheckpointRepository;
 pub use dead_letters::DynamoDbDeadLetters;
+pub use events::{DynamoDbEventRepository, MAX_EVENTS_PER_APPEND, TRANSACTION_ITEM_LIMIT};
+pub use items::DamagedItem;
 pub use snapshots::DynamoDbSnapshotRepository;
 pub use transact::TransactionTooLarge;
 pub use views::{ensure_view_table, DynamoDbViewRepository, MAX_VIEW_ROWS_PER_COMMIT};

@@ -129,10 +129,7 @@ pub(crate) async fn transact_write(
             .iter()
             .any(|r| r.code() == Some("TransactionConflict"))
         {
-            let codes: Vec<&str> = reasons
-                .iter()
-                .map(|r| r.code().unwrap_or("None"))
-                .collect();
+            let codes: Vec<&str> = reasons.iter().map(|r| r.code().unwrap_or("None")).collect();
             return Err(CQRSError::persistence(format!(
                 "DynamoDB cancelled a transaction on table {table}: reasons {codes:?}"
             )));

@@ -325,10 +325,7 @@ impl Rows<'_> {
             (items::VIEW_TABLE, s(self.view)),
             (items::VIEW_VERSION, n(self.version)),
             (items::VIEW_ID, s(row.view_id.as_str())),
-            (
-                items::VIEW_LIST,
-                s(view_list_key(self.view, self.version)),
-            ),
+            (items::VIEW_LIST, s(view_list_key(self.view, self.version))),
             (items::VIEW_ORDER, s(view_order_key(&row.view_id))),
             (items::ROW_VERSION, n(row.expected_version + 1)),
             (items::PAYLOAD, s(row.payload.as_str())),
@@ -357,10 +354,10 @@ impl Rows<'_> {
         for row in &rows {
             let put = Put::builder()
                 .table_name(self.table)
-                .set_item(Some(self.item(row)))
-                .expression_attribute_names("#pk", PK);
+                .set_item(Some(self.item(row)));
             let put = if row.expected_version == 0 {
                 put.condition_expression("attribute_not_exists(#pk)")
+                    .expression_attribute_names("#pk", PK)
             } else {
                 put.condition_expression("#row_version = :expected")
                     .expression_attribute_names("#row_version", items::ROW_VERSION)
