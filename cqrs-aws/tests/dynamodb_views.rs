@@ -465,3 +465,38 @@ async fn damaged_view_items_give_typed_errors() {
         "{loaded:?}"
     );
 }
+
+/// A projection batch that touches more rows than one transaction holds fails with
+/// `TransactionTooLarge` and commits nothing; told a batch size of
+/// `MAX_VIEW_ROWS_PER_COMMIT`, the same projection catches up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_projection_is_told_a_batch_size_that_fits_a_transaction() {
+    let Some(harness) = harness("dynamodb projection batch size") else {
+        return;
+    };
+    let events = harness.fresh_store().await;
+    let views = views_on(&harness).await;
+    let framework = CQRSFramework::<Counter>::new(events.clone());
+    let counters = MAX_VIEW_ROWS_PER_COMMIT + 1;
+    for _ in 0..counters {
+        framework.dispatch(Uuid::new_v4(), 1).await.unwrap();
+    }
+    let projection = Projection::<Counter, CounterView>::new(events.clone(), views.clone());
+    match projection.catch_up().await {
+        Err(CQRSError::PersistenceError(source)) => {
+            assert!(
+                source.downcast_ref::<TransactionTooLarge>().is_some(),
+                "{source}"
+            );
+        }
+        other => panic!("a batch of {counters} rows must be TransactionTooLarge, got {other:?}"),
+    }
+    assert_eq!(projection.position().await.unwrap(), 0);
+    assert!(views.list::<Counter>(None, 10).await.unwrap().is_empty());
+
+    let projection = projection.with_batch_size(MAX_VIEW_ROWS_PER_COMMIT);
+    assert_eq!(projection.catch_up().await.unwrap(), counters as i64);
+    let listed = views.list::<Counter>(None, 1000).await.unwrap();
+    assert_eq!(listed.len(), counters);
+    assert!(listed.iter().all(|(_, view)| view.events == 1));
+}
