@@ -1,4 +1,5 @@
-//! Serverless stores for [`cqrs`] on AWS: an event store and a snapshot store on DynamoDB.
+//! Serverless stores for [`cqrs`] on AWS: events, snapshots, views, checkpoints and dead
+//! letters on DynamoDB.
 //!
 //! * [`DynamoDbEventRepository`]: events keyed by aggregate (partition key) and sequence
 //!   (sort key), one `TransactWriteItems` per append with a condition per item, so a lost race
@@ -64,6 +65,37 @@
 //! let id = uuid::Uuid::new_v4();
 //! framework.dispatch(id, 5).await?;
 //! assert_eq!(framework.load(id).await?, 5);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Views, their checkpoints and the dead letters of their projections live in a view table
+//! of their own, so that the event table's stream carries events only:
+//!
+//! ```no_run
+//! # use cqrs::doc::{Counter, CounterCommand, CounterTotal};
+//! use cqrs::{CQRSFramework, PoisonPolicy, Projection};
+//! use cqrs_aws::{DynamoDbEventRepository, DynamoDbViewRepository, MAX_VIEW_ROWS_PER_COMMIT};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = cqrs_aws::local_client("http://127.0.0.1:5000");
+//! let events = DynamoDbEventRepository::new(client.clone(), "events");
+//! events.ensure_table().await?;
+//! let views = DynamoDbViewRepository::<CounterTotal>::new(client, "views");
+//! views.ensure_table().await?; // pk/sk, pay per request, the `view_list` index
+//!
+//! let id = uuid::Uuid::new_v4();
+//! CQRSFramework::<Counter>::new(events.clone())
+//!     .dispatch(id, CounterCommand::Increment { by: 4 })
+//!     .await?;
+//! // Each batch's rows and checkpoint are one transaction of at most 100 items.
+//! let projection = Projection::<Counter, CounterTotal>::new(events, views.clone())
+//!     .with_batch_size(MAX_VIEW_ROWS_PER_COMMIT)
+//!     .with_poison_policy(PoisonPolicy::SkipAndRecord)
+//!     .with_dead_letters(views.dead_letters());
+//! projection.catch_up().await?;
+//! let total = views.load::<Counter>(&id.to_string()).await?;
+//! assert_eq!(total.map(|view| view.total), Some(4));
 //! # Ok(())
 //! # }
 //! ```

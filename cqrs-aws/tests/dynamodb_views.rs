@@ -500,3 +500,22 @@ async fn a_projection_is_told_a_batch_size_that_fits_a_transaction() {
     assert_eq!(listed.len(), counters);
     assert!(listed.iter().all(|(_, view)| view.events == 1));
 }
+
+/// `ensure_view_table` is idempotent, and refuses a table without the list index (an event
+/// table) with a message naming the index.
+#[tokio::test(flavor = "multi_thread")]
+async fn ensure_view_table_is_idempotent_and_checks_the_index() {
+    let Some(harness) = harness("dynamodb view tables") else {
+        return;
+    };
+    let views = views_on(&harness).await;
+    views.ensure_table().await.unwrap();
+    cqrs_aws::ensure_view_table(harness.client(), views.table())
+        .await
+        .unwrap();
+    let events = harness.fresh_store().await;
+    let error = cqrs_aws::ensure_view_table(harness.client(), events.table())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("view_list"), "{error}");
+}
