@@ -2,7 +2,9 @@
 //!
 //! Each [`fresh`](StoreHarness::fresh) store is a new small table (`cqrs-test-{uuid}`) on
 //! the emulator named by [`ENDPOINT_VAR`] (`CQRS_DYNAMODB_ENDPOINT`): an emulator's
-//! transactions slow down as a table grows, and tests in parallel never share a table.
+//! transactions slow down as a table grows, and tests in parallel never share a table. The
+//! read side's suites (views, dead letters, checkpoints) get a fresh view table
+//! (`cqrs-views-{uuid}`, see [`ensure_view_table`](crate::ensure_view_table)) in the same way.
 //!
 //! ```no_run
 //! use cqrs_aws::testkit::DynamoDbHarness;
@@ -13,6 +15,13 @@
 //!     // Without CQRS_DYNAMODB_ENDPOINT: says which variable enables the suite, and passes.
 //!     let Some(harness) = DynamoDbHarness::from_env("dynamodb event store") else { return };
 //!     check_event_repository(&harness).await;
+//! }
+//!
+//! #[tokio::test(flavor = "multi_thread")]
+//! async fn dynamodb_views_conform() {
+//!     let Some(harness) = DynamoDbHarness::from_env("dynamodb view store") else { return };
+//!     cqrs_testkit::conformance::check_view_repository(&harness).await;
+//!     cqrs_testkit::conformance::check_dead_letter_repository(&harness).await;
 //! }
 //! # fn main() {}
 //! ```
