@@ -464,6 +464,37 @@ async fn damaged_view_items_give_typed_errors() {
         matches!(&loaded, Err(CQRSError::PersistenceError(source)) if source.downcast_ref::<DamagedItem>().is_some()),
         "{loaded:?}"
     );
+    // A dead letter whose event id is not a UUID.
+    let sink = views.dead_letters();
+    sink.record(cqrs::DeadLetter {
+        projection: "p".into(),
+        view: "counter_view".into(),
+        event_id: Uuid::new_v4(),
+        aggregate_type: "counter".into(),
+        aggregate_id: Uuid::new_v4(),
+        sequence: 3,
+        position: 7,
+        event_type: "Added".into(),
+        event_version: "1".into(),
+        error: "refused".into(),
+        attempts: 1,
+        recorded_at: chrono::Utc::now(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(sink.list("p").await.unwrap().len(), 1);
+    set(
+        "$dead#p",
+        "7",
+        "event_id",
+        AttributeValue::S("not-a-uuid".into()),
+    )
+    .await;
+    let listed = sink.list("p").await;
+    assert!(
+        matches!(&listed, Err(CQRSError::PersistenceError(source)) if source.downcast_ref::<DamagedItem>().is_some_and(|d| d.problem.contains("event_id"))),
+        "{listed:?}"
+    );
 }
 
 /// A projection batch that touches more rows than one transaction holds fails with
@@ -518,4 +549,54 @@ async fn ensure_view_table_is_idempotent_and_checks_the_index() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("view_list"), "{error}");
+}
+
+/// Eight writers commit the same row from the same loaded version, each with the checkpoint
+/// one further: exactly one wins, the others are `ViewConflict` and write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_commits_of_one_row_have_one_winner() {
+    let Some(harness) = harness("dynamodb view races") else {
+        return;
+    };
+    let views = views_on(&harness).await;
+    for round in 1..=5_i64 {
+        let loaded = ViewRepository::<Counter, CounterView>::load_for_update(&views, "hot")
+            .await
+            .unwrap();
+        assert_eq!(loaded.version, round - 1);
+        let tasks: Vec<_> = (0..8_u64)
+            .map(|writer| {
+                let views = views.clone();
+                let mut change = loaded.clone();
+                change.view.total = writer;
+                let checkpoint = Checkpoint {
+                    name: "race".into(),
+                    position: round,
+                };
+                tokio::spawn(async move {
+                    ViewRepository::<Counter, _>::commit(&views, vec![change], Some(checkpoint))
+                        .await
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for (writer, task) in tasks.into_iter().enumerate() {
+            match task.await.unwrap() {
+                Ok(()) => winners.push(writer as u64),
+                Err(CQRSError::ViewConflict { .. }) => {}
+                Err(other) => panic!("a lost race must be ViewConflict, got {other:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        let stored = ViewRepository::<Counter, CounterView>::load_for_update(&views, "hot")
+            .await
+            .unwrap();
+        assert_eq!((stored.version, stored.view.total), (round, winners[0]));
+        assert_eq!(
+            ViewRepository::<Counter, CounterView>::checkpoint(&views, "race")
+                .await
+                .unwrap(),
+            round
+        );
+    }
 }
