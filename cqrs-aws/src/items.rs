@@ -264,3 +264,75 @@ pub(crate) fn damaged_row(table: &str, item: &Item, position: i64, error: &CQRSE
         problem,
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// The read side: view rows, checkpoints and dead letters (in a view table).
+
+pub(crate) const KIND_VIEW: &str = "view";
+pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
+pub(crate) const KIND_DEAD_LETTER: &str = "dead_letter";
+
+pub(crate) const VIEW_TABLE: &str = "view_table";
+pub(crate) const VIEW_VERSION: &str = "view_version";
+pub(crate) const VIEW_ID: &str = "view_id";
+pub(crate) const ROW_VERSION: &str = "row_version";
+pub(crate) const UPDATED_AT: &str = "updated_at";
+/// The partition key of the list index: `{table}#{version}` (the table's name escaped).
+pub(crate) const VIEW_LIST: &str = "view_list";
+/// The sort key of the list index: `#{view_id}`, so that an empty id is a key too and the
+/// index orders ids by their UTF-8 bytes.
+pub(crate) const VIEW_ORDER: &str = "view_order";
+/// The name of the list index of a view table.
+pub(crate) const VIEW_LIST_INDEX: &str = "view_list";
+
+pub(crate) const NAME: &str = "name";
+pub(crate) const PROJECTION: &str = "projection";
+pub(crate) const VIEW_NAME: &str = "view";
+pub(crate) const ERROR: &str = "error";
+pub(crate) const ATTEMPTS: &str = "attempts";
+pub(crate) const RECORDED_AT: &str = "recorded_at";
+
+/// `text` with `%`, `#` and `:` percent-encoded: a part of a store key that holds no `:`
+/// (so it never meets an aggregate's key) and no `#` (so the parts of a key stay apart).
+pub(crate) fn escape_key_part(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '%' => escaped.push_str("%25"),
+            '#' => escaped.push_str("%23"),
+            ':' => escaped.push_str("%3A"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+/// The partition key of the rows of view `table` with id `view_id` (one item per view
+/// version, the version as sort key).
+pub(crate) fn view_pk(table: &str, view_id: &str) -> String {
+    format!(
+        "$view#{}#{}",
+        escape_key_part(table),
+        escape_key_part(view_id)
+    )
+}
+
+/// The list index's partition of version `version` of view `table`.
+pub(crate) fn view_list_key(table: &str, version: i64) -> String {
+    format!("{}#{version}", escape_key_part(table))
+}
+
+/// The list index's sort key of `view_id`.
+pub(crate) fn view_order_key(view_id: &str) -> String {
+    format!("#{view_id}")
+}
+
+/// The partition key of the checkpoint `name` (sort key 0).
+pub(crate) fn checkpoint_pk(name: &str) -> String {
+    format!("$checkpoint#{}", escape_key_part(name))
+}
+
+/// The partition key of the dead letters of projection `name` (sort key: the position).
+pub(crate) fn dead_letter_pk(projection: &str) -> String {
+    format!("$dead#{}", escape_key_part(projection))
+}

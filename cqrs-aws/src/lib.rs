@@ -1,4 +1,5 @@
-//! Serverless stores for [`cqrs`] on AWS: an event store and a snapshot store on DynamoDB.
+//! Serverless stores for [`cqrs`] on AWS: events, snapshots, views, checkpoints and dead
+//! letters on DynamoDB.
 //!
 //! * [`DynamoDbEventRepository`]: events keyed by aggregate (partition key) and sequence
 //!   (sort key), one `TransactWriteItems` per append with a condition per item, so a lost race
@@ -7,8 +8,15 @@
 //!   at most [`MAX_EVENTS_PER_APPEND`] events per append.
 //! * [`DynamoDbSnapshotRepository`]: one snapshot item per aggregate, in the same table or
 //!   another.
+//! * [`DynamoDbViewRepository`]: views in a view table, each commit of rows and checkpoint
+//!   one `TransactWriteItems` (optimistic row versions, a checkpoint that never goes back),
+//!   so a [`Projection`](cqrs::Projection) applies every event exactly once; at most
+//!   [`MAX_VIEW_ROWS_PER_COMMIT`] rows per commit.
+//! * [`DynamoDbCheckpointRepository`]: the checkpoints of relays, in the view table.
+//! * [`DynamoDbDeadLetters`]: the events a projection skipped, recorded in the transaction
+//!   that moves its checkpoint past them.
 //! * [`ensure_table`]: creates the table (pay per request, with a stream of new images for
-//!   consumers of DynamoDB Streams) if it is missing.
+//!   consumers of DynamoDB Streams) if it is missing; [`ensure_view_table`] the view table.
 //! * [`local_client`]: a client for a local emulator (static test credentials).
 //! * `testkit` (feature `testkit`): the conformance suites' harness, one fresh table per
 //!   test against the emulator named by `CQRS_DYNAMODB_ENDPOINT`.
@@ -60,6 +68,37 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Views, their checkpoints and the dead letters of their projections live in a view table
+//! of their own, so that the event table's stream carries events only:
+//!
+//! ```no_run
+//! # use cqrs::doc::{Counter, CounterCommand, CounterTotal};
+//! use cqrs::{CQRSFramework, PoisonPolicy, Projection};
+//! use cqrs_aws::{DynamoDbEventRepository, DynamoDbViewRepository, MAX_VIEW_ROWS_PER_COMMIT};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = cqrs_aws::local_client("http://127.0.0.1:5000");
+//! let events = DynamoDbEventRepository::new(client.clone(), "events");
+//! events.ensure_table().await?;
+//! let views = DynamoDbViewRepository::<CounterTotal>::new(client, "views");
+//! views.ensure_table().await?; // pk/sk, pay per request, the `view_list` index
+//!
+//! let id = uuid::Uuid::new_v4();
+//! CQRSFramework::<Counter>::new(events.clone())
+//!     .dispatch(id, CounterCommand::Increment { by: 4 })
+//!     .await?;
+//! // Each batch's rows and checkpoint are one transaction of at most 100 items.
+//! let projection = Projection::<Counter, CounterTotal>::new(events, views.clone())
+//!     .with_batch_size(MAX_VIEW_ROWS_PER_COMMIT)
+//!     .with_poison_policy(PoisonPolicy::SkipAndRecord)
+//!     .with_dead_letters(views.dead_letters());
+//! projection.catch_up().await?;
+//! let total = views.load::<Counter>(&id.to_string()).await?;
+//! assert_eq!(total.map(|view| view.total), Some(4));
+//! # Ok(())
+//! # }
+//! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
@@ -70,23 +109,32 @@ use aws_sdk_dynamodb::error::{BuildError, DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::operation::create_table::CreateTableError;
 use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-    StreamSpecification, StreamViewType, TableStatus,
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType,
+    Projection, ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType,
+    TableStatus,
 };
 use aws_sdk_dynamodb::Client;
 use aws_smithy_http_client::tls;
 use cqrs::CQRSError;
 
+mod checkpoints;
+mod dead_letters;
 mod events;
 mod items;
 mod snapshots;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
+mod transact;
+mod views;
 
+pub use checkpoints::DynamoDbCheckpointRepository;
+pub use dead_letters::DynamoDbDeadLetters;
 pub use events::{DynamoDbEventRepository, MAX_EVENTS_PER_APPEND, TRANSACTION_ITEM_LIMIT};
 pub use items::DamagedItem;
 pub use snapshots::DynamoDbSnapshotRepository;
+pub use transact::TransactionTooLarge;
+pub use views::{ensure_view_table, DynamoDbViewRepository, MAX_VIEW_ROWS_PER_COMMIT};
 
 /// The SDK itself, so that an application names the same version of its types.
 pub use aws_sdk_dynamodb;
@@ -148,25 +196,59 @@ pub fn local_client(endpoint_url: &str) -> Client {
 /// [`CQRSError::PersistenceError`] when DynamoDB fails, when the table exists with another
 /// key schema, or when it does not become active within two minutes.
 pub async fn ensure_table(client: &Client, table: &str) -> Result<(), CQRSError> {
-    if !table_is_ready(client, table).await? {
-        let created = client
+    create_table(client, table, Layout::Events).await
+}
+
+/// What a table created by the stores holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Events and snapshots: a stream of new images for DynamoDB Streams consumers.
+    Events,
+    /// View rows, checkpoints and dead letters: the list index, no stream.
+    Views,
+}
+
+/// Creates `table` with `layout` if it does not exist, and waits until it is active.
+pub(crate) async fn create_table(
+    client: &Client,
+    table: &str,
+    layout: Layout,
+) -> Result<(), CQRSError> {
+    if !table_is_ready(client, table, layout).await? {
+        let mut request = client
             .create_table()
             .table_name(table)
             .billing_mode(BillingMode::PayPerRequest)
             .attribute_definitions(attribute(items::PK, ScalarAttributeType::S)?)
             .attribute_definitions(attribute(items::SK, ScalarAttributeType::N)?)
             .key_schema(key_element(items::PK, KeyType::Hash)?)
-            .key_schema(key_element(items::SK, KeyType::Range)?)
-            .stream_specification(
+            .key_schema(key_element(items::SK, KeyType::Range)?);
+        request = match layout {
+            Layout::Events => request.stream_specification(
                 StreamSpecification::builder()
                     .stream_enabled(true)
                     .stream_view_type(StreamViewType::NewImage)
                     .build()
                     .map_err(build_error)?,
-            )
-            .send()
-            .await;
-        match created {
+            ),
+            Layout::Views => request
+                .attribute_definitions(attribute(items::VIEW_LIST, ScalarAttributeType::S)?)
+                .attribute_definitions(attribute(items::VIEW_ORDER, ScalarAttributeType::S)?)
+                .global_secondary_indexes(
+                    GlobalSecondaryIndex::builder()
+                        .index_name(items::VIEW_LIST_INDEX)
+                        .key_schema(key_element(items::VIEW_LIST, KeyType::Hash)?)
+                        .key_schema(key_element(items::VIEW_ORDER, KeyType::Range)?)
+                        .projection(
+                            Projection::builder()
+                                .projection_type(ProjectionType::All)
+                                .build(),
+                        )
+                        .build()
+                        .map_err(build_error)?,
+                ),
+        };
+        match request.send().await {
             Ok(_) => {}
             // Created by someone else in between.
             Err(error)
@@ -177,7 +259,7 @@ pub async fn ensure_table(client: &Client, table: &str) -> Result<(), CQRSError>
             Err(error) => return Err(sdk_error("CreateTable", table, error)),
         }
         let deadline = tokio::time::Instant::now() + TABLE_ACTIVE_TIMEOUT;
-        while !table_is_ready(client, table).await? {
+        while !table_is_ready(client, table, layout).await? {
             if tokio::time::Instant::now() > deadline {
                 return Err(CQRSError::persistence(format!(
                     "DynamoDB table {table} did not become active within {TABLE_ACTIVE_TIMEOUT:?}"
@@ -189,9 +271,10 @@ pub async fn ensure_table(client: &Client, table: &str) -> Result<(), CQRSError>
     Ok(())
 }
 
-/// True when the table exists and is active; false when it is missing or still being
-/// created. An error when its key schema is not the stores'.
-async fn table_is_ready(client: &Client, table: &str) -> Result<bool, CQRSError> {
+/// True when the table exists and is active (with its list index, for a view table); false
+/// when it is missing or still being created. An error when its key schema is not the
+/// stores', or a view table has no list index.
+async fn table_is_ready(client: &Client, table: &str, layout: Layout) -> Result<bool, CQRSError> {
     let described = match client.describe_table().table_name(table).send().await {
         Ok(described) => described,
         Err(error)
@@ -219,7 +302,27 @@ async fn table_is_ready(client: &Client, table: &str) -> Result<bool, CQRSError>
              string partition key `pk` and a number sort key `sk`"
         )));
     }
-    Ok(description.table_status() == Some(&TableStatus::Active))
+    let mut ready = description.table_status() == Some(&TableStatus::Active);
+    if layout == Layout::Views {
+        let index = description
+            .global_secondary_indexes()
+            .iter()
+            .find(|index| index.index_name() == Some(items::VIEW_LIST_INDEX));
+        let Some(index) = index else {
+            return Err(CQRSError::persistence(format!(
+                "DynamoDB table {table} exists without the global secondary index \
+                 `{}` (partition key `{}`, sort key `{}`, both strings) that a view table \
+                 needs: create the view table with `ensure_view_table`",
+                items::VIEW_LIST_INDEX,
+                items::VIEW_LIST,
+                items::VIEW_ORDER
+            )));
+        };
+        ready &= index
+            .index_status()
+            .is_none_or(|status| *status == IndexStatus::Active);
+    }
+    Ok(ready)
 }
 
 fn attribute(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition, CQRSError> {

@@ -2,7 +2,9 @@
 //!
 //! Each [`fresh`](StoreHarness::fresh) store is a new small table (`cqrs-test-{uuid}`) on
 //! the emulator named by [`ENDPOINT_VAR`] (`CQRS_DYNAMODB_ENDPOINT`): an emulator's
-//! transactions slow down as a table grows, and tests in parallel never share a table.
+//! transactions slow down as a table grows, and tests in parallel never share a table. The
+//! read side's suites (views, dead letters, checkpoints) get a fresh view table
+//! (`cqrs-views-{uuid}`, see [`ensure_view_table`](crate::ensure_view_table)) in the same way.
 //!
 //! ```no_run
 //! use cqrs_aws::testkit::DynamoDbHarness;
@@ -14,6 +16,13 @@
 //!     let Some(harness) = DynamoDbHarness::from_env("dynamodb event store") else { return };
 //!     check_event_repository(&harness).await;
 //! }
+//!
+//! #[tokio::test(flavor = "multi_thread")]
+//! async fn dynamodb_views_conform() {
+//!     let Some(harness) = DynamoDbHarness::from_env("dynamodb view store") else { return };
+//!     cqrs_testkit::conformance::check_view_repository(&harness).await;
+//!     cqrs_testkit::conformance::check_dead_letter_repository(&harness).await;
+//! }
 //! # fn main() {}
 //! ```
 
@@ -24,11 +33,16 @@ use std::sync::{Mutex, PoisonError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use cqrs::{PersistableDomainEvent, Snapshot};
-use cqrs_testkit::conformance::{SnapshotHarness, StoreHarness};
+use cqrs_testkit::conformance::{
+    CheckpointHarness, DeadLetterHarness, SnapshotHarness, StoreHarness, ViewHarness,
+};
 use uuid::Uuid;
 
 use crate::items::{self, key, s, Reader, PK};
-use crate::{DynamoDbEventRepository, DynamoDbSnapshotRepository};
+use crate::{
+    DynamoDbCheckpointRepository, DynamoDbDeadLetters, DynamoDbEventRepository,
+    DynamoDbSnapshotRepository, DynamoDbViewRepository,
+};
 
 /// The environment variable naming the emulator's endpoint, e.g. `http://127.0.0.1:5000`.
 pub const ENDPOINT_VAR: &str = "CQRS_DYNAMODB_ENDPOINT";
@@ -69,7 +83,10 @@ pub fn endpoint(suite: &str) -> Option<String> {
 /// done with plain item writes behind the store's back.
 ///
 /// It implements [`StoreHarness`] for [`DynamoDbEventRepository`] and [`SnapshotHarness`]
-/// for it with [`DynamoDbSnapshotRepository`] (on the same table).
+/// for it with [`DynamoDbSnapshotRepository`] (on the same table); and, on a fresh view table
+/// (the suites' "database" is the table's name), [`ViewHarness`] for
+/// [`DynamoDbViewRepository`], [`DeadLetterHarness`] for [`DynamoDbDeadLetters`] and
+/// [`CheckpointHarness`] for [`DynamoDbCheckpointRepository`].
 ///
 /// # Panics
 ///
@@ -111,6 +128,18 @@ impl DynamoDbHarness {
             panic!("{ENDPOINT_VAR} is set but no table could be created there: {error}");
         }
         store
+    }
+
+    /// A new, empty view table (`cqrs-views-{uuid}`); returns its name.
+    ///
+    /// # Panics
+    /// When the table cannot be created: the emulator is unreachable (a test's failure).
+    pub async fn fresh_view_table(&self) -> String {
+        let table = format!("cqrs-views-{}", Uuid::new_v4().simple());
+        if let Err(error) = crate::ensure_view_table(&self.client, &table).await {
+            panic!("{ENDPOINT_VAR} is set but no view table could be created there: {error}");
+        }
+        table
     }
 
     /// Sets attribute `name` of the event's stream item and of its position copy to `value`.
@@ -252,5 +281,39 @@ impl SnapshotHarness for DynamoDbHarness {
             .send()
             .await
             .unwrap_or_else(|e| panic!("DynamoDbHarness: PutItem failed: {e:?}"));
+    }
+}
+
+impl ViewHarness for DynamoDbHarness {
+    /// The view table's name.
+    type Database = String;
+    /// The rows of every version of a view are in one table, under one active-version marker.
+    const VERSIONS_SHARE_A_TABLE: bool = true;
+
+    async fn fresh(&self) -> String {
+        self.fresh_view_table().await
+    }
+
+    fn views<A: cqrs::Aggregate, V: cqrs::View<A>>(
+        &self,
+        table: &String,
+    ) -> impl cqrs::ViewRepository<A, V> {
+        DynamoDbViewRepository::<V>::new(self.client.clone(), table.as_str())
+    }
+}
+
+impl DeadLetterHarness for DynamoDbHarness {
+    type Sink = DynamoDbDeadLetters;
+
+    fn dead_letters(&self, table: &String) -> DynamoDbDeadLetters {
+        DynamoDbDeadLetters::new(self.client.clone(), table.as_str())
+    }
+}
+
+impl CheckpointHarness for DynamoDbHarness {
+    type Checkpoints = DynamoDbCheckpointRepository;
+
+    async fn fresh(&self) -> DynamoDbCheckpointRepository {
+        DynamoDbCheckpointRepository::new(self.client.clone(), self.fresh_view_table().await)
     }
 }
