@@ -10,6 +10,9 @@
 //! * [`ensure_table`]: creates the table (pay per request, with a stream of new images for
 //!   consumers of DynamoDB Streams) if it is missing.
 //! * [`local_client`]: a client for a local emulator (static test credentials).
+//! * [`envelope`]: an event as the JSON body of an SQS message or SNS notification.
+//! * `lambda` (feature `lambda`): Lambda handlers that feed a view from the table's DynamoDB
+//!   stream or from SQS, with one checkpoint per aggregate (`docs/adr/0014-lambda-adapters.md`).
 //! * `testkit` (feature `testkit`): the conformance suites' harness, one fresh table per
 //!   test against the emulator named by `CQRS_DYNAMODB_ENDPOINT`.
 //!
@@ -77,8 +80,12 @@ use aws_sdk_dynamodb::Client;
 use aws_smithy_http_client::tls;
 use cqrs::CQRSError;
 
+pub mod envelope;
 mod events;
 mod items;
+#[cfg(feature = "lambda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
+pub mod lambda;
 mod snapshots;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
