@@ -344,20 +344,16 @@ impl<A: Aggregate, V: View<A>> PerAggregateProjection<A, V> {
             if pending.is_empty() {
                 break;
             }
-            let (run, missing) = match self.run_after(aggregate_id, from, &pending, events).await {
-                Ok(found) => found,
-                Err(error) => {
-                    outcomes.extend(fail_from(&pending, from, error, gap));
-                    break;
-                }
-            };
-            // The events from a gap that could not be filled on fail now; the run before it
-            // applies.
-            if let Some(missing) = missing {
+            let (run, missing) = self.run_after(aggregate_id, from, &pending, events).await;
+            // The events from a gap that could not be filled on fail now (the first with the
+            // store's error, if reading it failed); the run before it applies.
+            if let Some((missing, error)) = missing {
                 let after = pending.split_off(&missing);
-                outcomes.extend(after.iter().map(|(&sequence, &index)| {
-                    (index, EventOutcome::Failed(gap(missing, sequence)))
-                }));
+                let error = error.unwrap_or_else(|| {
+                    let found = after.keys().next().copied().unwrap_or(missing);
+                    gap(missing, found)
+                });
+                outcomes.extend(fail_from(&after, missing - 1, error, gap));
             }
             let applied = self
                 .core
@@ -403,43 +399,46 @@ impl<A: Aggregate, V: View<A>> PerAggregateProjection<A, V> {
 
     /// The events to apply after checkpoint `from`, in sequence order: the batch's
     /// `pending` events, with the sequences missing between them read from the event store
-    /// if there is one. The second value is the first sequence that is still missing: the
-    /// run ends before it.
+    /// if there is one. The run ends before the first sequence still missing, returned with
+    /// the store's error when reading it failed.
     async fn run_after(
         &self,
         aggregate_id: Uuid,
         from: i64,
         pending: &BTreeMap<i64, usize>,
         events: &[PersistableDomainEvent],
-    ) -> Result<(Vec<PersistableDomainEvent>, Option<i64>), CQRSError> {
-        let contiguous = pending
-            .keys()
-            .zip(from + 1..)
-            .all(|(sequence, expected)| *sequence == expected);
-        let stored = match (&self.events, contiguous) {
-            (Some(store), false) => {
-                let last = pending.keys().next_back().copied().unwrap_or(from);
-                let mut stored = store.load_events(A::NAME, aggregate_id, from).await?;
-                stored.retain(|event| event.sequence <= last);
-                stored
-                    .into_iter()
-                    .map(|event| (event.sequence, event))
-                    .collect()
-            }
-            _ => BTreeMap::new(),
-        };
-        let mut run = Vec::with_capacity(pending.len());
+    ) -> (Vec<PersistableDomainEvent>, Option<(i64, Option<CQRSError>)>) {
         let last = pending.keys().next_back().copied().unwrap_or(from);
+        let mut run = Vec::with_capacity(pending.len());
+        let mut stored: Option<BTreeMap<i64, PersistableDomainEvent>> = None;
         for sequence in from + 1..=last {
             if let Some(&index) = pending.get(&sequence) {
                 run.push(events[index].clone());
-            } else if let Some(event) = stored.get(&sequence) {
-                run.push(event.clone());
-            } else {
-                return Ok((run, Some(sequence)));
+                continue;
+            }
+            let Some(store) = &self.events else {
+                return (run, Some((sequence, None)));
+            };
+            if stored.is_none() {
+                match store.load_events(A::NAME, aggregate_id, sequence - 1).await {
+                    Ok(loaded) => {
+                        stored = Some(
+                            loaded
+                                .into_iter()
+                                .filter(|event| event.sequence <= last)
+                                .map(|event| (event.sequence, event))
+                                .collect(),
+                        );
+                    }
+                    Err(error) => return (run, Some((sequence, Some(error)))),
+                }
+            }
+            match stored.as_ref().and_then(|stored| stored.get(&sequence)) {
+                Some(event) => run.push(event.clone()),
+                None => return (run, Some((sequence, None))),
             }
         }
-        Ok((run, None))
+        (run, None)
     }
 }
 
