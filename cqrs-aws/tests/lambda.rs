@@ -13,9 +13,9 @@
 use std::time::Duration;
 
 use cqrs::{
-    Aggregate, CQRSError, CQRSFramework, DomainEvent, EventEnvelope, EventRepository,
-    HandlerRetry, MemoryDeadLetters, MemoryEventRepository, MemoryViewRepository,
-    PerAggregateProjection, PersistableDomainEvent, PoisonPolicy, View, ViewRepository,
+    Aggregate, CQRSError, CQRSFramework, DomainEvent, EventEnvelope, EventRepository, HandlerRetry,
+    MemoryDeadLetters, MemoryEventRepository, MemoryViewRepository, PerAggregateProjection,
+    PersistableDomainEvent, PoisonPolicy, View, ViewRepository,
 };
 use cqrs_aws::lambda::aws_lambda_events::dynamodb::Event;
 use cqrs_aws::lambda::aws_lambda_events::sqs::SqsEvent;
@@ -181,7 +181,8 @@ async fn stream_records(endpoint: &str, harness: &DynamoDbHarness, table: &str) 
         .await;
         let mut iterator = iterator["ShardIterator"].clone();
         while iterator.is_string() {
-            let page = streams_call(endpoint, "GetRecords", json!({"ShardIterator": iterator})).await;
+            let page =
+                streams_call(endpoint, "GetRecords", json!({"ShardIterator": iterator})).await;
             let page_records = page["Records"].as_array().cloned().unwrap_or_default();
             if page_records.is_empty() {
                 break;
@@ -216,7 +217,9 @@ fn event_record(records: &[Value], id: Uuid, sequence: i64) -> usize {
         .expect("the event's stream record")
 }
 
-fn failures(response: &cqrs_aws::lambda::aws_lambda_events::streams::DynamoDbEventResponse) -> Vec<String> {
+fn failures(
+    response: &cqrs_aws::lambda::aws_lambda_events::streams::DynamoDbEventResponse,
+) -> Vec<String> {
     response
         .batch_item_failures
         .iter()
@@ -260,11 +263,24 @@ async fn a_stream_batch_applies_once_however_often_it_is_delivered() {
     assert!(records.len() >= 10, "{} records", records.len());
 
     let read = Read::new();
-    let handler = DynamoDbStreamHandler::new(aws.store.table(), read.projection(PoisonPolicy::Stop));
+    let handler =
+        DynamoDbStreamHandler::new(aws.store.table(), read.projection(PoisonPolicy::Stop));
     let response = handler.handle(stream_event(&records)).await.unwrap();
     assert_eq!(failures(&response), Vec::<String>::new());
-    assert_eq!(read.balance(a).await, Balance { sum: 6, last_sequence: 3 });
-    assert_eq!(read.balance(b).await, Balance { sum: 30, last_sequence: 2 });
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 6,
+            last_sequence: 3
+        }
+    );
+    assert_eq!(
+        read.balance(b).await,
+        Balance {
+            sum: 30,
+            last_sequence: 2
+        }
+    );
 
     // The same batch again, and again in two halves the other way round: nothing twice.
     let response = handler.handle(stream_event(&records)).await.unwrap();
@@ -274,14 +290,35 @@ async fn a_stream_batch_applies_once_however_often_it_is_delivered() {
         let response = handler.handle(stream_event(half)).await.unwrap();
         assert!(response.batch_item_failures.is_empty());
     }
-    assert_eq!(read.balance(a).await, Balance { sum: 6, last_sequence: 3 });
-    assert_eq!(read.balance(b).await, Balance { sum: 30, last_sequence: 2 });
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 6,
+            last_sequence: 3
+        }
+    );
+    assert_eq!(
+        read.balance(b).await,
+        Balance {
+            sum: 30,
+            last_sequence: 2
+        }
+    );
 
     // New events: only they are applied, from the stream as it is now.
     deposit(&aws.store, a, &[4]).await;
-    let response = handler.handle(stream_event(&aws.records().await)).await.unwrap();
+    let response = handler
+        .handle(stream_event(&aws.records().await))
+        .await
+        .unwrap();
     assert!(response.batch_item_failures.is_empty());
-    assert_eq!(read.balance(a).await, Balance { sum: 10, last_sequence: 4 });
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 10,
+            last_sequence: 4
+        }
+    );
 }
 
 #[tokio::test]
@@ -302,10 +339,20 @@ async fn a_damaged_record_is_named_and_nothing_after_it_of_its_aggregate_is_comm
     let damaged_id = records[damaged]["dynamodb"]["SequenceNumber"].clone();
 
     let read = Read::new();
-    let handler = DynamoDbStreamHandler::new(aws.store.table(), read.projection(PoisonPolicy::Stop));
+    let handler =
+        DynamoDbStreamHandler::new(aws.store.table(), read.projection(PoisonPolicy::Stop));
     let response = handler.handle(stream_event(&records)).await.unwrap();
-    assert_eq!(failures(&response), vec![damaged_id.as_str().unwrap().to_owned()]);
-    assert_eq!(read.balance(a).await, Balance { sum: 1, last_sequence: 1 });
+    assert_eq!(
+        failures(&response),
+        vec![damaged_id.as_str().unwrap().to_owned()]
+    );
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 1,
+            last_sequence: 1
+        }
+    );
     assert_eq!(handler.projection().sequence(a).await.unwrap(), 1);
     // Another aggregate after the damaged record is not held back.
     assert_eq!(read.balance(b).await.sum, 10);
@@ -318,7 +365,13 @@ async fn a_damaged_record_is_named_and_nothing_after_it_of_its_aggregate_is_comm
         .await
         .unwrap();
     assert!(response.batch_item_failures.is_empty());
-    assert_eq!(read.balance(a).await, Balance { sum: 6, last_sequence: 3 });
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 6,
+            last_sequence: 3
+        }
+    );
 }
 
 #[tokio::test]
@@ -334,10 +387,20 @@ async fn a_payload_that_is_not_json_stops_the_aggregate_under_the_stop_policy() 
     let damaged_id = records[damaged]["dynamodb"]["SequenceNumber"].clone();
 
     let read = Read::new();
-    let handler = DynamoDbStreamHandler::new(aws.store.table(), read.projection(PoisonPolicy::Stop));
+    let handler =
+        DynamoDbStreamHandler::new(aws.store.table(), read.projection(PoisonPolicy::Stop));
     let response = handler.handle(stream_event(&records)).await.unwrap();
-    assert_eq!(failures(&response), vec![damaged_id.as_str().unwrap().to_owned()]);
-    assert_eq!(read.balance(a).await, Balance { sum: 1, last_sequence: 1 });
+    assert_eq!(
+        failures(&response),
+        vec![damaged_id.as_str().unwrap().to_owned()]
+    );
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 1,
+            last_sequence: 1
+        }
+    );
 }
 
 #[tokio::test]
@@ -356,7 +419,13 @@ async fn a_poison_event_under_skip_and_record_is_a_dead_letter_and_the_stream_go
     );
     let response = handler.handle(stream_event(&records)).await.unwrap();
     assert!(response.batch_item_failures.is_empty());
-    assert_eq!(read.balance(a).await, Balance { sum: 12, last_sequence: 3 });
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 12,
+            last_sequence: 3
+        }
+    );
     let letters = handler.projection().dead_letters().await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!((letters[0].aggregate_id, letters[0].sequence), (a, 2));
@@ -385,7 +454,13 @@ async fn a_gap_in_the_stream_is_filled_from_the_event_store() {
     );
     let response = handler.handle(stream_event(last)).await.unwrap();
     assert!(response.batch_item_failures.is_empty());
-    assert_eq!(read.balance(a).await, Balance { sum: 6, last_sequence: 3 });
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 6,
+            last_sequence: 3
+        }
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -417,7 +492,9 @@ fn sqs_event(messages: &[Value]) -> LambdaEvent<SqsEvent> {
     LambdaEvent::new(event, Context::default())
 }
 
-fn sqs_failures(response: &cqrs_aws::lambda::aws_lambda_events::sqs::SqsBatchResponse) -> Vec<String> {
+fn sqs_failures(
+    response: &cqrs_aws::lambda::aws_lambda_events::sqs::SqsBatchResponse,
+) -> Vec<String> {
     response
         .batch_item_failures
         .iter()
@@ -427,11 +504,18 @@ fn sqs_failures(response: &cqrs_aws::lambda::aws_lambda_events::sqs::SqsBatchRes
 
 /// The stored events of ledgers `a` (three deposits) and `b` (one), as one message each,
 /// a's and b's interleaved.
-async fn messages(store: &MemoryEventRepository, a: Uuid, b: Uuid) -> (Vec<PersistableDomainEvent>, Vec<Value>) {
+async fn messages(
+    store: &MemoryEventRepository,
+    a: Uuid,
+    b: Uuid,
+) -> (Vec<PersistableDomainEvent>, Vec<Value>) {
     deposit(store, a, &[1, 2, 3]).await;
     deposit(store, b, &[10]).await;
     let mut events = store.load_events("ledger", a, 0).await.unwrap();
-    events.insert(1, store.load_events("ledger", b, 0).await.unwrap().remove(0));
+    events.insert(
+        1,
+        store.load_events("ledger", b, 0).await.unwrap().remove(0),
+    );
     let messages = events
         .iter()
         .enumerate()
@@ -467,8 +551,20 @@ async fn sqs_messages_apply_once_however_often_they_are_delivered() {
     }
     let response = handler.handle(sqs_event(&reversed)).await.unwrap();
     assert!(response.batch_item_failures.is_empty());
-    assert_eq!(read.balance(a).await, Balance { sum: 6, last_sequence: 3 });
-    assert_eq!(read.balance(b).await, Balance { sum: 10, last_sequence: 1 });
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 6,
+            last_sequence: 3
+        }
+    );
+    assert_eq!(
+        read.balance(b).await,
+        Balance {
+            sum: 10,
+            last_sequence: 1
+        }
+    );
 }
 
 #[tokio::test]
@@ -481,8 +577,17 @@ async fn a_damaged_sqs_message_fails_with_the_rest_of_its_fifo_group() {
     let read = Read::new();
     let handler = SqsHandler::new(read.projection(PoisonPolicy::Stop));
     let response = handler.handle(sqs_event(&messages)).await.unwrap();
-    assert_eq!(sqs_failures(&response), vec!["m2".to_owned(), "m3".to_owned()]);
-    assert_eq!(read.balance(a).await, Balance { sum: 1, last_sequence: 1 });
+    assert_eq!(
+        sqs_failures(&response),
+        vec!["m2".to_owned(), "m3".to_owned()]
+    );
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 1,
+            last_sequence: 1
+        }
+    );
     assert_eq!(read.balance(b).await.sum, 10);
     assert_eq!(handler.projection().sequence(a).await.unwrap(), 1);
 }
@@ -504,7 +609,13 @@ async fn a_poison_sqs_message_under_skip_and_record_is_a_dead_letter_and_the_gro
         let response = handler.handle(sqs_event(&messages)).await.unwrap();
         assert!(response.batch_item_failures.is_empty());
     }
-    assert_eq!(read.balance(a).await, Balance { sum: 12, last_sequence: 3 });
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 12,
+            last_sequence: 3
+        }
+    );
     let letters = handler.projection().dead_letters().await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].sequence, 2);
@@ -513,7 +624,10 @@ async fn a_poison_sqs_message_under_skip_and_record_is_a_dead_letter_and_the_gro
     let stopped = Read::new();
     let handler = SqsHandler::new(stopped.projection(PoisonPolicy::Stop));
     let response = handler.handle(sqs_event(&messages)).await.unwrap();
-    assert_eq!(sqs_failures(&response), vec!["m1".to_owned(), "m2".to_owned()]);
+    assert_eq!(
+        sqs_failures(&response),
+        vec!["m1".to_owned(), "m2".to_owned()]
+    );
     assert_eq!(stopped.balance(a).await.sum, 5);
 }
 

@@ -45,8 +45,8 @@ pub use crate::error::{
 
 // The read side.
 pub use crate::projection::{
-    EventOutcome, HandlerRetry, PerAggregateProjection, PoisonPolicy, Projection,
-    ProjectionHandle, SkipReason,
+    EventOutcome, HandlerRetry, PerAggregateProjection, PoisonPolicy, Projection, ProjectionHandle,
+    SkipReason,
 };
 pub use crate::query::Query;
 pub use crate::view::View;

@@ -7,10 +7,10 @@
 use std::path::PathBuf;
 
 use cqrs::{
-    CQRSError, CQRSFramework, DeadLetters, EventEnvelope, EventOutcome, EventRepository,
+    Aggregate, CQRSError, CQRSFramework, DeadLetters, EventEnvelope, EventOutcome, EventRepository,
     HandlerRetry, MemoryDeadLetters, MemoryEventRepository, MemoryViewRepository,
-    PerAggregateProjection, PersistableDomainEvent, PoisonPolicy, SkipReason,
-    SqliteDeadLetters, SqliteEventRepository, SqliteViewRepository, View, ViewRepository,
+    PerAggregateProjection, PersistableDomainEvent, PoisonPolicy, SkipReason, SqliteDeadLetters,
+    SqliteEventRepository, SqliteViewRepository, View, ViewRepository,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -134,12 +134,20 @@ impl Backend for Sqlite {
 }
 
 /// Dispatches one deposit per amount on ledger `id`; returns the stored events.
-async fn deposit<B: Backend>(backend: &B, id: Uuid, amounts: &[u64]) -> Vec<PersistableDomainEvent> {
+async fn deposit<B: Backend>(
+    backend: &B,
+    id: Uuid,
+    amounts: &[u64],
+) -> Vec<PersistableDomainEvent> {
     let framework = CQRSFramework::<Ledger>::new(backend.store());
     for &amount in amounts {
         framework.dispatch(id, vec![amount]).await.unwrap();
     }
-    backend.store().load_events(Ledger::NAME, id, 0).await.unwrap()
+    backend
+        .store()
+        .load_events(Ledger::NAME, id, 0)
+        .await
+        .unwrap()
 }
 
 fn projection<B: Backend>(backend: &B) -> PerAggregateProjection<Ledger, Balance> {
@@ -191,7 +199,10 @@ async fn a_redelivered_batch_changes_nothing<B: Backend>(backend: B) {
     let more = deposit(&backend, a, &[4]).await;
     assert_eq!(
         projection.apply(&more).await,
-        [covered(3), committed(1)].concat()
+        covered(3)
+            .into_iter()
+            .chain(committed(1))
+            .collect::<Vec<_>>()
     );
     assert_eq!(balance(&backend, a).await.sum, 10);
 }
@@ -207,11 +218,26 @@ async fn a_reordered_batch_applies_in_sequence_order<B: Backend>(backend: B) {
     let outcomes = projection.apply(&batch).await;
     assert_eq!(
         outcomes,
-        [committed(5), covered(1)].concat(),
+        committed(5)
+            .into_iter()
+            .chain(covered(1))
+            .collect::<Vec<_>>(),
         "the view refuses an event out of order"
     );
-    assert_eq!(balance(&backend, a).await, Balance { sum: 6, last_sequence: 3 });
-    assert_eq!(balance(&backend, b).await, Balance { sum: 30, last_sequence: 2 });
+    assert_eq!(
+        balance(&backend, a).await,
+        Balance {
+            sum: 6,
+            last_sequence: 3
+        }
+    );
+    assert_eq!(
+        balance(&backend, b).await,
+        Balance {
+            sum: 30,
+            last_sequence: 2
+        }
+    );
 }
 
 async fn a_gap_fails_until_the_missing_event_comes<B: Backend>(backend: B) {
@@ -253,7 +279,13 @@ async fn a_gap_fails_until_the_missing_event_comes<B: Backend>(backend: B) {
             EventOutcome::Committed,
         ]
     );
-    assert_eq!(balance(&backend, a).await, Balance { sum: 10, last_sequence: 4 });
+    assert_eq!(
+        balance(&backend, a).await,
+        Balance {
+            sum: 10,
+            last_sequence: 4
+        }
+    );
 }
 
 async fn a_gap_is_filled_from_the_event_store<B: Backend>(backend: B) {
@@ -261,10 +293,18 @@ async fn a_gap_is_filled_from_the_event_store<B: Backend>(backend: B) {
     let events = deposit(&backend, a, &[1, 2, 3, 4, 5]).await;
     let projection = projection(&backend).with_event_store(backend.store());
     assert_eq!(
-        projection.apply(&[events[2].clone(), events[4].clone()]).await,
+        projection
+            .apply(&[events[2].clone(), events[4].clone()])
+            .await,
         committed(2)
     );
-    assert_eq!(balance(&backend, a).await, Balance { sum: 15, last_sequence: 5 });
+    assert_eq!(
+        balance(&backend, a).await,
+        Balance {
+            sum: 15,
+            last_sequence: 5
+        }
+    );
     assert_eq!(
         projection.apply(&events).await,
         covered(5),
@@ -319,7 +359,13 @@ async fn a_poison_event_becomes_a_dead_letter_and_the_stream_goes_on<B: Backend>
         ]
     );
     assert_eq!(projection.sequence(a).await.unwrap(), 3);
-    assert_eq!(balance(&backend, a).await, Balance { sum: 12, last_sequence: 3 });
+    assert_eq!(
+        balance(&backend, a).await,
+        Balance {
+            sum: 12,
+            last_sequence: 3
+        }
+    );
     let letters = projection.dead_letters().await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].projection, projection.name());
@@ -364,7 +410,10 @@ async fn two_invocations_on_the_same_batch_apply_each_event_once<B: Backend>(bac
     for id in &ids {
         assert_eq!(
             balance(&backend, *id).await,
-            Balance { sum: 21, last_sequence: 6 }
+            Balance {
+                sum: 21,
+                last_sequence: 6
+            }
         );
     }
 }

@@ -45,4 +45,3 @@ pub use aws_lambda_events;
 /// The Lambda runtime the handlers are written for, re-exported for the same reason.
 #[doc(no_inline)]
 pub use lambda_runtime;
-

@@ -3,8 +3,10 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
-use cqrs::{Aggregate, CQRSError, EventOutcome, PerAggregateProjection, PersistableDomainEvent, View};
+use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent};
+use cqrs::{
+    Aggregate, CQRSError, EventOutcome, PerAggregateProjection, PersistableDomainEvent, View,
+};
 use lambda_runtime::LambdaEvent;
 
 use crate::envelope;
@@ -134,13 +136,13 @@ impl<A: Aggregate, V: View<A>> SqsHandler<A, V> {
                 failed_groups.insert(group);
             }
             let Some(message_id) = message_id else {
-                return Err("a failed SQS message has no messageId to report; the whole \
+                return Err(
+                    "a failed SQS message has no messageId to report; the whole \
                             batch is to be delivered again"
-                    .into());
+                        .into(),
+                );
             };
-            let mut failure = BatchItemFailure::default();
-            failure.item_identifier = message_id.to_owned();
-            response.batch_item_failures.push(failure);
+            response.add_failure(message_id);
         }
         Ok(response)
     }

@@ -6,7 +6,9 @@ use std::fmt;
 use aws_lambda_events::dynamodb::{Event, EventRecord};
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use aws_sdk_dynamodb::types::AttributeValue;
-use cqrs::{Aggregate, CQRSError, EventOutcome, PerAggregateProjection, PersistableDomainEvent, View};
+use cqrs::{
+    Aggregate, CQRSError, EventOutcome, PerAggregateProjection, PersistableDomainEvent, View,
+};
 use lambda_runtime::LambdaEvent;
 
 use crate::items::{self, Item, Payloads, Reader};
@@ -169,8 +171,10 @@ impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
         let is_event = match item.get(items::KIND) {
             Some(AttributeValue::S(kind)) => kind == items::KIND_EVENT,
             // Without a kind, the key says what the item is.
-            _ => r.string(items::PK).is_ok_and(|pk| pk.contains(':'))
-                && r.number(items::SK).is_ok_and(|sk| sk >= 1),
+            _ => {
+                r.string(items::PK).is_ok_and(|pk| pk.contains(':'))
+                    && r.number(items::SK).is_ok_and(|sk| sk >= 1)
+            }
         };
         if !is_event {
             return Record::Other;

@@ -277,7 +277,10 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
         let mut poison: Option<CQRSError> = None;
         while !rest.is_empty() {
             if let Some(error) = poison.take() {
-                match self.handle_poison(track, from, &rest[0], error, stop).await? {
+                match self
+                    .handle_poison(track, from, &rest[0], error, stop)
+                    .await?
+                {
                     Applied::Committed => {
                         from = track.key(&rest[0]);
                         rest = &rest[1..];
@@ -346,7 +349,10 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
             if stop.sleep(wait).await {
                 return Ok(Applied::Stopped);
             }
-            match self.apply_events(track, from, std::slice::from_ref(event)).await {
+            match self
+                .apply_events(track, from, std::slice::from_ref(event))
+                .await
+            {
                 Ok(applied) => return Ok(applied),
                 Err(BatchError::Store(error)) => return Err(error),
                 Err(BatchError::Poison { error: again, .. }) => error = again,

@@ -240,7 +240,12 @@ impl<A: Aggregate, V: View<A>> PerAggregateProjection<A, V> {
     /// );
     /// ```
     pub fn checkpoint_name(&self, aggregate_id: Uuid) -> String {
-        format!("{}/{}:{}", self.core.name, A::NAME, aggregate_id.hyphenated())
+        format!(
+            "{}/{}:{}",
+            self.core.name,
+            A::NAME,
+            aggregate_id.hyphenated()
+        )
     }
 
     /// The sequence of the aggregate's last event this projection applied (or skipped), 0
@@ -407,7 +412,10 @@ impl<A: Aggregate, V: View<A>> PerAggregateProjection<A, V> {
         from: i64,
         pending: &BTreeMap<i64, usize>,
         events: &[PersistableDomainEvent],
-    ) -> (Vec<PersistableDomainEvent>, Option<(i64, Option<CQRSError>)>) {
+    ) -> (
+        Vec<PersistableDomainEvent>,
+        Option<(i64, Option<CQRSError>)>,
+    ) {
         let last = pending.keys().next_back().copied().unwrap_or(from);
         let mut run = Vec::with_capacity(pending.len());
         let mut stored: Option<BTreeMap<i64, PersistableDomainEvent>> = None;
