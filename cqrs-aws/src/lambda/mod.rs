@@ -1,5 +1,5 @@
 //! Lambda adapters: handlers that feed a view from the batches AWS Lambda hands a function,
-//! through the projection engine of `cqrs` ([`PerAggregateProjection`]).
+//! through the projection engine of `cqrs` ([`PerAggregateProjection`](cqrs::PerAggregateProjection)).
 //!
 //! * [`DynamoDbStreamHandler`]: the table's stream (the events
 //!   [`DynamoDbEventRepository`](crate::DynamoDbEventRepository) appends), answered with the first failed record's sequence number;
