@@ -18,8 +18,8 @@
 //! (`with_event_store`).
 
 use cqrs::{
-    Aggregate, CQRSError, DomainEvent, EventEnvelope, MemoryViewRepository,
-    PerAggregateProjection, PoisonPolicy, View,
+    Aggregate, CQRSError, DomainEvent, EventEnvelope, MemoryViewRepository, PerAggregateProjection,
+    PoisonPolicy, View,
 };
 use cqrs_aws::lambda::lambda_runtime::{self, service_fn, LambdaEvent};
 use cqrs_aws::lambda::DynamoDbStreamHandler;

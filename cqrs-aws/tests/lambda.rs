@@ -337,6 +337,13 @@ async fn a_damaged_record_is_named_and_nothing_after_it_of_its_aggregate_is_comm
         .unwrap()
         .remove("aggregate_id");
     let damaged_id = records[damaged]["dynamodb"]["SequenceNumber"].clone();
+    // A damaged item of another aggregate type, first in the batch: not this view's concern.
+    let mut foreign = records[damaged].clone();
+    let image = &mut foreign["dynamodb"]["NewImage"];
+    image["pk"] = json!({"S": format!("order:{}", Uuid::new_v4())});
+    image["aggregate_type"] = json!({"S": "order"});
+    foreign["dynamodb"]["SequenceNumber"] = json!("1");
+    records.insert(0, foreign);
 
     let read = Read::new();
     let handler =

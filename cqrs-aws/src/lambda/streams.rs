@@ -25,7 +25,10 @@ use crate::items::{self, Item, Payloads, Reader};
 /// batch again from there, and every record before it is done:
 ///
 /// * an image that is not an event item (an attribute missing or of the wrong type) fails at
-///   its record, and so does every later record of its aggregate (it leaves a gap);
+///   its record, and so does every later record of its aggregate (it leaves a gap), whatever
+///   the poison policy: the image is not the store's, and needs a repair (the mapping's retry
+///   limit and on-failure destination take over if none comes). One of another aggregate
+///   type than the projection's is passed over;
 /// * a payload that is not JSON is a poison event of the projection: under
 ///   `PoisonPolicy::Stop` it fails at its record, under `SkipAndRecord` it becomes a dead
 ///   letter and the stream goes on.
@@ -181,7 +184,23 @@ impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
         }
         match items::decode_event(&self.table, &item, Payloads::AsStored) {
             Ok(event) => Record::Event(event),
+            // A damaged item of another aggregate type is passed over, like its events.
+            Err(_) if aggregate_type(&item).is_some_and(|t| t != A::NAME) => Record::Other,
             Err(error) => Record::Damaged(error),
         }
     }
+}
+
+/// The aggregate type of an event item, as far as it can be read: its attribute, or else
+/// the part of its partition key before the `:`.
+fn aggregate_type(item: &Item) -> Option<&str> {
+    let string = |name: &str| match item.get(name) {
+        Some(AttributeValue::S(value)) => Some(value.as_str()),
+        _ => None,
+    };
+    string(items::AGGREGATE_TYPE).or_else(|| {
+        string(items::PK)?
+            .split_once(':')
+            .map(|(aggregate_type, _)| aggregate_type)
+    })
 }
