@@ -1,16 +1,18 @@
 //! `PerAggregateProjection`, the engine of the Lambda adapters, on the SQLite and the
 //! in-memory view stores: a redelivered batch changes nothing, a reordered one applies in
 //! sequence order, a gap fails (or is filled from the event store), a poison event stops its
-//! aggregate (and only it) or becomes a dead letter, and two invocations racing on the same
-//! batch apply each event once.
+//! aggregate (and only it) or becomes a dead letter, two invocations racing on the same batch
+//! apply each event once, and a batch costs one commit per aggregate.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use cqrs::{
-    Aggregate, CQRSError, CQRSFramework, DeadLetters, EventEnvelope, EventOutcome, EventRepository,
-    HandlerRetry, MemoryDeadLetters, MemoryEventRepository, MemoryViewRepository,
+    Aggregate, CQRSError, CQRSFramework, Checkpoint, DeadLetters, EventEnvelope, EventOutcome,
+    EventRepository, HandlerRetry, MemoryDeadLetters, MemoryEventRepository, MemoryViewRepository,
     PerAggregateProjection, PersistableDomainEvent, PoisonPolicy, SkipReason, SqliteDeadLetters,
-    SqliteEventRepository, SqliteViewRepository, View, ViewRepository,
+    SqliteEventRepository, SqliteViewRepository, View, ViewContext, ViewRepository,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -416,6 +418,68 @@ async fn two_invocations_on_the_same_batch_apply_each_event_once<B: Backend>(bac
             }
         );
     }
+}
+
+/// A view store that counts what a batch asks of it.
+#[derive(Clone, Default)]
+struct Counting {
+    inner: MemoryViewRepository<Balance>,
+    checkpoint_reads: Arc<AtomicUsize>,
+    row_loads: Arc<AtomicUsize>,
+    commits: Arc<AtomicUsize>,
+}
+
+#[cqrs::async_trait]
+impl ViewRepository<Ledger, Balance> for Counting {
+    async fn load(&self, view_id: &str) -> Result<Option<Balance>, CQRSError> {
+        ViewRepository::<Ledger, Balance>::load(&self.inner, view_id).await
+    }
+    async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Balance)>, CQRSError> {
+        ViewRepository::<Ledger, Balance>::list(&self.inner, after, limit).await
+    }
+    async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<Balance>, CQRSError> {
+        self.row_loads.fetch_add(1, Ordering::Relaxed);
+        ViewRepository::<Ledger, Balance>::load_for_update(&self.inner, view_id).await
+    }
+    async fn commit(
+        &self,
+        changes: Vec<ViewContext<Balance>>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), CQRSError> {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        ViewRepository::<Ledger, Balance>::commit(&self.inner, changes, checkpoint).await
+    }
+    async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        self.checkpoint_reads.fetch_add(1, Ordering::Relaxed);
+        ViewRepository::<Ledger, Balance>::checkpoint(&self.inner, name).await
+    }
+}
+
+#[tokio::test]
+async fn a_batch_costs_one_commit_per_aggregate() {
+    let backend = Memory::new();
+    let ids: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+    let mut batch = Vec::new();
+    for id in &ids {
+        batch.extend(deposit(&backend, *id, &[1; 10]).await);
+    }
+    let views = Counting::default();
+    let projection = PerAggregateProjection::<Ledger, Balance>::new(views.clone());
+    assert_eq!(projection.apply(&batch).await, committed(100));
+    let count = |n: &AtomicUsize| n.load(Ordering::Relaxed);
+    // Per aggregate: the checkpoint read, the row, the checkpoint read again just before
+    // the commit, and one commit.
+    assert_eq!(count(&views.commits), 10);
+    assert_eq!(count(&views.row_loads), 10);
+    assert_eq!(count(&views.checkpoint_reads), 20);
+    // Delivered again: one checkpoint read per aggregate, nothing written.
+    assert_eq!(projection.apply(&batch).await, covered(100));
+    assert_eq!(count(&views.commits), 10);
+    assert_eq!(count(&views.checkpoint_reads), 30);
 }
 
 macro_rules! suite {

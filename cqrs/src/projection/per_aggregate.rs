@@ -274,6 +274,7 @@ impl<A: Aggregate, V: View<A>> PerAggregateProjection<A, V> {
     /// aggregate's checkpoint; see [`PerAggregateProjection`] for what is skipped, filled
     /// and failed. An adapter that answers its source with the first failure (Lambda's
     /// partial batch response) takes the first [`EventOutcome::is_failed`].
+    #[must_use = "the outcomes say which events the source has to deliver again"]
     pub async fn apply(&self, events: &[PersistableDomainEvent]) -> Vec<EventOutcome> {
         let mut outcomes: Vec<Option<EventOutcome>> = Vec::with_capacity(events.len());
         let mut groups: Vec<(Uuid, Vec<usize>)> = Vec::new();
