@@ -1,16 +1,24 @@
 //! A projection Lambda: keeps a balance view up to date from the DynamoDB stream of the
 //! event table, under `lambda_runtime`.
 //!
+//! Served locally by `cargo lambda` (PyPI `cargo-lambda`): its Lambda Runtime API, then the
+//! function pointed at it, then one invocation with a stream batch.
+//!
 //! ```sh
-//! cargo lambda watch --only-lambda-apis &   # the Lambda Runtime API, locally
-//! cargo run -p cqrs-aws --features lambda --example lambda_projection
-//! cargo lambda invoke -A 127.0.0.1 lambda_projection --data-file batch.json
+//! # cargo lambda starts in a package with a binary target: any will do.
+//! cargo new --bin /tmp/rt && (cd /tmp/rt && cargo lambda watch --only-lambda-apis -P 9000) &
+//! AWS_LAMBDA_RUNTIME_API=http://127.0.0.1:9000/.rt AWS_LAMBDA_FUNCTION_NAME=_ \
+//! AWS_LAMBDA_FUNCTION_VERSION=1 AWS_LAMBDA_FUNCTION_MEMORY_SIZE=128 \
+//!     cargo run -p cqrs-aws --features lambda --example lambda_projection &
+//! cargo lambda invoke -P 9000 _ --data-file cqrs-aws/examples/lambda_projection_batch.json
+//! # {"batchItemFailures":[{"itemIdentifier":"200"}]}
 //! ```
 //!
-//! `batch.json` is a DynamoDB Streams event (`{"Records": [..]}`), as Lambda hands it to the
-//! function; `EVENTS_TABLE` names the table (default `events`). The answer lists the first
-//! record that failed (`batchItemFailures`), so the event source mapping is configured with
-//! `FunctionResponseTypes: ReportBatchItemFailures`.
+//! The batch (`lambda_projection_batch.json`) is a DynamoDB Streams event as Lambda hands it
+//! to the function: a deposit, then an image that is not an event item, which the answer
+//! names (`batchItemFailures`) so that Lambda delivers the shard again from it. The event
+//! source mapping is configured with `FunctionResponseTypes: ReportBatchItemFailures`.
+//! `EVENTS_TABLE` names the table in messages (default `events`).
 //!
 //! The views here live in the function's memory, so each instance starts empty: enough to
 //! watch the handler work. A deployment gives the projection a durable view store and
