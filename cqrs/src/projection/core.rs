@@ -8,6 +8,10 @@
 //! [`DeadLetters::record_and_skip`] when the sink shares the view store's database), and
 //! commits the view changes with the new checkpoint in one [`ViewRepository::commit`], after
 //! checking that no other projector moved the checkpoint first.
+//!
+//! A source ordered per aggregate only (a Lambda batch, through
+//! [`PerAggregateProjection`](super::PerAggregateProjection)) feeds it one aggregate at a
+//! time on that aggregate's [`Track`]: a checkpoint of its own, at event sequences.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
