@@ -25,10 +25,11 @@ use crate::items::{self, Item, Payloads, Reader};
 /// batch again from there, and every record before it is done:
 ///
 /// * an image that is not an event item (an attribute missing or of the wrong type) fails at
-///   its record, and so does every later record of its aggregate (it leaves a gap), whatever
-///   the poison policy: the image is not the store's, and needs a repair (the mapping's retry
-///   limit and on-failure destination take over if none comes). One of another aggregate
-///   type than the projection's is passed over;
+///   its record, whatever the poison policy: it needs a repair (the mapping's retry limit and
+///   on-failure destination take over if none comes). Every later record of its aggregate
+///   fails with the gap it leaves, unless the projection reads the event from the table
+///   ([`with_event_store`](PerAggregateProjection::with_event_store)) and the item there is
+///   whole. One of another aggregate type than the projection's is passed over;
 /// * a payload that is not JSON is a poison event of the projection: under
 ///   `PoisonPolicy::Stop` it fails at its record, under `SkipAndRecord` it becomes a dead
 ///   letter and the stream goes on.
