@@ -1,5 +1,5 @@
-//! `PerAggregateProjection`, the engine of the Lambda adapters, on the SQLite and the
-//! in-memory view stores: a redelivered batch changes nothing, a reordered one applies in
+//! `PerAggregateProjection`, the engine of the Lambda adapters, on the SQLite, in-memory and
+//! (when `CQRS_POSTGRES_URL` is set) PostgreSQL view stores: a redelivered batch changes nothing, a reordered one applies in
 //! sequence order, a gap fails (or is filled from the event store), a poison event stops its
 //! aggregate (and only it) or becomes a dead letter, two invocations racing on the same batch
 //! apply each event once, and a batch costs one commit per aggregate.
@@ -7,6 +7,11 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs::sqlx::postgres::PgPoolOptions;
+use cqrs::sqlx::Executor;
+use cqrs::{PostgresDeadLetters, PostgresEventRepository, PostgresViewRepository};
 
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, Checkpoint, DeadLetters, EventEnvelope, EventOutcome,
@@ -63,6 +68,12 @@ trait Backend {
     fn store(&self) -> Self::Store;
     fn views(&self) -> Self::Views;
     fn sink(&self) -> Self::Sink;
+    /// Removes what the backend created on a server.
+    async fn teardown(self)
+    where
+        Self: Sized,
+    {
+    }
 }
 
 struct Memory {
@@ -135,6 +146,58 @@ impl Backend for Sqlite {
     }
 }
 
+struct Postgres {
+    store: PostgresEventRepository,
+}
+
+impl Postgres {
+    /// A store in a fresh schema, or `None` (and a line saying so) without the variable.
+    async fn new() -> Option<Self> {
+        let url = cqrs_tests::server_url(
+            "CQRS_POSTGRES_URL",
+            "postgres per-aggregate projection",
+            "postgres://postgres@127.0.0.1:5432/test",
+        )?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("CQRS_POSTGRES_URL is set but the server is unreachable: {e}")
+            });
+        let schema = format!("pa_{}", Uuid::new_v4().simple());
+        let store = PostgresEventRepository::from_pool(pool)
+            .with_schema(&schema)
+            .unwrap();
+        store.migrate().await.unwrap();
+        Some(Postgres { store })
+    }
+}
+
+impl Backend for Postgres {
+    type Store = PostgresEventRepository;
+    type Views = PostgresViewRepository<Balance>;
+    type Sink = PostgresDeadLetters;
+
+    fn store(&self) -> Self::Store {
+        self.store.clone()
+    }
+    fn views(&self) -> Self::Views {
+        self.store.views()
+    }
+    fn sink(&self) -> Self::Sink {
+        PostgresDeadLetters::new(&self.store)
+    }
+    async fn teardown(self) {
+        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.store.schema());
+        if let Err(error) = self.store.pool().execute(sql.as_str()).await {
+            eprintln!("could not drop schema {}: {error}", self.store.schema());
+        }
+        self.store.pool().close().await;
+    }
+}
+
 /// Dispatches one deposit per amount on ledger `id`; returns the stored events.
 async fn deposit<B: Backend>(
     backend: &B,
@@ -184,21 +247,21 @@ fn gap(id: Uuid, expected_sequence: i64, found_sequence: i64) -> EventOutcome {
     })
 }
 
-async fn a_redelivered_batch_changes_nothing<B: Backend>(backend: B) {
+async fn a_redelivered_batch_changes_nothing<B: Backend>(backend: &B) {
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let mut batch = deposit(&backend, a, &[1, 2, 3]).await;
-    batch.extend(deposit(&backend, b, &[10, 20]).await);
-    let projection = projection(&backend);
+    let mut batch = deposit(backend, a, &[1, 2, 3]).await;
+    batch.extend(deposit(backend, b, &[10, 20]).await);
+    let projection = projection(backend);
     assert_eq!(projection.apply(&batch).await, committed(5));
     assert_eq!(projection.apply(&batch).await, covered(5));
     // A second projector on the same store: the checkpoints are the store's, not its own.
-    assert_eq!(self::projection(&backend).apply(&batch).await, covered(5));
-    assert_eq!(balance(&backend, a).await.sum, 6);
-    assert_eq!(balance(&backend, b).await.sum, 30);
+    assert_eq!(self::projection(backend).apply(&batch).await, covered(5));
+    assert_eq!(balance(backend, a).await.sum, 6);
+    assert_eq!(balance(backend, b).await.sum, 30);
     assert_eq!(projection.sequence(a).await.unwrap(), 3);
     assert_eq!(projection.sequence(b).await.unwrap(), 2);
     // A batch that overlaps the applied events applies only what is new.
-    let more = deposit(&backend, a, &[4]).await;
+    let more = deposit(backend, a, &[4]).await;
     assert_eq!(
         projection.apply(&more).await,
         covered(3)
@@ -206,17 +269,17 @@ async fn a_redelivered_batch_changes_nothing<B: Backend>(backend: B) {
             .chain(committed(1))
             .collect::<Vec<_>>()
     );
-    assert_eq!(balance(&backend, a).await.sum, 10);
+    assert_eq!(balance(backend, a).await.sum, 10);
 }
 
-async fn a_reordered_batch_applies_in_sequence_order<B: Backend>(backend: B) {
+async fn a_reordered_batch_applies_in_sequence_order<B: Backend>(backend: &B) {
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let mut batch = deposit(&backend, a, &[1, 2, 3]).await;
-    batch.extend(deposit(&backend, b, &[10, 20]).await);
+    let mut batch = deposit(backend, a, &[1, 2, 3]).await;
+    batch.extend(deposit(backend, b, &[10, 20]).await);
     batch.reverse();
     // The same event twice in one batch counts once.
     batch.push(batch[0].clone());
-    let projection = projection(&backend);
+    let projection = projection(backend);
     let outcomes = projection.apply(&batch).await;
     assert_eq!(
         outcomes,
@@ -227,14 +290,14 @@ async fn a_reordered_batch_applies_in_sequence_order<B: Backend>(backend: B) {
         "the view refuses an event out of order"
     );
     assert_eq!(
-        balance(&backend, a).await,
+        balance(backend, a).await,
         Balance {
             sum: 6,
             last_sequence: 3
         }
     );
     assert_eq!(
-        balance(&backend, b).await,
+        balance(backend, b).await,
         Balance {
             sum: 30,
             last_sequence: 2
@@ -242,11 +305,11 @@ async fn a_reordered_batch_applies_in_sequence_order<B: Backend>(backend: B) {
     );
 }
 
-async fn a_gap_fails_until_the_missing_event_comes<B: Backend>(backend: B) {
+async fn a_gap_fails_until_the_missing_event_comes<B: Backend>(backend: &B) {
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let events = deposit(&backend, a, &[1, 2, 3, 4]).await;
-    let other = deposit(&backend, b, &[10]).await;
-    let projection = projection(&backend);
+    let events = deposit(backend, a, &[1, 2, 3, 4]).await;
+    let other = deposit(backend, b, &[10]).await;
+    let projection = projection(backend);
     // Sequence 2 missing: 1 applies, 3 and 4 fail; the other ledger is not held back.
     let batch = vec![
         events[0].clone(),
@@ -264,7 +327,7 @@ async fn a_gap_fails_until_the_missing_event_comes<B: Backend>(backend: B) {
         ]
     );
     assert_eq!(projection.sequence(a).await.unwrap(), 1);
-    assert_eq!(balance(&backend, a).await.sum, 1);
+    assert_eq!(balance(backend, a).await.sum, 1);
     // Lambda delivers again from the failed record, with the missing one now.
     let again = vec![
         events[1].clone(),
@@ -282,7 +345,7 @@ async fn a_gap_fails_until_the_missing_event_comes<B: Backend>(backend: B) {
         ]
     );
     assert_eq!(
-        balance(&backend, a).await,
+        balance(backend, a).await,
         Balance {
             sum: 10,
             last_sequence: 4
@@ -290,10 +353,10 @@ async fn a_gap_fails_until_the_missing_event_comes<B: Backend>(backend: B) {
     );
 }
 
-async fn a_gap_is_filled_from_the_event_store<B: Backend>(backend: B) {
+async fn a_gap_is_filled_from_the_event_store<B: Backend>(backend: &B) {
     let a = Uuid::new_v4();
-    let events = deposit(&backend, a, &[1, 2, 3, 4, 5]).await;
-    let projection = projection(&backend).with_event_store(backend.store());
+    let events = deposit(backend, a, &[1, 2, 3, 4, 5]).await;
+    let projection = projection(backend).with_event_store(backend.store());
     assert_eq!(
         projection
             .apply(&[events[2].clone(), events[4].clone()])
@@ -301,7 +364,7 @@ async fn a_gap_is_filled_from_the_event_store<B: Backend>(backend: B) {
         committed(2)
     );
     assert_eq!(
-        balance(&backend, a).await,
+        balance(backend, a).await,
         Balance {
             sum: 15,
             last_sequence: 5
@@ -324,11 +387,11 @@ async fn a_gap_is_filled_from_the_event_store<B: Backend>(backend: B) {
     assert_eq!(projection.apply(&[ahead]).await, vec![gap(a, 6, 7)]);
 }
 
-async fn a_poison_event_stops_its_aggregate_only<B: Backend>(backend: B) {
+async fn a_poison_event_stops_its_aggregate_only<B: Backend>(backend: &B) {
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let mut batch = deposit(&backend, a, &[5, POISON, 7]).await;
-    batch.extend(deposit(&backend, b, &[10]).await);
-    let projection = projection(&backend);
+    let mut batch = deposit(backend, a, &[5, POISON, 7]).await;
+    batch.extend(deposit(backend, b, &[10]).await);
+    let projection = projection(backend);
     let outcomes = projection.apply(&batch).await;
     assert_eq!(outcomes[0], EventOutcome::Committed);
     assert!(
@@ -339,8 +402,8 @@ async fn a_poison_event_stops_its_aggregate_only<B: Backend>(backend: B) {
     assert_eq!(outcomes[2], gap(a, 2, 3));
     assert_eq!(outcomes[3], EventOutcome::Committed);
     assert_eq!(projection.sequence(a).await.unwrap(), 1);
-    assert_eq!(balance(&backend, a).await.sum, 5);
-    assert_eq!(balance(&backend, b).await.sum, 10);
+    assert_eq!(balance(backend, a).await.sum, 5);
+    assert_eq!(balance(backend, b).await.sum, 10);
     assert!(projection.dead_letters().await.unwrap().is_empty());
     // Delivered again, it fails again: the stream waits at it, loudly.
     let again = projection.apply(&batch[1..]).await;
@@ -348,10 +411,10 @@ async fn a_poison_event_stops_its_aggregate_only<B: Backend>(backend: B) {
     assert_eq!(again[2], EventOutcome::Skipped(SkipReason::Covered));
 }
 
-async fn a_poison_event_becomes_a_dead_letter_and_the_stream_goes_on<B: Backend>(backend: B) {
+async fn a_poison_event_becomes_a_dead_letter_and_the_stream_goes_on<B: Backend>(backend: &B) {
     let a = Uuid::new_v4();
-    let batch = deposit(&backend, a, &[5, POISON, 7]).await;
-    let projection = projection(&backend).with_poison_policy(PoisonPolicy::SkipAndRecord);
+    let batch = deposit(backend, a, &[5, POISON, 7]).await;
+    let projection = projection(backend).with_poison_policy(PoisonPolicy::SkipAndRecord);
     assert_eq!(
         projection.apply(&batch).await,
         vec![
@@ -362,7 +425,7 @@ async fn a_poison_event_becomes_a_dead_letter_and_the_stream_goes_on<B: Backend>
     );
     assert_eq!(projection.sequence(a).await.unwrap(), 3);
     assert_eq!(
-        balance(&backend, a).await,
+        balance(backend, a).await,
         Balance {
             sum: 12,
             last_sequence: 3
@@ -380,11 +443,11 @@ async fn a_poison_event_becomes_a_dead_letter_and_the_stream_goes_on<B: Backend>
     assert_eq!(projection.dead_letters().await.unwrap().len(), 1);
 }
 
-async fn events_of_another_aggregate_type_are_passed_over<B: Backend>(backend: B) {
+async fn events_of_another_aggregate_type_are_passed_over<B: Backend>(backend: &B) {
     let a = Uuid::new_v4();
-    let mut batch = deposit(&backend, a, &[1]).await;
+    let mut batch = deposit(backend, a, &[1]).await;
     batch.insert(0, counter_event(a, 1, 5));
-    let outcomes = projection(&backend).apply(&batch).await;
+    let outcomes = projection(backend).apply(&batch).await;
     assert_eq!(
         outcomes,
         vec![
@@ -394,14 +457,14 @@ async fn events_of_another_aggregate_type_are_passed_over<B: Backend>(backend: B
     );
 }
 
-async fn two_invocations_on_the_same_batch_apply_each_event_once<B: Backend>(backend: B) {
+async fn two_invocations_on_the_same_batch_apply_each_event_once<B: Backend>(backend: &B) {
     let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
     let mut batch = Vec::new();
     for id in &ids {
-        batch.extend(deposit(&backend, *id, &[1, 2, 3, 4, 5, 6]).await);
+        batch.extend(deposit(backend, *id, &[1, 2, 3, 4, 5, 6]).await);
     }
-    let first = projection(&backend);
-    let second = projection(&backend).with_concurrency(1);
+    let first = projection(backend);
+    let second = projection(backend).with_concurrency(1);
     let (one, two) = tokio::join!(first.apply(&batch), second.apply(&batch));
     for (index, (one, two)) in one.iter().zip(&two).enumerate() {
         assert!(
@@ -411,7 +474,7 @@ async fn two_invocations_on_the_same_batch_apply_each_event_once<B: Backend>(bac
     }
     for id in &ids {
         assert_eq!(
-            balance(&backend, *id).await,
+            balance(backend, *id).await,
             Balance {
                 sum: 21,
                 last_sequence: 6
@@ -487,41 +550,30 @@ macro_rules! suite {
         mod $backend {
             use super::*;
 
-            #[tokio::test]
-            async fn a_redelivered_batch_changes_nothing() {
-                super::a_redelivered_batch_changes_nothing($new).await;
-            }
-            #[tokio::test]
-            async fn a_reordered_batch_applies_in_sequence_order() {
-                super::a_reordered_batch_applies_in_sequence_order($new).await;
-            }
-            #[tokio::test]
-            async fn a_gap_fails_until_the_missing_event_comes() {
-                super::a_gap_fails_until_the_missing_event_comes($new).await;
-            }
-            #[tokio::test]
-            async fn a_gap_is_filled_from_the_event_store() {
-                super::a_gap_is_filled_from_the_event_store($new).await;
-            }
-            #[tokio::test]
-            async fn a_poison_event_stops_its_aggregate_only() {
-                super::a_poison_event_stops_its_aggregate_only($new).await;
-            }
-            #[tokio::test]
-            async fn a_poison_event_becomes_a_dead_letter_and_the_stream_goes_on() {
-                super::a_poison_event_becomes_a_dead_letter_and_the_stream_goes_on($new).await;
-            }
-            #[tokio::test]
-            async fn events_of_another_aggregate_type_are_passed_over() {
-                super::events_of_another_aggregate_type_are_passed_over($new).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn two_invocations_on_the_same_batch_apply_each_event_once() {
-                super::two_invocations_on_the_same_batch_apply_each_event_once($new).await;
-            }
+            suite!(@tests $new;
+                a_redelivered_batch_changes_nothing,
+                a_reordered_batch_applies_in_sequence_order,
+                a_gap_fails_until_the_missing_event_comes,
+                a_gap_is_filled_from_the_event_store,
+                a_poison_event_stops_its_aggregate_only,
+                a_poison_event_becomes_a_dead_letter_and_the_stream_goes_on,
+                events_of_another_aggregate_type_are_passed_over,
+                two_invocations_on_the_same_batch_apply_each_event_once,
+            );
         }
+    };
+    (@tests $new:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let Some(backend) = $new else { return };
+                super::$test(&backend).await;
+                backend.teardown().await;
+            }
+        )*
     };
 }
 
-suite!(memory, Memory::new());
-suite!(sqlite, Sqlite::new().await);
+suite!(memory, Some(Memory::new()));
+suite!(sqlite, Some(Sqlite::new().await));
+suite!(postgres, Postgres::new().await);
