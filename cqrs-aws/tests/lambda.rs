@@ -305,6 +305,28 @@ async fn a_stream_batch_applies_once_however_often_it_is_delivered() {
         }
     );
 
+    // A fresh view fed the halves the other way round: what the second half cannot apply
+    // yet fails, and applies once delivered again after the first half.
+    let fresh = Read::new();
+    let reordered =
+        DynamoDbStreamHandler::new(aws.store.table(), fresh.projection(PoisonPolicy::Stop));
+    let early = reordered.handle(stream_event(second)).await.unwrap();
+    let response = reordered.handle(stream_event(first)).await.unwrap();
+    assert!(response.batch_item_failures.is_empty());
+    let again = failures(&early)
+        .first()
+        .map(|failed| {
+            second
+                .iter()
+                .position(|r| r["dynamodb"]["SequenceNumber"] == json!(failed))
+                .unwrap()
+        })
+        .map_or(&second[second.len()..], |at| &second[at..]);
+    let response = reordered.handle(stream_event(again)).await.unwrap();
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(fresh.balance(a).await, read.balance(a).await);
+    assert_eq!(fresh.balance(b).await, read.balance(b).await);
+
     // New events: only they are applied, from the stream as it is now.
     deposit(&aws.store, a, &[4]).await;
     let response = handler
