@@ -18,6 +18,9 @@
 //! * [`ensure_table`]: creates the table (pay per request, with a stream of new images for
 //!   consumers of DynamoDB Streams) if it is missing; [`ensure_view_table`] the view table.
 //! * [`local_client`]: a client for a local emulator (static test credentials).
+//! * [`envelope`]: an event as the JSON body of an SQS message or SNS notification.
+//! * `lambda` (feature `lambda`): Lambda handlers that feed a view from the table's DynamoDB
+//!   stream or from SQS, with one checkpoint per aggregate (`docs/adr/0014-lambda-adapters.md`).
 //! * `testkit` (feature `testkit`): the conformance suites' harness, one fresh table per
 //!   test against the emulator named by `CQRS_DYNAMODB_ENDPOINT`.
 //!
@@ -119,8 +122,12 @@ use cqrs::CQRSError;
 
 mod checkpoints;
 mod dead_letters;
+pub mod envelope;
 mod events;
 mod items;
+#[cfg(feature = "lambda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
+pub mod lambda;
 mod snapshots;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]

@@ -84,11 +84,14 @@ pub enum CQRSError {
         event_id: Uuid,
     },
 
-    /// The stored history of an aggregate has a hole or is out of order.
+    /// The stored history of an aggregate has a hole or is out of order; or, as the outcome
+    /// of an event in a [`PerAggregateProjection`](crate::PerAggregateProjection) batch, the
+    /// event follows one of its aggregate that is not applied yet (not delivered, or failed).
     ///
     /// ### Handling
-    /// The store was modified outside the framework; repair it. The framework refuses to
-    /// build state from an incomplete history.
+    /// From a store: it was modified outside the framework; repair it. The framework refuses
+    /// to build state from an incomplete history. From a projection batch: deliver the event
+    /// again after the missing one (a Lambda source does so by itself).
     #[error(
         "history of {aggregate_type} {aggregate_id} is broken: expected sequence \
          {expected_sequence}, found {found_sequence}"

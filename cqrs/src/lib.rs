@@ -44,7 +44,10 @@ pub use crate::error::{
 };
 
 // The read side.
-pub use crate::projection::{HandlerRetry, PoisonPolicy, Projection, ProjectionHandle};
+pub use crate::projection::{
+    EventOutcome, HandlerRetry, PerAggregateProjection, PoisonPolicy, Projection, ProjectionHandle,
+    SkipReason,
+};
 pub use crate::query::Query;
 pub use crate::view::View;
 

@@ -8,10 +8,14 @@
 //! [`DeadLetters::record_and_skip`] when the sink shares the view store's database), and
 //! commits the view changes with the new checkpoint in one [`ViewRepository::commit`], after
 //! checking that no other projector moved the checkpoint first.
+//!
+//! A source ordered per aggregate only (a Lambda batch, through
+//! [`PerAggregateProjection`](super::PerAggregateProjection)) feeds it one aggregate at a
+//! time on that aggregate's [`Track`]: a checkpoint of its own, at event sequences.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::{stream, StreamExt, TryStreamExt};
 use tokio::sync::watch;
@@ -32,7 +36,7 @@ use super::{HandlerRetry, PoisonPolicy};
 
 /// How many times in a row a batch may find its checkpoint moved by another projector before
 /// the source gives up with [`CQRSError::ViewConflict`].
-const MAX_STALE_IN_A_ROW: u32 = 64;
+pub(crate) const MAX_STALE_IN_A_ROW: u32 = 64;
 
 /// How many view rows a batch loads at once, by default.
 const LOAD_CONCURRENCY: usize = 8;
@@ -67,6 +71,61 @@ type Targets<A> = (
     Vec<EventEnvelope<<A as Aggregate>::Events>>,
     Vec<(String, usize)>,
 );
+
+/// Which checkpoint a batch moves, and what an event's place under it is.
+///
+/// The sources that feed the engine in global order move the projection's own checkpoint
+/// to event positions ([`Track::Global`]); a source ordered per aggregate (a Lambda batch)
+/// moves one checkpoint per aggregate to event sequences ([`Track::Aggregate`]).
+pub(crate) enum Track<'a> {
+    /// The checkpoint named after the projection, at global positions.
+    Global,
+    /// The checkpoint `name` of one aggregate, at its sequences.
+    Aggregate {
+        /// The aggregate's checkpoint name.
+        name: &'a str,
+        /// The sequences of the events skipped under [`PoisonPolicy::SkipAndRecord`].
+        skipped: Mutex<Vec<i64>>,
+    },
+}
+
+impl<'a> Track<'a> {
+    /// The checkpoint of one aggregate, named `name`.
+    pub(crate) fn aggregate(name: &'a str) -> Self {
+        Track::Aggregate {
+            name,
+            skipped: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The sequences skipped under [`PoisonPolicy::SkipAndRecord`] so far (none on the
+    /// global track, which reports its skips as dead letters only).
+    pub(crate) fn skipped(&self) -> Vec<i64> {
+        match self {
+            Track::Global => Vec::new(),
+            Track::Aggregate { skipped, .. } => skipped
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+
+    /// The checkpoint name, given the projection's.
+    fn name<'n>(&'n self, projection: &'n str) -> &'n str {
+        match self {
+            Track::Global => projection,
+            Track::Aggregate { name, .. } => name,
+        }
+    }
+
+    /// Where `event` puts the checkpoint.
+    fn key(&self, event: &PersistableDomainEvent) -> i64 {
+        match self {
+            Track::Global => event.position,
+            Track::Aggregate { .. } => event.sequence,
+        }
+    }
+}
 
 /// The engine of one projection: the view store, the checkpoint name, the poison handling,
 /// and the progress it reports to handles. Each source owns one and feeds it batches.
@@ -200,6 +259,18 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
     /// poison event on their own, then handling the poison event, then the rest.
     pub(crate) async fn apply_batch(
         &self,
+        from: i64,
+        batch: &[PersistableDomainEvent],
+        stop: &mut Stop,
+    ) -> Result<Applied, CQRSError> {
+        self.apply_batch_on(&Track::Global, from, batch, stop).await
+    }
+
+    /// [`apply_batch`](Self::apply_batch) on `track`: `from` and the checkpoint it commits
+    /// are positions on the global track, sequences on an aggregate's.
+    pub(crate) async fn apply_batch_on(
+        &self,
+        track: &Track<'_>,
         mut from: i64,
         batch: &[PersistableDomainEvent],
         stop: &mut Stop,
@@ -210,9 +281,12 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
         let mut poison: Option<CQRSError> = None;
         while !rest.is_empty() {
             if let Some(error) = poison.take() {
-                match self.handle_poison(from, &rest[0], error, stop).await? {
+                match self
+                    .handle_poison(track, from, &rest[0], error, stop)
+                    .await?
+                {
                     Applied::Committed => {
-                        from = rest[0].position;
+                        from = track.key(&rest[0]);
                         rest = &rest[1..];
                         end = rest.len();
                         continue;
@@ -220,11 +294,11 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
                     other => return Ok(other),
                 }
             }
-            let Some(last) = rest[..end].last().map(|e| e.position) else {
+            let Some(last) = rest[..end].last().map(|e| track.key(e)) else {
                 end = rest.len();
                 continue;
             };
-            match self.apply_events(from, &rest[..end]).await {
+            match self.apply_events(track, from, &rest[..end]).await {
                 Ok(Applied::Committed) => {
                     from = last;
                     rest = &rest[end..];
@@ -234,9 +308,9 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
                 Err(BatchError::Store(error)) => return Err(error),
                 Err(BatchError::Poison { index, error }) if index > 0 => {
                     // Commit the events before it first, then deal with it alone.
-                    match self.apply_events(from, &rest[..index]).await {
+                    match self.apply_events(track, from, &rest[..index]).await {
                         Ok(Applied::Committed) => {
-                            from = rest[index - 1].position;
+                            from = track.key(&rest[index - 1]);
                             rest = &rest[index..];
                             end = rest.len();
                             poison = Some(error);
@@ -259,6 +333,7 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
     /// policy. `Committed` means the checkpoint is past it (applied or skipped).
     async fn handle_poison(
         &self,
+        track: &Track<'_>,
         from: i64,
         event: &PersistableDomainEvent,
         mut error: CQRSError,
@@ -278,7 +353,10 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
             if stop.sleep(wait).await {
                 return Ok(Applied::Stopped);
             }
-            match self.apply_events(from, std::slice::from_ref(event)).await {
+            match self
+                .apply_events(track, from, std::slice::from_ref(event))
+                .await
+            {
                 Ok(applied) => return Ok(applied),
                 Err(BatchError::Store(error)) => return Err(error),
                 Err(BatchError::Poison { error: again, .. }) => error = again,
@@ -304,7 +382,8 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
             }
             PoisonPolicy::SkipAndRecord => {
                 let letter = DeadLetter::new(&self.name, V::TABLE_NAME, event, &error, failures);
-                self.skip_and_record(from, letter).await
+                self.skip_and_record(track, from, letter, track.key(event))
+                    .await
             }
         }
     }
@@ -329,7 +408,10 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
             .as_deref()
             .is_some_and(|aggregate_type| aggregate_type != A::NAME)
         {
-            return match self.commit_after(from, damage.position, Vec::new()).await {
+            return match self
+                .commit_after(&Track::Global, from, damage.position, Vec::new())
+                .await
+            {
                 Ok(applied) => Ok(applied),
                 Err(BatchError::Store(error) | BatchError::Poison { error, .. }) => Err(error),
             };
@@ -371,22 +453,39 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
             PoisonPolicy::SkipAndRecord => {
                 let letter =
                     DeadLetter::for_damaged_row(&self.name, V::TABLE_NAME, damage, failures);
-                self.skip_and_record(from, letter).await
+                let position = letter.position;
+                self.skip_and_record(&Track::Global, from, letter, position)
+                    .await
             }
         }
     }
 
     /// Records `letter` (the poison event right after checkpoint `from`) and moves the
-    /// checkpoint past it, exactly once with a sink that keeps the view store's checkpoints,
-    /// at least once otherwise. `Stale` when another projector moved the checkpoint.
-    async fn skip_and_record(&self, from: i64, letter: DeadLetter) -> Result<Applied, CQRSError> {
-        if self.views.checkpoint(&self.name).await? != from {
+    /// checkpoint to `at`, past it: exactly once with a sink that keeps the view store's
+    /// checkpoints, at least once otherwise. `Stale` when another projector moved the
+    /// checkpoint.
+    ///
+    /// An aggregate's checkpoint is not the one the letter names (that is the projection's),
+    /// so on that track the letter is always recorded first, idempotent per (projection,
+    /// position), then the checkpoint commits.
+    async fn skip_and_record(
+        &self,
+        track: &Track<'_>,
+        from: i64,
+        letter: DeadLetter,
+        at: i64,
+    ) -> Result<Applied, CQRSError> {
+        let name = track.name(&self.name);
+        if self.views.checkpoint(name).await? != from {
             return Ok(Applied::Stale);
         }
-        let position = letter.position;
+        let position = at;
         // A sink on the view store's database records the letter with the checkpoint that
         // skips the event, in one transaction: exactly once.
-        let skipped = self.dead_letters.record_and_skip(&letter, from).await?;
+        let skipped = match track {
+            Track::Global => self.dead_letters.record_and_skip(&letter, from).await?,
+            Track::Aggregate { .. } => DeadLetterSkip::Unsupported,
+        };
         if skipped != DeadLetterSkip::Unsupported {
             let now = self.views.checkpoint(&self.name).await?;
             if skipped == DeadLetterSkip::Committed && now >= position {
@@ -408,12 +507,18 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
         self.dead_letters.record(letter.clone()).await?;
         self.log_skipped(&letter, "at least once");
         let checkpoint = Checkpoint {
-            name: self.name.clone(),
+            name: name.to_owned(),
             position,
         };
         match self.views.commit(Vec::new(), Some(checkpoint)).await {
             Ok(()) => {
-                self.publish(position);
+                match track {
+                    Track::Global => self.publish(position),
+                    Track::Aggregate { skipped, .. } => skipped
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(position),
+                }
                 Ok(Applied::Committed)
             }
             Err(CQRSError::ViewConflict { .. }) => Ok(Applied::Stale),
@@ -443,17 +548,20 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
     /// checkpoint at the last one, or reports the first poison event.
     async fn apply_events(
         &self,
+        track: &Track<'_>,
         from: i64,
         events: &[PersistableDomainEvent],
     ) -> Result<Applied, BatchError> {
-        let Some(last) = events.last().map(|e| e.position) else {
+        let Some(last) = events.last().map(|e| track.key(e)) else {
             return Ok(Applied::Committed);
         };
         match self.apply_in_memory(events).await {
-            Ok(changes) => self.commit_after(from, last, changes).await,
+            Ok(changes) => self.commit_after(track, from, last, changes).await,
             // A refusal may come from rows another projector already moved past these
             // events: only a failure on the current checkpoint is a poison event.
-            Err(BatchError::Poison { .. }) if self.views.checkpoint(&self.name).await? != from => {
+            Err(BatchError::Poison { .. })
+                if self.views.checkpoint(track.name(&self.name)).await? != from =>
+            {
                 Ok(Applied::Stale)
             }
             Err(error) => Err(error),
@@ -540,24 +648,29 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
     /// Commits `changes` with the checkpoint `last`, unless the checkpoint moved from `from`.
     async fn commit_after(
         &self,
+        track: &Track<'_>,
         from: i64,
         last: i64,
         changes: Vec<ViewContext<V>>,
     ) -> Result<Applied, BatchError> {
+        let name = track.name(&self.name);
         // Re-read the checkpoint after loading the rows. A projector that committed any of
         // these events before our loads shows here (its rows and checkpoint commit
         // together); one that commits after our loads makes our row versions stale, and the
         // store refuses a checkpoint that goes back. Either way nothing is applied twice.
-        if self.views.checkpoint(&self.name).await? != from {
+        if self.views.checkpoint(name).await? != from {
             return Ok(Applied::Stale);
         }
         let checkpoint = Checkpoint {
-            name: self.name.clone(),
+            name: name.to_owned(),
             position: last,
         };
         match self.views.commit(changes, Some(checkpoint)).await {
             Ok(()) => {
-                self.publish(last);
+                // A handle follows the global position only.
+                if let Track::Global = track {
+                    self.publish(last);
+                }
                 Ok(Applied::Committed)
             }
             Err(CQRSError::ViewConflict { .. }) => Ok(Applied::Stale),

@@ -23,12 +23,14 @@ use crate::task::Stop;
 use crate::view::View;
 
 mod core;
+mod per_aggregate;
 mod poison;
 mod runner;
 
 pub(crate) use self::core::{Applied, Core};
 
 pub(crate) use crate::store::{DeadLetter, DeadLetters};
+pub use per_aggregate::{EventOutcome, PerAggregateProjection, SkipReason};
 pub use poison::{HandlerRetry, PoisonPolicy};
 pub use runner::ProjectionHandle;
 

@@ -1,0 +1,94 @@
+//! A projection Lambda: keeps a balance view up to date from the DynamoDB stream of the
+//! event table, under `lambda_runtime`.
+//!
+//! Served locally by `cargo lambda` (PyPI `cargo-lambda`): its Lambda Runtime API, then the
+//! function pointed at it, then one invocation with a stream batch.
+//!
+//! ```sh
+//! # cargo lambda starts in a package with a binary target: any will do.
+//! cargo new --bin /tmp/rt && (cd /tmp/rt && cargo lambda watch --only-lambda-apis -P 9000) &
+//! AWS_LAMBDA_RUNTIME_API=http://127.0.0.1:9000/.rt AWS_LAMBDA_FUNCTION_NAME=_ \
+//! AWS_LAMBDA_FUNCTION_VERSION=1 AWS_LAMBDA_FUNCTION_MEMORY_SIZE=128 \
+//!     cargo run -p cqrs-aws --features lambda --example lambda_projection &
+//! cargo lambda invoke -P 9000 _ --data-file cqrs-aws/examples/lambda_projection_batch.json
+//! # {"batchItemFailures":[{"itemIdentifier":"200"}]}
+//! ```
+//!
+//! The batch (`lambda_projection_batch.json`) is a DynamoDB Streams event as Lambda hands it
+//! to the function: a deposit, then an image that is not an event item, which the answer
+//! names (`batchItemFailures`) so that Lambda delivers the shard again from it. The event
+//! source mapping is configured with `FunctionResponseTypes: ReportBatchItemFailures`.
+//! `EVENTS_TABLE` names the table in messages (default `events`).
+//!
+//! The views here live in the function's memory, so each instance starts empty: enough to
+//! watch the handler work. A deployment gives the projection a durable view store and
+//! dead-letter sink (SQL, or DynamoDB) and, to fill gaps, the event store
+//! (`with_event_store`).
+
+use cqrs::{
+    Aggregate, CQRSError, DomainEvent, EventEnvelope, MemoryViewRepository, PerAggregateProjection,
+    PoisonPolicy, View,
+};
+use cqrs_aws::lambda::lambda_runtime::{self, service_fn, LambdaEvent};
+use cqrs_aws::lambda::DynamoDbStreamHandler;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What happened to an account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+enum AccountEvent {
+    Deposited { amount: i64 },
+    Withdrawn { amount: i64 },
+}
+
+/// The account aggregate (only its name and events matter to a projection).
+#[derive(Debug, Default)]
+struct Account;
+
+impl Aggregate for Account {
+    const NAME: &'static str = "account";
+    type Events = AccountEvent;
+    type Commands = AccountEvent;
+    type Errors = CQRSError;
+    type State = ();
+
+    async fn handle_command(
+        &self,
+        _id: Uuid,
+        _state: &(),
+        command: AccountEvent,
+    ) -> Result<Vec<AccountEvent>, CQRSError> {
+        Ok(vec![command])
+    }
+
+    fn handle_event(&self, _state: &mut (), _event: &AccountEvent) {}
+}
+
+/// An account's balance, one row per account.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Balance {
+    balance: i64,
+}
+
+impl View<Account> for Balance {
+    const TABLE_NAME: &'static str = "balances";
+    const VERSION: u64 = 1;
+
+    fn handle_event(&mut self, envelope: &EventEnvelope<AccountEvent>) -> Result<(), CQRSError> {
+        match envelope.event {
+            AccountEvent::Deposited { amount } => self.balance += amount,
+            AccountEvent::Withdrawn { amount } => self.balance -= amount,
+        }
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    let table = std::env::var("EVENTS_TABLE").unwrap_or_else(|_| "events".to_owned());
+    let projection =
+        PerAggregateProjection::<Account, Balance>::new(MemoryViewRepository::<Balance>::new())
+            .with_poison_policy(PoisonPolicy::SkipAndRecord);
+    let handler = DynamoDbStreamHandler::new(table, projection);
+    lambda_runtime::run(service_fn(|event: LambdaEvent<_>| handler.handle(event))).await
+}
