@@ -279,3 +279,16 @@ where
         response: row.try_get(3)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_placeholders;
+
+    #[test]
+    fn placeholders_become_question_marks() {
+        assert_eq!(
+            sqlite_placeholders("UPDATE t SET a = $1 WHERE b = $2 AND c = $10"),
+            "UPDATE t SET a = ? WHERE b = ? AND c = ?"
+        );
+    }
+}

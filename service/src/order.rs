@@ -93,6 +93,30 @@ pub enum OrderAction {
 /// framework's append is conditional on that same sequence: if another writer appends in
 /// between, the append is a conflict, the framework retries on the fresh state, and the
 /// command is refused with [`OrderError::SequenceMismatch`].
+///
+/// ```
+/// use cqrs::{CQRSFramework, MemoryEventRepository};
+/// use cqrs_service::{Order, OrderAction, OrderCommand, OrderError, OrderLine};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let orders = CQRSFramework::<Order>::new(MemoryEventRepository::new());
+/// let id = uuid::Uuid::new_v4();
+/// let lines = vec![OrderLine { sku: "book".into(), quantity: 2, unit_price_cents: 500 }];
+/// let place = OrderAction::Place { customer: "ada".into(), lines };
+/// assert_eq!(orders.dispatch(id, OrderCommand::new(place)).await?.sequence, 1);
+///
+/// // Decided on sequence 0 (the ETag before the order was placed): refused.
+/// let stale = OrderCommand {
+///     expected_sequence: Some(0),
+///     action: OrderAction::Cancel { reason: "tab two".into() },
+/// };
+/// assert_eq!(
+///     orders.dispatch(id, stale).await.unwrap_err(),
+///     OrderError::SequenceMismatch { expected: 0, actual: 1 }
+/// );
+/// # Ok::<(), OrderError>(())
+/// # }).unwrap();
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderCommand {
     /// The sequence the order must be at, if any.

@@ -17,6 +17,15 @@ pub const PROBLEM_TYPE_BASE: &str = "https://example.invalid/problems/";
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// An error response: status, a stable type, a title per type, and this occurrence's detail.
+///
+/// ```
+/// use cqrs_service::{OrderError, Problem};
+///
+/// let problem = Problem::from(OrderError::NotPaid);
+/// assert_eq!(problem.status, 409);
+/// assert_eq!(problem.type_uri(), "https://example.invalid/problems/order-not-paid");
+/// assert!(problem.is_final(), "a retry meets the same refusal");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     /// The HTTP status.

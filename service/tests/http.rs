@@ -849,3 +849,47 @@ async fn query_behind_the_token_is_503(db: Database) {
     assert_problem(response, StatusCode::SERVICE_UNAVAILABLE, "view-behind").await;
     running.shutdown().await;
 }
+
+/// Shutting down while commands are in flight: every command the server answered is
+/// stored, none is answered with a server error, and none is stored unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_finishes_requests_in_flight() {
+    let Some(db) = TestDb::new(Backend::Sqlite) else {
+        return;
+    };
+    let running = Running::start(Config::new(db.database.clone())).await;
+    running.place(1).await;
+    let client = running.client.clone();
+    let base = running.base.clone();
+    let requests: Vec<_> = (0..16)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("{base}/orders");
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&place_body(i + 1))
+                    .send()
+                    .await
+                    .map(|response| response.status())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    running.shutdown().await;
+    let mut created = 0;
+    for request in requests {
+        match request.await.expect("the request task") {
+            Ok(status) => {
+                assert_eq!(status, StatusCode::CREATED);
+                created += 1;
+            }
+            // Not accepted before the listener closed: nothing was stored for it.
+            Err(error) => assert!(error.is_connect() || error.is_request(), "{error}"),
+        }
+    }
+    let restarted = Running::start(Config::new(db.database.clone())).await;
+    assert_eq!(restarted.event_count(&db.database).await, 1 + created);
+    restarted.shutdown().await;
+    db.remove().await;
+}
