@@ -105,6 +105,22 @@ impl Config {
         self
     }
 
+    /// The same configuration with another wait for a request holding the same idempotency
+    /// key.
+    #[must_use]
+    pub fn with_idempotency_wait(mut self, wait: Duration) -> Self {
+        self.idempotency_wait = wait;
+        self
+    }
+
+    /// The same configuration with another number of attempts for a command that lost a
+    /// race.
+    #[must_use]
+    pub fn with_retry_attempts(mut self, attempts: u32) -> Self {
+        self.retry_attempts = attempts;
+        self
+    }
+
     /// The same configuration with another body limit.
     #[must_use]
     pub fn with_body_limit(mut self, bytes: usize) -> Self {

@@ -259,6 +259,8 @@ on_backends! {
     ten_concurrent_requests_with_one_key_append_once => ten_concurrent_requests_with_one_key_append_once;
     idempotency_survives_a_restart => idempotency_survives_a_restart;
     abandoned_claim_is_recovered_from_the_events => abandoned_claim_is_recovered_from_the_events;
+    key_held_by_a_running_request_is_409 => key_held_by_a_running_request_is_409;
+    abandoned_claim_without_events_runs_once => abandoned_claim_without_events_runs_once;
     read_your_writes => read_your_writes;
     query_behind_the_token_is_503 => query_behind_the_token_is_503;
 }
@@ -771,30 +773,108 @@ async fn abandoned_claim_is_recovered_from_the_events(db: Database) {
 
 /// Sets the key's response back to NULL: a claim whose request never finished.
 async fn forget_response(db: &Database, key: &str) {
+    let sql = "UPDATE {table} SET response = NULL WHERE idempotency_key = $1";
+    execute(db, sql, &[key]).await;
+}
+
+/// Claims `key` for `request` at `claimed_at` (ms since the epoch), as a request that is
+/// running, or that died before it appended.
+async fn claim(db: &Database, key: &str, request: &str, claimed_at: i64) {
+    let sql = "INSERT INTO {table} (idempotency_key, request, aggregate_id, claimed_at) \
+               VALUES ($1, $2, $3, CAST($4 AS BIGINT))";
+    let id = Uuid::new_v4().to_string();
+    execute(db, sql, &[key, request, &id, &claimed_at.to_string()]).await;
+}
+
+/// Runs `sql` on the idempotency table (`{table}`) with text parameters `$1`, `$2`, ...
+async fn execute(db: &Database, sql: &str, params: &[&str]) {
     match db {
         Database::Sqlite(path) => {
+            let sql = sql.replace("{table}", "http_idempotency");
             let url = format!("sqlite://{}", path.display());
             let mut connection = sqlx::SqliteConnection::connect(&url)
                 .await
                 .expect("connect");
-            sqlx::query("UPDATE http_idempotency SET response = NULL WHERE idempotency_key = ?")
-                .bind(key)
-                .execute(&mut connection)
-                .await
-                .expect("update");
+            let mut query = sqlx::query(&sql);
+            for param in params {
+                query = query.bind(*param);
+            }
+            query.execute(&mut connection).await.expect("execute");
         }
         Database::Postgres { url, schema } => {
-            let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
             let schema = schema.as_deref().unwrap_or("public");
-            sqlx::query(&format!(
-                "UPDATE {schema}.http_idempotency SET response = NULL WHERE idempotency_key = $1"
-            ))
-            .bind(key)
-            .execute(&mut connection)
-            .await
-            .expect("update");
+            let sql = sql.replace("{table}", &format!("{schema}.http_idempotency"));
+            let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
+            let mut query = sqlx::query(&sql);
+            for param in params {
+                query = query.bind(*param);
+            }
+            query.execute(&mut connection).await.expect("execute");
         }
     }
+}
+
+/// A key held by a request still running: the retry waits, then answers `409` with
+/// `Retry-After`, and runs nothing.
+async fn key_held_by_a_running_request_is_409(db: Database) {
+    let config = Config::new(db.clone()).with_idempotency_wait(Duration::from_millis(200));
+    let running = Running::start(config).await;
+    let key = Uuid::new_v4().to_string();
+    let body = place_body(3);
+    let request = format!(
+        "POST /orders\n{}",
+        serde_json::to_string(&body).expect("JSON")
+    );
+    claim(&db, &key, &request, now_millis()).await;
+    let before = running.event_count(&db).await;
+    let response = running
+        .post("/orders", &body, &[("idempotency-key", &key)])
+        .await;
+    assert_eq!(header_text(&response, "retry-after"), "1");
+    assert_problem(
+        response,
+        StatusCode::CONFLICT,
+        "idempotency-request-in-progress",
+    )
+    .await;
+    assert_eq!(running.event_count(&db).await, before);
+    running.shutdown().await;
+}
+
+/// A key whose request died before it appended: after the lease, a retry takes the claim
+/// over and runs the command, once, under the id the claim chose.
+async fn abandoned_claim_without_events_runs_once(db: Database) {
+    let lease = Duration::from_millis(200);
+    let running = Running::start(Config::new(db.clone()).with_idempotency_lease(lease)).await;
+    let key = Uuid::new_v4().to_string();
+    let body = place_body(4);
+    let request = format!(
+        "POST /orders\n{}",
+        serde_json::to_string(&body).expect("JSON")
+    );
+    claim(&db, &key, &request, now_millis() - 60_000).await;
+    let before = running.event_count(&db).await;
+    let headers = [("idempotency-key", key.as_str())];
+    let retries = (0..4).map(|_| running.post("/orders", &body, &headers));
+    let responses = futures_util::future::join_all(retries).await;
+    let mut bodies = Vec::new();
+    for response in responses {
+        assert_eq!(response.status(), StatusCode::CREATED);
+        bodies.push(response.json::<Value>().await.expect("JSON"));
+    }
+    assert!(
+        bodies.windows(2).all(|pair| pair[0] == pair[1]),
+        "{bodies:?}"
+    );
+    assert_eq!(running.event_count(&db).await, before + 1, "one append");
+    running.shutdown().await;
+}
+
+fn now_millis() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970");
+    i64::try_from(since.as_millis()).expect("milliseconds fit")
 }
 
 /// Under a stream of writes, a query that sends the command's token back never shows the
