@@ -43,9 +43,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/orders", post(place).get(list))
         .route("/orders/{id}", get(show))
-        .route("/orders/{id}/payment", post(pay))
-        .route("/orders/{id}/shipment", post(ship))
-        .route("/orders/{id}/cancellation", post(cancel))
+        .route("/orders/{id}/payment", post(action::<Pay>))
+        .route("/orders/{id}/shipment", post(action::<Ship>))
+        .route("/orders/{id}/cancellation", post(action::<Cancel>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -116,70 +116,63 @@ async fn place(
     shared.command(&headers, command).await
 }
 
-async fn pay(
-    state: State<Arc<Shared>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
-    action(state, id, "payment", headers, body, |p: Pay| {
+/// The body of a command on an existing order, and the action it asks for.
+trait ActionBody: DeserializeOwned {
+    /// The last segment of the command's path (`/orders/{id}/payment`).
+    const SEGMENT: &'static str;
+    fn into_action(self) -> OrderAction;
+}
+
+impl ActionBody for Pay {
+    const SEGMENT: &'static str = "payment";
+    fn into_action(self) -> OrderAction {
         OrderAction::Pay {
-            amount_cents: p.amount_cents,
-            payment_reference: p.payment_reference,
+            amount_cents: self.amount_cents,
+            payment_reference: self.payment_reference,
         }
-    })
-    .await
+    }
 }
 
-async fn ship(
-    state: State<Arc<Shared>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
-    action(state, id, "shipment", headers, body, |s: Ship| {
+impl ActionBody for Ship {
+    const SEGMENT: &'static str = "shipment";
+    fn into_action(self) -> OrderAction {
         OrderAction::Ship {
-            carrier: s.carrier,
-            tracking_number: s.tracking_number,
+            carrier: self.carrier,
+            tracking_number: self.tracking_number,
         }
-    })
-    .await
+    }
 }
 
-async fn cancel(
-    state: State<Arc<Shared>>,
+impl ActionBody for Cancel {
+    const SEGMENT: &'static str = "cancellation";
+    fn into_action(self) -> OrderAction {
+        OrderAction::Cancel {
+            reason: self.reason,
+        }
+    }
+}
+
+/// `POST /orders/{id}/<T::SEGMENT>`: a command on an existing order.
+async fn action<T: ActionBody>(
+    State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
-    action(state, id, "cancellation", headers, body, |c: Cancel| {
-        OrderAction::Cancel { reason: c.reason }
-    })
-    .await
-}
-
-/// A command on an existing order: parse, check headers, run.
-async fn action<T: DeserializeOwned>(
-    State(shared): State<Arc<Shared>>,
-    id: String,
-    what: &str,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    to_action: impl FnOnce(T) -> OrderAction,
 ) -> Result<Response, Problem> {
     let order_id = order_id(&id)?;
     let body = body_bytes(&headers, body)?;
     let request: T = parse_json(&body)?;
     let command = Command {
         request: format!(
-            "POST /orders/{order_id}/{what}\n{}",
+            "POST /orders/{order_id}/{}\n{}",
+            T::SEGMENT,
             String::from_utf8_lossy(&body)
         ),
         new: false,
         order_id: Some(order_id),
         command: OrderCommand {
             expected_sequence: if_match(&headers)?,
-            action: to_action(request),
+            action: request.into_action(),
         },
     };
     shared.command(&headers, command).await
