@@ -196,11 +196,8 @@ impl Shared {
             return Ok(self.dispatch(id, None, command).await.into_response());
         };
         let started = tokio::time::Instant::now();
-        let mut command = Some(command);
         loop {
-            let Some(this) = command.take() else {
-                return Err(internal());
-            };
+            let this = &command;
             let fresh_id = this.order_id.unwrap_or_else(Uuid::new_v4);
             let now = chrono::Utc::now().timestamp_millis();
             let claim = self
@@ -210,7 +207,7 @@ impl Shared {
                 .await
                 .map_err(|e| Problem::from_framework(&e))?;
             let row = match claim {
-                Claim::Claimed => return self.run_claimed(&key, fresh_id, this).await,
+                Claim::Claimed => return self.run_claimed(&key, fresh_id, command).await,
                 Claim::Taken(row) => row,
             };
             if row.request != this.request {
@@ -240,7 +237,7 @@ impl Shared {
                     .map_err(|e| Problem::from_framework(&e))?
                 {
                     let id = Uuid::parse_str(&row.aggregate_id).map_err(|_| internal())?;
-                    return self.run_claimed(&key, id, this).await;
+                    return self.run_claimed(&key, id, command).await;
                 }
             }
             if started.elapsed() >= self.config.idempotency_wait {
@@ -253,7 +250,6 @@ impl Shared {
                 .retry_after(1));
             }
             tokio::time::sleep(KEY_POLL).await;
-            command = Some(this);
         }
     }
 
