@@ -217,29 +217,41 @@ impl KeyTable {
         row.map_err(CQRSError::persistence)
     }
 
-    /// Records the response of the request that claimed `key`.
-    pub(crate) async fn complete(&self, key: &str, response: &str) -> Result<(), CQRSError> {
+    /// Records the response of the request that claimed `key` at `claimed_at` (nothing, if
+    /// another request has taken the claim over since).
+    pub(crate) async fn complete(
+        &self,
+        key: &str,
+        claimed_at: i64,
+        response: &str,
+    ) -> Result<(), CQRSError> {
         let sql = format!(
-            "UPDATE {} SET response = $1 WHERE idempotency_key = $2 AND response IS NULL",
+            "UPDATE {} SET response = $1 \
+             WHERE idempotency_key = $2 AND claimed_at = $3 AND response IS NULL",
             self.table
         );
         on_pool!(self, sql, |q, pool| q
             .bind(response)
             .bind(key)
+            .bind(claimed_at)
             .execute(pool))
         .map(drop)
         .map_err(CQRSError::persistence)
     }
 
-    /// Frees `key` after a request that stored nothing and must be allowed to run again.
-    pub(crate) async fn release(&self, key: &str) -> Result<(), CQRSError> {
+    /// Frees `key`, claimed at `claimed_at`, after a request that stored nothing and must be
+    /// allowed to run again (nothing, if another request has taken the claim over since).
+    pub(crate) async fn release(&self, key: &str, claimed_at: i64) -> Result<(), CQRSError> {
         let sql = format!(
-            "DELETE FROM {} WHERE idempotency_key = $1 AND response IS NULL",
+            "DELETE FROM {} WHERE idempotency_key = $1 AND claimed_at = $2 AND response IS NULL",
             self.table
         );
-        on_pool!(self, sql, |q, pool| q.bind(key).execute(pool))
-            .map(drop)
-            .map_err(CQRSError::persistence)
+        on_pool!(self, sql, |q, pool| q
+            .bind(key)
+            .bind(claimed_at)
+            .execute(pool))
+        .map(drop)
+        .map_err(CQRSError::persistence)
     }
 
     /// Takes over a claim that was abandoned (claimed at `claimed_at`, never completed):

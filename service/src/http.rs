@@ -207,7 +207,7 @@ impl Shared {
                 .await
                 .map_err(|e| Problem::from_framework(&e))?;
             let row = match claim {
-                Claim::Claimed => return self.run_claimed(&key, fresh_id, command).await,
+                Claim::Claimed => return self.run_claimed(&key, now, fresh_id, command).await,
                 Claim::Taken(row) => row,
             };
             if row.request != this.request {
@@ -237,7 +237,7 @@ impl Shared {
                     .map_err(|e| Problem::from_framework(&e))?
                 {
                     let id = Uuid::parse_str(&row.aggregate_id).map_err(|_| internal())?;
-                    return self.run_claimed(&key, id, command).await;
+                    return self.run_claimed(&key, now, id, command).await;
                 }
             }
             if started.elapsed() >= self.config.idempotency_wait {
@@ -253,11 +253,12 @@ impl Shared {
         }
     }
 
-    /// Runs a command whose key this request holds, and records its outcome (or frees the
-    /// key when the outcome may differ on a retry).
+    /// Runs a command whose key this request claimed at `claimed_at`, and records its
+    /// outcome (or frees the key when the outcome may differ on a retry).
     async fn run_claimed(
         &self,
         key: &str,
+        claimed_at: i64,
         id: Uuid,
         command: Command,
     ) -> Result<Response, Problem> {
@@ -265,14 +266,14 @@ impl Shared {
         let keys = &self.stores.keys;
         let recorded = match &reply {
             Ok(reply) => match serde_json::to_string(reply) {
-                Ok(text) => keys.complete(key, &text).await,
+                Ok(text) => keys.complete(key, claimed_at, &text).await,
                 Err(_) => return Err(internal()),
             },
             Err(problem) if problem.is_final() => {
                 let text = serde_json::to_string(&problem.to_reply()).map_err(|_| internal())?;
-                keys.complete(key, &text).await
+                keys.complete(key, claimed_at, &text).await
             }
-            Err(_) => keys.release(key).await,
+            Err(_) => keys.release(key, claimed_at).await,
         };
         if let Err(error) = recorded {
             // The outcome stands; a retry recovers it from the events or runs again.
@@ -339,7 +340,7 @@ impl Shared {
         let new = row.request.starts_with("POST /orders\n");
         let reply = command_reply(new, id, last.sequence, &positions, &events);
         if let Ok(text) = serde_json::to_string(&reply) {
-            if let Err(error) = self.stores.keys.complete(key, &text).await {
+            if let Err(error) = self.stores.keys.complete(key, row.claimed_at, &text).await {
                 tracing::warn!(%error, key, "could not record a recovered outcome");
             }
         }
