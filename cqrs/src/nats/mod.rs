@@ -56,6 +56,7 @@ mod codec;
 mod config;
 mod consumer;
 mod relay;
+mod tail;
 
 pub use config::NatsStreamConfig;
 pub use consumer::{NatsProjection, UndecodableMessage};
