@@ -355,7 +355,7 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
         let checkpoint = self.core.checkpoint().await?;
         self.core.publish(checkpoint);
         // A stream that ends before the checkpoint would never deliver what comes next.
-        let end = stream_end(&mut stream, &self.stream).await?;
+        let end = stream_end(&self.jetstream, &mut stream, &self.stream).await?;
         if end.position < checkpoint {
             return Err(CQRSError::StreamBehind {
                 stream: self.stream.stream_name().to_owned(),

@@ -74,6 +74,24 @@ impl Outgoing {
 /// notification (or poll every `poll_interval` when the store cannot notify, or when another
 /// process appends), retrying failures with a backoff.
 ///
+/// # After a broker crash
+///
+/// A JetStream server acknowledges a message before it is on disk (it syncs every two
+/// minutes unless the server sets `sync_interval: always`), so a server that loses power
+/// can come back without messages the relay saw acknowledged and checkpointed. So before
+/// its first batch, and before the first batch after any failure or after the stream was
+/// found not to end with the relay's last message, the relay reads the stream's newest
+/// event (the newest message with a [`HEADER_POSITION`](Self::HEADER_POSITION)). When that
+/// position is below the checkpoint, the checkpoint moves back to it (0 for an empty or
+/// recreated stream) and the events after it are published again, in position order: the
+/// stream is never left with a gap before the store's events. These batches, and the
+/// first one after every check, expect the stream's exact last sequence for each message
+/// (`Nats-Expected-Last-Sequence`), so the stream takes them in order or not at all; an
+/// event the stream already holds is acknowledged as a duplicate and passed, and an event
+/// whose id the server still remembers although the stream no longer holds it (messages
+/// deleted through the API within the duplicate window) is stored under the message id
+/// `<event id>:<stream sequence>`.
+///
 /// # Wire format
 ///
 /// The body of every message is the [`PersistableDomainEvent`] as JSON (its serde form:
@@ -84,7 +102,7 @@ impl Outgoing {
 ///
 /// | header | value |
 /// |--------|-------|
-/// | `Nats-Msg-Id` | the event id (deduplication) |
+/// | `Nats-Msg-Id` | the event id (deduplication; see "After a broker crash" for the one exception) |
 /// | [`HEADER_AGGREGATE_TYPE`](Self::HEADER_AGGREGATE_TYPE) | the aggregate type |
 /// | [`HEADER_AGGREGATE_ID`](Self::HEADER_AGGREGATE_ID) | the aggregate id |
 /// | [`HEADER_SEQUENCE`](Self::HEADER_SEQUENCE) | the event's sequence within its aggregate |
@@ -345,9 +363,7 @@ impl NatsRelay {
         );
         let end = async {
             match tail.last_published.as_deref() {
-                Some(previous) if !careful => {
-                    self.publish_chained(&batch, previous, tail).await
-                }
+                Some(previous) if !careful => self.publish_chained(&batch, previous, tail).await,
                 _ => self.publish_careful(&batch, tail).await,
             }
         }
@@ -410,7 +426,7 @@ impl NatsRelay {
             .get_stream(self.stream.stream_name())
             .await
             .map_err(broker)?;
-        let end = stream_end(&mut stream, &self.stream).await?;
+        let end = stream_end(&self.jetstream, &mut stream, &self.stream).await?;
         let checkpoint = self.checkpoints.load_checkpoint(&self.name).await?;
         if end.position < checkpoint {
             tracing::warn!(

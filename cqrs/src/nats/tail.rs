@@ -1,11 +1,14 @@
 //! What a stream holds at its end: the newest message a relay published there, found by its
 //! position header. The relay and the projection compare it with their checkpoints.
 
-use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
+use async_nats::jetstream::response::Response;
+use async_nats::jetstream::stream::{self, LastRawMessageErrorKind, RawMessage};
+use async_nats::jetstream::{self, message::StreamMessage};
+use serde::Deserialize;
 
 use crate::error::CQRSError;
 
-use super::codec::position_header;
+use super::codec::{position_header, HEADER_POSITION};
 use super::{broker, NatsStreamConfig};
 
 /// How many messages without a position (another publisher's, or deleted ones) the search
@@ -29,6 +32,7 @@ pub(super) struct StreamEnd {
 /// [`CQRSError::PersistenceError`] when the server cannot be asked or the stream cannot be
 /// read, or when none of the newest 1024 messages carries a position.
 pub(super) async fn stream_end(
+    jetstream: &jetstream::Context,
     stream: &mut stream::Stream,
     config: &NatsStreamConfig,
 ) -> Result<StreamEnd, CQRSError> {
@@ -40,16 +44,9 @@ pub(super) async fn stream_end(
     if state.messages == 0 {
         return Ok(end);
     }
-    let newest = match stream
-        .get_last_raw_message_by_subject(&config.subjects())
-        .await
-    {
-        Ok(message) => message,
+    let Some(newest) = newest_message(jetstream, stream, config, &state).await? else {
         // Removed since the state was read.
-        Err(error) if matches!(error.kind(), LastRawMessageErrorKind::NoMessageFound) => {
-            return Ok(end)
-        }
-        Err(error) => return Err(broker(error)),
+        return Ok(end);
     };
     end.last_sequence = end.last_sequence.max(newest.sequence);
     let mut sequence = newest.sequence;
@@ -71,17 +68,73 @@ pub(super) async fn stream_end(
         if passed > MAX_PASSED {
             return Err(CQRSError::persistence(format!(
                 "none of the newest {MAX_PASSED} messages of stream {} before sequence {} \
-                 carries a {} header: another publisher writes to the relay's subjects",
+                 carries a {HEADER_POSITION} header: another publisher writes to the relay's \
+                 subjects",
                 config.stream_name(),
                 end.last_sequence,
-                super::codec::HEADER_POSITION,
             )));
         }
         sequence -= 1;
         message = match stream.get_raw_message(sequence).await {
             Ok(message) => Some(message),
-            Err(error) if matches!(error.kind(), LastRawMessageErrorKind::NoMessageFound) => None,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => None,
             Err(error) => return Err(broker(error)),
         };
+    }
+}
+
+/// The newest message the stream holds. Its last sequence may be a deleted message's: then
+/// a binary search over "the first message at or after a sequence" finds the newest one in
+/// a few requests, however many were deleted.
+async fn newest_message(
+    jetstream: &jetstream::Context,
+    stream: &stream::Stream,
+    config: &NatsStreamConfig,
+    state: &stream::State,
+) -> Result<Option<StreamMessage>, CQRSError> {
+    match stream.get_raw_message(state.last_sequence).await {
+        Ok(message) => return Ok(Some(message)),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+        Err(error) => return Err(broker(error)),
+    }
+    let Some(mut found) = first_from(jetstream, config, state.first_sequence).await? else {
+        return Ok(None);
+    };
+    let mut high = state.last_sequence.saturating_sub(1);
+    while found.sequence < high {
+        let middle = found.sequence + 1 + (high - found.sequence - 1) / 2;
+        match first_from(jetstream, config, middle).await? {
+            Some(message) if message.sequence >= middle => found = message,
+            _ => high = middle - 1,
+        }
+    }
+    Ok(Some(found))
+}
+
+/// The answer to a message request.
+#[derive(Deserialize)]
+struct Got {
+    message: RawMessage,
+}
+
+/// The stream's first message at or after `sequence`, if any.
+async fn first_from(
+    jetstream: &jetstream::Context,
+    config: &NatsStreamConfig,
+    sequence: u64,
+) -> Result<Option<StreamMessage>, CQRSError> {
+    let request = serde_json::json!({ "seq": sequence, "next_by_subj": config.subjects() });
+    let response: Response<Got> = jetstream
+        .request(format!("STREAM.MSG.GET.{}", config.stream_name()), &request)
+        .await
+        .map_err(broker)?;
+    match response {
+        Response::Ok(got) => StreamMessage::try_from(got.message)
+            .map(Some)
+            .map_err(broker),
+        Response::Err { error } if error.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND => {
+            Ok(None)
+        }
+        Response::Err { error } => Err(broker(error)),
     }
 }
