@@ -222,3 +222,88 @@ pub fn remove_sqlite(path: &Path) {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+/// A JetStream server of the benchmarks' own: a `nats-server` child process on a free local
+/// port, with its store in a temporary directory. Dropping it kills the process and removes
+/// the directory.
+#[derive(Debug)]
+pub struct JetStreamServer {
+    child: std::process::Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl JetStreamServer {
+    /// The `nats-server` binary: `CQRS_NATS_SERVER`, or `nats-server` on the `PATH`.
+    pub fn binary() -> PathBuf {
+        std::env::var_os("CQRS_NATS_SERVER")
+            .filter(|path| !path.is_empty())
+            .map_or_else(|| PathBuf::from("nats-server"), PathBuf::from)
+    }
+
+    /// Starts `binary` with JetStream; `sync_always` sets `sync_interval: always` (every
+    /// write is on disk before it is acknowledged), otherwise the server's default (every two
+    /// minutes) is kept. Waits up to 10 s for the server to accept connections.
+    ///
+    /// # Errors
+    /// When the binary cannot start, or the server exits or does not listen in time (an
+    /// older server refuses `sync_interval`: the error quotes its log).
+    pub fn start(binary: &Path, sync_always: bool) -> Result<Self, BoxError> {
+        let dir = std::env::temp_dir().join(format!("cqrs-bench-nats-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let sync = if sync_always {
+            "sync_interval: always"
+        } else {
+            ""
+        };
+        let config = dir.join("server.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" {sync} }}\n",
+                dir.join("store").display()
+            ),
+        )?;
+        let log = dir.join("server.log");
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(dir.join("server.err"))?)
+            .spawn()?;
+        let mut server = JetStreamServer {
+            child,
+            dir,
+            url: format!("nats://127.0.0.1:{port}"),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(server);
+            }
+            if server.child.try_wait()?.is_some() || std::time::Instant::now() > deadline {
+                let said = std::fs::read_to_string(server.dir.join("server.err"))
+                    .unwrap_or_default()
+                    + &std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("{} did not start: {}", binary.display(), said.trim()).into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for JetStreamServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
