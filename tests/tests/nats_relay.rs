@@ -356,7 +356,7 @@ async fn relay_publishes_every_event_in_global_order_with_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_rerun_from_checkpoint_zero_is_deduplicated_by_the_server() {
+async fn relay_rerun_from_checkpoint_zero_adds_nothing_to_the_stream() {
     let Some(url) = nats_url() else { return };
     let jetstream = connect(&url).await;
     let test = TestStream::new(&url);
@@ -374,7 +374,8 @@ async fn relay_rerun_from_checkpoint_zero_is_deduplicated_by_the_server() {
     first.ensure_stream().await.unwrap();
     assert_eq!(first.catch_up().await.unwrap(), 60);
 
-    // A crash before the checkpoint was saved: a new relay starts again from 0.
+    // A crash before the checkpoint was saved: a new relay starts again from 0, finds the
+    // stream holding the events up to 60, and does not publish them again.
     let restarted = NatsRelay::new(
         store.clone(),
         MemoryCheckpointRepository::new(),
@@ -961,8 +962,8 @@ async fn relay_survives_sigkill() {
         child.kill().await.unwrap(); // SIGKILL
         kills += 1;
         let checkpoint = store.checkpoint(RELAY_NAME).await.unwrap();
-        // Events in the stream beyond the saved checkpoint: the next run republishes them
-        // and the server must drop the copies.
+        // Events in the stream beyond the saved checkpoint: the next run finds them there
+        // and goes on after them.
         let in_stream = jetstream
             .get_stream(test.config.stream_name())
             .await

@@ -67,8 +67,10 @@ impl Outgoing {
 ///
 /// Each run of [`relay_once`](Self::relay_once) reads up to `batch_size` events after the
 /// relay's checkpoint, publishes them all (pipelined), waits for every acknowledgement, then
-/// saves the checkpoint at the last one. If anything fails the checkpoint stays where it was
-/// and the next run republishes the batch; the server drops the copies by `Nats-Msg-Id`.
+/// saves the checkpoint at the last one. If anything fails the checkpoint stays where it was;
+/// the next run reads the stream's end first and publishes the batch's events the stream does
+/// not hold (the server would also drop copies by `Nats-Msg-Id`, within its duplicate
+/// window).
 ///
 /// [`start`](Self::start) runs it in the background: catch up, then wait for the store's
 /// notification (or poll every `poll_interval` when the store cannot notify, or when another
@@ -83,14 +85,22 @@ impl Outgoing {
 /// found not to end with the relay's last message, the relay reads the stream's newest
 /// event (the newest message with a [`HEADER_POSITION`](Self::HEADER_POSITION)). When that
 /// position is below the checkpoint, the checkpoint moves back to it (0 for an empty or
-/// recreated stream) and the events after it are published again, in position order: the
-/// stream is never left with a gap before the store's events. These batches, and the
-/// first one after every check, expect the stream's exact last sequence for each message
-/// (`Nats-Expected-Last-Sequence`), so the stream takes them in order or not at all; an
-/// event the stream already holds is acknowledged as a duplicate and passed, and an event
-/// whose id the server still remembers although the stream no longer holds it (messages
-/// deleted through the API within the duplicate window) is stored under the message id
+/// recreated stream) and exactly the events after it are published again, in position
+/// order: the stream is never left with a gap before the store's events. When it is at or
+/// above the checkpoint (a relay that stopped before saving its checkpoint), the events up
+/// to it are passed without publishing them again. The batches up to the old checkpoint,
+/// and the first one after every check, expect the stream's exact last sequence for each
+/// message (`Nats-Expected-Last-Sequence`), so the stream takes them in order or not at
+/// all; an event whose id the server still remembers although the stream no longer holds
+/// it (messages deleted through the API within the duplicate window; a restarted server
+/// remembers only the ids it holds) is stored under the message id
 /// `<event id>:<stream sequence>`.
+///
+/// The check takes two requests (the stream's state and its newest message; a few more when
+/// its newest messages were deleted), once per start or failure. A stream whose retention
+/// removed every message (`max_age` on a quiet stream) looks like one that lost them all:
+/// the relay publishes the store again from the first event. Keep such streams' retention
+/// by count or size, which never removes the newest message.
 ///
 /// # Wire format
 ///
@@ -160,7 +170,7 @@ struct BatchEnd {
 
 /// What one relay batch did.
 struct Relayed {
-    /// Messages published (a damaged row counts as one).
+    /// Messages the checkpoint moved past, now in the stream (a damaged row counts as one).
     published: usize,
     /// The position of the last one, or the checkpoint when none.
     last: i64,
@@ -294,12 +304,13 @@ impl NatsRelay {
     }
 
     /// Publishes one batch of events after the checkpoint and saves the checkpoint; returns
-    /// how many events were published (0 when there was nothing new).
+    /// how many events the checkpoint moved past (0 when there was nothing new).
     ///
     /// The first call, and the first after a failure, compares the stream with the
     /// checkpoint first (see [`NatsRelay`], "After a broker crash"): when the stream holds
     /// less than the checkpoint says, the checkpoint moves back to what the stream holds and
-    /// the batch starts there.
+    /// the batch starts there; events the stream holds already (a checkpoint behind the
+    /// stream) are passed without publishing them again.
     ///
     /// # Errors
     /// A store error, [`CQRSError::Serialization`], or [`CQRSError::PersistenceError`] when
@@ -348,8 +359,15 @@ impl NatsRelay {
                 damaged,
             });
         };
+        // The stream holds every event up to its newest one (it takes them in position
+        // order): those are not sent again, whatever the server remembers of their ids.
+        let held = batch
+            .iter()
+            .take_while(|message| message.position <= tail.holds)
+            .count();
+        let to_send = &batch[held..];
         let careful = tail.last_published.is_none()
-            || batch
+            || to_send
                 .first()
                 .is_some_and(|first| first.position <= tail.careful_until);
         let span = tracing::debug_span!(
@@ -359,12 +377,19 @@ impl NatsRelay {
             from = from + 1,
             to = last.position,
             events = batch.len(),
+            held,
             careful,
         );
         let end = async {
+            if to_send.is_empty() {
+                return Ok(BatchEnd {
+                    last_sequence: tail.last_sequence,
+                    last_published: tail.last_published.clone(),
+                });
+            }
             match tail.last_published.as_deref() {
-                Some(previous) if !careful => self.publish_chained(&batch, previous, tail).await,
-                _ => self.publish_careful(&batch, tail).await,
+                Some(previous) if !careful => self.publish_chained(to_send, previous, tail).await,
+                _ => self.publish_careful(to_send, tail).await,
             }
         }
         .instrument(span)
