@@ -263,7 +263,7 @@ impl JetStreamServer {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" {sync} }}\n",
+                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  {sync}\n}}\n",
                 dir.join("store").display()
             ),
         )?;
