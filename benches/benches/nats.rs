@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use cqrs::async_nats;
 use cqrs::{MemoryCheckpointRepository, MemoryEventRepository, NatsRelay, NatsStreamConfig};
-use cqrs_benches::{history, runtime, JetStreamServer};
+use cqrs_benches::{history, runtime};
+use cqrs_tests::JetStreamServer;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use uuid::Uuid;
 
@@ -46,7 +47,7 @@ fn relay_publish(c: &mut Criterion) {
     for (size, label) in [(BATCH, "batch_256"), (1, "single")] {
         group.throughput(Throughput::Elements(size as u64));
         for (name, server) in &servers {
-            let relay = rt.block_on(relay_on(server.url()));
+            let relay = rt.block_on(relay_on(&server.url()));
             group.bench_with_input(BenchmarkId::new(label, name), &size, |b, &size| {
                 b.to_async(&rt)
                     .iter_custom(|iters| publish(&relay.0, &relay.1, size, iters));

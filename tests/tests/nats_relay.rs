@@ -38,6 +38,7 @@ mod common;
 use common::ledger::{Ledger, LedgerError, LedgerEvent};
 use common::lost_commit::LostCommitAnswer;
 use common::nats::{connect, nats_url, TestStream};
+use cqrs_tests::JetStreamServer;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Balance {
@@ -1373,5 +1374,72 @@ async fn projection_whose_checkpoint_is_ahead_of_its_stream_reports_stream_behin
     assert_eq!(relay.catch_up().await.unwrap(), 15);
     handle.wait_for(15, Duration::from_secs(15)).await.unwrap();
     handle.shutdown().await.unwrap();
+    assert_eq!(load_views(&views, &[id]).await, replay(&store).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_publishes_again_what_a_restarted_server_lost() {
+    if nats_url().is_none() {
+        return;
+    }
+    // A server of the test's own, to kill and start again.
+    let mut server = match JetStreamServer::start(&JetStreamServer::binary(), false) {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!(
+                "skipping relay_publishes_again_what_a_restarted_server_lost: {error}; set \
+                 CQRS_NATS_SERVER to a nats-server binary to run it"
+            );
+            return;
+        }
+    };
+    let jetstream = connect(&server.url()).await;
+    let config = NatsStreamConfig::new("RESTARTED", "restarted");
+    let store = MemoryEventRepository::new();
+    let id = Uuid::new_v4();
+    store.append(ledger_events(id, 1, 20)).await.unwrap();
+    let relay = NatsRelay::new(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        jetstream.clone(),
+        config.clone(),
+    )
+    .with_poll_interval(Duration::from_millis(20));
+    relay.ensure_stream().await.unwrap();
+    let handle = relay.start();
+    handle.wait_for(20, Duration::from_secs(10)).await.unwrap();
+    let views = MemoryViewRepository::<Balance>::new();
+    let projection =
+        NatsProjection::<Ledger, Balance>::new(jetstream.clone(), config.clone(), views.clone());
+    assert_eq!(projection.catch_up().await.unwrap(), 20);
+
+    // The server loses its newest 5 messages and restarts while the relay runs, idle: on
+    // its store they are gone, and it no longer remembers their ids.
+    assert_eq!(cut_tail(&jetstream, &config, 5).await, 5);
+    server.restart().unwrap();
+
+    // The relay's next publish finds that the stream does not end with its last event; it
+    // reads the stream's end, moves its checkpoint back and publishes the lost events again,
+    // under their own ids, before the new ones.
+    store.append(ledger_events(id, 21, 3)).await.unwrap();
+    handle.wait_for(23, Duration::from_secs(30)).await.unwrap();
+    handle.shutdown().await.unwrap();
+    let stored = store.read_all(0, usize::MAX).await.unwrap();
+    assert_stream_is_store(&jetstream, &config, &stored).await;
+    for (message, event) in stream_messages(&jetstream, &config)
+        .await
+        .iter()
+        .zip(&stored)
+    {
+        assert_eq!(header(message, "Nats-Msg-Id"), event.event_id.to_string());
+    }
+    // The consumer applied the first 20 before the crash: it applies the 3 new ones once.
+    // The restarted server may have lost the durable consumer's delivery count as well: the
+    // first pull then reports a hole and repositions the consumer (a transient error).
+    let reached = match projection.catch_up().await {
+        Err(CQRSError::PersistenceError(_)) => projection.catch_up().await,
+        other => other,
+    };
+    assert_eq!(reached.unwrap(), 23);
     assert_eq!(load_views(&views, &[id]).await, replay(&store).await);
 }
