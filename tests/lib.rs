@@ -171,7 +171,8 @@ impl JetStreamServer {
             .arg(dir.join("server.conf"))
             .stdout(std::fs::File::create(dir.join("server.log"))?)
             .stderr(std::fs::File::create(dir.join("server.err"))?)
-            .spawn()?)
+            .spawn()
+            .map_err(|error| format!("{} cannot start: {error}", binary.display()))?)
     }
 
     fn wait_listening(&mut self) -> Result<(), BoxError> {

@@ -1288,6 +1288,21 @@ async fn relay_republishes_from_the_first_event_into_a_recreated_stream() {
             .unwrap(),
         40
     );
+
+    // Deleted while a relay runs: its next publish fails, and its retry creates the stream
+    // again and fills it from the first event.
+    let handle = small_batch_relay(&store, &checkpoints, &jetstream, &test.config).start();
+    handle.wait_for(40, Duration::from_secs(10)).await.unwrap();
+    jetstream
+        .delete_stream(test.config.stream_name())
+        .await
+        .unwrap();
+    append_interleaved(&store, &[a], audit, 21..22).await;
+    handle.wait_for(42, Duration::from_secs(20)).await.unwrap();
+    handle.shutdown().await.unwrap();
+    let stored = store.read_all(0, usize::MAX).await.unwrap();
+    assert_eq!(stored.len(), 42);
+    assert_stream_is_store(&jetstream, &test.config, &stored).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

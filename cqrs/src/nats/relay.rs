@@ -673,7 +673,8 @@ impl NatsRelay {
 
     /// Runs the relay in a background task and returns its handle: ensures the stream,
     /// catches up, then publishes new events as the store reports them. Failures are
-    /// retried with a backoff (up to 5 s) from the checkpoint and shown as the handle's
+    /// retried with a backoff (up to 5 s), each retry ensuring the stream and checking it
+    /// against the checkpoint first, and shown as the handle's
     /// [`last_error`](NatsRelayHandle::last_error). Dropping the handle stops the relay.
     #[must_use = "dropping the handle stops the relay"]
     pub fn start(self) -> NatsRelayHandle {
@@ -713,8 +714,10 @@ impl NatsRelay {
                     failures = 0;
                     self.poll_interval
                 }
-                // Nothing the relay meets is skipped: it retries until it can publish.
+                // Nothing the relay meets is skipped: it retries until it can publish. The
+                // stream is ensured again first: it may have been deleted meanwhile.
                 Err(error) => {
+                    stream_ready = false;
                     failures = failures.saturating_add(1);
                     let wait = backoff(failures);
                     tracing::warn!(relay = %self.name, %error, retry_in = ?wait, "NATS relay failed; retrying");
