@@ -663,7 +663,8 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
     /// [`ProjectionHandle`] a store-fed [`Projection::start`] returns: catches up, then
     /// applies messages as they arrive (one pull waits up to `fetch_wait`). A broker or
     /// store failure, or a stream behind the checkpoint ([`CQRSError::StreamBehind`]), is
-    /// retried with a backoff (up to 5 s) from the checkpoint and shown as the handle's [`last_error`](ProjectionHandle::last_error); a poison event under
+    /// retried with a backoff (up to 5 s) from the checkpoint and shown as the handle's
+    /// [`last_error`](ProjectionHandle::last_error); a poison event under
     /// [`PoisonPolicy::Stop`] ends the task with its error, which
     /// [`ProjectionHandle::wait`] returns. Dropping the handle stops the projection.
     #[must_use = "dropping the handle stops the projection"]
