@@ -154,7 +154,13 @@ impl JetStreamServer {
                 dir.join("store").display()
             ),
         )?;
-        let child = Self::spawn(binary, &dir)?;
+        let child = match Self::spawn(binary, &dir) {
+            Ok(child) => child,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(error);
+            }
+        };
         let mut server = JetStreamServer {
             binary: binary.to_owned(),
             child,
