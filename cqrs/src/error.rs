@@ -204,6 +204,36 @@ pub enum CQRSError {
     /// view is correct up to the position it reached.
     #[error(transparent)]
     ProjectionStopped(#[from] ProjectionStopped),
+
+    /// A JetStream-fed projection ([`NatsProjection`](crate::NatsProjection)) has applied
+    /// events beyond everything its stream holds: the stream lost its newest messages (a
+    /// server that stopped before writing to disk what it had acknowledged), was deleted and
+    /// recreated, or its relay has not published them yet (a view moved over from the
+    /// store-fed projection). Waiting for the stream to deliver the next event could wait
+    /// forever.
+    ///
+    /// ### Handling
+    /// The view is correct up to its checkpoint. A running
+    /// [`NatsRelay`](crate::NatsRelay) finds the same loss and publishes the missing events
+    /// again; once the stream holds `checkpoint` the projection goes on (a running projection
+    /// retries by itself and shows this error as its last error meanwhile). If no relay
+    /// writes to the stream, rebuild the view from the store with
+    /// [`Projection`](crate::Projection).
+    #[error(
+        "stream {stream} holds events up to position {holds}, but projection {projection} has \
+         applied up to position {checkpoint}: the stream lost its newest messages, was \
+         recreated, or its relay is behind"
+    )]
+    StreamBehind {
+        /// The JetStream stream's name.
+        stream: String,
+        /// The projection's checkpoint name.
+        projection: String,
+        /// The global position of the last event the stream holds (0 when it holds none).
+        holds: i64,
+        /// The projection's checkpoint.
+        checkpoint: i64,
+    },
 }
 
 impl CQRSError {
@@ -339,6 +369,25 @@ impl PartialEq for CQRSError {
             (E::PersistenceError(a), E::PersistenceError(b)) => a.to_string() == b.to_string(),
             (E::Timeout(a), E::Timeout(b)) => a == b,
             (E::ProjectionStopped(a), E::ProjectionStopped(b)) => a.to_string() == b.to_string(),
+            (
+                E::StreamBehind {
+                    stream: a_stream,
+                    projection: a_projection,
+                    holds: a_holds,
+                    checkpoint: a_checkpoint,
+                },
+                E::StreamBehind {
+                    stream: b_stream,
+                    projection: b_projection,
+                    holds: b_holds,
+                    checkpoint: b_checkpoint,
+                },
+            ) => {
+                a_stream == b_stream
+                    && a_projection == b_projection
+                    && a_holds == b_holds
+                    && a_checkpoint == b_checkpoint
+            }
             // Every variant is named here, so a new one cannot be forgotten above.
             (
                 E::Conflict { .. }
@@ -354,7 +403,8 @@ impl PartialEq for CQRSError {
                 | E::DamagedRow(_)
                 | E::PersistenceError(_)
                 | E::Timeout(_)
-                | E::ProjectionStopped(_),
+                | E::ProjectionStopped(_)
+                | E::StreamBehind { .. },
                 _,
             ) => false,
         }

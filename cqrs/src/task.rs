@@ -15,11 +15,14 @@ use crate::error::{CQRSError, ProjectionStopped};
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Errors a background runner retries (with [`backoff`]) instead of ending with: a store or
-/// broker that failed, a conflict with another runner.
+/// broker that failed, a conflict with another runner, a stream behind the checkpoint (which
+/// its relay fills again).
 pub(crate) fn is_transient(error: &CQRSError) -> bool {
     matches!(
         error,
-        CQRSError::PersistenceError(_) | CQRSError::ViewConflict { .. }
+        CQRSError::PersistenceError(_)
+            | CQRSError::ViewConflict { .. }
+            | CQRSError::StreamBehind { .. }
     )
 }
 

@@ -144,6 +144,14 @@ pub(super) fn encode_damaged_row(
     Ok((subject, body, headers))
 }
 
+/// The global position a message's [`HEADER_POSITION`] header carries, when it has a
+/// readable one (every message a relay publishes has).
+pub(super) fn position_header(headers: &HeaderMap) -> Option<i64> {
+    headers
+        .get(HEADER_POSITION)
+        .and_then(|value| value.as_str().parse().ok())
+}
+
 /// The `Nats-Msg-Id` of a damaged row's message: its event id when that could be read.
 pub(super) fn damaged_row_message_id(damage: &DamagedRow) -> String {
     match damage.event_id {

@@ -21,7 +21,8 @@ use crate::store::{DeadLetter, DeadLetters, ViewRepository};
 use crate::task::{backoff, is_transient, Stop};
 use crate::view::View;
 
-use super::codec::{decode_message, HEADER_POSITION};
+use super::codec::{decode_message, position_header};
+use super::tail::stream_end;
 use super::{broker, NatsStreamConfig};
 
 /// A message whose body is not a [`PersistableDomainEvent`], terminated and passed over by a
@@ -63,6 +64,13 @@ pub struct UndecodableMessage {
 /// projector moved the checkpoint. The checkpoint name defaults to
 /// [`Projection::default_name`], the one the store-fed [`Projection`] uses, so a view can
 /// move between the two sources without a rebuild.
+///
+/// When it (re)creates its consumer, the projection also reads the stream's newest event: a
+/// checkpoint beyond it (the stream lost its newest messages in a server crash, or was
+/// deleted and recreated, or its relay has not published them yet) is
+/// [`CQRSError::StreamBehind`], not a wait for messages that may never come.
+/// [`catch_up`](Self::catch_up) returns it; a running projection shows it as its last error
+/// and tries again with a backoff until the relay has published those events again.
 ///
 /// The stream must keep every message a view has not consumed yet (do not let retention
 /// remove them); rebuild a view from the store with [`Projection`] otherwise.
@@ -308,10 +316,7 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
     /// The global position in a stored message's `Cqrs-Position` header.
     async fn position_at(&self, stream: &stream::Stream, sequence: u64) -> Option<i64> {
         let message = stream.get_raw_message(sequence).await.ok()?;
-        message
-            .headers
-            .get(HEADER_POSITION)
-            .and_then(|value| value.as_str().parse().ok())
+        position_header(&message.headers)
     }
 
     /// The first stream sequence whose event is after `checkpoint`, or an earlier one (which
@@ -349,6 +354,16 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
             .map_err(broker)?;
         let checkpoint = self.core.checkpoint().await?;
         self.core.publish(checkpoint);
+        // A stream that ends before the checkpoint would never deliver what comes next.
+        let end = stream_end(&self.jetstream, &mut stream, &self.stream).await?;
+        if end.position < checkpoint {
+            return Err(CQRSError::StreamBehind {
+                stream: self.stream.stream_name().to_owned(),
+                projection: self.core.name.clone(),
+                holds: end.position,
+                checkpoint,
+            });
+        }
         let start_sequence = self.start_sequence(&mut stream, checkpoint).await?;
         // Absent the first time: nothing to delete.
         let _ = stream.delete_consumer(&self.durable_name).await;
@@ -467,7 +482,9 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
     /// [`Projection::catch_up`] does.
     ///
     /// # Errors
-    /// [`CQRSError::PersistenceError`] for a broker or store failure; under
+    /// [`CQRSError::PersistenceError`] for a broker or store failure;
+    /// [`CQRSError::StreamBehind`] when the checkpoint is beyond the stream's newest event
+    /// (see [`NatsProjection`]); under
     /// [`PoisonPolicy::Stop`] (once the retries are spent), [`CQRSError::Deserialization`]
     /// for a body that is not an event, [`CQRSError::EventDecode`],
     /// [`CQRSError::ViewHandler`] or [`CQRSError::DamagedRow`] naming the event. Batches
@@ -645,8 +662,9 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
     /// Runs the projection in a background task and returns its handle, the same
     /// [`ProjectionHandle`] a store-fed [`Projection::start`] returns: catches up, then
     /// applies messages as they arrive (one pull waits up to `fetch_wait`). A broker or
-    /// store failure is retried with a backoff (up to 5 s) from the checkpoint and shown as
-    /// the handle's [`last_error`](ProjectionHandle::last_error); a poison event under
+    /// store failure, or a stream behind the checkpoint ([`CQRSError::StreamBehind`]), is
+    /// retried with a backoff (up to 5 s) from the checkpoint and shown as the handle's
+    /// [`last_error`](ProjectionHandle::last_error); a poison event under
     /// [`PoisonPolicy::Stop`] ends the task with its error, which
     /// [`ProjectionHandle::wait`] returns. Dropping the handle stops the projection.
     #[must_use = "dropping the handle stops the projection"]

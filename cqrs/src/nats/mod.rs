@@ -8,7 +8,9 @@
 //!   checkpoint, so a crash republishes at most the unacknowledged tail, which the server
 //!   deduplicates. Every message but the first of a run also carries
 //!   `Nats-Expected-Last-Msg-Id` (the previous event's id), so the stream holds the events in
-//!   global order even when a publish fails half-way through a batch.
+//!   global order even when a publish fails half-way through a batch. On start and after
+//!   any failure it compares the stream's newest event with its checkpoint and publishes
+//!   again what a crashed server lost (see [`NatsRelay`], "After a broker crash").
 //! * [`NatsProjection`] feeds a [`View`](crate::View) from that stream through a durable pull
 //!   consumer. It is a source of the same projection engine as the store-fed
 //!   [`Projection`](crate::Projection): each pulled batch is applied and committed with the
@@ -16,7 +18,8 @@
 //!   [`ViewRepository::commit`](crate::ViewRepository::commit), with the same retry, poison
 //!   policy and dead letters, and the messages are acknowledged only after that commit. A
 //!   message whose position is not above the checkpoint was already applied: it is
-//!   acknowledged and not applied again.
+//!   acknowledged and not applied again. A checkpoint beyond the stream's newest event is
+//!   [`CQRSError::StreamBehind`](crate::CQRSError::StreamBehind).
 //!
 //! Delivery is at least once; the effect on the view is exactly once (see
 //! `docs/adr/0006-nats.md`).
@@ -56,6 +59,7 @@ mod codec;
 mod config;
 mod consumer;
 mod relay;
+mod tail;
 
 pub use config::NatsStreamConfig;
 pub use consumer::{NatsProjection, UndecodableMessage};
