@@ -24,7 +24,10 @@ pub(crate) enum Verdict {
     Done(EventOutcome),
     /// Not applied: not an envelope, or an event the projection failed.
     Failed(CQRSError),
-    /// A message after a failed one of its FIFO group: to be delivered again after it.
+    /// A message after a failed one of its FIFO group: to be delivered again after it. Not
+    /// applied when it follows a body that is not an envelope; applied (and skipped when
+    /// delivered again) when it follows an event the projection failed, which its own
+    /// aggregate's checkpoint keeps in order.
     HeldBack,
 }
 
@@ -41,21 +44,36 @@ pub(crate) async fn apply<A: Aggregate, V: View<A>>(
     projection: &PerAggregateProjection<A, V>,
     messages: &[Delivered<'_>],
 ) -> Vec<Verdict> {
-    let read: Vec<Result<PersistableDomainEvent, CQRSError>> = messages
+    // The groups of a FIFO queue that failed in this batch: their later messages are held
+    // back, and not applied when the failure is known before the projection runs.
+    let mut failed_groups: HashSet<&str> = HashSet::new();
+    let read: Vec<Option<Result<PersistableDomainEvent, CQRSError>>> = messages
         .iter()
-        .map(|message| envelope::decode(message.body))
+        .map(|message| {
+            if message
+                .group
+                .is_some_and(|group| failed_groups.contains(group))
+            {
+                return None;
+            }
+            let read = envelope::decode(message.body);
+            if let (Err(_), Some(group)) = (&read, message.group) {
+                failed_groups.insert(group);
+            }
+            Some(read)
+        })
         .collect();
     let events: Vec<PersistableDomainEvent> = read
         .iter()
-        .filter_map(|read| read.as_ref().ok().cloned())
+        .filter_map(|read| read.as_ref()?.as_ref().ok().cloned())
         .collect();
     let mut outcomes = projection.apply(&events).await.into_iter();
-    // The groups of a FIFO queue that failed in this batch.
-    let mut failed_groups: HashSet<&str> = HashSet::new();
+    failed_groups.clear();
     let mut verdicts = Vec::with_capacity(messages.len());
     for (message, read) in messages.iter().zip(read) {
         let verdict = match read {
-            Ok(_) => match outcomes.next() {
+            None => Verdict::HeldBack,
+            Some(Ok(_)) => match outcomes.next() {
                 Some(EventOutcome::Failed(error)) => Verdict::Failed(error),
                 Some(outcome) => Verdict::Done(outcome),
                 // One outcome per event: not reached.
@@ -63,7 +81,7 @@ pub(crate) async fn apply<A: Aggregate, V: View<A>>(
                     "the projection gave no outcome for an event of the batch",
                 )),
             },
-            Err(error) => Verdict::Failed(error),
+            Some(Err(error)) => Verdict::Failed(error),
         };
         let held_back = message
             .group
