@@ -6,7 +6,7 @@
 //!   [`CheckpointRepository`](cqrs::CheckpointRepository)), sends each event as its
 //!   [`envelope`](crate::envelope) with `MessageGroupId` = the aggregate and
 //!   `MessageDeduplicationId` = the event id, and moves the checkpoint after the send:
-//!   [`NatsRelay`](cqrs::NatsRelay)'s shape, for AWS.
+//!   `cqrs::NatsRelay`'s shape, for AWS.
 //! * [`SqsConsumer`]: receives, applies through the
 //!   [`PerAggregateProjection`](cqrs::PerAggregateProjection) (the engine of the Lambda SQS
 //!   handler), deletes what is done with, leaves failures for redelivery.

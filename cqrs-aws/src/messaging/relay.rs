@@ -184,7 +184,7 @@ impl Outgoing {
 }
 
 /// Publishes committed events to an SNS FIFO topic or an SQS FIFO queue, in global order,
-/// checkpointed after the send: the [`NatsRelay`](cqrs::NatsRelay) of AWS.
+/// checkpointed after the send: the `cqrs::NatsRelay` of AWS.
 ///
 /// Each run of [`relay_once`](Self::relay_once) reads up to `batch_size` events after the
 /// relay's checkpoint and sends them in requests of up to [`MAX_ENTRIES_PER_SEND`]
@@ -538,7 +538,7 @@ impl MessagingRelay {
 }
 
 /// The handle of a relay started with [`MessagingRelay::start`]: the same vocabulary as a
-/// [`NatsRelayHandle`](cqrs::NatsRelayHandle). Dropping it stops the relay.
+/// `cqrs::NatsRelayHandle`. Dropping it stops the relay.
 #[derive(Debug)]
 pub struct MessagingRelayHandle {
     task: Task,
