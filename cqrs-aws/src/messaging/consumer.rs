@@ -9,7 +9,7 @@ use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeN
 use cqrs::{Aggregate, CQRSError, EventOutcome, PerAggregateProjection, View};
 use tokio::sync::watch;
 
-use super::task::{self, backoff, Shared, Task};
+use super::task::{backoff, pause, Shared, Stop, Task};
 use super::MAX_ENTRIES_PER_SEND;
 use crate::sqs_batch::{self, Delivered, Verdict};
 
@@ -302,16 +302,16 @@ impl<A: Aggregate, V: View<A>> SqsConsumer<A, V> {
         SqsConsumerHandle { task }
     }
 
-    async fn run_until(self, mut stop: watch::Receiver<bool>) -> Result<(), CQRSError> {
+    async fn run_until(self, mut stop: Stop) -> Result<(), CQRSError> {
         let mut failures: u32 = 0;
         let mut no_changes = None;
         loop {
-            if task::stopped(&stop) {
+            if stop.is_stopped() {
                 return Ok(());
             }
             let polled = tokio::select! {
                 polled = self.poll_once() => polled,
-                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+                () = stop.stopped() => return Ok(()),
             };
             let wait = match polled {
                 Ok(polled) => {
@@ -330,7 +330,7 @@ impl<A: Aggregate, V: View<A>> SqsConsumer<A, V> {
                     wait
                 }
             };
-            if task::pause(&mut stop, &mut no_changes, wait).await {
+            if pause(&mut stop, &mut no_changes, wait).await {
                 return Ok(());
             }
         }

@@ -9,7 +9,7 @@ use cqrs::{CQRSError, Checkpoint, CheckpointRepository, EventRepository, Persist
 use tokio::sync::{watch, Mutex};
 use tracing::Instrument;
 
-use super::task::{self, backoff, Shared, Task};
+use super::task::{backoff, pause, Shared, Stop, Task};
 use crate::envelope;
 
 /// The most entries one `PublishBatch` or `SendMessageBatch` takes.
@@ -503,11 +503,11 @@ impl MessagingRelay {
         MessagingRelayHandle { task }
     }
 
-    async fn run_until(self, mut stop: watch::Receiver<bool>) -> Result<(), CQRSError> {
+    async fn run_until(self, mut stop: Stop) -> Result<(), CQRSError> {
         let mut changes = self.events.subscribe();
         let mut failures: u32 = 0;
         loop {
-            if task::stopped(&stop) {
+            if stop.is_stopped() {
                 return Ok(());
             }
             let wait = match self.catch_up().await {
@@ -530,7 +530,7 @@ impl MessagingRelay {
                     wait
                 }
             };
-            if task::pause(&mut stop, &mut changes, wait).await {
+            if pause(&mut stop, &mut changes, wait).await {
                 return Ok(());
             }
         }
