@@ -496,6 +496,42 @@ async fn the_consumer_leaves_a_damaged_message_and_its_group_in_the_queue_and_go
 }
 
 #[tokio::test]
+async fn large_events_go_in_requests_under_the_size_limit() {
+    let Some(endpoint) = testkit::endpoint(SUITE) else {
+        return;
+    };
+    let harness = DynamoDbHarness::new(&endpoint);
+    let store = harness.fresh_store().await;
+    // Eight events of about 200 KB: more than a request takes (SNS 256 KiB, SQS 1 MiB).
+    let id = Uuid::new_v4();
+    let padding = serde_json::Value::String("x".repeat(200_000));
+    let events: Vec<PersistableDomainEvent> = (1..=8)
+        .map(|sequence| {
+            PersistableDomainEvent::new(
+                "ledger",
+                id,
+                sequence,
+                &LedgerEvent::Deposited { amount: 1 },
+                serde_json::json!({ "padding": padding }),
+            )
+            .unwrap()
+        })
+        .collect();
+    store.append(events).await.unwrap();
+    let aws = Messaging::new(&endpoint);
+    let queue = aws.fifo_queue("large", 30).await;
+    let relay = MessagingRelay::to_sqs_queue(
+        store,
+        MemoryCheckpointRepository::new(),
+        aws.sqs.clone(),
+        &queue,
+    );
+    assert_eq!(relay.publish_pending().await.unwrap(), 8);
+    let messages = aws.drain(&queue).await;
+    assert_once_in_order(&messages, &[(id, vec![1; 8])]);
+}
+
+#[tokio::test]
 async fn a_failed_send_leaves_the_checkpoint_where_it_was() {
     let Some(endpoint) = testkit::endpoint(SUITE) else {
         return;

@@ -47,7 +47,9 @@ mod relay;
 mod task;
 
 pub use consumer::{FailedMessage, Polled, SqsConsumer, SqsConsumerHandle};
-pub use relay::{Destination, MessagingRelay, MessagingRelayHandle, MAX_ENTRIES_PER_SEND};
+pub use relay::{
+    Destination, MessagingRelay, MessagingRelayHandle, MAX_BYTES_PER_SEND, MAX_ENTRIES_PER_SEND,
+};
 
 /// The SNS SDK the relay is written for, re-exported so that an application names the same
 /// version of its client.

@@ -15,6 +15,11 @@ use crate::envelope;
 /// The most entries one `PublishBatch` or `SendMessageBatch` takes.
 pub const MAX_ENTRIES_PER_SEND: usize = 10;
 
+/// The most message bytes the relay puts in one `PublishBatch` or `SendMessageBatch`, all
+/// entries together: 256 KiB, SNS's limit (SQS takes 1 MiB). The relay makes a request of
+/// fewer than ten entries rather than exceed it.
+pub const MAX_BYTES_PER_SEND: usize = 256 * 1024;
+
 /// Where a [`MessagingRelay`] publishes.
 #[derive(Clone)]
 pub enum Destination {
@@ -183,12 +188,36 @@ impl Outgoing {
     }
 }
 
+/// `batch` cut into requests of at most [`MAX_ENTRIES_PER_SEND`] entries and
+/// [`MAX_BYTES_PER_SEND`] bytes, each of at least one entry (a message larger than that is
+/// refused by the service, and stops the relay at it).
+fn requests(batch: &[Outgoing]) -> Vec<&[Outgoing]> {
+    let mut requests = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (index, message) in batch.iter().enumerate() {
+        let full = index - start == MAX_ENTRIES_PER_SEND
+            || bytes + message.body.len() > MAX_BYTES_PER_SEND;
+        if full && index > start {
+            requests.push(&batch[start..index]);
+            start = index;
+            bytes = 0;
+        }
+        bytes += message.body.len();
+    }
+    if start < batch.len() {
+        requests.push(&batch[start..]);
+    }
+    requests
+}
+
 /// Publishes committed events to an SNS FIFO topic or an SQS FIFO queue, in global order,
 /// checkpointed after the send: the `cqrs::NatsRelay` of AWS.
 ///
 /// Each run of [`relay_once`](Self::relay_once) reads up to `batch_size` events after the
-/// relay's checkpoint and sends them in requests of up to [`MAX_ENTRIES_PER_SEND`]
-/// (`PublishBatch` to a topic, `SendMessageBatch` to a queue), one after the other, then
+/// relay's checkpoint and sends them in requests of up to [`MAX_ENTRIES_PER_SEND`] entries
+/// and [`MAX_BYTES_PER_SEND`] bytes (`PublishBatch` to a topic, `SendMessageBatch` to a
+/// queue), one after the other, then
 /// saves the checkpoint at the last one. Each message is the event's
 /// [`envelope`](crate::envelope) with
 ///
@@ -336,7 +365,7 @@ impl MessagingRelay {
     }
 
     /// Reads up to `batch_size` events per batch (default 256, at least 1); they are sent
-    /// [`MAX_ENTRIES_PER_SEND`] per request.
+    /// up to [`MAX_ENTRIES_PER_SEND`] entries and [`MAX_BYTES_PER_SEND`] bytes per request.
     #[must_use]
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
@@ -465,11 +494,11 @@ impl MessagingRelay {
         })
     }
 
-    /// Sends `batch` in requests of [`MAX_ENTRIES_PER_SEND`]; returns how many of its first
+    /// Sends `batch` in [`requests`]; returns how many of its first
     /// events were sent, and the failure that stopped it.
     async fn send_batch(&self, batch: &[Outgoing]) -> (usize, Option<CQRSError>) {
         let mut sent = 0;
-        for chunk in batch.chunks(MAX_ENTRIES_PER_SEND) {
+        for chunk in requests(batch) {
             match self.destination.send(chunk).await {
                 Ok(None) => sent += chunk.len(),
                 Ok(Some((index, reason))) => {
