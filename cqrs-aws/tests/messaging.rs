@@ -532,6 +532,52 @@ async fn large_events_go_in_requests_under_the_size_limit() {
 }
 
 #[tokio::test]
+async fn a_refused_event_stops_the_relay_after_the_events_before_it() {
+    let Some(endpoint) = testkit::endpoint(SUITE) else {
+        return;
+    };
+    let harness = DynamoDbHarness::new(&endpoint);
+    let store = harness.fresh_store().await;
+    // Sequence 3 is larger than SNS takes in one message (256 KiB): refused on its own.
+    let id = Uuid::new_v4();
+    let events: Vec<PersistableDomainEvent> = (1..=4)
+        .map(|sequence| {
+            let padding = "x".repeat(if sequence == 3 { 300_000 } else { 10 });
+            PersistableDomainEvent::new(
+                "ledger",
+                id,
+                sequence,
+                &LedgerEvent::Deposited { amount: 1 },
+                serde_json::json!({ "padding": padding }),
+            )
+            .unwrap()
+        })
+        .collect();
+    store.append(events).await.unwrap();
+    let stored = store.read_all(0, 10).await.unwrap();
+    let aws = Messaging::new(&endpoint);
+    let queue = aws.fifo_queue("refused", 30).await;
+    let topic_arn = aws.fifo_topic(&[&queue]).await;
+    let relay = MessagingRelay::to_sns_topic(
+        store,
+        MemoryCheckpointRepository::new(),
+        aws.sns.clone(),
+        &topic_arn,
+    );
+    for _ in 0..2 {
+        let error = relay.publish_pending().await.unwrap_err();
+        assert!(
+            error.to_string().contains(&stored[2].event_id.to_string()),
+            "the error names the refused event: {error}"
+        );
+        assert_eq!(relay.position().await.unwrap(), stored[1].position);
+    }
+    let messages = aws.drain(&queue).await;
+    assert_eq!(messages.len(), 2, "the events before it, once");
+    assert_once_in_order(&messages, &[(id, vec![1; 2])]);
+}
+
+#[tokio::test]
 async fn a_failed_send_leaves_the_checkpoint_where_it_was() {
     let Some(endpoint) = testkit::endpoint(SUITE) else {
         return;
