@@ -153,6 +153,13 @@ impl Messaging {
 
     /// A new FIFO topic with a raw-delivery subscription per queue; returns its ARN.
     async fn fifo_topic(&self, queues: &[&str]) -> String {
+        let raw: Vec<(&str, bool)> = queues.iter().map(|queue| (*queue, true)).collect();
+        self.fifo_topic_with(&raw).await
+    }
+
+    /// A new FIFO topic with a subscription per queue, with raw message delivery or not
+    /// (then each message is an SNS notification around the envelope); returns its ARN.
+    async fn fifo_topic_with(&self, queues: &[(&str, bool)]) -> String {
         let topic_arn = self
             .sns
             .create_topic()
@@ -164,13 +171,13 @@ impl Messaging {
             .topic_arn()
             .unwrap()
             .to_owned();
-        for queue_url in queues {
+        for (queue_url, raw) in queues {
             self.sns
                 .subscribe()
                 .topic_arn(&topic_arn)
                 .protocol("sqs")
                 .endpoint(self.queue_arn(queue_url).await)
-                .attributes("RawMessageDelivery", "true")
+                .attributes("RawMessageDelivery", raw.to_string())
                 .send()
                 .await
                 .unwrap();
@@ -296,7 +303,11 @@ async fn an_sns_fifo_topic_delivers_every_event_once_per_subscriber_in_aggregate
     let aws = Messaging::new(&endpoint);
     let first = aws.fifo_queue("first", 30).await;
     let second = aws.fifo_queue("second", 30).await;
-    let topic_arn = aws.fifo_topic(&[&first, &second]).await;
+    // A third subscriber without raw delivery: SNS notifications around the envelopes.
+    let wrapped = aws.fifo_queue("wrapped", 30).await;
+    let topic_arn = aws
+        .fifo_topic_with(&[(&first, true), (&second, true), (&wrapped, false)])
+        .await;
 
     let checkpoints = MemoryCheckpointRepository::new();
     // 7 per batch: batches and send requests (10) end in different places.
@@ -335,7 +346,7 @@ async fn an_sns_fifo_topic_delivers_every_event_once_per_subscriber_in_aggregate
     );
     assert_eq!(restarted.publish_pending().await.unwrap(), 12);
 
-    for queue in [&first, &second] {
+    for queue in [&first, &second, &wrapped] {
         let messages = aws.drain(queue).await;
         assert_eq!(messages.len(), 12, "{queue}");
         assert_once_in_order(&messages, &ledgers);
