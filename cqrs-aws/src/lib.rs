@@ -154,6 +154,11 @@ pub use views::{ensure_view_table, DynamoDbViewRepository, MAX_VIEW_ROWS_PER_COM
 /// The SDK itself, so that an application names the same version of its types.
 pub use aws_sdk_dynamodb;
 
+/// The crate's README, whose snippets run as doc tests so that each compiles as it is.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// How long [`ensure_table`] waits for a new table to become active.
 const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -1,0 +1,306 @@
+//! The database the service runs on: an event store, the view store beside it, and the
+//! table of idempotency keys in the same database.
+
+use std::sync::Arc;
+
+use cqrs::sqlx::{self, Row};
+use cqrs::{
+    CQRSError, EventRepository, PostgresEventRepository, SqliteEventRepository, ViewRepository,
+};
+
+use crate::order::{Order, OrderSummary};
+
+/// Where the service keeps its events, views and idempotency keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// An SQLite file (created if missing).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL server, by URL (`postgres://user@host:5432/db`).
+    Postgres {
+        /// The server's URL.
+        url: String,
+        /// The schema that holds the tables (created if missing); `public` when `None`.
+        schema: Option<String>,
+    },
+}
+
+/// The stores opened on a [`Database`]: what the service reads and writes.
+#[derive(Clone)]
+pub(crate) struct Stores {
+    pub(crate) events: Arc<dyn EventRepository>,
+    pub(crate) views: Arc<dyn ViewRepository<Order, OrderSummary>>,
+    pub(crate) keys: KeyTable,
+}
+
+impl Stores {
+    /// Opens the database and creates every table the service needs.
+    pub(crate) async fn open(database: &Database) -> Result<Stores, CQRSError> {
+        match database {
+            Database::Sqlite(path) => {
+                let store = SqliteEventRepository::open(path).await?;
+                let keys = KeyTable {
+                    pool: Pool::Sqlite(store.pool().clone()),
+                    table: TABLE.to_owned(),
+                };
+                keys.migrate().await?;
+                Ok(Stores {
+                    views: Arc::new(store.views::<OrderSummary>()),
+                    events: Arc::new(store),
+                    keys,
+                })
+            }
+            Database::Postgres { url, schema } => {
+                let mut store = PostgresEventRepository::connect(url).await?;
+                if let Some(schema) = schema {
+                    store = store.with_schema(schema)?;
+                }
+                store.migrate().await?;
+                // The schema is a plain identifier: `with_schema` checked it.
+                let keys = KeyTable {
+                    pool: Pool::Postgres(store.pool().clone()),
+                    table: format!("\"{}\".{TABLE}", store.schema()),
+                };
+                keys.migrate().await?;
+                Ok(Stores {
+                    views: Arc::new(store.views::<OrderSummary>()),
+                    events: Arc::new(store),
+                    keys,
+                })
+            }
+        }
+    }
+}
+
+/// One idempotency key's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyRow {
+    /// The request the key was first used with: method and path, then the body.
+    pub(crate) request: String,
+    /// The aggregate the request acts on (for a create: the id chosen for it).
+    pub(crate) aggregate_id: String,
+    /// When the request was claimed, in milliseconds since the epoch.
+    pub(crate) claimed_at: i64,
+    /// The stored response (JSON), once the request finished.
+    pub(crate) response: Option<String>,
+}
+
+/// What claiming a key found.
+#[derive(Debug)]
+pub(crate) enum Claim {
+    /// The key was free: this request runs, and records its outcome.
+    Claimed,
+    /// The key was taken: its row as stored.
+    Taken(KeyRow),
+}
+
+/// `http_idempotency`: one row per idempotency key, claimed before a command runs and
+/// completed with its response. See `docs/adr/0015-http-service.md`.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyTable {
+    pool: Pool,
+    /// The table's name, qualified by its schema on PostgreSQL.
+    table: String,
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+/// The table's name.
+const TABLE: &str = "http_idempotency";
+
+/// Executes the statement `$sql` (written with PostgreSQL's `$n` placeholders, rewritten to
+/// `?` for SQLite, so each is used once and in order) as `$run` binds it, on whichever pool
+/// `$table` holds; the result is the number of rows affected.
+macro_rules! on_pool {
+    ($table:expr, $sql:expr, |$q:ident, $pool:ident| $run:expr) => {
+        match &$table.pool {
+            Pool::Sqlite($pool) => {
+                let sql = sqlite_placeholders(&$sql);
+                let $q = sqlx::query(&sql);
+                $run.await.map(|done| done.rows_affected())
+            }
+            Pool::Postgres($pool) => {
+                let $q = sqlx::query(&$sql);
+                $run.await.map(|done| done.rows_affected())
+            }
+        }
+    };
+}
+
+/// `$1`, `$2`, ... as SQLite's `?`, so one statement serves both databases.
+fn sqlite_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' {
+            out.push('?');
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl KeyTable {
+    /// Creates the table if it does not exist (`BIGINT` is an integer in SQLite too).
+    async fn migrate(&self) -> Result<(), CQRSError> {
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                idempotency_key TEXT PRIMARY KEY,
+                request TEXT NOT NULL,
+                aggregate_id TEXT NOT NULL,
+                claimed_at BIGINT NOT NULL,
+                response TEXT
+            )",
+            self.table
+        );
+        on_pool!(self, sql, |q, pool| q.execute(pool))
+            .map(drop)
+            .map_err(CQRSError::persistence)
+    }
+
+    /// Claims `key` for a request, or returns the row of the request that holds it.
+    pub(crate) async fn claim(
+        &self,
+        key: &str,
+        request: &str,
+        aggregate_id: &str,
+        now: i64,
+    ) -> Result<Claim, CQRSError> {
+        let sql = format!(
+            "INSERT INTO {} (idempotency_key, request, aggregate_id, claimed_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (idempotency_key) DO NOTHING",
+            self.table
+        );
+        let inserted = on_pool!(self, sql, |q, pool| q
+            .bind(key)
+            .bind(request)
+            .bind(aggregate_id)
+            .bind(now)
+            .execute(pool))
+        .map_err(CQRSError::persistence)?;
+        if inserted == 1 {
+            return Ok(Claim::Claimed);
+        }
+        match self.row(key).await? {
+            Some(row) => Ok(Claim::Taken(row)),
+            // Released between the insert and the read: try again.
+            None => Box::pin(self.claim(key, request, aggregate_id, now)).await,
+        }
+    }
+
+    /// The row of `key`, if there is one.
+    pub(crate) async fn row(&self, key: &str) -> Result<Option<KeyRow>, CQRSError> {
+        let sql = format!(
+            "SELECT request, aggregate_id, claimed_at, response FROM {} \
+             WHERE idempotency_key = $1",
+            self.table
+        );
+        let row = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query(&sqlite_placeholders(&sql))
+                .bind(key)
+                .fetch_optional(pool)
+                .await
+                .and_then(|row| row.map(|r| key_row(&r)).transpose()),
+            Pool::Postgres(pool) => sqlx::query(&sql)
+                .bind(key)
+                .fetch_optional(pool)
+                .await
+                .and_then(|row| row.map(|r| key_row(&r)).transpose()),
+        };
+        row.map_err(CQRSError::persistence)
+    }
+
+    /// Records the response of the request that claimed `key` at `claimed_at` (nothing, if
+    /// another request has taken the claim over since).
+    pub(crate) async fn complete(
+        &self,
+        key: &str,
+        claimed_at: i64,
+        response: &str,
+    ) -> Result<(), CQRSError> {
+        let sql = format!(
+            "UPDATE {} SET response = $1 \
+             WHERE idempotency_key = $2 AND claimed_at = $3 AND response IS NULL",
+            self.table
+        );
+        on_pool!(self, sql, |q, pool| q
+            .bind(response)
+            .bind(key)
+            .bind(claimed_at)
+            .execute(pool))
+        .map(drop)
+        .map_err(CQRSError::persistence)
+    }
+
+    /// Frees `key`, claimed at `claimed_at`, after a request that stored nothing and must be
+    /// allowed to run again (nothing, if another request has taken the claim over since).
+    pub(crate) async fn release(&self, key: &str, claimed_at: i64) -> Result<(), CQRSError> {
+        let sql = format!(
+            "DELETE FROM {} WHERE idempotency_key = $1 AND claimed_at = $2 AND response IS NULL",
+            self.table
+        );
+        on_pool!(self, sql, |q, pool| q
+            .bind(key)
+            .bind(claimed_at)
+            .execute(pool))
+        .map(drop)
+        .map_err(CQRSError::persistence)
+    }
+
+    /// Takes over a claim that was abandoned (claimed at `claimed_at`, never completed):
+    /// true for exactly one of several requests that try at once.
+    pub(crate) async fn take_over(
+        &self,
+        key: &str,
+        claimed_at: i64,
+        now: i64,
+    ) -> Result<bool, CQRSError> {
+        let sql = format!(
+            "UPDATE {} SET claimed_at = $1 \
+             WHERE idempotency_key = $2 AND claimed_at = $3 AND response IS NULL",
+            self.table
+        );
+        on_pool!(self, sql, |q, pool| q
+            .bind(now)
+            .bind(key)
+            .bind(claimed_at)
+            .execute(pool))
+        .map(|rows| rows == 1)
+        .map_err(CQRSError::persistence)
+    }
+}
+
+fn key_row<R: Row>(row: &R) -> Result<KeyRow, sqlx::Error>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(KeyRow {
+        request: row.try_get(0)?,
+        aggregate_id: row.try_get(1)?,
+        claimed_at: row.try_get(2)?,
+        response: row.try_get(3)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_placeholders;
+
+    #[test]
+    fn placeholders_become_question_marks() {
+        assert_eq!(
+            sqlite_placeholders("UPDATE t SET a = $1 WHERE b = $2 AND c = $10"),
+            "UPDATE t SET a = ? WHERE b = ? AND c = ?"
+        );
+    }
+}

@@ -1,0 +1,641 @@
+//! The routes: a `POST` per command, `GET` for the view, and the headers that carry
+//! idempotency keys, sequences (`ETag` / `If-Match`) and consistency tokens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use cqrs::{CQRSError, EventRepository, ViewRepository};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use uuid::Uuid;
+
+use crate::db::{Claim, KeyRow};
+use crate::order::{Order, OrderAction, OrderCommand, OrderEvent, OrderLine};
+use crate::problem::{internal, Problem};
+use crate::reply::Reply;
+use crate::Shared;
+
+/// The request header that makes a command idempotent.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The header that carries a global position: on a command's response, the position its
+/// events reached; on a query, the position the view must have reached before it answers.
+pub const CONSISTENCY_TOKEN: &str = "consistency-token";
+/// The response header set on a response replayed for an idempotency key.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// The longest idempotency key accepted.
+const MAX_KEY_LENGTH: usize = 255;
+/// How often a request waits to see whether the request holding its key finished.
+const KEY_POLL: Duration = Duration::from_millis(20);
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let body_limit = shared.config.body_limit;
+    Router::new()
+        .route("/orders", post(place).get(list))
+        .route("/orders/{id}", get(show))
+        .route("/orders/{id}/payment", post(action::<Pay>))
+        .route("/orders/{id}/shipment", post(action::<Ship>))
+        .route("/orders/{id}/cancellation", post(action::<Cancel>))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(shared)
+        // Outermost last: a request gets its `x-request-id`, is traced with it, and the
+        // response carries it back.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// `POST /orders`: `{"customer": "...", "lines": [{"sku", "quantity", "unit_price_cents"}]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceOrder {
+    customer: String,
+    lines: Vec<OrderLine>,
+}
+
+/// `POST /orders/{id}/payment`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Pay {
+    amount_cents: u64,
+    payment_reference: String,
+}
+
+/// `POST /orders/{id}/shipment`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ship {
+    carrier: String,
+    tracking_number: String,
+}
+
+/// `POST /orders/{id}/cancellation`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cancel {
+    reason: String,
+}
+
+async fn place(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let body = body_bytes(&headers, body)?;
+    let request: PlaceOrder = parse_json(&body)?;
+    if headers.contains_key(header::IF_MATCH) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-if-match",
+            "The If-Match header is not valid here",
+            "a new order has no sequence to match",
+        ));
+    }
+    let action = OrderAction::Place {
+        customer: request.customer,
+        lines: request.lines,
+    };
+    let command = Command {
+        request: format!("POST /orders\n{}", String::from_utf8_lossy(&body)),
+        new: true,
+        order_id: None,
+        command: OrderCommand::new(action),
+    };
+    shared.command(&headers, command).await
+}
+
+/// The body of a command on an existing order, and the action it asks for.
+trait ActionBody: DeserializeOwned {
+    /// The last segment of the command's path (`/orders/{id}/payment`).
+    const SEGMENT: &'static str;
+    fn into_action(self) -> OrderAction;
+}
+
+impl ActionBody for Pay {
+    const SEGMENT: &'static str = "payment";
+    fn into_action(self) -> OrderAction {
+        OrderAction::Pay {
+            amount_cents: self.amount_cents,
+            payment_reference: self.payment_reference,
+        }
+    }
+}
+
+impl ActionBody for Ship {
+    const SEGMENT: &'static str = "shipment";
+    fn into_action(self) -> OrderAction {
+        OrderAction::Ship {
+            carrier: self.carrier,
+            tracking_number: self.tracking_number,
+        }
+    }
+}
+
+impl ActionBody for Cancel {
+    const SEGMENT: &'static str = "cancellation";
+    fn into_action(self) -> OrderAction {
+        OrderAction::Cancel {
+            reason: self.reason,
+        }
+    }
+}
+
+/// `POST /orders/{id}/<T::SEGMENT>`: a command on an existing order.
+async fn action<T: ActionBody>(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let order_id = order_id(&id)?;
+    let body = body_bytes(&headers, body)?;
+    let request: T = parse_json(&body)?;
+    let command = Command {
+        request: format!(
+            "POST /orders/{order_id}/{}\n{}",
+            T::SEGMENT,
+            String::from_utf8_lossy(&body)
+        ),
+        new: false,
+        order_id: Some(order_id),
+        command: OrderCommand {
+            expected_sequence: if_match(&headers)?,
+            action: request.into_action(),
+        },
+    };
+    shared.command(&headers, command).await
+}
+
+/// A command as the idempotency logic runs it.
+struct Command {
+    /// Method, path and body: what a second use of the key must repeat.
+    request: String,
+    /// A create (`dispatch_new` on a fresh id) rather than a command on `order_id`.
+    new: bool,
+    order_id: Option<Uuid>,
+    command: OrderCommand,
+}
+
+impl Shared {
+    /// Runs a command, through its idempotency key if it has one.
+    async fn command(&self, headers: &HeaderMap, command: Command) -> Result<Response, Problem> {
+        let Some(key) = idempotency_key(headers)? else {
+            let id = command.order_id.unwrap_or_else(Uuid::new_v4);
+            return Ok(self.dispatch(id, None, command).await.into_response());
+        };
+        let started = tokio::time::Instant::now();
+        loop {
+            let this = &command;
+            let fresh_id = this.order_id.unwrap_or_else(Uuid::new_v4);
+            let now = chrono::Utc::now().timestamp_millis();
+            let claim = self
+                .stores
+                .keys
+                .claim(&key, &this.request, &fresh_id.to_string(), now)
+                .await
+                .map_err(|e| Problem::from_framework(&e))?;
+            let row = match claim {
+                Claim::Claimed => return self.run_claimed(&key, now, fresh_id, command).await,
+                Claim::Taken(row) => row,
+            };
+            if row.request != this.request {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency-key-reused",
+                    "The idempotency key was used for another request",
+                    "send a new key for a new request",
+                ));
+            }
+            if let Some(response) = &row.response {
+                return Ok(replay(response));
+            }
+            let lease =
+                i64::try_from(self.config.idempotency_lease.as_millis()).unwrap_or(i64::MAX);
+            if now.saturating_sub(row.claimed_at) >= lease {
+                // The request that claimed the key never finished (the process died): its
+                // events, if it appended any, carry the key.
+                if let Some(reply) = self.recover(&key, &row).await? {
+                    return Ok(replay_reply(reply));
+                }
+                if self
+                    .stores
+                    .keys
+                    .take_over(&key, row.claimed_at, now)
+                    .await
+                    .map_err(|e| Problem::from_framework(&e))?
+                {
+                    let id = Uuid::parse_str(&row.aggregate_id).map_err(|_| internal())?;
+                    return self.run_claimed(&key, now, id, command).await;
+                }
+            }
+            if started.elapsed() >= self.config.idempotency_wait {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "idempotency-request-in-progress",
+                    "A request with this idempotency key is in progress",
+                    "retry once the first request has finished",
+                )
+                .retry_after(1));
+            }
+            tokio::time::sleep(KEY_POLL).await;
+        }
+    }
+
+    /// Runs a command whose key this request claimed at `claimed_at`, and records its
+    /// outcome (or frees the key when the outcome may differ on a retry).
+    async fn run_claimed(
+        &self,
+        key: &str,
+        claimed_at: i64,
+        id: Uuid,
+        command: Command,
+    ) -> Result<Response, Problem> {
+        let reply = self.dispatch(id, Some(key), command).await;
+        let keys = &self.stores.keys;
+        let recorded = match &reply {
+            Ok(reply) => match serde_json::to_string(reply) {
+                Ok(text) => keys.complete(key, claimed_at, &text).await,
+                Err(_) => return Err(internal()),
+            },
+            Err(problem) if problem.is_final() => {
+                let text = serde_json::to_string(&problem.to_reply()).map_err(|_| internal())?;
+                keys.complete(key, claimed_at, &text).await
+            }
+            Err(_) => keys.release(key, claimed_at).await,
+        };
+        if let Err(error) = recorded {
+            // The outcome stands; a retry recovers it from the events or runs again.
+            tracing::warn!(%error, key, "could not record the outcome of an idempotent request");
+        }
+        reply.map(IntoResponse::into_response)
+    }
+
+    /// Dispatches the command; the key, if any, goes into every event's metadata.
+    async fn dispatch(
+        &self,
+        id: Uuid,
+        key: Option<&str>,
+        command: Command,
+    ) -> Result<Reply, Problem> {
+        let metadata = match key {
+            Some(key) => json!({ "idempotency_key": key }),
+            None => serde_json::Value::Null,
+        };
+        let framework = &self.framework;
+        let receipt = if command.new {
+            framework
+                .dispatch_new_with_metadata(id, command.command, &metadata)
+                .await
+        } else {
+            framework
+                .dispatch_with_metadata(id, command.command, &metadata)
+                .await
+        }?;
+        Ok(command_reply(
+            command.new,
+            id,
+            receipt.sequence,
+            &receipt.positions,
+            &receipt.events,
+        ))
+    }
+
+    /// The outcome of an abandoned request, rebuilt from the events that carry its key, if
+    /// it appended any; recorded under the key.
+    async fn recover(&self, key: &str, row: &KeyRow) -> Result<Option<Reply>, Problem> {
+        let id = Uuid::parse_str(&row.aggregate_id).map_err(|_| internal())?;
+        let stored = self
+            .stores
+            .events
+            .load_events(<Order as cqrs::Aggregate>::NAME, id, 0)
+            .await
+            .map_err(|e| Problem::from_framework(&e))?;
+        let mine: Vec<_> = stored
+            .iter()
+            .filter(|e| e.metadata.get("idempotency_key").and_then(|k| k.as_str()) == Some(key))
+            .collect();
+        let Some(last) = mine.last() else {
+            return Ok(None);
+        };
+        let mut events = Vec::with_capacity(mine.len());
+        for event in &mine {
+            let envelope = event
+                .decode::<OrderEvent>()
+                .map_err(|e| Problem::from_framework(&e))?;
+            events.push(envelope.event);
+        }
+        let positions: Vec<i64> = mine.iter().map(|e| e.position).collect();
+        let new = row.request.starts_with("POST /orders\n");
+        let reply = command_reply(new, id, last.sequence, &positions, &events);
+        if let Ok(text) = serde_json::to_string(&reply) {
+            if let Err(error) = self.stores.keys.complete(key, row.claimed_at, &text).await {
+                tracing::warn!(%error, key, "could not record a recovered outcome");
+            }
+        }
+        Ok(Some(reply))
+    }
+}
+
+/// The response to a command that succeeded.
+fn command_reply(
+    new: bool,
+    id: Uuid,
+    sequence: i64,
+    positions: &[i64],
+    events: &[OrderEvent],
+) -> Reply {
+    let position = positions.last().copied();
+    let mut headers = vec![
+        (
+            header::CONTENT_TYPE.to_string(),
+            "application/json".to_owned(),
+        ),
+        (header::ETAG.to_string(), etag(sequence)),
+    ];
+    if let Some(position) = position {
+        headers.push((CONSISTENCY_TOKEN.to_owned(), position.to_string()));
+    }
+    if new {
+        headers.push((header::LOCATION.to_string(), format!("/orders/{id}")));
+    }
+    Reply {
+        status: if new { 201 } else { 200 },
+        headers,
+        body: json!({
+            "order_id": id,
+            "sequence": sequence,
+            "position": position,
+            "events": events,
+        }),
+    }
+}
+
+/// A stored response, replayed.
+fn replay(stored: &str) -> Response {
+    match serde_json::from_str::<Reply>(stored) {
+        Ok(reply) => replay_reply(reply),
+        Err(error) => {
+            tracing::error!(%error, "a stored idempotent response does not decode");
+            internal().into_response()
+        }
+    }
+}
+
+fn replay_reply(mut reply: Reply) -> Response {
+    reply
+        .headers
+        .push((IDEMPOTENT_REPLAYED.to_owned(), "true".to_owned()));
+    reply.into_response()
+}
+
+/// `GET /orders/{id}`: the order's view, once it has reached the request's consistency
+/// token.
+async fn show(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let order_id = order_id(&id)?;
+    shared.wait_for_token(&headers).await?;
+    let view = shared
+        .stores
+        .views
+        .load(&order_id.to_string())
+        .await
+        .map_err(|e| Problem::from_framework(&e))?
+        .ok_or_else(|| Problem::from(crate::order::OrderError::NotFound))?;
+    let mut response = axum::Json(&view).into_response();
+    if let Ok(value) = HeaderValue::try_from(etag(view.sequence)) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    Ok(response)
+}
+
+/// `GET /orders?after=ID&limit=N`: a page of orders in id order.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(page) = page.map_err(|rejection| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-query",
+            "The query string is not valid",
+            rejection.body_text(),
+        )
+    })?;
+    shared.wait_for_token(&headers).await?;
+    let limit = page.limit.unwrap_or(50).clamp(1, 500);
+    let orders = shared
+        .stores
+        .views
+        .list(page.after.as_deref(), limit)
+        .await
+        .map_err(|e| Problem::from_framework(&e))?;
+    let orders: Vec<_> = orders.into_iter().map(|(_, view)| view).collect();
+    Ok(axum::Json(json!({ "orders": orders })).into_response())
+}
+
+impl Shared {
+    /// Waits, at most the configured time, for the view to reach the request's consistency
+    /// token.
+    async fn wait_for_token(&self, headers: &HeaderMap) -> Result<(), Problem> {
+        let Some(value) = headers.get(CONSISTENCY_TOKEN) else {
+            return Ok(());
+        };
+        let position = value
+            .to_str()
+            .ok()
+            .and_then(|text| text.trim().parse::<i64>().ok())
+            .filter(|position| *position >= 0)
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-consistency-token",
+                    "The Consistency-Token header is not valid",
+                    "send back the Consistency-Token of a command's response",
+                )
+            })?;
+        match self
+            .projection
+            .wait_for(position, self.config.consistency_wait)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(CQRSError::Timeout(_) | CQRSError::ProjectionStopped(_)) => Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "view-behind",
+                "The view has not reached the consistency token yet",
+                format!(
+                    "the view is at position {}, not {position} yet",
+                    self.projection.position()
+                ),
+            )
+            .retry_after(1)),
+            Err(error) => Err(Problem::from_framework(&error)),
+        }
+    }
+}
+
+async fn not_found() -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "No such resource",
+        "see the README for the routes",
+    )
+}
+
+async fn method_not_allowed(method: Method) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("{method} is not allowed here"),
+    )
+}
+
+/// `"N"`: the strong entity tag of an order at sequence `N`.
+fn etag(sequence: i64) -> String {
+    format!("\"{sequence}\"")
+}
+
+fn order_id(text: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(text).map_err(|_| {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "order-not-found",
+            "No such order",
+            "an order id is a UUID",
+        )
+    })
+}
+
+/// The sequence in `If-Match: "N"`, if the header is there.
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| {
+            text.trim()
+                .strip_prefix('"')?
+                .strip_suffix('"')?
+                .parse()
+                .ok()
+        })
+        .filter(|sequence: &i64| *sequence >= 0)
+        .map(Some)
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-if-match",
+                "The If-Match header is not valid here",
+                "send the ETag of the order, a quoted sequence such as \"2\"",
+            )
+        })
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|key| !key.is_empty() && key.len() <= MAX_KEY_LENGTH)
+        .map(|key| Some(key.to_owned()))
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-idempotency-key",
+                "The Idempotency-Key header is not valid",
+                format!("a key is 1 to {MAX_KEY_LENGTH} visible ASCII characters"),
+            )
+        })
+}
+
+/// The body of a JSON request, or the problem with its content type or size.
+fn body_bytes(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(|media| {
+            let media = media.trim().to_ascii_lowercase();
+            media == "application/json"
+                || (media.starts_with("application/") && media.ends_with("+json"))
+        })
+        .unwrap_or(false);
+    if !json {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "The request body must be JSON",
+            "send Content-Type: application/json",
+        ));
+    }
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(
+                status,
+                "body-too-large",
+                "The request body is too large",
+                rejection.body_text(),
+            )
+        } else {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable-body",
+                "The request body could not be read",
+                rejection.body_text(),
+            )
+        }
+    })
+}
+
+/// The body as `T`: malformed JSON is `400`, JSON of the wrong shape (a missing or unknown
+/// field, a wrong type) `422`.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    serde_json::from_slice(body).map_err(|error| {
+        use serde_json::error::Category;
+        match error.classify() {
+            Category::Data => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-request-body",
+                "The request body does not fit the command",
+                error.to_string(),
+            ),
+            Category::Syntax | Category::Eof | Category::Io => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-json",
+                "The request body is not JSON",
+                error.to_string(),
+            ),
+        }
+    })
+}

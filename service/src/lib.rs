@@ -1,0 +1,213 @@
+//! An HTTP service on `cqrs`: orders that are placed, paid, shipped or cancelled, served by
+//! axum on the embedded SQLite store or on PostgreSQL.
+//!
+//! * **Commands** are a `POST` each (`/orders`, `/orders/{id}/payment`, `/orders/{id}/shipment`,
+//!   `/orders/{id}/cancellation`) with a JSON body. Every error is
+//!   `application/problem+json` (RFC 9457) with a stable `type` ([`Problem`]); a body that is
+//!   not JSON, is too large, has an unknown field or the wrong content type is a `4xx` problem
+//!   and stores nothing.
+//! * **`ETag` / `If-Match`.** A command's response, and an order's `GET`, carry the order's
+//!   sequence as its `ETag` (`"3"`). A command sent with `If-Match: "3"` runs only on an order
+//!   still at sequence 3, else answers `412 Precondition Failed`; the framework's optimistic
+//!   append makes the check and the write one decision.
+//! * **`Idempotency-Key`.** A command sent again with the same key (and the same request)
+//!   gets the first outcome back, with `Idempotent-Replayed: true`, and appends nothing:
+//!   the outcome is kept in a table of the same database, so it survives a restart.
+//! * **Read your writes.** A command's response carries `Consistency-Token`: the global
+//!   position of its last event. A `GET` that sends it back waits (up to
+//!   [`Config::consistency_wait`]) for the view to reach it, or answers `503` with
+//!   `Retry-After`.
+//!
+//! The design and its reasons are in `docs/adr/0015-http-service.md`.
+//!
+//! ```no_run
+//! use cqrs_service::{Config, Database, Service};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let service = Service::start(Config::new(Database::Sqlite("orders.sqlite".into()))).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! cqrs_service::serve(listener, service, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![warn(unreachable_pub)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs::{CQRSError, CQRSFramework, Projection, ProjectionHandle, RetryPolicy};
+
+mod db;
+mod http;
+mod order;
+mod problem;
+mod reply;
+
+pub use crate::db::Database;
+pub use crate::http::{CONSISTENCY_TOKEN, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+pub use crate::order::{
+    Order, OrderAction, OrderCommand, OrderError, OrderEvent, OrderLine, OrderState, OrderStatus,
+    OrderSummary, Shipment,
+};
+pub use crate::problem::{Problem, PROBLEM_JSON, PROBLEM_TYPE_BASE};
+
+/// How the service runs: its database and its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Where events, views and idempotency keys are kept.
+    pub database: Database,
+    /// How long a query with a `Consistency-Token` waits for the view before it answers
+    /// `503` (default 2 s).
+    pub consistency_wait: Duration,
+    /// How long a request with an idempotency key waits for another request holding the
+    /// same key before it answers `409` (default 10 s).
+    pub idempotency_wait: Duration,
+    /// How long a claimed idempotency key stays with its request before another request
+    /// may take it over: the request's process is then taken to have died (default 30 s).
+    pub idempotency_lease: Duration,
+    /// The largest request body accepted, in bytes (default 64 KiB); larger is `413`.
+    pub body_limit: usize,
+    /// How many times a command that lost a race is run again on the fresh state before
+    /// the service answers `409` (default 5 attempts).
+    pub retry_attempts: u32,
+}
+
+impl Config {
+    /// The defaults, on `database`.
+    pub fn new(database: Database) -> Self {
+        Config {
+            database,
+            consistency_wait: Duration::from_secs(2),
+            idempotency_wait: Duration::from_secs(10),
+            idempotency_lease: Duration::from_secs(30),
+            body_limit: 64 * 1024,
+            retry_attempts: 5,
+        }
+    }
+
+    /// The same configuration with another consistency wait.
+    #[must_use]
+    pub fn with_consistency_wait(mut self, wait: Duration) -> Self {
+        self.consistency_wait = wait;
+        self
+    }
+
+    /// The same configuration with another idempotency lease.
+    #[must_use]
+    pub fn with_idempotency_lease(mut self, lease: Duration) -> Self {
+        self.idempotency_lease = lease;
+        self
+    }
+
+    /// The same configuration with another wait for a request holding the same idempotency
+    /// key.
+    #[must_use]
+    pub fn with_idempotency_wait(mut self, wait: Duration) -> Self {
+        self.idempotency_wait = wait;
+        self
+    }
+
+    /// The same configuration with another number of attempts for a command that lost a
+    /// race.
+    #[must_use]
+    pub fn with_retry_attempts(mut self, attempts: u32) -> Self {
+        self.retry_attempts = attempts;
+        self
+    }
+
+    /// The same configuration with another body limit.
+    #[must_use]
+    pub fn with_body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+}
+
+/// What the routes share.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) framework: CQRSFramework<Order>,
+    pub(crate) stores: db::Stores,
+    pub(crate) projection: ProjectionHandle,
+}
+
+/// The running service: the framework, the projection that keeps the order view, and the
+/// router over them.
+#[derive(Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("config", &self.shared.config)
+            .field("projection", &self.shared.projection)
+            .finish()
+    }
+}
+
+impl Service {
+    /// Opens the database (creating its tables) and starts the projection of the order
+    /// view.
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the database cannot be opened or migrated.
+    pub async fn start(config: Config) -> Result<Service, CQRSError> {
+        let stores = db::Stores::open(&config.database).await?;
+        let framework = CQRSFramework::<Order>::new(Arc::clone(&stores.events))
+            .with_retry(RetryPolicy::attempts(config.retry_attempts));
+        let projection = Projection::<Order, OrderSummary>::new(
+            Arc::clone(&stores.events),
+            Arc::clone(&stores.views),
+        )
+        .start();
+        Ok(Service {
+            shared: Arc::new(Shared {
+                config,
+                framework,
+                stores,
+                projection,
+            }),
+        })
+    }
+
+    /// The routes, to serve with axum (see [`serve`]) or to call in a test.
+    pub fn router(&self) -> axum::Router {
+        http::router(Arc::clone(&self.shared))
+    }
+
+    /// The position the order view has reached.
+    pub fn view_position(&self) -> i64 {
+        self.shared.projection.position()
+    }
+
+    /// Stops the projection (the view stays where it is; the next start resumes from its
+    /// checkpoint).
+    pub fn stop(&self) {
+        self.shared.projection.stop();
+    }
+}
+
+/// Serves `service` on `listener` until `shutdown` completes; requests in flight then
+/// finish before it returns, and the projection stops.
+///
+/// # Errors
+/// The listener's I/O error.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: Service,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let served = axum::serve(listener, service.router())
+        .with_graceful_shutdown(shutdown)
+        .await;
+    service.stop();
+    served
+}

@@ -1,0 +1,975 @@
+//! The service over real HTTP: a reqwest client against the router served on an ephemeral
+//! port, on SQLite (a temporary file) and on PostgreSQL (`CQRS_POSTGRES_URL`, each test in a
+//! schema of its own; skipped with a note when the variable is unset).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cqrs::sqlx::{self, Connection};
+use cqrs::EventRepository;
+use cqrs_service::{Config, Database, Service, PROBLEM_JSON, PROBLEM_TYPE_BASE};
+use reqwest::{header, Client, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+const POSTGRES_VAR: &str = "CQRS_POSTGRES_URL";
+
+/// Where a test's service keeps its data.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database for one test: a temporary SQLite file or a fresh PostgreSQL schema, removed
+/// when the test ends.
+struct TestDb {
+    database: Database,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    File(PathBuf),
+    Schema { url: String, schema: String },
+}
+
+impl TestDb {
+    /// `None` (after a note) when the backend's server is not configured.
+    fn new(backend: Backend) -> Option<TestDb> {
+        match backend {
+            Backend::Sqlite => {
+                let path =
+                    std::env::temp_dir().join(format!("cqrs-service-{}.sqlite", Uuid::new_v4()));
+                Some(TestDb {
+                    database: Database::Sqlite(path.clone()),
+                    cleanup: Cleanup::File(path),
+                })
+            }
+            Backend::Postgres => {
+                let url = cqrs_tests::server_url(
+                    POSTGRES_VAR,
+                    "service on postgres",
+                    "postgres://postgres@127.0.0.1:5432/test",
+                )?;
+                let schema = format!("t_{}", Uuid::new_v4().simple());
+                Some(TestDb {
+                    database: Database::Postgres {
+                        url: url.clone(),
+                        schema: Some(schema.clone()),
+                    },
+                    cleanup: Cleanup::Schema { url, schema },
+                })
+            }
+        }
+    }
+
+    async fn remove(self) {
+        match self.cleanup {
+            Cleanup::File(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            Cleanup::Schema { url, schema } => {
+                let mut connection = sqlx::PgConnection::connect(&url)
+                    .await
+                    .expect("connect to drop the test schema");
+                sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .execute(&mut connection)
+                    .await
+                    .expect("drop the test schema");
+            }
+        }
+    }
+}
+
+/// The service served on an ephemeral port, with a client for it.
+struct Running {
+    base: String,
+    client: Client,
+    service: Service,
+    stop: Option<oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    async fn start(config: Config) -> Running {
+        let service = Service::start(config).await.expect("start the service");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind an ephemeral port");
+        let base = format!("http://{}", listener.local_addr().expect("local address"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(cqrs_service::serve(listener, service.clone(), async {
+            let _ = stopped.await;
+        }));
+        Running {
+            base,
+            client: Client::new(),
+            service,
+            stop: Some(stop),
+            served,
+        }
+    }
+
+    /// Stops serving, waits for requests in flight, and stops the projection.
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.served
+            .await
+            .expect("the server task")
+            .expect("the server ends cleanly");
+        self.service.stop();
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn post(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Response {
+        let mut request = self.client.post(self.url(path)).json(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("send the request")
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut request = self.client.get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("send the request")
+    }
+
+    /// Places an order of one line at `cents`; returns its id and the response's ETag.
+    async fn place(&self, cents: u64) -> (String, String) {
+        let response = self.post("/orders", &place_body(cents), &[]).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let etag = header_text(&response, "etag");
+        let body: Value = response.json().await.expect("JSON body");
+        (text(&body["order_id"]), etag)
+    }
+
+    /// How many events the store holds, in all.
+    async fn event_count(&self, db: &Database) -> usize {
+        let events = match db {
+            Database::Sqlite(path) => {
+                let store = cqrs::SqliteEventRepository::open(path)
+                    .await
+                    .expect("open the store");
+                store.read_all(0, 100_000).await.expect("read all")
+            }
+            Database::Postgres { url, schema } => {
+                let store = cqrs::PostgresEventRepository::connect(url)
+                    .await
+                    .expect("connect")
+                    .with_schema(schema.as_deref().unwrap_or("public"))
+                    .expect("schema");
+                store.read_all(0, 100_000).await.expect("read all")
+            }
+        };
+        events.len()
+    }
+}
+
+fn place_body(cents: u64) -> Value {
+    json!({
+        "customer": "ada",
+        "lines": [{ "sku": "book-1", "quantity": 1, "unit_price_cents": cents }],
+    })
+}
+
+fn text(value: &Value) -> String {
+    value.as_str().expect("a string").to_owned()
+}
+
+fn header_text(response: &Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .expect("a text header")
+        .to_owned()
+}
+
+/// Asserts a problem response of `status` and type slug `slug`; returns its body.
+async fn assert_problem(response: Response, status: StatusCode, slug: &str) -> Value {
+    assert_eq!(response.status(), status, "status of a {slug} problem");
+    assert_eq!(
+        header_text(&response, "content-type"),
+        PROBLEM_JSON,
+        "content type of a {slug} problem"
+    );
+    let body: Value = response.json().await.expect("a JSON problem");
+    assert_eq!(body["type"], format!("{PROBLEM_TYPE_BASE}{slug}"), "{body}");
+    assert_eq!(body["status"], status.as_u16());
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    body
+}
+
+/// Runs `test` on a fresh database of `backend` with the default configuration.
+macro_rules! on_backends {
+    ($($name:ident => $test:ident;)*) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::run(super::Backend::Sqlite, super::$test).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::run(super::Backend::Postgres, super::$test).await;
+                }
+            )*
+        }
+    };
+}
+
+async fn run<F, Fut>(backend: Backend, test: F)
+where
+    F: FnOnce(Database) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let Some(db) = TestDb::new(backend) else {
+        return;
+    };
+    test(db.database.clone()).await;
+    db.remove().await;
+}
+
+on_backends! {
+    order_lifecycle => order_lifecycle;
+    domain_errors_are_problems => domain_errors_are_problems;
+    bad_input_is_a_4xx_problem_and_stores_nothing => bad_input_is_a_4xx_problem_and_stores_nothing;
+    stale_if_match_is_412 => stale_if_match_is_412;
+    racing_if_match_one_wins => racing_if_match_one_wins;
+    idempotent_retry_returns_the_first_outcome => idempotent_retry_returns_the_first_outcome;
+    ten_concurrent_requests_with_one_key_append_once => ten_concurrent_requests_with_one_key_append_once;
+    idempotency_survives_a_restart => idempotency_survives_a_restart;
+    abandoned_claim_is_recovered_from_the_events => abandoned_claim_is_recovered_from_the_events;
+    key_held_by_a_running_request_is_409 => key_held_by_a_running_request_is_409;
+    abandoned_claim_without_events_runs_once => abandoned_claim_without_events_runs_once;
+    read_your_writes => read_your_writes;
+    query_behind_the_token_is_503 => query_behind_the_token_is_503;
+}
+
+async fn order_lifecycle(db: Database) {
+    let running = Running::start(Config::new(db)).await;
+    let (id, etag) = running.place(2500).await;
+    assert_eq!(etag, "\"1\"");
+
+    let paid = running
+        .post(
+            &format!("/orders/{id}/payment"),
+            &json!({ "amount_cents": 2500, "payment_reference": "pay-1" }),
+            &[],
+        )
+        .await;
+    assert_eq!(paid.status(), StatusCode::OK);
+    assert_eq!(header_text(&paid, "etag"), "\"2\"");
+    let body: Value = paid.json().await.expect("JSON");
+    assert_eq!(body["sequence"], 2);
+    assert_eq!(body["events"][0]["type"], "Paid");
+
+    let shipped = running
+        .post(
+            &format!("/orders/{id}/shipment"),
+            &json!({ "carrier": "post", "tracking_number": "T-1" }),
+            &[],
+        )
+        .await;
+    assert_eq!(shipped.status(), StatusCode::OK);
+    let token = header_text(&shipped, "consistency-token");
+
+    let view = running
+        .get(&format!("/orders/{id}"), &[("consistency-token", &token)])
+        .await;
+    assert_eq!(view.status(), StatusCode::OK);
+    assert_eq!(header_text(&view, "etag"), "\"3\"");
+    let view: Value = view.json().await.expect("JSON");
+    assert_eq!(view["status"], "shipped");
+    assert_eq!(view["total_cents"], 2500);
+    assert_eq!(view["payment_reference"], "pay-1");
+    assert_eq!(view["shipment"]["tracking_number"], "T-1");
+
+    let list = running
+        .get("/orders", &[("consistency-token", &token)])
+        .await;
+    assert_eq!(list.status(), StatusCode::OK);
+    let list: Value = list.json().await.expect("JSON");
+    assert_eq!(list["orders"].as_array().map(Vec::len), Some(1));
+    running.shutdown().await;
+}
+
+async fn domain_errors_are_problems(db: Database) {
+    let running = Running::start(Config::new(db)).await;
+    let (id, _) = running.place(1000).await;
+    let ship = json!({ "carrier": "post", "tracking_number": "T-1" });
+    let pay = |cents: u64| json!({ "amount_cents": cents, "payment_reference": "p" });
+
+    let early = running
+        .post(&format!("/orders/{id}/shipment"), &ship, &[])
+        .await;
+    assert_problem(early, StatusCode::CONFLICT, "order-not-paid").await;
+    let wrong = running
+        .post(&format!("/orders/{id}/payment"), &pay(999), &[])
+        .await;
+    let body = assert_problem(
+        wrong,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "wrong-payment-amount",
+    )
+    .await;
+    assert!(text(&body["detail"]).contains("1000"), "{body}");
+    let missing = running
+        .post(&format!("/orders/{}/payment", Uuid::new_v4()), &pay(1), &[])
+        .await;
+    assert_problem(missing, StatusCode::NOT_FOUND, "order-not-found").await;
+    let empty = running
+        .post("/orders", &json!({ "customer": "ada", "lines": [] }), &[])
+        .await;
+    assert_problem(
+        empty,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "order-without-lines",
+    )
+    .await;
+
+    let cancelled = running
+        .post(
+            &format!("/orders/{id}/cancellation"),
+            &json!({ "reason": "changed my mind" }),
+            &[],
+        )
+        .await;
+    assert_eq!(cancelled.status(), StatusCode::OK);
+    let late = running
+        .post(&format!("/orders/{id}/payment"), &pay(1000), &[])
+        .await;
+    assert_problem(late, StatusCode::CONFLICT, "order-cancelled").await;
+
+    let unknown = running
+        .get(&format!("/orders/{}", Uuid::new_v4()), &[])
+        .await;
+    assert_problem(unknown, StatusCode::NOT_FOUND, "order-not-found").await;
+    let nowhere = running.get("/nowhere", &[]).await;
+    assert_problem(nowhere, StatusCode::NOT_FOUND, "not-found").await;
+    let method = running
+        .client
+        .delete(running.url("/orders"))
+        .send()
+        .await
+        .expect("send");
+    assert_problem(method, StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed").await;
+    running.shutdown().await;
+}
+
+async fn bad_input_is_a_4xx_problem_and_stores_nothing(db: Database) {
+    let running = Running::start(Config::new(db.clone()).with_body_limit(4096)).await;
+    let (id, _) = running.place(100).await;
+    let before = running.event_count(&db).await;
+    let raw = |path: &str, content_type: &str, body: Vec<u8>| {
+        running
+            .client
+            .post(running.url(path))
+            .header(header::CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+    };
+    let pay_path = format!("/orders/{id}/payment");
+
+    let malformed = raw("/orders", "application/json", b"{\"customer\": ".to_vec())
+        .await
+        .expect("send");
+    assert_problem(malformed, StatusCode::BAD_REQUEST, "malformed-json").await;
+    let not_json = raw(&pay_path, "application/json", b"amount=100".to_vec())
+        .await
+        .expect("send");
+    assert_problem(not_json, StatusCode::BAD_REQUEST, "malformed-json").await;
+    let form = raw(
+        &pay_path,
+        "application/x-www-form-urlencoded",
+        b"amount_cents=100&payment_reference=p".to_vec(),
+    )
+    .await
+    .expect("send");
+    assert_problem(
+        form,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+    )
+    .await;
+    let no_type = running
+        .client
+        .post(running.url(&pay_path))
+        .body(r#"{"amount_cents":100,"payment_reference":"p"}"#)
+        .send()
+        .await
+        .expect("send");
+    assert_problem(
+        no_type,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+    )
+    .await;
+    let unknown_field = running
+        .post(
+            &pay_path,
+            &json!({ "amount_cents": 100, "payment_reference": "p", "discount": 50 }),
+            &[],
+        )
+        .await;
+    let body = assert_problem(
+        unknown_field,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-request-body",
+    )
+    .await;
+    assert!(text(&body["detail"]).contains("discount"), "{body}");
+    let unknown_line_field = running
+        .post(
+            "/orders",
+            &json!({ "customer": "a", "lines": [{ "sku": "x", "quantity": 1, "unit_price_cents": 1, "colour": "red" }] }),
+            &[],
+        )
+        .await;
+    assert_problem(
+        unknown_line_field,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-request-body",
+    )
+    .await;
+    let wrong_type = running
+        .post(
+            &pay_path,
+            &json!({ "amount_cents": "100", "payment_reference": "p" }),
+            &[],
+        )
+        .await;
+    assert_problem(
+        wrong_type,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-request-body",
+    )
+    .await;
+    let negative = running
+        .post(
+            &pay_path,
+            &json!({ "amount_cents": -1, "payment_reference": "p" }),
+            &[],
+        )
+        .await;
+    assert_problem(
+        negative,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-request-body",
+    )
+    .await;
+    let huge_reference = "x".repeat(10_000);
+    let huge = running
+        .post(
+            &pay_path,
+            &json!({ "amount_cents": 100, "payment_reference": huge_reference }),
+            &[],
+        )
+        .await;
+    assert_problem(huge, StatusCode::PAYLOAD_TOO_LARGE, "body-too-large").await;
+    // A body past the limit without a length (chunked): the limit applies to what is
+    // streamed. Small enough to sit in the socket's buffers when the server answers early.
+    let chunks =
+        futures_util::stream::iter((0..5).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
+    let streamed = running
+        .client
+        .post(running.url(&pay_path))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("send");
+    assert_problem(streamed, StatusCode::PAYLOAD_TOO_LARGE, "body-too-large").await;
+    let bad_if_match = running
+        .post(
+            &pay_path,
+            &json!({ "amount_cents": 100, "payment_reference": "p" }),
+            &[("if-match", "one")],
+        )
+        .await;
+    assert_problem(bad_if_match, StatusCode::BAD_REQUEST, "invalid-if-match").await;
+    let bad_key = running
+        .post(
+            &pay_path,
+            &json!({ "amount_cents": 100, "payment_reference": "p" }),
+            &[("idempotency-key", &"k".repeat(300))],
+        )
+        .await;
+    assert_problem(bad_key, StatusCode::BAD_REQUEST, "invalid-idempotency-key").await;
+    let bad_id = running
+        .post(
+            "/orders/not-a-uuid/payment",
+            &json!({ "amount_cents": 100, "payment_reference": "p" }),
+            &[],
+        )
+        .await;
+    assert_problem(bad_id, StatusCode::NOT_FOUND, "order-not-found").await;
+    let bad_token = running
+        .get(&format!("/orders/{id}"), &[("consistency-token", "soon")])
+        .await;
+    assert_problem(
+        bad_token,
+        StatusCode::BAD_REQUEST,
+        "invalid-consistency-token",
+    )
+    .await;
+
+    assert_eq!(
+        running.event_count(&db).await,
+        before,
+        "bad input stored nothing"
+    );
+    // The order is still unpaid: none of the above paid it.
+    let paid = running
+        .post(
+            &pay_path,
+            &json!({ "amount_cents": 100, "payment_reference": "p" }),
+            &[],
+        )
+        .await;
+    assert_eq!(paid.status(), StatusCode::OK);
+    running.shutdown().await;
+}
+
+async fn stale_if_match_is_412(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let (id, etag) = running.place(700).await;
+    let pay = json!({ "amount_cents": 700, "payment_reference": "p" });
+    let stale = running
+        .post(
+            &format!("/orders/{id}/payment"),
+            &pay,
+            &[("if-match", "\"0\"")],
+        )
+        .await;
+    let body = assert_problem(
+        stale,
+        StatusCode::PRECONDITION_FAILED,
+        "precondition-failed",
+    )
+    .await;
+    assert!(text(&body["detail"]).contains("sequence 1"), "{body}");
+    let before = running.event_count(&db).await;
+    let fresh = running
+        .post(
+            &format!("/orders/{id}/payment"),
+            &pay,
+            &[("if-match", &etag)],
+        )
+        .await;
+    assert_eq!(fresh.status(), StatusCode::OK);
+    assert_eq!(header_text(&fresh, "etag"), "\"2\"");
+    assert_eq!(running.event_count(&db).await, before + 1);
+    // The same If-Match again is stale now.
+    let again = running
+        .post(
+            &format!("/orders/{id}/cancellation"),
+            &json!({ "reason": "r" }),
+            &[("if-match", &etag)],
+        )
+        .await;
+    assert_problem(
+        again,
+        StatusCode::PRECONDITION_FAILED,
+        "precondition-failed",
+    )
+    .await;
+    running.shutdown().await;
+}
+
+/// Two tabs cancel the same order with the same ETag at once: one wins, the other is 412.
+async fn racing_if_match_one_wins(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    for _ in 0..5 {
+        let (id, etag) = running.place(300).await;
+        let path = format!("/orders/{id}/cancellation");
+        let body = json!({ "reason": "tab" });
+        let headers = [("if-match", etag.as_str())];
+        let requests = (0..8).map(|_| running.post(&path, &body, &headers));
+        let statuses: Vec<StatusCode> = futures_util::future::join_all(requests)
+            .await
+            .iter()
+            .map(Response::status)
+            .collect();
+        let won = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+        let refused = statuses
+            .iter()
+            .filter(|s| **s == StatusCode::PRECONDITION_FAILED)
+            .count();
+        assert_eq!((won, refused), (1, 7), "{statuses:?}");
+    }
+    running.shutdown().await;
+}
+
+async fn idempotent_retry_returns_the_first_outcome(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let key = Uuid::new_v4().to_string();
+    let first = running
+        .post("/orders", &place_body(42), &[("idempotency-key", &key)])
+        .await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first_location = header_text(&first, "location");
+    let first_body: Value = first.json().await.expect("JSON");
+    let count = running.event_count(&db).await;
+
+    let retry = running
+        .post("/orders", &place_body(42), &[("idempotency-key", &key)])
+        .await;
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(header_text(&retry, "idempotent-replayed"), "true");
+    assert_eq!(header_text(&retry, "location"), first_location);
+    let retry_body: Value = retry.json().await.expect("JSON");
+    assert_eq!(retry_body, first_body);
+    assert_eq!(
+        running.event_count(&db).await,
+        count,
+        "the retry appended nothing"
+    );
+
+    // The same key with another request is refused, and stores nothing.
+    let other = running
+        .post("/orders", &place_body(43), &[("idempotency-key", &key)])
+        .await;
+    assert_problem(
+        other,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+    )
+    .await;
+
+    // A domain error is an outcome too: the retry gets it back even though the order
+    // could now be paid.
+    let id = text(&first_body["order_id"]);
+    let pay_key = Uuid::new_v4().to_string();
+    let path = format!("/orders/{id}/payment");
+    let short = json!({ "amount_cents": 41, "payment_reference": "p" });
+    let refused = running
+        .post(&path, &short, &[("idempotency-key", &pay_key)])
+        .await;
+    assert_problem(
+        refused,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "wrong-payment-amount",
+    )
+    .await;
+    let again = running
+        .post(&path, &short, &[("idempotency-key", &pay_key)])
+        .await;
+    assert_eq!(header_text(&again, "idempotent-replayed"), "true");
+    assert_problem(
+        again,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "wrong-payment-amount",
+    )
+    .await;
+    assert_eq!(running.event_count(&db).await, count);
+    running.shutdown().await;
+}
+
+async fn ten_concurrent_requests_with_one_key_append_once(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let (id, _) = running.place(900).await;
+    let before = running.event_count(&db).await;
+    let path = format!("/orders/{id}/payment");
+    let body = json!({ "amount_cents": 900, "payment_reference": "p" });
+    let key = Uuid::new_v4().to_string();
+    let headers = [("idempotency-key", key.as_str())];
+    let requests = (0..10).map(|_| running.post(&path, &body, &headers));
+    let responses = futures_util::future::join_all(requests).await;
+    let mut bodies = Vec::new();
+    let mut replayed = 0;
+    for response in responses {
+        assert_eq!(response.status(), StatusCode::OK);
+        replayed += usize::from(response.headers().contains_key("idempotent-replayed"));
+        bodies.push(response.json::<Value>().await.expect("JSON"));
+    }
+    assert_eq!(replayed, 9, "one request ran, nine were replayed");
+    assert!(
+        bodies.windows(2).all(|pair| pair[0] == pair[1]),
+        "{bodies:?}"
+    );
+    assert_eq!(running.event_count(&db).await, before + 1, "one append");
+    running.shutdown().await;
+}
+
+async fn idempotency_survives_a_restart(db: Database) {
+    let key = Uuid::new_v4().to_string();
+    let running = Running::start(Config::new(db.clone())).await;
+    let first = running
+        .post("/orders", &place_body(5), &[("idempotency-key", &key)])
+        .await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first_body: Value = first.json().await.expect("JSON");
+    running.shutdown().await;
+    let count = {
+        let running = Running::start(Config::new(db.clone())).await;
+        let count = running.event_count(&db).await;
+        running.shutdown().await;
+        count
+    };
+
+    let running = Running::start(Config::new(db.clone())).await;
+    let retry = running
+        .post("/orders", &place_body(5), &[("idempotency-key", &key)])
+        .await;
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(header_text(&retry, "idempotent-replayed"), "true");
+    let retry_body: Value = retry.json().await.expect("JSON");
+    assert_eq!(retry_body, first_body);
+    assert_eq!(running.event_count(&db).await, count);
+    running.shutdown().await;
+}
+
+/// A process that appended and died before recording the outcome: after the lease, a retry
+/// finds the events that carry the key and answers with them, appending nothing.
+async fn abandoned_claim_is_recovered_from_the_events(db: Database) {
+    let lease = Duration::from_millis(200);
+    let running = Running::start(Config::new(db.clone()).with_idempotency_lease(lease)).await;
+    let key = Uuid::new_v4().to_string();
+    let first = running
+        .post("/orders", &place_body(8), &[("idempotency-key", &key)])
+        .await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first_body: Value = first.json().await.expect("JSON");
+    // Forget the recorded outcome, as if the process had died right after the append.
+    forget_response(&db, &key).await;
+    let count = running.event_count(&db).await;
+    tokio::time::sleep(lease * 2).await;
+
+    let retry = running
+        .post("/orders", &place_body(8), &[("idempotency-key", &key)])
+        .await;
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(header_text(&retry, "idempotent-replayed"), "true");
+    let retry_body: Value = retry.json().await.expect("JSON");
+    assert_eq!(retry_body, first_body);
+    assert_eq!(
+        running.event_count(&db).await,
+        count,
+        "recovered, not run again"
+    );
+    running.shutdown().await;
+}
+
+/// Sets the key's response back to NULL: a claim whose request never finished.
+async fn forget_response(db: &Database, key: &str) {
+    let sql = "UPDATE {table} SET response = NULL WHERE idempotency_key = $1";
+    execute(db, sql, &[key]).await;
+}
+
+/// Claims `key` for `request` at `claimed_at` (ms since the epoch), as a request that is
+/// running, or that died before it appended.
+async fn claim(db: &Database, key: &str, request: &str, claimed_at: i64) {
+    let sql = "INSERT INTO {table} (idempotency_key, request, aggregate_id, claimed_at) \
+               VALUES ($1, $2, $3, CAST($4 AS BIGINT))";
+    let id = Uuid::new_v4().to_string();
+    execute(db, sql, &[key, request, &id, &claimed_at.to_string()]).await;
+}
+
+/// Runs `sql` on the idempotency table (`{table}`) with text parameters `$1`, `$2`, ...
+async fn execute(db: &Database, sql: &str, params: &[&str]) {
+    match db {
+        Database::Sqlite(path) => {
+            let sql = sql.replace("{table}", "http_idempotency");
+            let url = format!("sqlite://{}", path.display());
+            let mut connection = sqlx::SqliteConnection::connect(&url)
+                .await
+                .expect("connect");
+            let mut query = sqlx::query(&sql);
+            for param in params {
+                query = query.bind(*param);
+            }
+            query.execute(&mut connection).await.expect("execute");
+        }
+        Database::Postgres { url, schema } => {
+            let schema = schema.as_deref().unwrap_or("public");
+            let sql = sql.replace("{table}", &format!("{schema}.http_idempotency"));
+            let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
+            let mut query = sqlx::query(&sql);
+            for param in params {
+                query = query.bind(*param);
+            }
+            query.execute(&mut connection).await.expect("execute");
+        }
+    }
+}
+
+/// A key held by a request still running: the retry waits, then answers `409` with
+/// `Retry-After`, and runs nothing.
+async fn key_held_by_a_running_request_is_409(db: Database) {
+    let config = Config::new(db.clone()).with_idempotency_wait(Duration::from_millis(200));
+    let running = Running::start(config).await;
+    let key = Uuid::new_v4().to_string();
+    let body = place_body(3);
+    let request = format!(
+        "POST /orders\n{}",
+        serde_json::to_string(&body).expect("JSON")
+    );
+    claim(&db, &key, &request, now_millis()).await;
+    let before = running.event_count(&db).await;
+    let response = running
+        .post("/orders", &body, &[("idempotency-key", &key)])
+        .await;
+    assert_eq!(header_text(&response, "retry-after"), "1");
+    assert_problem(
+        response,
+        StatusCode::CONFLICT,
+        "idempotency-request-in-progress",
+    )
+    .await;
+    assert_eq!(running.event_count(&db).await, before);
+    running.shutdown().await;
+}
+
+/// A key whose request died before it appended: after the lease, a retry takes the claim
+/// over and runs the command, once, under the id the claim chose.
+async fn abandoned_claim_without_events_runs_once(db: Database) {
+    let lease = Duration::from_millis(200);
+    let running = Running::start(Config::new(db.clone()).with_idempotency_lease(lease)).await;
+    let key = Uuid::new_v4().to_string();
+    let body = place_body(4);
+    let request = format!(
+        "POST /orders\n{}",
+        serde_json::to_string(&body).expect("JSON")
+    );
+    claim(&db, &key, &request, now_millis() - 60_000).await;
+    let before = running.event_count(&db).await;
+    let headers = [("idempotency-key", key.as_str())];
+    let retries = (0..4).map(|_| running.post("/orders", &body, &headers));
+    let responses = futures_util::future::join_all(retries).await;
+    let mut bodies = Vec::new();
+    for response in responses {
+        assert_eq!(response.status(), StatusCode::CREATED);
+        bodies.push(response.json::<Value>().await.expect("JSON"));
+    }
+    assert!(
+        bodies.windows(2).all(|pair| pair[0] == pair[1]),
+        "{bodies:?}"
+    );
+    assert_eq!(running.event_count(&db).await, before + 1, "one append");
+    running.shutdown().await;
+}
+
+fn now_millis() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970");
+    i64::try_from(since.as_millis()).expect("milliseconds fit")
+}
+
+/// Under a stream of writes, a query that sends the command's token back never shows the
+/// order as it was before that command.
+async fn read_your_writes(db: Database) {
+    let running = Running::start(Config::new(db)).await;
+    let workers = (0..8).map(|_| async {
+        for _ in 0..5 {
+            let placed = running.post("/orders", &place_body(10), &[]).await;
+            assert_eq!(placed.status(), StatusCode::CREATED);
+            let token = header_text(&placed, "consistency-token");
+            let body: Value = placed.json().await.expect("JSON");
+            let id = text(&body["order_id"]);
+            let view = running
+                .get(&format!("/orders/{id}"), &[("consistency-token", &token)])
+                .await;
+            assert_eq!(view.status(), StatusCode::OK, "the placed order is visible");
+            let paid = running
+                .post(
+                    &format!("/orders/{id}/payment"),
+                    &json!({ "amount_cents": 10, "payment_reference": "p" }),
+                    &[],
+                )
+                .await;
+            let token = header_text(&paid, "consistency-token");
+            let view: Value = running
+                .get(&format!("/orders/{id}"), &[("consistency-token", &token)])
+                .await
+                .json()
+                .await
+                .expect("JSON");
+            assert_eq!(view["status"], "paid", "{view}");
+            assert_eq!(view["sequence"], 2);
+        }
+    });
+    futures_util::future::join_all(workers).await;
+    running.shutdown().await;
+}
+
+/// A token the view cannot reach in time: `503` with `Retry-After`.
+async fn query_behind_the_token_is_503(db: Database) {
+    let config = Config::new(db).with_consistency_wait(Duration::from_millis(100));
+    let running = Running::start(config).await;
+    let (id, _) = running.place(1).await;
+    let response = running
+        .get(
+            &format!("/orders/{id}"),
+            &[("consistency-token", "1000000000")],
+        )
+        .await;
+    assert_eq!(header_text(&response, "retry-after"), "1");
+    assert_problem(response, StatusCode::SERVICE_UNAVAILABLE, "view-behind").await;
+    running.shutdown().await;
+}
+
+/// Shutting down while commands are in flight: every command the server answered is
+/// stored, none is answered with a server error, and none is stored unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_finishes_requests_in_flight() {
+    let Some(db) = TestDb::new(Backend::Sqlite) else {
+        return;
+    };
+    let running = Running::start(Config::new(db.database.clone())).await;
+    running.place(1).await;
+    let client = running.client.clone();
+    let base = running.base.clone();
+    let requests: Vec<_> = (0..16)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("{base}/orders");
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&place_body(i + 1))
+                    .send()
+                    .await
+                    .map(|response| response.status())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    running.shutdown().await;
+    let mut created = 0;
+    for request in requests {
+        match request.await.expect("the request task") {
+            Ok(status) => {
+                assert_eq!(status, StatusCode::CREATED);
+                created += 1;
+            }
+            // Not accepted before the listener closed: nothing was stored for it.
+            Err(error) => assert!(error.is_connect() || error.is_request(), "{error}"),
+        }
+    }
+    let restarted = Running::start(Config::new(db.database.clone())).await;
+    assert_eq!(restarted.event_count(&db.database).await, 1 + created);
+    restarted.shutdown().await;
+    db.remove().await;
+}
