@@ -290,6 +290,27 @@ fn assert_once_in_order(
     }
 }
 
+/// Appends to a new ledger one deposit per entry of `paddings`, each with metadata padded
+/// by that many bytes; returns the ledger's id.
+async fn append_padded(store: &DynamoDbEventRepository, paddings: &[usize]) -> Uuid {
+    let id = Uuid::new_v4();
+    let events: Vec<PersistableDomainEvent> = (1..)
+        .zip(paddings)
+        .map(|(sequence, padding)| {
+            PersistableDomainEvent::new(
+                "ledger",
+                id,
+                sequence,
+                &LedgerEvent::Deposited { amount: 1 },
+                serde_json::json!({ "padding": "x".repeat(*padding) }),
+            )
+            .unwrap()
+        })
+        .collect();
+    store.append(events).await.unwrap();
+    id
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -514,21 +535,7 @@ async fn large_events_go_in_requests_under_the_size_limit() {
     let harness = DynamoDbHarness::new(&endpoint);
     let store = harness.fresh_store().await;
     // Eight events of about 200 KB: more than a request takes (SNS 256 KiB, SQS 1 MiB).
-    let id = Uuid::new_v4();
-    let padding = serde_json::Value::String("x".repeat(200_000));
-    let events: Vec<PersistableDomainEvent> = (1..=8)
-        .map(|sequence| {
-            PersistableDomainEvent::new(
-                "ledger",
-                id,
-                sequence,
-                &LedgerEvent::Deposited { amount: 1 },
-                serde_json::json!({ "padding": padding }),
-            )
-            .unwrap()
-        })
-        .collect();
-    store.append(events).await.unwrap();
+    let id = append_padded(&store, &[200_000; 8]).await;
     let aws = Messaging::new(&endpoint);
     let queue = aws.fifo_queue("large", 30).await;
     let relay = MessagingRelay::to_sqs_queue(
@@ -550,21 +557,7 @@ async fn a_refused_event_stops_the_relay_after_the_events_before_it() {
     let harness = DynamoDbHarness::new(&endpoint);
     let store = harness.fresh_store().await;
     // Sequence 3 is larger than SNS takes in one message (256 KiB): refused on its own.
-    let id = Uuid::new_v4();
-    let events: Vec<PersistableDomainEvent> = (1..=4)
-        .map(|sequence| {
-            let padding = "x".repeat(if sequence == 3 { 300_000 } else { 10 });
-            PersistableDomainEvent::new(
-                "ledger",
-                id,
-                sequence,
-                &LedgerEvent::Deposited { amount: 1 },
-                serde_json::json!({ "padding": padding }),
-            )
-            .unwrap()
-        })
-        .collect();
-    store.append(events).await.unwrap();
+    let id = append_padded(&store, &[10, 10, 300_000, 10]).await;
     let stored = store.read_all(0, 10).await.unwrap();
     let aws = Messaging::new(&endpoint);
     let queue = aws.fifo_queue("refused", 30).await;
