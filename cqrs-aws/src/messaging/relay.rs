@@ -20,17 +20,19 @@ pub const MAX_ENTRIES_PER_SEND: usize = 10;
 /// fewer than ten entries rather than exceed it.
 pub const MAX_BYTES_PER_SEND: usize = 256 * 1024;
 
-/// Where a [`MessagingRelay`] publishes.
+/// Where a [`MessagingRelay`] publishes: a FIFO topic or queue (its name ends in `.fifo`).
+/// The relay sets a message group and a deduplication id on every message, which a standard
+/// topic or queue refuses.
 #[derive(Clone)]
 pub enum Destination {
-    /// An SNS topic (FIFO: its name ends in `.fifo`), by ARN; `PublishBatch`.
+    /// An SNS FIFO topic, by ARN; `PublishBatch`.
     SnsTopic {
         /// The client.
         client: aws_sdk_sns::Client,
         /// The topic's ARN.
         topic_arn: String,
     },
-    /// An SQS queue (FIFO: its name ends in `.fifo`), by URL; `SendMessageBatch`.
+    /// An SQS FIFO queue, by URL; `SendMessageBatch`.
     SqsQueue {
         /// The client.
         client: aws_sdk_sqs::Client,
