@@ -21,6 +21,9 @@
 //! * [`envelope`]: an event as the JSON body of an SQS message or SNS notification.
 //! * `lambda` (feature `lambda`): Lambda handlers that feed a view from the table's DynamoDB
 //!   stream or from SQS, with one checkpoint per aggregate (`docs/adr/0014-lambda-adapters.md`).
+//! * `messaging` (feature `messaging`): a relay that publishes committed events to an SNS
+//!   FIFO topic or an SQS FIFO queue, and an SQS consumer that feeds a view outside Lambda
+//!   (`docs/adr/0016-sns-sqs-publishing.md`).
 //! * `testkit` (feature `testkit`): the conformance suites' harness, one fresh table per
 //!   test against the emulator named by `CQRS_DYNAMODB_ENDPOINT`.
 //!
@@ -128,7 +131,12 @@ mod items;
 #[cfg(feature = "lambda")]
 #[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
 pub mod lambda;
+#[cfg(feature = "messaging")]
+#[cfg_attr(docsrs, doc(cfg(feature = "messaging")))]
+pub mod messaging;
 mod snapshots;
+#[cfg(any(feature = "lambda", feature = "messaging"))]
+mod sqs_batch;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
@@ -168,25 +176,31 @@ const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// assert_eq!(store.table(), "events");
 /// ```
 pub fn local_client(endpoint_url: &str) -> Client {
-    let http = aws_smithy_http_client::Builder::new()
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .http_client(local_http_client())
+        .endpoint_url(endpoint_url)
+        .region(Region::new(LOCAL_REGION))
+        .credentials_provider(local_credentials())
+        .build();
+    Client::from_conf(config)
+}
+
+/// The region of the local clients.
+pub(crate) const LOCAL_REGION: &str = "us-east-1";
+
+/// The HTTP client of the local clients: the SDK's, over rustls with ring.
+pub(crate) fn local_http_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(
             tls::rustls_provider::CryptoMode::Ring,
         ))
-        .build_https();
-    let config = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .http_client(http)
-        .endpoint_url(endpoint_url)
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "cqrs-aws-static",
-        ))
-        .build();
-    Client::from_conf(config)
+        .build_https()
+}
+
+/// The static test credentials of the local clients.
+pub(crate) fn local_credentials() -> Credentials {
+    Credentials::new("test", "test", None, None, "cqrs-aws-static")
 }
 
 /// Creates `table` for the stores if it does not exist, and waits until it is active.

@@ -366,6 +366,10 @@ pub mod __private {
     pub use ::std;
     pub use ::uuid;
 
+    /// The background runner behind every handle (`ProjectionHandle`, `NatsRelayHandle`),
+    /// for the runners of `cqrs-aws`: one vocabulary for background tasks.
+    pub use crate::task::{backoff, Shared, Stop, Task};
+
     /// Deserializes a payload into `E`. Bounded by `DomainEvent` (not `Deserialize`) so a
     /// type that lacks `Deserialize` is reported once, at the type, not again at the call.
     ///

@@ -27,7 +27,7 @@ pub(crate) fn is_transient(error: &CQRSError) -> bool {
 }
 
 /// The wait after the `failures`-th failure in a row: 50 ms doubling, up to 5 s.
-pub(crate) fn backoff(failures: u32) -> Duration {
+pub fn backoff(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(10);
     Duration::from_millis(50)
         .saturating_mul(1 << doublings)
@@ -36,7 +36,7 @@ pub(crate) fn backoff(failures: u32) -> Duration {
 
 /// Lets a runner interrupt waits; `catch_up` never stops.
 #[derive(Clone)]
-pub(crate) struct Stop {
+pub struct Stop {
     signal: Option<watch::Receiver<bool>>,
 }
 
@@ -51,7 +51,8 @@ impl Stop {
         }
     }
 
-    pub(crate) fn is_stopped(&self) -> bool {
+    /// True once a stop was asked, or the handle that could ask is gone.
+    pub fn is_stopped(&self) -> bool {
         self.signal.as_ref().is_some_and(|signal| {
             *signal.borrow() || signal.has_changed().is_err() // sender gone: stop too
         })
@@ -75,7 +76,7 @@ impl Stop {
     }
 
     /// Waits until a stop is asked (forever for [`Stop::never`]).
-    pub(crate) async fn stopped(&mut self) {
+    pub async fn stopped(&mut self) {
         match self.signal.as_mut() {
             None => std::future::pending().await,
             Some(signal) => {
@@ -87,7 +88,7 @@ impl Stop {
 
 /// What a runner shares with its handle.
 #[derive(Debug, Default)]
-pub(crate) struct Shared {
+pub struct Shared {
     /// Caught up at least once.
     pub(crate) live: AtomicBool,
     /// The last error the runner met, rendered.
@@ -95,14 +96,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn set_last_error(&self, error: Option<String>) {
+    /// Records the last error (`None`: clears it).
+    pub fn set_last_error(&self, error: Option<String>) {
         *self
             .last_error
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
     }
 
-    pub(crate) fn set_live(&self) {
+    /// Records that the runner caught up.
+    pub fn set_live(&self) {
         self.live.store(true, Ordering::Release);
     }
 }
@@ -110,7 +113,7 @@ impl Shared {
 /// A runner on a tokio task, as its handle sees it: the vocabulary every handle of the
 /// crate shares (`stop`, `wait`, `shutdown`, `wait_for`, `is_finished`, ...).
 #[derive(Debug)]
-pub(crate) struct Task {
+pub struct Task {
     name: String,
     stop: watch::Sender<bool>,
     position: watch::Receiver<i64>,
@@ -124,7 +127,7 @@ impl Task {
     /// Spawns `run` (given the stop signal) on a tokio task. `position` follows its
     /// progress (the sender's drop says the runner ended); an error that ends the task
     /// becomes the last error.
-    pub(crate) fn spawn<F>(
+    pub fn spawn<F>(
         name: String,
         position: watch::Receiver<i64>,
         shared: Arc<Shared>,
@@ -157,23 +160,26 @@ impl Task {
         }
     }
 
-    pub(crate) fn name(&self) -> &str {
+    /// The runner's name.
+    pub fn name(&self) -> &str {
         &self.name
     }
 
-    pub(crate) fn position(&self) -> i64 {
+    /// The runner's position.
+    pub fn position(&self) -> i64 {
         *self.position.borrow()
     }
 
-    pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
+    /// A receiver of the position.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.position.clone()
     }
 
-    pub(crate) async fn wait_for(
-        &self,
-        position: i64,
-        timeout: Duration,
-    ) -> Result<i64, CQRSError> {
+    /// Waits until the position reaches `position`, for at most `timeout`.
+    ///
+    /// # Errors
+    /// [`CQRSError::Timeout`]; [`CQRSError::ProjectionStopped`] when the runner ended first.
+    pub async fn wait_for(&self, position: i64, timeout: Duration) -> Result<i64, CQRSError> {
         let mut progress = self.position.clone();
         let mut ended = self.ended.clone();
         let reached = tokio::time::timeout(timeout, async {
@@ -199,15 +205,18 @@ impl Task {
         })
     }
 
-    pub(crate) fn is_live(&self) -> bool {
+    /// True once the runner caught up.
+    pub fn is_live(&self) -> bool {
         self.shared.live.load(Ordering::Acquire)
     }
 
-    pub(crate) fn is_finished(&self) -> bool {
+    /// True when the runner has ended.
+    pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
 
-    pub(crate) fn last_error(&self) -> Option<String> {
+    /// The last error the runner met, rendered.
+    pub fn last_error(&self) -> Option<String> {
         self.shared
             .last_error
             .lock()
@@ -215,11 +224,16 @@ impl Task {
             .clone()
     }
 
-    pub(crate) fn stop(&self) {
+    /// Asks the runner to stop.
+    pub fn stop(&self) {
         let _ = self.stop.send(true);
     }
 
-    pub(crate) async fn wait(self) -> Result<(), CQRSError> {
+    /// Waits for the runner to end; resumes its panic.
+    ///
+    /// # Errors
+    /// The error the runner ended with.
+    pub async fn wait(self) -> Result<(), CQRSError> {
         let Task { task, stop, .. } = self;
         let result = task.await;
         drop(stop);

@@ -1,20 +1,17 @@
 //! The SQS handler.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent};
-use cqrs::{
-    Aggregate, CQRSError, EventOutcome, PerAggregateProjection, PersistableDomainEvent, View,
-};
+use cqrs::{Aggregate, PerAggregateProjection, View};
 use lambda_runtime::LambdaEvent;
 
-use crate::envelope;
+use crate::sqs_batch::{self, Delivered, Verdict};
 
 /// The message attribute that names a FIFO message's group.
 const MESSAGE_GROUP_ID: &str = "MessageGroupId";
 
-/// Feeds a view from SQS messages whose bodies are event [`envelope`]s (straight, or in the
+/// Feeds a view from SQS messages whose bodies are event [`envelope`](crate::envelope)s (straight, or in the
 /// notification of an SNS subscription), one Lambda batch at a time.
 ///
 /// The events go through the [`PerAggregateProjection`] (one checkpoint per aggregate, so a
@@ -83,57 +80,43 @@ impl<A: Aggregate, V: View<A>> SqsHandler<A, V> {
         event: LambdaEvent<SqsEvent>,
     ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
         let messages = &event.payload.records;
-        let read: Vec<Result<PersistableDomainEvent, CQRSError>> = messages
+        let delivered: Vec<Delivered<'_>> = messages
             .iter()
-            .map(|message| envelope::decode(message.body.as_deref().unwrap_or_default()))
+            .map(|message| {
+                let fifo = message
+                    .event_source_arn
+                    .as_deref()
+                    .is_some_and(|arn| arn.ends_with(".fifo"));
+                Delivered {
+                    body: message.body.as_deref().unwrap_or_default(),
+                    group: message
+                        .attributes
+                        .get(MESSAGE_GROUP_ID)
+                        .map(String::as_str)
+                        .filter(|_| fifo),
+                }
+            })
             .collect();
-        let events: Vec<PersistableDomainEvent> = read
-            .iter()
-            .filter_map(|read| read.as_ref().ok().cloned())
-            .collect();
-        let mut outcomes = self.projection.apply(&events).await.into_iter();
-        // The groups of a FIFO queue that failed in this batch.
-        let mut failed_groups: HashSet<&str> = HashSet::new();
+        let verdicts = sqs_batch::apply(&self.projection, &delivered).await;
         let mut response = SqsBatchResponse::default();
-        for (message, read) in messages.iter().zip(read) {
-            let fifo = message
-                .event_source_arn
-                .as_deref()
-                .is_some_and(|arn| arn.ends_with(".fifo"));
-            let group = message
-                .attributes
-                .get(MESSAGE_GROUP_ID)
-                .map(String::as_str)
-                .filter(|_| fifo);
-            let error = match read {
-                Ok(_) => match outcomes.next() {
-                    Some(EventOutcome::Failed(error)) => Some(error),
-                    _ => None,
-                },
-                Err(error) => Some(error),
-            };
-            let held_back = group.is_some_and(|group| failed_groups.contains(group));
-            if error.is_none() && !held_back {
-                continue;
-            }
+        for ((message, delivered), verdict) in messages.iter().zip(&delivered).zip(verdicts) {
             let message_id = message.message_id.as_deref();
-            match &error {
-                Some(error) => tracing::warn!(
+            let group = delivered.group.unwrap_or("");
+            match verdict {
+                Verdict::Done(_) => continue,
+                Verdict::Failed(error) => tracing::warn!(
                     projection = self.projection.name(),
                     message = message_id.unwrap_or("?"),
-                    group = group.unwrap_or(""),
+                    group,
                     %error,
                     "message not applied; SQS delivers it again"
                 ),
-                None => tracing::debug!(
+                Verdict::HeldBack => tracing::debug!(
                     projection = self.projection.name(),
                     message = message_id.unwrap_or("?"),
-                    group = group.unwrap_or(""),
+                    group,
                     "message after a failed one of its group; SQS delivers it again"
                 ),
-            }
-            if let Some(group) = group {
-                failed_groups.insert(group);
             }
             let Some(message_id) = message_id else {
                 return Err(
