@@ -9,18 +9,24 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
 use cqrs::{CQRSError, EventRepository, ViewRepository};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::db::{Claim, KeyRow};
-use crate::order::{Order, OrderAction, OrderCommand, OrderEvent, OrderLine};
+use crate::openapi::{
+    ApiDoc, CommandProblems, ConsistencyTokenHeader, IdempotencyKeyHeader, IfMatchHeader,
+    OrderProblems, ProblemBody, QueryProblems,
+};
+use crate::order::{Order, OrderAction, OrderCommand, OrderEvent, OrderLine, OrderSummary};
 use crate::problem::{internal, Problem};
 use crate::reply::Reply;
 use crate::Shared;
@@ -40,12 +46,8 @@ const KEY_POLL: Duration = Duration::from_millis(20);
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let body_limit = shared.config.body_limit;
-    Router::new()
-        .route("/orders", post(place).get(list))
-        .route("/orders/{id}", get(show))
-        .route("/orders/{id}/payment", post(action::<Pay>))
-        .route("/orders/{id}/shipment", post(action::<Ship>))
-        .route("/orders/{id}/cancellation", post(action::<Cancel>))
+    let (routes, _) = api().split_for_parts();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -57,37 +59,104 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
-/// `POST /orders`: `{"customer": "...", "lines": [{"sku", "quantity", "unit_price_cents"}]}`.
-#[derive(Debug, Deserialize)]
+/// Every route, each registered together with its description in the OpenAPI document.
+pub(crate) fn api() -> OpenApiRouter<Arc<Shared>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(place, list))
+        .routes(routes!(show))
+        .routes(routes!(pay))
+        .routes(routes!(ship))
+        .routes(routes!(cancel))
+        .routes(routes!(openapi_json))
+}
+
+/// The body of `POST /orders`: who orders what.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PlaceOrder {
+    /// Who orders.
     customer: String,
+    /// What is ordered: at least one line.
     lines: Vec<OrderLine>,
 }
 
-/// `POST /orders/{id}/payment`.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /orders/{id}/payment`: the order's total, paid.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Pay {
+    /// The amount, which must be the order's total, in cents.
     amount_cents: u64,
+    /// The payment provider's reference.
     payment_reference: String,
 }
 
-/// `POST /orders/{id}/shipment`.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /orders/{id}/shipment`: who carries a paid order.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Ship {
+    /// Who carries it.
     carrier: String,
+    /// The carrier's tracking number.
     tracking_number: String,
 }
 
-/// `POST /orders/{id}/cancellation`.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /orders/{id}/cancellation`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Cancel {
+    /// Why.
     reason: String,
 }
 
+/// The body of a command's response: the order, its sequence, and the events the command
+/// appended.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct CommandOutcome {
+    /// The order's id.
+    order_id: Uuid,
+    /// The order's sequence after the command: its `ETag`.
+    sequence: i64,
+    /// The global position of the command's last event: its `Consistency-Token`.
+    position: Option<i64>,
+    /// The events the command appended.
+    events: Vec<OrderEvent>,
+}
+
+/// The body of `GET /orders`: a page of orders in id order.
+#[derive(Debug, Serialize, ToSchema)]
+struct OrderPage {
+    /// The orders, at most `limit`.
+    orders: Vec<OrderSummary>,
+}
+
+/// `GET /openapi.json`: this document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "The service's OpenAPI 3.1 document", body = Object))
+)]
+async fn openapi_json() -> Response {
+    axum::Json(crate::openapi::document()).into_response()
+}
+
+/// Places an order.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "orders",
+    request_body(content = PlaceOrder, content_type = "application/json"),
+    params(IdempotencyKeyHeader),
+    responses(
+        (status = 201, description = "The order is placed", body = CommandOutcome, headers(
+            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
+            ("Location" = String, description = "The order's URL"),
+            ("Consistency-Token" = String, description = "The global position of the order's event: send it with a query to read this write"),
+            ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
+        )),
+        CommandProblems,
+    )
+)]
 async fn place(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -150,6 +219,84 @@ impl ActionBody for Cancel {
             reason: self.reason,
         }
     }
+}
+
+/// Pays an order's total.
+#[utoipa::path(
+    post,
+    path = "/orders/{id}/payment",
+    tag = "orders",
+    request_body(content = Pay, content_type = "application/json"),
+    params(("id" = Uuid, Path, description = "The order's id"), IfMatchHeader, IdempotencyKeyHeader),
+    responses(
+        (status = 200, description = "The order is paid", body = CommandOutcome, headers(
+            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
+            ("Consistency-Token" = String, description = "The global position of the command's event"),
+            ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
+        )),
+        OrderProblems,
+        CommandProblems,
+    )
+)]
+async fn pay(
+    shared: State<Arc<Shared>>,
+    id: Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    action::<Pay>(shared, id, headers, body).await
+}
+
+/// Ships a paid order.
+#[utoipa::path(
+    post,
+    path = "/orders/{id}/shipment",
+    tag = "orders",
+    request_body(content = Ship, content_type = "application/json"),
+    params(("id" = Uuid, Path, description = "The order's id"), IfMatchHeader, IdempotencyKeyHeader),
+    responses(
+        (status = 200, description = "The order has shipped", body = CommandOutcome, headers(
+            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
+            ("Consistency-Token" = String, description = "The global position of the command's event"),
+            ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
+        )),
+        OrderProblems,
+        CommandProblems,
+    )
+)]
+async fn ship(
+    shared: State<Arc<Shared>>,
+    id: Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    action::<Ship>(shared, id, headers, body).await
+}
+
+/// Cancels an order that has not shipped.
+#[utoipa::path(
+    post,
+    path = "/orders/{id}/cancellation",
+    tag = "orders",
+    request_body(content = Cancel, content_type = "application/json"),
+    params(("id" = Uuid, Path, description = "The order's id"), IfMatchHeader, IdempotencyKeyHeader),
+    responses(
+        (status = 200, description = "The order is cancelled", body = CommandOutcome, headers(
+            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
+            ("Consistency-Token" = String, description = "The global position of the command's event"),
+            ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
+        )),
+        OrderProblems,
+        CommandProblems,
+    )
+)]
+async fn cancel(
+    shared: State<Arc<Shared>>,
+    id: Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    action::<Cancel>(shared, id, headers, body).await
 }
 
 /// `POST /orders/{id}/<T::SEGMENT>`: a command on an existing order.
@@ -373,11 +520,11 @@ fn command_reply(
     Reply {
         status: if new { 201 } else { 200 },
         headers,
-        body: json!({
-            "order_id": id,
-            "sequence": sequence,
-            "position": position,
-            "events": events,
+        body: json!(CommandOutcome {
+            order_id: id,
+            sequence,
+            position,
+            events: events.to_vec(),
         }),
     }
 }
@@ -402,6 +549,19 @@ fn replay_reply(mut reply: Reply) -> Response {
 
 /// `GET /orders/{id}`: the order's view, once it has reached the request's consistency
 /// token.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    tag = "orders",
+    params(("id" = Uuid, Path, description = "The order's id"), ConsistencyTokenHeader),
+    responses(
+        (status = 200, description = "The order", body = OrderSummary, headers(
+            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
+        )),
+        (status = 404, description = "`order-not-found`: no order has this id", body = inline(ProblemBody), content_type = "application/problem+json"),
+        QueryProblems,
+    )
+)]
 async fn show(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
@@ -424,13 +584,28 @@ async fn show(
 }
 
 /// `GET /orders?after=ID&limit=N`: a page of orders in id order.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct Page {
+    /// The id of the last order of the previous page.
     after: Option<String>,
+    /// How many orders, at most (1 to 500; 50 when absent).
+    #[param(minimum = 1)]
     limit: Option<usize>,
 }
 
+/// Lists orders in id order, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/orders",
+    tag = "orders",
+    params(Page, ConsistencyTokenHeader),
+    responses(
+        (status = 200, description = "A page of orders", body = OrderPage),
+        QueryProblems,
+    )
+)]
 async fn list(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -453,7 +628,7 @@ async fn list(
         .await
         .map_err(|e| Problem::from_framework(&e))?;
     let orders: Vec<_> = orders.into_iter().map(|(_, view)| view).collect();
-    Ok(axum::Json(json!({ "orders": orders })).into_response())
+    Ok(axum::Json(OrderPage { orders }).into_response())
 }
 
 impl Shared {

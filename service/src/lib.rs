@@ -44,6 +44,7 @@ use cqrs::{CQRSError, CQRSFramework, Projection, ProjectionHandle, RetryPolicy};
 
 mod db;
 mod http;
+mod openapi;
 mod order;
 mod problem;
 mod reply;
