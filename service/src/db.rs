@@ -30,6 +30,8 @@ pub(crate) struct Stores {
     pub(crate) events: Arc<dyn EventRepository>,
     pub(crate) views: Arc<dyn ViewRepository<Order, OrderSummary>>,
     pub(crate) keys: KeyTable,
+    /// The events table, for the store's head.
+    events_table: EventsTable,
 }
 
 impl Stores {
@@ -43,10 +45,15 @@ impl Stores {
                     table: TABLE.to_owned(),
                 };
                 keys.migrate().await?;
+                let events_table = EventsTable {
+                    pool: Pool::Sqlite(store.pool().clone()),
+                    table: EVENTS_TABLE.to_owned(),
+                };
                 Ok(Stores {
                     views: Arc::new(store.views::<OrderSummary>()),
                     events: Arc::new(store),
                     keys,
+                    events_table,
                 })
             }
             Database::Postgres { url, schema } => {
@@ -61,15 +68,43 @@ impl Stores {
                     table: format!("\"{}\".{TABLE}", store.schema()),
                 };
                 keys.migrate().await?;
+                let events_table = EventsTable {
+                    pool: Pool::Postgres(store.pool().clone()),
+                    table: format!("\"{}\".{EVENTS_TABLE}", store.schema()),
+                };
                 Ok(Stores {
                     views: Arc::new(store.views::<OrderSummary>()),
                     events: Arc::new(store),
                     keys,
+                    events_table,
                 })
             }
         }
     }
+
+    /// The global position of the store's last event, 0 when it has none.
+    pub(crate) async fn head(&self) -> Result<i64, CQRSError> {
+        let sql = format!(
+            "SELECT COALESCE(MAX(position), 0) FROM {}",
+            self.events_table.table
+        );
+        let head: Result<i64, sqlx::Error> = match &self.events_table.pool {
+            Pool::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+            Pool::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+        };
+        head.map_err(CQRSError::persistence)
+    }
 }
+
+/// The stores' events table (`cqrs_events`), qualified by its schema on PostgreSQL.
+#[derive(Debug, Clone)]
+struct EventsTable {
+    pool: Pool,
+    table: String,
+}
+
+/// The name of the stores' events table.
+const EVENTS_TABLE: &str = "cqrs_events";
 
 /// One idempotency key's row.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -55,7 +56,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         // Outermost last: a request gets its `x-request-id`, is traced with it, and the
         // response carries it back.
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
@@ -68,7 +69,29 @@ pub(crate) fn api() -> OpenApiRouter<Arc<Shared>> {
         .routes(routes!(ship))
         .routes(routes!(cancel))
         .routes(routes!(openapi_json))
+        .routes(routes!(metrics))
 }
+
+/// The span of one request, carrying its `x-request-id`: the correlation id of the events
+/// its command appends.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        uri = %request.uri(),
+        request_id = correlation_id(request.headers()).unwrap_or_default(),
+    )
+}
+
+/// The request's id (`x-request-id`, set by the router when the client sent none).
+fn correlation_id(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+}
+
+/// The header that carries a request's id.
+const REQUEST_ID: &str = "x-request-id";
 
 /// The body of `POST /orders`: who orders what.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -140,6 +163,37 @@ async fn openapi_json() -> Response {
     axum::Json(crate::openapi::document()).into_response()
 }
 
+/// `GET /metrics`: Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "meta",
+    responses(
+        (status = 200, description = "Commands by outcome, append conflicts, idempotent replays, \
+            the append latency histogram and the view's lag, in Prometheus's text format",
+            body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"),
+        (status = 503, description = "`store-unavailable`: the store's head could not be read",
+            body = ProblemBody, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    )
+)]
+async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, Problem> {
+    let head = shared
+        .stores
+        .head()
+        .await
+        .map_err(|e| Problem::from_framework(&e))?;
+    let text = shared.metrics.render(head, shared.projection.position());
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response())
+}
+
 /// Places an order.
 #[utoipa::path(
     post,
@@ -178,6 +232,7 @@ async fn place(
     };
     let command = Command {
         request: format!("POST /orders\n{}", String::from_utf8_lossy(&body)),
+        correlation_id: correlation_id(&headers).map(str::to_owned),
         new: true,
         order_id: None,
         command: OrderCommand::new(action),
@@ -315,6 +370,7 @@ async fn action<T: ActionBody>(
             T::SEGMENT,
             String::from_utf8_lossy(&body)
         ),
+        correlation_id: correlation_id(&headers).map(str::to_owned),
         new: false,
         order_id: Some(order_id),
         command: OrderCommand {
@@ -329,6 +385,8 @@ async fn action<T: ActionBody>(
 struct Command {
     /// Method, path and body: what a second use of the key must repeat.
     request: String,
+    /// The request's id, kept in every event's metadata as `correlation_id`.
+    correlation_id: Option<String>,
     /// A create (`dispatch_new` on a fresh id) rather than a command on `order_id`.
     new: bool,
     order_id: Option<Uuid>,
@@ -366,6 +424,7 @@ impl Shared {
                 ));
             }
             if let Some(response) = &row.response {
+                self.metrics.idempotent_replay();
                 return Ok(replay(response));
             }
             let lease =
@@ -374,6 +433,7 @@ impl Shared {
                 // The request that claimed the key never finished (the process died): its
                 // events, if it appended any, carry the key.
                 if let Some(reply) = self.recover(&key, &row).await? {
+                    self.metrics.idempotent_replay();
                     return Ok(replay_reply(reply));
                 }
                 if self
@@ -429,16 +489,50 @@ impl Shared {
         reply.map(IntoResponse::into_response)
     }
 
-    /// Dispatches the command; the key, if any, goes into every event's metadata.
+    /// Dispatches the command, in a `command` span, and counts its outcome; the request's
+    /// id and the key, if any, go into every event's metadata.
     async fn dispatch(
         &self,
         id: Uuid,
         key: Option<&str>,
         command: Command,
     ) -> Result<Reply, Problem> {
-        let metadata = match key {
-            Some(key) => json!({ "idempotency_key": key }),
-            None => serde_json::Value::Null,
+        let name = command_name(&command.command.action);
+        let span = tracing::info_span!(
+            "command",
+            command = name,
+            order_id = %id,
+            correlation_id = command.correlation_id.as_deref().unwrap_or_default(),
+        );
+        let reply = self
+            .dispatch_traced(id, key, command)
+            .instrument(span)
+            .await;
+        let outcome = match &reply {
+            Ok(_) => "ok",
+            Err(problem) => problem.slug,
+        };
+        self.metrics.command(name, outcome);
+        reply
+    }
+
+    async fn dispatch_traced(
+        &self,
+        id: Uuid,
+        key: Option<&str>,
+        command: Command,
+    ) -> Result<Reply, Problem> {
+        let mut metadata = serde_json::Map::new();
+        if let Some(correlation_id) = &command.correlation_id {
+            metadata.insert("correlation_id".to_owned(), json!(correlation_id));
+        }
+        if let Some(key) = key {
+            metadata.insert("idempotency_key".to_owned(), json!(key));
+        }
+        let metadata = if metadata.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::Object(metadata)
         };
         let framework = &self.framework;
         let receipt = if command.new {
@@ -492,6 +586,16 @@ impl Shared {
             }
         }
         Ok(Some(reply))
+    }
+}
+
+/// The command's name, as the metrics label it.
+fn command_name(action: &OrderAction) -> &'static str {
+    match action {
+        OrderAction::Place { .. } => "place",
+        OrderAction::Pay { .. } => "pay",
+        OrderAction::Ship { .. } => "ship",
+        OrderAction::Cancel { .. } => "cancel",
     }
 }
 

@@ -44,6 +44,7 @@ use cqrs::{CQRSError, CQRSFramework, Projection, ProjectionHandle, RetryPolicy};
 
 mod db;
 mod http;
+mod metrics;
 mod openapi;
 mod order;
 mod problem;
@@ -136,6 +137,7 @@ pub(crate) struct Shared {
     pub(crate) framework: CQRSFramework<Order>,
     pub(crate) stores: db::Stores,
     pub(crate) projection: ProjectionHandle,
+    pub(crate) metrics: Arc<metrics::Metrics>,
 }
 
 /// The running service: the framework, the projection that keeps the order view, and the
@@ -161,7 +163,12 @@ impl Service {
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the database cannot be opened or migrated.
     pub async fn start(config: Config) -> Result<Service, CQRSError> {
-        let stores = db::Stores::open(&config.database).await?;
+        let mut stores = db::Stores::open(&config.database).await?;
+        let metrics = Arc::new(metrics::Metrics::default());
+        stores.events = Arc::new(metrics::MeteredEvents {
+            inner: Arc::clone(&stores.events),
+            metrics: Arc::clone(&metrics),
+        });
         let framework = CQRSFramework::<Order>::new(Arc::clone(&stores.events))
             .with_retry(RetryPolicy::attempts(config.retry_attempts));
         let projection = Projection::<Order, OrderSummary>::new(
@@ -175,6 +182,7 @@ impl Service {
                 framework,
                 stores,
                 projection,
+                metrics,
             }),
         })
     }

@@ -263,6 +263,8 @@ on_backends! {
     abandoned_claim_without_events_runs_once => abandoned_claim_without_events_runs_once;
     read_your_writes => read_your_writes;
     query_behind_the_token_is_503 => query_behind_the_token_is_503;
+    metrics_count_what_requests_did => metrics_count_what_requests_did;
+    request_id_is_the_events_correlation_id => request_id_is_the_events_correlation_id;
 }
 
 async fn order_lifecycle(db: Database) {
@@ -972,4 +974,268 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
     assert_eq!(restarted.event_count(&db.database).await, 1 + created);
     restarted.shutdown().await;
     db.remove().await;
+}
+
+/// The value of the sample `series` (name and labels, as written) in a Prometheus text page;
+/// 0 when absent.
+fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
+impl Running {
+    async fn metrics(&self) -> String {
+        let response = self.get("/metrics", &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(header_text(&response, "content-type").starts_with("text/plain; version=0.0.4"));
+        response.text().await.expect("a text page")
+    }
+}
+
+fn commands(command: &str, outcome: &str) -> String {
+    format!("cqrs_service_commands_total{{command=\"{command}\",outcome=\"{outcome}\"}}")
+}
+
+async fn metrics_count_what_requests_did(db: Database) {
+    let running = Running::start(Config::new(db)).await;
+    let page = running.metrics().await;
+    assert_eq!(
+        sample(&page, "cqrs_service_append_seconds_count"),
+        0.0,
+        "{page}"
+    );
+    assert!(
+        page.contains("# TYPE cqrs_service_append_seconds histogram"),
+        "{page}"
+    );
+
+    let (a, _) = running.place(1000).await;
+    let key = [("idempotency-key", "metrics-key-1")];
+    let first = running.post("/orders", &place_body(400), &key).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let again = running.post("/orders", &place_body(400), &key).await;
+    assert_eq!(header_text(&again, "idempotent-replayed"), "true");
+    let wrong = json!({ "amount_cents": 999, "payment_reference": "p" });
+    let refused = running
+        .post(&format!("/orders/{a}/payment"), &wrong, &[])
+        .await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let stale = running
+        .post(
+            &format!("/orders/{a}/cancellation"),
+            &json!({ "reason": "r" }),
+            &[("if-match", "\"0\"")],
+        )
+        .await;
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+
+    // Ten payments of each of five orders at once: one each is paid, the others lose the
+    // race (a conflict, retried on the fresh state) or see it paid.
+    let pay = json!({ "amount_cents": 300, "payment_reference": "p" });
+    let mut token = String::new();
+    for _ in 0..5 {
+        let (id, _) = running.place(300).await;
+        let path = format!("/orders/{id}/payment");
+        let requests = (0..10).map(|_| running.post(&path, &pay, &[]));
+        let responses = futures_util::future::join_all(requests).await;
+        for response in &responses {
+            if response.status() == StatusCode::OK {
+                token = header_text(response, "consistency-token");
+            }
+        }
+        let paid = responses.iter().filter(|r| r.status() == StatusCode::OK);
+        assert_eq!(paid.count(), 1);
+    }
+    // Read our writes, so the view has reached the last payment.
+    let read = running
+        .get("/orders", &[("consistency-token", &token)])
+        .await;
+    assert_eq!(read.status(), StatusCode::OK);
+
+    let page = running.metrics().await;
+    assert_eq!(sample(&page, &commands("place", "ok")), 7.0, "{page}");
+    assert_eq!(sample(&page, &commands("pay", "ok")), 5.0, "{page}");
+    assert_eq!(
+        sample(&page, &commands("pay", "order-already-paid")),
+        45.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &commands("pay", "wrong-payment-amount")),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &commands("cancel", "precondition-failed")),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "cqrs_service_idempotent_replays_total"),
+        1.0,
+        "{page}"
+    );
+    let conflicts = sample(&page, "cqrs_service_append_conflicts_total");
+    assert!(
+        conflicts >= 1.0,
+        "fifty racing payments made no conflict: {page}"
+    );
+    // Every append is timed: the twelve that landed and the ones refused as conflicts.
+    assert_eq!(
+        sample(&page, "cqrs_service_append_seconds_count"),
+        12.0 + conflicts,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "cqrs_service_append_seconds_bucket{le=\"+Inf\"}"),
+        12.0 + conflicts
+    );
+    assert!(sample(&page, "cqrs_service_append_seconds_sum") > 0.0);
+    let head = sample(&page, "cqrs_service_store_head_position");
+    assert_eq!(
+        sample(&page, "cqrs_service_projection_position"),
+        head,
+        "{page}"
+    );
+    assert_eq!(sample(&page, "cqrs_service_projection_lag"), 0.0, "{page}");
+    assert!(head >= 12.0, "{page}");
+    running.shutdown().await;
+}
+
+/// The metadata of every event in the store, in position order.
+async fn metadata(db: &Database) -> Vec<Value> {
+    let events = match db {
+        Database::Sqlite(path) => {
+            let store = cqrs::SqliteEventRepository::open(path)
+                .await
+                .expect("open the store");
+            store.read_all(0, 1000).await.expect("read all")
+        }
+        Database::Postgres { url, schema } => {
+            let store = cqrs::PostgresEventRepository::connect(url)
+                .await
+                .expect("connect")
+                .with_schema(schema.as_deref().unwrap_or("public"))
+                .expect("schema");
+            store.read_all(0, 1000).await.expect("read all")
+        }
+    };
+    events.into_iter().map(|event| event.metadata).collect()
+}
+
+async fn request_id_is_the_events_correlation_id(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let sent = running
+        .post(
+            "/orders",
+            &place_body(100),
+            &[
+                ("x-request-id", "req-from-client"),
+                ("idempotency-key", "k-1"),
+            ],
+        )
+        .await;
+    assert_eq!(sent.status(), StatusCode::CREATED);
+    assert_eq!(header_text(&sent, "x-request-id"), "req-from-client");
+    let generated = running.post("/orders", &place_body(200), &[]).await;
+    assert_eq!(generated.status(), StatusCode::CREATED);
+    let request_id = header_text(&generated, "x-request-id");
+    assert!(Uuid::parse_str(&request_id).is_ok(), "{request_id}");
+    running.shutdown().await;
+
+    let metadata = metadata(&db).await;
+    assert_eq!(
+        metadata,
+        vec![
+            json!({ "correlation_id": "req-from-client", "idempotency_key": "k-1" }),
+            json!({ "correlation_id": request_id }),
+        ]
+    );
+}
+
+mod spans {
+    //! The spans of a command, as a `tracing` subscriber sees them.
+
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id};
+    use tracing::Subscriber;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::registry::LookupSpan;
+    use tracing_subscriber::Layer;
+
+    /// A span's name and the id field it carries (`request_id` or `correlation_id`).
+    type Link = (String, Option<String>);
+
+    /// The id fields a span was created with.
+    #[derive(Default)]
+    struct Ids(Option<String>);
+
+    impl Visit for Ids {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if matches!(field.name(), "request_id" | "correlation_id") {
+                self.0 = Some(value.to_owned());
+            }
+        }
+        fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
+    }
+
+    /// Records, for each `append` span, the chain of spans it was opened in.
+    #[derive(Clone, Default)]
+    struct Appends(Arc<Mutex<Vec<Vec<Link>>>>);
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Appends {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+            let mut ids = Ids::default();
+            attrs.record(&mut ids);
+            let Some(span) = ctx.span(id) else { return };
+            span.extensions_mut().insert(ids);
+            if attrs.metadata().name() == "append" {
+                let chain = span
+                    .scope()
+                    .map(|s| {
+                        let ids = s.extensions().get::<Ids>().and_then(|ids| ids.0.clone());
+                        (s.name().to_owned(), ids)
+                    })
+                    .collect();
+                self.0.lock().expect("the record").push(chain);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn append_runs_in_the_command_and_request_spans() {
+        let appends = Appends::default();
+        let subscriber = tracing_subscriber::registry().with(appends.clone());
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let Some(db) = super::TestDb::new(super::Backend::Sqlite) else {
+            return;
+        };
+        let running = super::Running::start(super::Config::new(db.database.clone())).await;
+        let response = running
+            .post(
+                "/orders",
+                &super::place_body(100),
+                &[("x-request-id", "req-span")],
+            )
+            .await;
+        assert_eq!(response.status(), super::StatusCode::CREATED);
+        running.shutdown().await;
+        db.remove().await;
+
+        let chains = appends.0.lock().expect("the record").clone();
+        let id = || Some("req-span".to_owned());
+        assert_eq!(
+            chains,
+            vec![vec![
+                ("append".to_owned(), None),
+                ("dispatch_new".to_owned(), None),
+                ("command".to_owned(), id()),
+                ("request".to_owned(), id()),
+            ]],
+        );
+    }
 }
