@@ -70,6 +70,8 @@ pub(crate) fn api() -> OpenApiRouter<Arc<Shared>> {
         .routes(routes!(cancel))
         .routes(routes!(openapi_json))
         .routes(routes!(metrics))
+        .routes(routes!(crate::operator::overview))
+        .routes(routes!(crate::operator::stream))
 }
 
 /// The span of one request, carrying its `x-request-id`: the correlation id of the events
@@ -799,7 +801,7 @@ fn etag(sequence: i64) -> String {
     format!("\"{sequence}\"")
 }
 
-fn order_id(text: &str) -> Result<Uuid, Problem> {
+pub(crate) fn order_id(text: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(text).map_err(|_| {
         Problem::new(
             StatusCode::NOT_FOUND,

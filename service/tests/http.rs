@@ -265,6 +265,7 @@ on_backends! {
     query_behind_the_token_is_503 => query_behind_the_token_is_503;
     metrics_count_what_requests_did => metrics_count_what_requests_did;
     request_id_is_the_events_correlation_id => request_id_is_the_events_correlation_id;
+    operator_page_shows_aggregates_streams_and_dead_letters => operator_page_shows_aggregates_streams_and_dead_letters;
 }
 
 async fn order_lifecycle(db: Database) {
@@ -1153,6 +1154,154 @@ async fn request_id_is_the_events_correlation_id(db: Database) {
             json!({ "correlation_id": request_id }),
         ]
     );
+}
+
+/// An event of a kind the order view does not know: a poison event for its projection.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, cqrs::DomainEvent)]
+enum Rogue {
+    #[event(name = "OrderRefunded")]
+    Refunded { cents: u64 },
+}
+
+/// Appends one `Rogue` event to a fresh order stream, behind the service's back.
+async fn append_rogue(db: &Database) -> Uuid {
+    let id = Uuid::new_v4();
+    let event = cqrs::PersistableDomainEvent::new(
+        "order",
+        id,
+        1,
+        &Rogue::Refunded { cents: 5 },
+        Value::Null,
+    )
+    .expect("an event");
+    match db {
+        Database::Sqlite(path) => {
+            let store = cqrs::SqliteEventRepository::open(path)
+                .await
+                .expect("open the store");
+            store.append(vec![event]).await.expect("append");
+        }
+        Database::Postgres { url, schema } => {
+            let store = cqrs::PostgresEventRepository::connect(url)
+                .await
+                .expect("connect")
+                .with_schema(schema.as_deref().unwrap_or("public"))
+                .expect("schema");
+            store.append(vec![event]).await.expect("append");
+        }
+    }
+    id
+}
+
+/// The `<tr>` of `page`'s table `table` that mentions `needle`.
+fn table_row<'a>(page: &'a str, table: &str, needle: &str) -> &'a str {
+    let start = page
+        .find(&format!("<table id=\"{table}\">"))
+        .unwrap_or_else(|| panic!("no table {table}: {page}"));
+    let table_html = &page[start..];
+    let table_html = &table_html[..table_html.find("</table>").expect("a closed table")];
+    table_html
+        .split("<tr>")
+        .find(|row| row.contains(needle))
+        .unwrap_or_else(|| panic!("no row with {needle} in {table}: {table_html}"))
+}
+
+impl Running {
+    async fn html(&self, path: &str) -> String {
+        let response = self.get(path, &[]).await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            header_text(&response, "content-type"),
+            "text/html; charset=utf-8"
+        );
+        response.text().await.expect("an HTML page")
+    }
+}
+
+async fn operator_page_shows_aggregates_streams_and_dead_letters(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let placed = running
+        .post(
+            "/orders",
+            &json!({
+                "customer": "<script>alert(1)</script>",
+                "lines": [{ "sku": "book-1", "quantity": 1, "unit_price_cents": 900 }],
+            }),
+            &[("x-request-id", "req-operator")],
+        )
+        .await;
+    assert_eq!(placed.status(), StatusCode::CREATED);
+    let placed: Value = placed.json().await.expect("JSON");
+    let id = text(&placed["order_id"]);
+    let pay = json!({ "amount_cents": 900, "payment_reference": "pay-operator" });
+    let paid = running
+        .post(&format!("/orders/{id}/payment"), &pay, &[])
+        .await;
+    assert_eq!(paid.status(), StatusCode::OK);
+    let (other, _) = running.place(100).await;
+    let rogue = append_rogue(&db).await;
+
+    // The projection tries the rogue event, gives up, records it and moves past it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let page = loop {
+        let page = running.html("/operator").await;
+        if page.contains("OrderRefunded") {
+            break page;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dead letter: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(table_row(&page, "aggregates", &id).contains("<td class=\"events\">2</td>"));
+    assert!(table_row(&page, "aggregates", &other).contains("<td class=\"events\">1</td>"));
+    assert!(table_row(&page, "aggregates", &rogue.to_string()).contains(">1</td>"));
+    assert!(page.contains(&format!("<a href=\"/operator/orders/{id}\">")));
+    let letter = table_row(&page, "dead-letters", &rogue.to_string());
+    assert!(letter.contains("OrderRefunded"), "{letter}");
+    assert!(letter.contains("<td class=\"reason\">"), "{letter}");
+    assert!(
+        !letter.contains("<td class=\"reason\"></td>"),
+        "an empty reason: {letter}"
+    );
+    // The rogue event is the store's last: the checkpoint is past it, so the lag is 0.
+    let projection = table_row(&page, "projection", "checkpoint\"");
+    assert!(
+        projection.contains("<td class=\"checkpoint\">4</td>"),
+        "{projection}"
+    );
+    assert!(
+        projection.contains("<td class=\"head\">4</td>"),
+        "{projection}"
+    );
+    assert!(
+        projection.contains("<td class=\"lag\">0</td>"),
+        "{projection}"
+    );
+
+    let stream = running.html(&format!("/operator/orders/{id}")).await;
+    let placed_row = table_row(&stream, "events", "OrderPlaced");
+    assert!(
+        placed_row.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{placed_row}"
+    );
+    assert!(
+        !stream.contains("<script>"),
+        "markup from a payload is escaped"
+    );
+    assert!(placed_row.contains("&quot;correlation_id&quot;: &quot;req-operator&quot;"));
+    assert!(
+        placed_row.contains("+00:00</td>"),
+        "an RFC 3339 timestamp: {placed_row}"
+    );
+    let paid_row = table_row(&stream, "events", "OrderPaid");
+    assert!(paid_row.contains("pay-operator"), "{paid_row}");
+    assert!(paid_row.contains("<td>2</td>"), "sequence 2: {paid_row}");
+
+    let unknown = running.get("/operator/orders/not-a-uuid", &[]).await;
+    assert_problem(unknown, StatusCode::NOT_FOUND, "order-not-found").await;
+    running.shutdown().await;
 }
 
 mod spans {
