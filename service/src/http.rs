@@ -278,83 +278,54 @@ impl ActionBody for Cancel {
     }
 }
 
-/// Pays an order's total.
-#[utoipa::path(
-    post,
-    path = "/orders/{id}/payment",
-    tag = "orders",
-    request_body(content = Pay, content_type = "application/json"),
-    params(("id" = Uuid, Path, description = "The order's id"), IfMatchHeader, IdempotencyKeyHeader),
-    responses(
-        (status = 200, description = "The order is paid", body = CommandOutcome, headers(
-            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
-            ("Consistency-Token" = String, description = "The global position of the command's event"),
-            ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
-        )),
-        OrderProblems,
-        CommandProblems,
-    )
-)]
-async fn pay(
-    shared: State<Arc<Shared>>,
-    id: Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
-    action::<Pay>(shared, id, headers, body).await
+/// A handler for `POST /orders/{id}/<segment>`, running [`action`] with `$body`, and its
+/// description in the OpenAPI document.
+macro_rules! action_handler {
+    ($(#[doc = $doc:literal])* $name:ident, $path:literal, $body:ty, $done:literal) => {
+        $(#[doc = $doc])*
+        #[utoipa::path(
+            post,
+            path = $path,
+            tag = "orders",
+            request_body(content = $body, content_type = "application/json"),
+            params(
+                ("id" = Uuid, Path, description = "The order's id"),
+                IfMatchHeader,
+                IdempotencyKeyHeader,
+            ),
+            responses(
+                (status = 200, description = $done, body = CommandOutcome, headers(
+                    ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
+                    ("Consistency-Token" = String, description = "The global position of the command's event: send it with a query to read this write"),
+                    ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
+                )),
+                OrderProblems,
+                CommandProblems,
+            )
+        )]
+        async fn $name(
+            shared: State<Arc<Shared>>,
+            id: Path<String>,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> Result<Response, Problem> {
+            action::<$body>(shared, id, headers, body).await
+        }
+    };
 }
 
-/// Ships a paid order.
-#[utoipa::path(
-    post,
-    path = "/orders/{id}/shipment",
-    tag = "orders",
-    request_body(content = Ship, content_type = "application/json"),
-    params(("id" = Uuid, Path, description = "The order's id"), IfMatchHeader, IdempotencyKeyHeader),
-    responses(
-        (status = 200, description = "The order has shipped", body = CommandOutcome, headers(
-            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
-            ("Consistency-Token" = String, description = "The global position of the command's event"),
-            ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
-        )),
-        OrderProblems,
-        CommandProblems,
-    )
-)]
-async fn ship(
-    shared: State<Arc<Shared>>,
-    id: Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
-    action::<Ship>(shared, id, headers, body).await
-}
-
-/// Cancels an order that has not shipped.
-#[utoipa::path(
-    post,
-    path = "/orders/{id}/cancellation",
-    tag = "orders",
-    request_body(content = Cancel, content_type = "application/json"),
-    params(("id" = Uuid, Path, description = "The order's id"), IfMatchHeader, IdempotencyKeyHeader),
-    responses(
-        (status = 200, description = "The order is cancelled", body = CommandOutcome, headers(
-            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
-            ("Consistency-Token" = String, description = "The global position of the command's event"),
-            ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
-        )),
-        OrderProblems,
-        CommandProblems,
-    )
-)]
-async fn cancel(
-    shared: State<Arc<Shared>>,
-    id: Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
-    action::<Cancel>(shared, id, headers, body).await
-}
+action_handler!(
+    /// Pays an order's total.
+    pay, "/orders/{id}/payment", Pay, "The order is paid"
+);
+action_handler!(
+    /// Ships a paid order.
+    ship, "/orders/{id}/shipment", Ship, "The order has shipped"
+);
+action_handler!(
+    /// Cancels an order that has not shipped.
+    cancel, "/orders/{id}/cancellation", Cancel, "The order is cancelled"
+);
 
 /// `POST /orders/{id}/<T::SEGMENT>`: a command on an existing order.
 async fn action<T: ActionBody>(

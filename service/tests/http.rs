@@ -156,23 +156,30 @@ impl Running {
 
     /// How many events the store holds, in all.
     async fn event_count(&self, db: &Database) -> usize {
-        let events = match db {
-            Database::Sqlite(path) => {
-                let store = cqrs::SqliteEventRepository::open(path)
-                    .await
-                    .expect("open the store");
-                store.read_all(0, 100_000).await.expect("read all")
-            }
-            Database::Postgres { url, schema } => {
-                let store = cqrs::PostgresEventRepository::connect(url)
-                    .await
-                    .expect("connect")
-                    .with_schema(schema.as_deref().unwrap_or("public"))
-                    .expect("schema");
-                store.read_all(0, 100_000).await.expect("read all")
-            }
-        };
-        events.len()
+        event_store(db)
+            .await
+            .read_all(0, 100_000)
+            .await
+            .expect("read all")
+            .len()
+    }
+}
+
+/// The event store of `db`, opened beside the service's.
+async fn event_store(db: &Database) -> Box<dyn EventRepository> {
+    match db {
+        Database::Sqlite(path) => Box::new(
+            cqrs::SqliteEventRepository::open(path)
+                .await
+                .expect("open the store"),
+        ),
+        Database::Postgres { url, schema } => Box::new(
+            cqrs::PostgresEventRepository::connect(url)
+                .await
+                .expect("connect")
+                .with_schema(schema.as_deref().unwrap_or("public"))
+                .expect("schema"),
+        ),
     }
 }
 
@@ -1107,22 +1114,8 @@ async fn metrics_count_what_requests_did(db: Database) {
 
 /// The metadata of every event in the store, in position order.
 async fn metadata(db: &Database) -> Vec<Value> {
-    let events = match db {
-        Database::Sqlite(path) => {
-            let store = cqrs::SqliteEventRepository::open(path)
-                .await
-                .expect("open the store");
-            store.read_all(0, 1000).await.expect("read all")
-        }
-        Database::Postgres { url, schema } => {
-            let store = cqrs::PostgresEventRepository::connect(url)
-                .await
-                .expect("connect")
-                .with_schema(schema.as_deref().unwrap_or("public"))
-                .expect("schema");
-            store.read_all(0, 1000).await.expect("read all")
-        }
-    };
+    let events = event_store(db).await.read_all(0, 1000).await;
+    let events = events.expect("read all");
     events.into_iter().map(|event| event.metadata).collect()
 }
 
@@ -1174,22 +1167,11 @@ async fn append_rogue(db: &Database) -> Uuid {
         Value::Null,
     )
     .expect("an event");
-    match db {
-        Database::Sqlite(path) => {
-            let store = cqrs::SqliteEventRepository::open(path)
-                .await
-                .expect("open the store");
-            store.append(vec![event]).await.expect("append");
-        }
-        Database::Postgres { url, schema } => {
-            let store = cqrs::PostgresEventRepository::connect(url)
-                .await
-                .expect("connect")
-                .with_schema(schema.as_deref().unwrap_or("public"))
-                .expect("schema");
-            store.append(vec![event]).await.expect("append");
-        }
-    }
+    event_store(db)
+        .await
+        .append(vec![event])
+        .await
+        .expect("append");
     id
 }
 
