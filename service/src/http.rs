@@ -102,6 +102,7 @@ struct PlaceOrder {
     /// Who orders.
     customer: String,
     /// What is ordered: at least one line.
+    #[schema(min_items = 1)]
     lines: Vec<OrderLine>,
 }
 
@@ -667,8 +668,8 @@ async fn show(
 struct Page {
     /// The id of the last order of the previous page.
     after: Option<String>,
-    /// How many orders, at most (1 to 500; 50 when absent).
-    #[param(minimum = 1)]
+    /// How many orders, at most: 50 when absent, else between 1 and 500 (a value outside is
+    /// taken as the nearer bound).
     limit: Option<usize>,
 }
 
