@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use cqrs::sqlx::{self, Row};
 use cqrs::{
-    CQRSError, EventRepository, PostgresEventRepository, SqliteEventRepository, ViewRepository,
+    CQRSError, DeadLetters, EventRepository, PostgresDeadLetters, PostgresEventRepository,
+    SqliteDeadLetters, SqliteEventRepository, ViewRepository,
 };
 
 use crate::order::{Order, OrderSummary};
@@ -30,6 +31,23 @@ pub(crate) struct Stores {
     pub(crate) events: Arc<dyn EventRepository>,
     pub(crate) views: Arc<dyn ViewRepository<Order, OrderSummary>>,
     pub(crate) keys: KeyTable,
+    /// Where the projection records the events it skipped.
+    pub(crate) dead_letters: Arc<dyn DeadLetters>,
+    /// The events table, for the store's head and the operator page's aggregates.
+    events_table: EventsTable,
+}
+
+/// One aggregate as the operator page lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AggregateRow {
+    /// Its type (`order`).
+    pub(crate) aggregate_type: String,
+    /// Its id.
+    pub(crate) aggregate_id: String,
+    /// How many events it has.
+    pub(crate) events: i64,
+    /// The global position of its last event.
+    pub(crate) last_position: i64,
 }
 
 impl Stores {
@@ -43,10 +61,18 @@ impl Stores {
                     table: TABLE.to_owned(),
                 };
                 keys.migrate().await?;
+                let events_table = EventsTable {
+                    pool: Pool::Sqlite(store.pool().clone()),
+                    table: EVENTS_TABLE.to_owned(),
+                };
+                let dead_letters = SqliteDeadLetters::new(&store);
+                dead_letters.migrate().await?;
                 Ok(Stores {
                     views: Arc::new(store.views::<OrderSummary>()),
                     events: Arc::new(store),
                     keys,
+                    dead_letters: Arc::new(dead_letters),
+                    events_table,
                 })
             }
             Database::Postgres { url, schema } => {
@@ -61,15 +87,86 @@ impl Stores {
                     table: format!("\"{}\".{TABLE}", store.schema()),
                 };
                 keys.migrate().await?;
+                let events_table = EventsTable {
+                    pool: Pool::Postgres(store.pool().clone()),
+                    table: format!("\"{}\".{EVENTS_TABLE}", store.schema()),
+                };
+                let dead_letters = PostgresDeadLetters::new(&store);
+                dead_letters.migrate().await?;
                 Ok(Stores {
                     views: Arc::new(store.views::<OrderSummary>()),
                     events: Arc::new(store),
                     keys,
+                    dead_letters: Arc::new(dead_letters),
+                    events_table,
                 })
             }
         }
     }
+
+    /// Up to `limit` aggregates, the most recently changed first, with their event counts.
+    pub(crate) async fn aggregates(&self, limit: i64) -> Result<Vec<AggregateRow>, CQRSError> {
+        let table = &self.events_table.table;
+        let rows = match &self.events_table.pool {
+            Pool::Sqlite(pool) => {
+                let sql = format!(
+                    "SELECT aggregate_type, aggregate_id, COUNT(*), MAX(position) FROM {table} \
+                     GROUP BY aggregate_type, aggregate_id ORDER BY MAX(position) DESC LIMIT ?"
+                );
+                sqlx::query_as::<_, (String, String, i64, i64)>(&sql)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await
+            }
+            Pool::Postgres(pool) => {
+                let sql = format!(
+                    "SELECT aggregate_type, aggregate_id::text, COUNT(*), MAX(position) \
+                     FROM {table} GROUP BY aggregate_type, aggregate_id \
+                     ORDER BY MAX(position) DESC LIMIT $1"
+                );
+                sqlx::query_as::<_, (String, String, i64, i64)>(&sql)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await
+            }
+        }
+        .map_err(CQRSError::persistence)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(aggregate_type, aggregate_id, events, last_position)| AggregateRow {
+                    aggregate_type,
+                    aggregate_id,
+                    events,
+                    last_position,
+                },
+            )
+            .collect())
+    }
+
+    /// The global position of the store's last event, 0 when it has none.
+    pub(crate) async fn head(&self) -> Result<i64, CQRSError> {
+        let sql = format!(
+            "SELECT COALESCE(MAX(position), 0) FROM {}",
+            self.events_table.table
+        );
+        let head: Result<i64, sqlx::Error> = match &self.events_table.pool {
+            Pool::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+            Pool::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+        };
+        head.map_err(CQRSError::persistence)
+    }
 }
+
+/// The stores' events table (`cqrs_events`), qualified by its schema on PostgreSQL.
+#[derive(Debug, Clone)]
+struct EventsTable {
+    pool: Pool,
+    table: String,
+}
+
+/// The name of the stores' events table.
+const EVENTS_TABLE: &str = "cqrs_events";
 
 /// One idempotency key's row.
 #[derive(Debug, Clone, PartialEq, Eq)]

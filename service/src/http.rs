@@ -9,18 +9,25 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
 use cqrs::{CQRSError, EventRepository, ViewRepository};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use tracing::Instrument;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::db::{Claim, KeyRow};
-use crate::order::{Order, OrderAction, OrderCommand, OrderEvent, OrderLine};
+use crate::openapi::{
+    ApiDoc, CommandProblems, ConsistencyTokenHeader, IdempotencyKeyHeader, IfMatchHeader,
+    OrderProblems, ProblemBody, QueryProblems,
+};
+use crate::order::{Order, OrderAction, OrderCommand, OrderEvent, OrderLine, OrderSummary};
 use crate::problem::{internal, Problem};
 use crate::reply::Reply;
 use crate::Shared;
@@ -40,12 +47,8 @@ const KEY_POLL: Duration = Duration::from_millis(20);
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let body_limit = shared.config.body_limit;
-    Router::new()
-        .route("/orders", post(place).get(list))
-        .route("/orders/{id}", get(show))
-        .route("/orders/{id}/payment", post(action::<Pay>))
-        .route("/orders/{id}/shipment", post(action::<Ship>))
-        .route("/orders/{id}/cancellation", post(action::<Cancel>))
+    let (routes, _) = api().split_for_parts();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -53,41 +56,164 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         // Outermost last: a request gets its `x-request-id`, is traced with it, and the
         // response carries it back.
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
-/// `POST /orders`: `{"customer": "...", "lines": [{"sku", "quantity", "unit_price_cents"}]}`.
-#[derive(Debug, Deserialize)]
+/// Every route, each registered together with its description in the OpenAPI document.
+pub(crate) fn api() -> OpenApiRouter<Arc<Shared>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(place, list))
+        .routes(routes!(show))
+        .routes(routes!(pay))
+        .routes(routes!(ship))
+        .routes(routes!(cancel))
+        .routes(routes!(openapi_json))
+        .routes(routes!(metrics))
+        .routes(routes!(crate::operator::overview))
+        .routes(routes!(crate::operator::stream))
+}
+
+/// The span of one request, carrying its `x-request-id`: the correlation id of the events
+/// its command appends.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        uri = %request.uri(),
+        request_id = correlation_id(request.headers()).unwrap_or_default(),
+    )
+}
+
+/// The request's id (`x-request-id`, set by the router when the client sent none).
+fn correlation_id(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+}
+
+/// The header that carries a request's id.
+const REQUEST_ID: &str = "x-request-id";
+
+/// The body of `POST /orders`: who orders what.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PlaceOrder {
+    /// Who orders.
     customer: String,
+    /// What is ordered: at least one line.
+    #[schema(min_items = 1)]
     lines: Vec<OrderLine>,
 }
 
-/// `POST /orders/{id}/payment`.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /orders/{id}/payment`: the order's total, paid.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Pay {
+    /// The amount, which must be the order's total, in cents.
     amount_cents: u64,
+    /// The payment provider's reference.
     payment_reference: String,
 }
 
-/// `POST /orders/{id}/shipment`.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /orders/{id}/shipment`: who carries a paid order.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Ship {
+    /// Who carries it.
     carrier: String,
+    /// The carrier's tracking number.
     tracking_number: String,
 }
 
-/// `POST /orders/{id}/cancellation`.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /orders/{id}/cancellation`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Cancel {
+    /// Why.
     reason: String,
 }
 
+/// The body of a command's response: the order, its sequence, and the events the command
+/// appended.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct CommandOutcome {
+    /// The order's id.
+    order_id: Uuid,
+    /// The order's sequence after the command: its `ETag`.
+    sequence: i64,
+    /// The global position of the command's last event: its `Consistency-Token`.
+    position: Option<i64>,
+    /// The events the command appended.
+    events: Vec<OrderEvent>,
+}
+
+/// The body of `GET /orders`: a page of orders in id order.
+#[derive(Debug, Serialize, ToSchema)]
+struct OrderPage {
+    /// The orders, at most `limit`.
+    orders: Vec<OrderSummary>,
+}
+
+/// `GET /openapi.json`: this document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "The service's OpenAPI 3.1 document", body = Object))
+)]
+async fn openapi_json() -> Response {
+    axum::Json(crate::openapi::document()).into_response()
+}
+
+/// `GET /metrics`: Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "meta",
+    responses(
+        (status = 200, description = "Commands by outcome, append conflicts, idempotent replays, \
+            the append latency histogram and the view's lag, in Prometheus's text format",
+            body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"),
+        (status = 503, description = "`store-unavailable`: the store's head could not be read",
+            body = ProblemBody, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    )
+)]
+async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, Problem> {
+    let head = shared
+        .stores
+        .head()
+        .await
+        .map_err(|e| Problem::from_framework(&e))?;
+    let text = shared.metrics.render(head, shared.projection.position());
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// Places an order.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "orders",
+    request_body(content = PlaceOrder, content_type = "application/json"),
+    params(IdempotencyKeyHeader),
+    responses(
+        (status = 201, description = "The order is placed", body = CommandOutcome, headers(
+            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
+            ("Location" = String, description = "The order's URL"),
+            ("Consistency-Token" = String, description = "The global position of the order's event: send it with a query to read this write"),
+            ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
+        )),
+        CommandProblems,
+    )
+)]
 async fn place(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -109,6 +235,7 @@ async fn place(
     };
     let command = Command {
         request: format!("POST /orders\n{}", String::from_utf8_lossy(&body)),
+        correlation_id: correlation_id(&headers).map(str::to_owned),
         new: true,
         order_id: None,
         command: OrderCommand::new(action),
@@ -152,6 +279,55 @@ impl ActionBody for Cancel {
     }
 }
 
+/// A handler for `POST /orders/{id}/<segment>`, running [`action`] with `$body`, and its
+/// description in the OpenAPI document.
+macro_rules! action_handler {
+    ($(#[doc = $doc:literal])* $name:ident, $path:literal, $body:ty, $done:literal) => {
+        $(#[doc = $doc])*
+        #[utoipa::path(
+            post,
+            path = $path,
+            tag = "orders",
+            request_body(content = $body, content_type = "application/json"),
+            params(
+                ("id" = Uuid, Path, description = "The order's id"),
+                IfMatchHeader,
+                IdempotencyKeyHeader,
+            ),
+            responses(
+                (status = 200, description = $done, body = CommandOutcome, headers(
+                    ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
+                    ("Consistency-Token" = String, description = "The global position of the command's event: send it with a query to read this write"),
+                    ("Idempotent-Replayed" = String, description = "`true` on the first outcome answered again for an `Idempotency-Key`"),
+                )),
+                OrderProblems,
+                CommandProblems,
+            )
+        )]
+        async fn $name(
+            shared: State<Arc<Shared>>,
+            id: Path<String>,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> Result<Response, Problem> {
+            action::<$body>(shared, id, headers, body).await
+        }
+    };
+}
+
+action_handler!(
+    /// Pays an order's total.
+    pay, "/orders/{id}/payment", Pay, "The order is paid"
+);
+action_handler!(
+    /// Ships a paid order.
+    ship, "/orders/{id}/shipment", Ship, "The order has shipped"
+);
+action_handler!(
+    /// Cancels an order that has not shipped.
+    cancel, "/orders/{id}/cancellation", Cancel, "The order is cancelled"
+);
+
 /// `POST /orders/{id}/<T::SEGMENT>`: a command on an existing order.
 async fn action<T: ActionBody>(
     State(shared): State<Arc<Shared>>,
@@ -168,6 +344,7 @@ async fn action<T: ActionBody>(
             T::SEGMENT,
             String::from_utf8_lossy(&body)
         ),
+        correlation_id: correlation_id(&headers).map(str::to_owned),
         new: false,
         order_id: Some(order_id),
         command: OrderCommand {
@@ -182,6 +359,8 @@ async fn action<T: ActionBody>(
 struct Command {
     /// Method, path and body: what a second use of the key must repeat.
     request: String,
+    /// The request's id, kept in every event's metadata as `correlation_id`.
+    correlation_id: Option<String>,
     /// A create (`dispatch_new` on a fresh id) rather than a command on `order_id`.
     new: bool,
     order_id: Option<Uuid>,
@@ -219,6 +398,7 @@ impl Shared {
                 ));
             }
             if let Some(response) = &row.response {
+                self.metrics.idempotent_replay();
                 return Ok(replay(response));
             }
             let lease =
@@ -227,6 +407,7 @@ impl Shared {
                 // The request that claimed the key never finished (the process died): its
                 // events, if it appended any, carry the key.
                 if let Some(reply) = self.recover(&key, &row).await? {
+                    self.metrics.idempotent_replay();
                     return Ok(replay_reply(reply));
                 }
                 if self
@@ -282,16 +463,50 @@ impl Shared {
         reply.map(IntoResponse::into_response)
     }
 
-    /// Dispatches the command; the key, if any, goes into every event's metadata.
+    /// Dispatches the command, in a `command` span, and counts its outcome; the request's
+    /// id and the key, if any, go into every event's metadata.
     async fn dispatch(
         &self,
         id: Uuid,
         key: Option<&str>,
         command: Command,
     ) -> Result<Reply, Problem> {
-        let metadata = match key {
-            Some(key) => json!({ "idempotency_key": key }),
-            None => serde_json::Value::Null,
+        let name = command_name(&command.command.action);
+        let span = tracing::info_span!(
+            "command",
+            command = name,
+            order_id = %id,
+            correlation_id = command.correlation_id.as_deref().unwrap_or_default(),
+        );
+        let reply = self
+            .dispatch_traced(id, key, command)
+            .instrument(span)
+            .await;
+        let outcome = match &reply {
+            Ok(_) => "ok",
+            Err(problem) => problem.slug,
+        };
+        self.metrics.command(name, outcome);
+        reply
+    }
+
+    async fn dispatch_traced(
+        &self,
+        id: Uuid,
+        key: Option<&str>,
+        command: Command,
+    ) -> Result<Reply, Problem> {
+        let mut metadata = serde_json::Map::new();
+        if let Some(correlation_id) = &command.correlation_id {
+            metadata.insert("correlation_id".to_owned(), json!(correlation_id));
+        }
+        if let Some(key) = key {
+            metadata.insert("idempotency_key".to_owned(), json!(key));
+        }
+        let metadata = if metadata.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::Object(metadata)
         };
         let framework = &self.framework;
         let receipt = if command.new {
@@ -348,6 +563,16 @@ impl Shared {
     }
 }
 
+/// The command's name, as the metrics label it.
+fn command_name(action: &OrderAction) -> &'static str {
+    match action {
+        OrderAction::Place { .. } => "place",
+        OrderAction::Pay { .. } => "pay",
+        OrderAction::Ship { .. } => "ship",
+        OrderAction::Cancel { .. } => "cancel",
+    }
+}
+
 /// The response to a command that succeeded.
 fn command_reply(
     new: bool,
@@ -373,11 +598,11 @@ fn command_reply(
     Reply {
         status: if new { 201 } else { 200 },
         headers,
-        body: json!({
-            "order_id": id,
-            "sequence": sequence,
-            "position": position,
-            "events": events,
+        body: json!(CommandOutcome {
+            order_id: id,
+            sequence,
+            position,
+            events: events.to_vec(),
         }),
     }
 }
@@ -402,6 +627,19 @@ fn replay_reply(mut reply: Reply) -> Response {
 
 /// `GET /orders/{id}`: the order's view, once it has reached the request's consistency
 /// token.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    tag = "orders",
+    params(("id" = Uuid, Path, description = "The order's id"), ConsistencyTokenHeader),
+    responses(
+        (status = 200, description = "The order", body = OrderSummary, headers(
+            ("ETag" = String, description = "The order's sequence, quoted: send it as `If-Match`"),
+        )),
+        (status = 404, description = "`order-not-found`: no order has this id", body = inline(ProblemBody), content_type = "application/problem+json"),
+        QueryProblems,
+    )
+)]
 async fn show(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
@@ -424,13 +662,28 @@ async fn show(
 }
 
 /// `GET /orders?after=ID&limit=N`: a page of orders in id order.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct Page {
+    /// The id of the last order of the previous page.
     after: Option<String>,
+    /// How many orders, at most: 50 when absent, else between 1 and 500 (a value outside is
+    /// taken as the nearer bound).
     limit: Option<usize>,
 }
 
+/// Lists orders in id order, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/orders",
+    tag = "orders",
+    params(Page, ConsistencyTokenHeader),
+    responses(
+        (status = 200, description = "A page of orders", body = OrderPage),
+        QueryProblems,
+    )
+)]
 async fn list(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -453,7 +706,7 @@ async fn list(
         .await
         .map_err(|e| Problem::from_framework(&e))?;
     let orders: Vec<_> = orders.into_iter().map(|(_, view)| view).collect();
-    Ok(axum::Json(json!({ "orders": orders })).into_response())
+    Ok(axum::Json(OrderPage { orders }).into_response())
 }
 
 impl Shared {
@@ -520,7 +773,7 @@ fn etag(sequence: i64) -> String {
     format!("\"{sequence}\"")
 }
 
-fn order_id(text: &str) -> Result<Uuid, Problem> {
+pub(crate) fn order_id(text: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(text).map_err(|_| {
         Problem::new(
             StatusCode::NOT_FOUND,

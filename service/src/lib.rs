@@ -17,6 +17,15 @@
 //!   position of its last event. A `GET` that sends it back waits (up to
 //!   [`Config::consistency_wait`]) for the view to reach it, or answers `503` with
 //!   `Retry-After`.
+//! * **`GET /openapi.json`** is the API's OpenAPI 3.1 document, generated from the handlers
+//!   (utoipa); `service/openapi.json` is its reviewed copy.
+//! * **Observability.** Each request's `x-request-id` names its `tracing` span and is the
+//!   `correlation_id` in the metadata of the events its command appends; spans nest request →
+//!   command → dispatch → append. **`GET /metrics`** is Prometheus's text format: commands by
+//!   outcome, append conflicts, idempotent replays, append latency, the view's lag.
+//! * **`GET /operator`** is a server-rendered page for operators: the projection's checkpoint
+//!   and lag, the aggregates with their event counts (each order's events at
+//!   `/operator/orders/{id}`), and the events the projection skipped as dead letters.
 //!
 //! The design and its reasons are in `docs/adr/0015-http-service.md`.
 //!
@@ -40,10 +49,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs::{CQRSError, CQRSFramework, Projection, ProjectionHandle, RetryPolicy};
+use cqrs::{CQRSError, CQRSFramework, PoisonPolicy, Projection, ProjectionHandle, RetryPolicy};
 
 mod db;
 mod http;
+mod metrics;
+mod openapi;
+mod operator;
 mod order;
 mod problem;
 mod reply;
@@ -135,6 +147,7 @@ pub(crate) struct Shared {
     pub(crate) framework: CQRSFramework<Order>,
     pub(crate) stores: db::Stores,
     pub(crate) projection: ProjectionHandle,
+    pub(crate) metrics: Arc<metrics::Metrics>,
 }
 
 /// The running service: the framework, the projection that keeps the order view, and the
@@ -160,13 +173,22 @@ impl Service {
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the database cannot be opened or migrated.
     pub async fn start(config: Config) -> Result<Service, CQRSError> {
-        let stores = db::Stores::open(&config.database).await?;
+        let mut stores = db::Stores::open(&config.database).await?;
+        let metrics = Arc::new(metrics::Metrics::default());
+        stores.events = Arc::new(metrics::MeteredEvents {
+            inner: Arc::clone(&stores.events),
+            metrics: Arc::clone(&metrics),
+        });
         let framework = CQRSFramework::<Order>::new(Arc::clone(&stores.events))
             .with_retry(RetryPolicy::attempts(config.retry_attempts));
+        // A poison event is skipped and recorded (the operator page lists it), so one bad
+        // row does not stop the view for every order.
         let projection = Projection::<Order, OrderSummary>::new(
             Arc::clone(&stores.events),
             Arc::clone(&stores.views),
         )
+        .with_poison_policy(PoisonPolicy::SkipAndRecord)
+        .with_dead_letters(Arc::clone(&stores.dead_letters))
         .start();
         Ok(Service {
             shared: Arc::new(Shared {
@@ -174,6 +196,7 @@ impl Service {
                 framework,
                 stores,
                 projection,
+                metrics,
             }),
         })
     }

@@ -6,19 +6,20 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// One line of an order: so many units of a product at a unit price.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderLine {
     /// The product's stock-keeping unit.
     pub sku: String,
     /// How many units, at least 1.
+    #[schema(minimum = 1)]
     pub quantity: u32,
     /// The price of one unit, in cents.
     pub unit_price_cents: u64,
 }
 
 /// What happened to an order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, DomainEvent)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, DomainEvent, utoipa::ToSchema)]
 #[serde(tag = "type")]
 pub enum OrderEvent {
     /// The customer placed the order.
@@ -136,7 +137,7 @@ impl OrderCommand {
 }
 
 /// Where an order is in its life.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderStatus {
     /// No order placed under this id.
@@ -320,7 +321,7 @@ fn total(lines: &[OrderLine]) -> Result<u64, OrderError> {
 }
 
 /// An order as the queries show it, kept by a [`cqrs::Projection`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OrderSummary {
     /// The order's id.
     pub order_id: Option<Uuid>,
@@ -343,7 +344,7 @@ pub struct OrderSummary {
 }
 
 /// Who carries an order and its tracking number.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Shipment {
     /// The carrier.
     pub carrier: String,

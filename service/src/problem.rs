@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use cqrs::CQRSError;
 use serde_json::json;
 
+use crate::openapi::ProblemBody;
 use crate::order::OrderError;
 use crate::reply::Reply;
 
@@ -85,11 +86,11 @@ impl Problem {
         Reply {
             status: self.status.as_u16(),
             headers,
-            body: json!({
-                "type": self.type_uri(),
-                "title": self.title,
-                "status": self.status.as_u16(),
-                "detail": self.detail,
+            body: json!(ProblemBody {
+                kind: self.type_uri(),
+                title: self.title.to_owned(),
+                status: self.status.as_u16(),
+                detail: self.detail.clone(),
             }),
         }
     }

@@ -156,23 +156,30 @@ impl Running {
 
     /// How many events the store holds, in all.
     async fn event_count(&self, db: &Database) -> usize {
-        let events = match db {
-            Database::Sqlite(path) => {
-                let store = cqrs::SqliteEventRepository::open(path)
-                    .await
-                    .expect("open the store");
-                store.read_all(0, 100_000).await.expect("read all")
-            }
-            Database::Postgres { url, schema } => {
-                let store = cqrs::PostgresEventRepository::connect(url)
-                    .await
-                    .expect("connect")
-                    .with_schema(schema.as_deref().unwrap_or("public"))
-                    .expect("schema");
-                store.read_all(0, 100_000).await.expect("read all")
-            }
-        };
-        events.len()
+        event_store(db)
+            .await
+            .read_all(0, 100_000)
+            .await
+            .expect("read all")
+            .len()
+    }
+}
+
+/// The event store of `db`, opened beside the service's.
+async fn event_store(db: &Database) -> Box<dyn EventRepository> {
+    match db {
+        Database::Sqlite(path) => Box::new(
+            cqrs::SqliteEventRepository::open(path)
+                .await
+                .expect("open the store"),
+        ),
+        Database::Postgres { url, schema } => Box::new(
+            cqrs::PostgresEventRepository::connect(url)
+                .await
+                .expect("connect")
+                .with_schema(schema.as_deref().unwrap_or("public"))
+                .expect("schema"),
+        ),
     }
 }
 
@@ -263,6 +270,9 @@ on_backends! {
     abandoned_claim_without_events_runs_once => abandoned_claim_without_events_runs_once;
     read_your_writes => read_your_writes;
     query_behind_the_token_is_503 => query_behind_the_token_is_503;
+    metrics_count_what_requests_did => metrics_count_what_requests_did;
+    request_id_is_the_events_correlation_id => request_id_is_the_events_correlation_id;
+    operator_page_shows_aggregates_streams_and_dead_letters => operator_page_shows_aggregates_streams_and_dead_letters;
 }
 
 async fn order_lifecycle(db: Database) {
@@ -972,4 +982,307 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
     assert_eq!(restarted.event_count(&db.database).await, 1 + created);
     restarted.shutdown().await;
     db.remove().await;
+}
+
+/// The value of the sample `series` (name and labels, as written) in a Prometheus text page;
+/// 0 when absent.
+fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
+impl Running {
+    async fn metrics(&self) -> String {
+        let response = self.get("/metrics", &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(header_text(&response, "content-type").starts_with("text/plain; version=0.0.4"));
+        response.text().await.expect("a text page")
+    }
+}
+
+fn commands(command: &str, outcome: &str) -> String {
+    format!("cqrs_service_commands_total{{command=\"{command}\",outcome=\"{outcome}\"}}")
+}
+
+async fn metrics_count_what_requests_did(db: Database) {
+    let running = Running::start(Config::new(db)).await;
+    let page = running.metrics().await;
+    assert_eq!(
+        sample(&page, "cqrs_service_append_seconds_count"),
+        0.0,
+        "{page}"
+    );
+    assert!(
+        page.contains("# TYPE cqrs_service_append_seconds histogram"),
+        "{page}"
+    );
+
+    let (a, _) = running.place(1000).await;
+    let key = [("idempotency-key", "metrics-key-1")];
+    let first = running.post("/orders", &place_body(400), &key).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let again = running.post("/orders", &place_body(400), &key).await;
+    assert_eq!(header_text(&again, "idempotent-replayed"), "true");
+    let wrong = json!({ "amount_cents": 999, "payment_reference": "p" });
+    let refused = running
+        .post(&format!("/orders/{a}/payment"), &wrong, &[])
+        .await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let stale = running
+        .post(
+            &format!("/orders/{a}/cancellation"),
+            &json!({ "reason": "r" }),
+            &[("if-match", "\"0\"")],
+        )
+        .await;
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+
+    // Ten payments of each of five orders at once: one each is paid, the others lose the
+    // race (a conflict, retried on the fresh state) or see it paid.
+    let pay = json!({ "amount_cents": 300, "payment_reference": "p" });
+    let mut token = String::new();
+    for _ in 0..5 {
+        let (id, _) = running.place(300).await;
+        let path = format!("/orders/{id}/payment");
+        let requests = (0..10).map(|_| running.post(&path, &pay, &[]));
+        let responses = futures_util::future::join_all(requests).await;
+        for response in &responses {
+            if response.status() == StatusCode::OK {
+                token = header_text(response, "consistency-token");
+            }
+        }
+        let paid = responses.iter().filter(|r| r.status() == StatusCode::OK);
+        assert_eq!(paid.count(), 1);
+    }
+    // Read our writes, so the view has reached the last payment.
+    let read = running
+        .get("/orders", &[("consistency-token", &token)])
+        .await;
+    assert_eq!(read.status(), StatusCode::OK);
+
+    let page = running.metrics().await;
+    assert_eq!(sample(&page, &commands("place", "ok")), 7.0, "{page}");
+    assert_eq!(sample(&page, &commands("pay", "ok")), 5.0, "{page}");
+    assert_eq!(
+        sample(&page, &commands("pay", "order-already-paid")),
+        45.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &commands("pay", "wrong-payment-amount")),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &commands("cancel", "precondition-failed")),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "cqrs_service_idempotent_replays_total"),
+        1.0,
+        "{page}"
+    );
+    let conflicts = sample(&page, "cqrs_service_append_conflicts_total");
+    assert!(
+        conflicts >= 1.0,
+        "fifty racing payments made no conflict: {page}"
+    );
+    // Every append is timed: the twelve that landed and the ones refused as conflicts.
+    assert_eq!(
+        sample(&page, "cqrs_service_append_seconds_count"),
+        12.0 + conflicts,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "cqrs_service_append_seconds_bucket{le=\"+Inf\"}"),
+        12.0 + conflicts
+    );
+    assert!(sample(&page, "cqrs_service_append_seconds_sum") > 0.0);
+    let head = sample(&page, "cqrs_service_store_head_position");
+    assert_eq!(
+        sample(&page, "cqrs_service_projection_position"),
+        head,
+        "{page}"
+    );
+    assert_eq!(sample(&page, "cqrs_service_projection_lag"), 0.0, "{page}");
+    assert!(head >= 12.0, "{page}");
+    running.shutdown().await;
+}
+
+/// The metadata of every event in the store, in position order.
+async fn metadata(db: &Database) -> Vec<Value> {
+    let events = event_store(db).await.read_all(0, 1000).await;
+    let events = events.expect("read all");
+    events.into_iter().map(|event| event.metadata).collect()
+}
+
+async fn request_id_is_the_events_correlation_id(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let sent = running
+        .post(
+            "/orders",
+            &place_body(100),
+            &[
+                ("x-request-id", "req-from-client"),
+                ("idempotency-key", "k-1"),
+            ],
+        )
+        .await;
+    assert_eq!(sent.status(), StatusCode::CREATED);
+    assert_eq!(header_text(&sent, "x-request-id"), "req-from-client");
+    let generated = running.post("/orders", &place_body(200), &[]).await;
+    assert_eq!(generated.status(), StatusCode::CREATED);
+    let request_id = header_text(&generated, "x-request-id");
+    assert!(Uuid::parse_str(&request_id).is_ok(), "{request_id}");
+    running.shutdown().await;
+
+    let metadata = metadata(&db).await;
+    assert_eq!(
+        metadata,
+        vec![
+            json!({ "correlation_id": "req-from-client", "idempotency_key": "k-1" }),
+            json!({ "correlation_id": request_id }),
+        ]
+    );
+}
+
+/// An event of a kind the order view does not know: a poison event for its projection.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, cqrs::DomainEvent)]
+enum Rogue {
+    #[event(name = "OrderRefunded")]
+    Refunded { cents: u64 },
+}
+
+/// Appends one `Rogue` event to a fresh order stream, behind the service's back.
+async fn append_rogue(db: &Database) -> Uuid {
+    let id = Uuid::new_v4();
+    let event = cqrs::PersistableDomainEvent::new(
+        "order",
+        id,
+        1,
+        &Rogue::Refunded { cents: 5 },
+        Value::Null,
+    )
+    .expect("an event");
+    event_store(db)
+        .await
+        .append(vec![event])
+        .await
+        .expect("append");
+    id
+}
+
+/// The `<tr>` of `page`'s table `table` that mentions `needle`.
+fn table_row<'a>(page: &'a str, table: &str, needle: &str) -> &'a str {
+    let start = page
+        .find(&format!("<table id=\"{table}\">"))
+        .unwrap_or_else(|| panic!("no table {table}: {page}"));
+    let table_html = &page[start..];
+    let table_html = &table_html[..table_html.find("</table>").expect("a closed table")];
+    table_html
+        .split("<tr>")
+        .find(|row| row.contains(needle))
+        .unwrap_or_else(|| panic!("no row with {needle} in {table}: {table_html}"))
+}
+
+impl Running {
+    async fn html(&self, path: &str) -> String {
+        let response = self.get(path, &[]).await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            header_text(&response, "content-type"),
+            "text/html; charset=utf-8"
+        );
+        response.text().await.expect("an HTML page")
+    }
+}
+
+async fn operator_page_shows_aggregates_streams_and_dead_letters(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let placed = running
+        .post(
+            "/orders",
+            &json!({
+                "customer": "<script>alert(1)</script>",
+                "lines": [{ "sku": "book-1", "quantity": 1, "unit_price_cents": 900 }],
+            }),
+            &[("x-request-id", "req-operator")],
+        )
+        .await;
+    assert_eq!(placed.status(), StatusCode::CREATED);
+    let placed: Value = placed.json().await.expect("JSON");
+    let id = text(&placed["order_id"]);
+    let pay = json!({ "amount_cents": 900, "payment_reference": "pay-operator" });
+    let paid = running
+        .post(&format!("/orders/{id}/payment"), &pay, &[])
+        .await;
+    assert_eq!(paid.status(), StatusCode::OK);
+    let (other, _) = running.place(100).await;
+    let rogue = append_rogue(&db).await;
+
+    // The projection tries the rogue event, gives up, records it and moves past it (the
+    // dead letter is written before the checkpoint moves).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let page = loop {
+        let page = running.html("/operator").await;
+        if page.contains("OrderRefunded") && page.contains("<td class=\"checkpoint\">4</td>") {
+            break page;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dead letter: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(table_row(&page, "aggregates", &id).contains("<td class=\"events\">2</td>"));
+    assert!(table_row(&page, "aggregates", &other).contains("<td class=\"events\">1</td>"));
+    assert!(table_row(&page, "aggregates", &rogue.to_string()).contains(">1</td>"));
+    assert!(page.contains(&format!("<a href=\"/operator/orders/{id}\">")));
+    let letter = table_row(&page, "dead-letters", &rogue.to_string());
+    assert!(letter.contains("OrderRefunded"), "{letter}");
+    assert!(letter.contains("<td class=\"reason\">"), "{letter}");
+    assert!(
+        !letter.contains("<td class=\"reason\"></td>"),
+        "an empty reason: {letter}"
+    );
+    // The rogue event is the store's last: the checkpoint is past it, so the lag is 0.
+    let projection = table_row(&page, "projection", "checkpoint\"");
+    assert!(
+        projection.contains("<td class=\"checkpoint\">4</td>"),
+        "{projection}"
+    );
+    assert!(
+        projection.contains("<td class=\"head\">4</td>"),
+        "{projection}"
+    );
+    assert!(
+        projection.contains("<td class=\"lag\">0</td>"),
+        "{projection}"
+    );
+
+    let stream = running.html(&format!("/operator/orders/{id}")).await;
+    let placed_row = table_row(&stream, "events", "OrderPlaced");
+    assert!(
+        placed_row.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{placed_row}"
+    );
+    assert!(
+        !stream.contains("<script>"),
+        "markup from a payload is escaped"
+    );
+    assert!(placed_row.contains("&quot;correlation_id&quot;: &quot;req-operator&quot;"));
+    assert!(
+        placed_row.contains("+00:00</td>"),
+        "an RFC 3339 timestamp: {placed_row}"
+    );
+    let paid_row = table_row(&stream, "events", "OrderPaid");
+    assert!(paid_row.contains("pay-operator"), "{paid_row}");
+    assert!(paid_row.contains("<td>2</td>"), "sequence 2: {paid_row}");
+
+    let unknown = running.get("/operator/orders/not-a-uuid", &[]).await;
+    assert_problem(unknown, StatusCode::NOT_FOUND, "order-not-found").await;
+    running.shutdown().await;
 }
