@@ -129,6 +129,11 @@ pub(super) struct Statements {
     /// failing the whole statement. Each condition has the same value for every event of
     /// an append, so an append is stored whole or left out whole. Returns
     /// `(event_id, position)` per stored event.
+    ///
+    /// The probe of the previous sequence is a scalar subquery (one row at most, by the
+    /// unique key) rather than `EXISTS`: beside an `OR`, PostgreSQL may plan an `EXISTS` as a
+    /// hashed subplan that reads the whole table, while a scalar subquery is always the
+    /// per-row index probe.
     pub(super) append_group: String,
     pub(super) find_ids: String,
     pub(super) load_events: String,
@@ -200,7 +205,7 @@ impl Statements {
                                            event_type, event_version, payload, metadata, ts, \
                                            expected, ord) \
                  WHERE pg_current_xact_id() IS NOT NULL \
-                   AND (u.expected = 0 OR EXISTS (SELECT 1 FROM {s}.cqrs_events p \
+                   AND (u.expected = 0 OR (SELECT true FROM {s}.cqrs_events p \
                         WHERE p.aggregate_type = u.aggregate_type \
                           AND p.aggregate_id = u.aggregate_id AND p.sequence = u.expected)) \
                    AND NOT EXISTS (SELECT 1 FROM {s}.cqrs_events q \
