@@ -18,10 +18,15 @@ use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
 use crate::store::validate_batch;
 
-/// The most events one group statement carries; a job larger than this goes alone.
+/// The most events one group statement carries; a larger group is split.
 const MAX_GROUP_EVENTS: usize = 1024;
 
-/// The waiting appends of one handle, and whether a group (or a lone append) is in flight.
+/// How often the leader of a forming group yields to the runtime before it sends the group:
+/// the callers that one commit answered come back at about the same moment, and these
+/// yields let those whose next append is ready (a cached dispatch reads nothing) join.
+const GATHER_YIELDS: usize = 2;
+
+/// The appends of one handle in flight, and the group being formed.
 #[derive(Default)]
 pub(super) struct Groups {
     state: Mutex<GroupState>,
@@ -33,12 +38,13 @@ pub(super) struct Groups {
 
 #[derive(Default)]
 struct GroupState {
-    /// An append or a group is in flight: a new append waits in `queue`.
-    busy: bool,
-    queue: Vec<Job>,
+    /// Lone appends and groups in flight (or forming).
+    in_flight: usize,
+    /// The group being formed, whose leader has not sent it yet.
+    forming: Option<Vec<Job>>,
 }
 
-/// One waiting append.
+/// One append waiting for its group.
 struct Job {
     events: Vec<PersistableDomainEvent>,
     /// The sequence the writer believes is the aggregate's last (from `validate_batch`).
@@ -69,96 +75,107 @@ impl Groups {
     }
 }
 
-/// Ends the turn of an append that went alone, also when its future is dropped: the appends
-/// that queued behind it are handed to a group task.
-struct LoneTurn<'a>(&'a PostgresEventRepository);
+/// One place in flight, given back when the append or group ends (or its future is
+/// dropped).
+struct InFlight<'a>(&'a Groups);
 
-impl Drop for LoneTurn<'_> {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.end_turn();
+        self.0.state().in_flight -= 1;
     }
+}
+
+/// What an append does, decided under the lock.
+enum Role {
+    /// Nothing in flight: sent at once, alone.
+    Alone(Vec<PersistableDomainEvent>),
+    /// Joined a forming group: waits for its answer.
+    Follower(oneshot::Receiver<Result<Vec<i64>, CQRSError>>),
+    /// Opened a group (its own append is in it): gathers, then sends it.
+    Leader(oneshot::Receiver<Result<Vec<i64>, CQRSError>>),
+}
+
+/// The answer of an append whose group ended without answering it.
+fn unanswered() -> CQRSError {
+    CQRSError::persistence(
+        "the group commit ended without answering this append; its outcome is unknown, and \
+         sending the same append again is safe",
+    )
 }
 
 impl PostgresEventRepository {
     /// Appends one batch through the group commit (see
-    /// [`with_group_commit`](Self::with_group_commit)): alone at once when nothing is in
-    /// flight, otherwise with the appends that arrive meanwhile.
+    /// [`with_group_commit`](Self::with_group_commit)): alone at once when nothing else is in
+    /// flight, otherwise with the appends that arrive while its group forms.
     pub(super) async fn append_grouped(
         &self,
         events: Vec<PersistableDomainEvent>,
     ) -> Result<Vec<i64>, CQRSError> {
         let expected = validate_batch(&events)?;
-        let waiting = {
-            let mut state = self.inner.groups.state();
-            if state.busy {
+        let groups = &self.inner.groups;
+        let role = {
+            let mut state = groups.state();
+            if state.in_flight == 0 {
+                state.in_flight += 1;
+                Role::Alone(events)
+            } else {
                 let (answer, waiting) = oneshot::channel();
-                state.queue.push(Job {
+                let job = Job {
                     events,
                     expected,
                     answer,
-                });
-                Ok(waiting)
-            } else {
-                state.busy = true;
-                Err(events)
+                };
+                match &mut state.forming {
+                    Some(forming) => {
+                        forming.push(job);
+                        Role::Follower(waiting)
+                    }
+                    None => {
+                        state.forming = Some(vec![job]);
+                        state.in_flight += 1;
+                        Role::Leader(waiting)
+                    }
+                }
             }
         };
-        match waiting {
-            Ok(waiting) => waiting.await.unwrap_or_else(|_| {
-                Err(CQRSError::persistence(
-                    "the group commit ended without answering this append; its outcome is \
-                     unknown, and sending the same append again is safe",
-                ))
-            }),
-            Err(events) => {
-                let _turn = LoneTurn(self);
+        match role {
+            Role::Alone(events) => {
+                let _place = InFlight(groups);
                 self.append_validated(events, expected).await
             }
-        }
-    }
-
-    /// After an append or a group: hands the waiting appends to a group task, or marks the
-    /// handle idle.
-    fn end_turn(&self) {
-        let mut state = self.inner.groups.state();
-        if state.queue.is_empty() {
-            state.busy = false;
-            return;
-        }
-        drop(state);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let store = self.clone();
-                runtime.spawn(async move { store.run_groups().await });
-            }
-            Err(_) => {
-                // No runtime to run them on (a handle dropped outside one): the waiting
-                // appends are answered with an error by dropping their senders.
-                let mut state = self.inner.groups.state();
-                state.queue.clear();
-                state.busy = false;
-            }
-        }
-    }
-
-    /// Writes the waiting appends group after group until none is left.
-    async fn run_groups(&self) {
-        loop {
-            let jobs = {
-                let mut state = self.inner.groups.state();
-                let jobs = take_group(&mut state.queue);
-                if jobs.is_empty() {
-                    state.busy = false;
-                    return;
+            Role::Follower(waiting) => waiting.await.unwrap_or_else(|_| Err(unanswered())),
+            Role::Leader(waiting) => {
+                let _place = InFlight(groups);
+                for _ in 0..GATHER_YIELDS {
+                    tokio::task::yield_now().await;
                 }
-                jobs
-            };
-            self.commit_group(jobs).await;
+                let jobs = groups.state().forming.take().unwrap_or_default();
+                if jobs.len() == 1 {
+                    self.commit_group(jobs).await;
+                } else {
+                    // In a task of its own, so that the followers are answered even when the
+                    // leader's caller stops waiting.
+                    let store = self.clone();
+                    let _ = tokio::spawn(async move { store.commit_group(jobs).await }).await;
+                }
+                waiting.await.unwrap_or_else(|_| Err(unanswered()))
+            }
         }
     }
 
-    /// Writes `jobs` and answers each.
+    /// Writes `jobs`, in statements of at most [`MAX_GROUP_EVENTS`] events, and answers
+    /// each.
     async fn commit_group(&self, mut jobs: Vec<Job>) {
+        jobs.retain(|job| !job.answer.is_closed());
+        while !jobs.is_empty() {
+            let rest = split_group(&mut jobs);
+            self.commit_statement(jobs).await;
+            jobs = rest;
+        }
+    }
+
+    /// Writes `jobs` (one statement when they are two or more) and answers each.
+    async fn commit_statement(&self, mut jobs: Vec<Job>) {
         if jobs.len() == 1 {
             if let Some(job) = jobs.pop() {
                 let result = self.append_validated(job.events, job.expected).await;
@@ -285,18 +302,17 @@ impl PostgresEventRepository {
     }
 }
 
-/// Takes the next group from the front of `queue`: the appends whose callers still wait, up
-/// to [`MAX_GROUP_EVENTS`] events (at least one append).
-fn take_group(queue: &mut Vec<Job>) -> Vec<Job> {
-    queue.retain(|job| !job.answer.is_closed());
+/// Splits `jobs` after the appends that fit in one statement (at least one), and returns
+/// the rest.
+fn split_group(jobs: &mut Vec<Job>) -> Vec<Job> {
     let mut events = 0;
     let mut count = 0;
-    for job in queue.iter() {
+    for job in jobs.iter() {
         if count > 0 && events + job.events.len() > MAX_GROUP_EVENTS {
             break;
         }
         events += job.events.len();
         count += 1;
     }
-    queue.drain(..count).collect()
+    jobs.split_off(count)
 }
