@@ -1,6 +1,6 @@
-//! Group commit: appends that arrive while another append of the same handle is in flight
-//! wait, and are then written together by one statement in one transaction, each keeping
-//! its own outcome. Why it is built this way is in `docs/adr/0004-postgres-store.md`
+//! Group commit: appends that arrive together while another append of the same handle is
+//! in flight are written together by one statement in one transaction, each keeping its own
+//! outcome. Why it is built this way is in `docs/adr/0004-postgres-store.md`
 //! ("Group commit").
 
 use std::collections::HashMap;

@@ -45,9 +45,9 @@ pub use self::view::PostgresViewRepository;
 /// [`migrate`](Self::migrate) (idempotent, safe to run from several processes at once).
 ///
 /// * **Append** is one round trip: a single `INSERT` in an implicit transaction, which
-///   stores the whole batch or nothing. Appends that arrive while another append of the
-///   handle is in flight are written together, by one statement in one transaction, each
-///   with its own outcome (group commit, see
+///   stores the whole batch or nothing. Appends that arrive together while another append
+///   of the handle is in flight are written together, by one statement in one transaction,
+///   each with its own outcome (group commit, see
 ///   [`with_group_commit`](Self::with_group_commit)). A lost race hits the
 ///   unique key `(aggregate_type, aggregate_id, sequence)` and is reported as
 ///   [`CQRSError::Conflict`]. A retry of a batch whose event ids are already stored with the
@@ -279,9 +279,11 @@ impl PostgresEventRepository {
     /// together (default true).
     ///
     /// With it, an append that finds no other append of the handle in flight is sent at
-    /// once, alone, exactly as without it. Appends that arrive while one is in flight wait
-    /// for it, and are then written together by one `INSERT` in one transaction: one round
-    /// trip and one commit for all of them. Each keeps its own outcome: an append whose
+    /// once, alone, exactly as without it. An append that finds one in flight opens a group
+    /// (or joins the one opened), lets the runtime run twice so that the callers answered by
+    /// the same commit can join, and the group is written by one `INSERT` in one
+    /// transaction: one round trip and one commit for all of them. Groups do not wait for
+    /// one another's commits. Each append keeps its own outcome: an append whose
     /// expected sequence is stale, that was already stored (a retry), or that skips ahead is
     /// left out of the shared statement and then sent alone, which answers it as usual
     /// ([`CQRSError::Conflict`], its stored positions, [`CQRSError::InvalidAppend`]); when
