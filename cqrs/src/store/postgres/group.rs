@@ -85,6 +85,26 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Sends the forming group of a leader whose caller stopped waiting before it took the
+/// group, so that the followers in it are answered.
+struct Gathering<'a> {
+    store: &'a PostgresEventRepository,
+    taken: bool,
+}
+
+impl Drop for Gathering<'_> {
+    fn drop(&mut self) {
+        if self.taken {
+            return;
+        }
+        let jobs = self.store.inner.groups.state().forming.take();
+        if let (Some(jobs), Ok(runtime)) = (jobs, tokio::runtime::Handle::try_current()) {
+            let store = self.store.clone();
+            runtime.spawn(async move { store.commit_group(jobs).await });
+        }
+    }
+}
+
 /// What an append does, decided under the lock.
 enum Role {
     /// Nothing in flight: sent at once, alone.
@@ -146,10 +166,15 @@ impl PostgresEventRepository {
             Role::Follower(waiting) => waiting.await.unwrap_or_else(|_| Err(unanswered())),
             Role::Leader(waiting) => {
                 let _place = InFlight(groups);
+                let mut gathering = Gathering {
+                    store: self,
+                    taken: false,
+                };
                 for _ in 0..GATHER_YIELDS {
                     tokio::task::yield_now().await;
                 }
                 let jobs = groups.state().forming.take().unwrap_or_default();
+                gathering.taken = true;
                 if jobs.len() == 1 {
                     self.commit_group(jobs).await;
                 } else {
