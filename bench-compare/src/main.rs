@@ -14,7 +14,8 @@
 //!
 //! One part alone: `BENCH_PROFILE=a|b|memory|long|sqlite|postgres|catch_up|lag`. For the
 //! PostgreSQL part, `BENCH_PG_ONLY=plain|append|dispatch|dispatch_cache` runs one variant
-//! (for a profiler) and `BENCH_PG_PARTS=catch_up` measures `read_all` (pages of
+//! (for a profiler), `BENCH_PG_LEVELS` lists the numbers of dispatchers (default `8,32`),
+//! and `BENCH_PG_PARTS=catch_up` measures `read_all` (pages of
 //! `BENCH_PAGE`, default 500). The projection-lag part
 //! reads `BENCH_LAG_RUNS` (default 3), `BENCH_LAG_SECS`, `BENCH_LAG_MAX_SECS` and
 //! `BENCH_LAG_LOADS` (see `lag.rs`).
@@ -192,7 +193,12 @@ async fn profile(mode: &str) -> BoxResult<()> {
         "postgres" => {
             let url = std::env::var("CQRS_POSTGRES_URL")
                 .map_err(|_| "BENCH_PROFILE=postgres needs CQRS_POSTGRES_URL")?;
-            for concurrency in [8, 32] {
+            let levels = std::env::var("BENCH_PG_LEVELS").unwrap_or_else(|_| "8,32".to_owned());
+            for level in levels.split(',') {
+                let concurrency: usize = level
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("BENCH_PG_LEVELS: {level:?} is not a number"))?;
                 limits::postgres_parts(&url, concurrency).await?;
             }
         }

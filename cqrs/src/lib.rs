@@ -76,7 +76,8 @@ pub use crate::nats::{
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use crate::store::postgres::{
-    InvalidIdentifier, PostgresDeadLetters, PostgresEventRepository, PostgresViewRepository,
+    GroupCommitCounts, InvalidIdentifier, PostgresDeadLetters, PostgresEventRepository,
+    PostgresViewRepository,
 };
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]

@@ -270,6 +270,164 @@ async fn sixteen_writers_race_on_one_aggregate() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Group commit.
+
+/// What one refused append of the stale writers below tried, and what it must get.
+#[derive(Clone, Copy, Debug)]
+enum Refused {
+    /// Sequence 1 of an aggregate that has it: `Conflict`.
+    Stale,
+    /// A fresh aggregate with the event id of a stored event: `DuplicateEventId`.
+    ReusedId,
+    /// The stored append sent again: success, with the positions stored the first time.
+    Retry,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_append_in_a_group_never_fails_its_neighbours() {
+    let Some(fx) = Fixture::new("a_refused_append_in_a_group_never_fails_its_neighbours").await
+    else {
+        return;
+    };
+    // Aggregates with one stored event, for the stale writers to collide with.
+    let mut targets = Vec::new();
+    for amount in 0..4 {
+        let event = counter_event(Uuid::new_v4(), 1, amount);
+        let position = fx.store.append(vec![event.clone()]).await.unwrap();
+        targets.push((event, position));
+    }
+    let targets = Arc::new(targets);
+    let before = fx.store.group_commit_counts();
+
+    // 24 writers on aggregates of their own, each appending 40 commands in order: every
+    // append must succeed, whatever the stale writers' appends in the same groups get.
+    let mut writers = Vec::new();
+    for _ in 0..24 {
+        let store = fx.store.clone();
+        writers.push(tokio::spawn(async move {
+            let id = Uuid::new_v4();
+            for sequence in 1..=40 {
+                if let Err(error) = store
+                    .append(vec![counter_event(id, sequence, sequence)])
+                    .await
+                {
+                    return Err(format!("{id} sequence {sequence}: {error:?}"));
+                }
+            }
+            Ok(id)
+        }));
+    }
+    // 8 stale writers among them, each sending 30 appends that the store must refuse (or
+    // recognise as a retry) one by one.
+    let mut stale = Vec::new();
+    for task in 0..8usize {
+        let store = fx.store.clone();
+        let targets = Arc::clone(&targets);
+        stale.push(tokio::spawn(async move {
+            let mut wrong = Vec::new();
+            for i in 0..30usize {
+                let (stored, positions) = &targets[(task + i) % targets.len()];
+                let kind = [Refused::Stale, Refused::ReusedId, Refused::Retry][(task + i) % 3];
+                let batch = match kind {
+                    Refused::Stale => vec![counter_event(stored.aggregate_id, 1, 7)],
+                    Refused::ReusedId => {
+                        let mut event = counter_event(Uuid::new_v4(), 1, 7);
+                        event.event_id = stored.event_id;
+                        vec![event]
+                    }
+                    Refused::Retry => vec![stored.clone()],
+                };
+                let result = store.append(batch).await;
+                let right = match (kind, &result) {
+                    (Refused::Stale, Err(CQRSError::Conflict { .. })) => true,
+                    (Refused::ReusedId, Err(CQRSError::DuplicateEventId { event_id })) => {
+                        *event_id == stored.event_id
+                    }
+                    (Refused::Retry, Ok(again)) => again == positions,
+                    _ => false,
+                };
+                if !right {
+                    wrong.push(format!("{kind:?}: {result:?}"));
+                }
+            }
+            wrong
+        }));
+    }
+    let mut ids = Vec::new();
+    for writer in writers {
+        ids.push(writer.await.unwrap().unwrap());
+    }
+    for task in stale {
+        let wrong = task.await.unwrap();
+        assert!(
+            wrong.is_empty(),
+            "refused appends answered wrongly: {wrong:?}"
+        );
+    }
+
+    // The appends really shared statements.
+    let after = fx.store.group_commit_counts();
+    assert!(
+        after.group_statements > before.group_statements
+            && after.grouped_appends > before.grouped_appends,
+        "no group formed: {before:?} -> {after:?}"
+    );
+
+    // Exactly the accepted appends are stored, each history whole, the global order without
+    // a duplicate.
+    for id in &ids {
+        let stored = fx.store.load_events(Counter::NAME, *id, 0).await.unwrap();
+        let sequences: Vec<i64> = stored.iter().map(|e| e.sequence).collect();
+        assert_eq!(sequences, (1..=40).collect::<Vec<_>>());
+    }
+    for (event, _) in targets.iter() {
+        assert_eq!(
+            fx.store
+                .event_sequence(Counter::NAME, event.aggregate_id)
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    let all = fx.store.read_all(0, 10_000).await.unwrap();
+    assert_eq!(all.len(), 24 * 40 + targets.len());
+    assert!(positions(&all).windows(2).all(|w| w[0] < w[1]));
+    let unique: HashSet<Uuid> = all.iter().map(|e| e.event_id).collect();
+    assert_eq!(unique.len(), all.len());
+    fx.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_group_commit_every_append_goes_alone() {
+    let Some(fx) = Fixture::new("without_group_commit_every_append_goes_alone").await else {
+        return;
+    };
+    let store = fx.store.clone().with_group_commit(false);
+    let mut writers = Vec::new();
+    for _ in 0..16 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let id = Uuid::new_v4();
+            for sequence in 1..=10 {
+                store
+                    .append(vec![counter_event(id, sequence, sequence)])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert_eq!(
+        store.group_commit_counts(),
+        cqrs::GroupCommitCounts::default()
+    );
+    assert_eq!(store.read_all(0, 1000).await.unwrap().len(), 160);
+    fx.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------------------
 // Gap safety.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

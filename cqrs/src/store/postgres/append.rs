@@ -1,4 +1,4 @@
-//! Appending a batch: one statement, and the explanation of a unique-key violation (an
+//! Appending a batch alone: one statement, and the explanation of a unique-key violation (an
 //! idempotent retry, a reused event id, or a lost race).
 
 use std::collections::HashMap;
@@ -19,6 +19,16 @@ impl PostgresEventRepository {
         events: Vec<PersistableDomainEvent>,
     ) -> Result<Vec<i64>, CQRSError> {
         let expected = validate_batch(&events)?;
+        self.append_validated(events, expected).await
+    }
+
+    /// Appends one batch that passed [`validate_batch`] (`expected` is what it returned) in
+    /// a statement of its own.
+    pub(super) async fn append_validated(
+        &self,
+        events: Vec<PersistableDomainEvent>,
+        expected: i64,
+    ) -> Result<Vec<i64>, CQRSError> {
         let n = events.len();
         let aggregate_type = events[0].aggregate_type.clone();
         let aggregate_id = events[0].aggregate_id;
@@ -100,10 +110,7 @@ impl PostgresEventRepository {
         by_sequence.sort_unstable();
         if by_sequence.is_empty() {
             // The statement inserts nothing only when sequence `expected` is not stored.
-            return Err(CQRSError::InvalidAppend(format!(
-                "first sequence {} skips ahead of the stored history of {aggregate_type} {aggregate_id}",
-                expected + 1
-            )));
+            return Err(skips_ahead(&aggregate_type, aggregate_id, expected));
         }
         if by_sequence.len() != n {
             return Err(CQRSError::persistence(format!(
@@ -144,6 +151,14 @@ impl PostgresEventRepository {
         }
         explain_refused_append(events, &stored, expected)
     }
+}
+
+/// The answer to an append whose previous sequence `expected` is not stored.
+pub(super) fn skips_ahead(aggregate_type: &str, aggregate_id: Uuid, expected: i64) -> CQRSError {
+    CQRSError::InvalidAppend(format!(
+        "first sequence {} skips ahead of the stored history of {aggregate_type} {aggregate_id}",
+        expected + 1
+    ))
 }
 
 /// SQLSTATEs of an append refused for what the events hold, which no retry gets past:

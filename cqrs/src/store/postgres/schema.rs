@@ -122,6 +122,19 @@ pub(super) struct Statements {
     /// [`append`](Self::append) for a batch of one event, with scalar parameters: the same
     /// statement shape and order of evaluation, without the arrays (the common case).
     pub(super) append_one: String,
+    /// The appends of a group, each with its own aggregate and expected sequence (`$10`,
+    /// per event): the same conditions and order of evaluation as
+    /// [`append`](Self::append), plus one that leaves out an append whose first sequence is
+    /// already stored (a stale writer, or an earlier attempt of the same append) instead of
+    /// failing the whole statement. Each condition has the same value for every event of
+    /// an append, so an append is stored whole or left out whole. Returns
+    /// `(event_id, position)` per stored event.
+    ///
+    /// The probe of the previous sequence is a scalar subquery (one row at most, by the
+    /// unique key) rather than `EXISTS`: beside an `OR`, PostgreSQL may plan an `EXISTS` as a
+    /// hashed subplan that reads the whole table, while a scalar subquery is always the
+    /// per-row index probe.
+    pub(super) append_group: String,
     pub(super) find_ids: String,
     pub(super) load_events: String,
     pub(super) event_sequence: String,
@@ -178,6 +191,28 @@ impl Statements {
                    AND ($10 = 0 OR EXISTS (SELECT 1 FROM {s}.cqrs_events p \
                         WHERE p.aggregate_type = $2 AND p.aggregate_id = $3 AND p.sequence = $10)) \
                  RETURNING e.sequence, e.position"
+            ),
+            append_group: format!(
+                "INSERT INTO {s}.cqrs_events AS e \
+                     (event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                      payload, metadata, \"timestamp\") \
+                 SELECT u.event_id, u.aggregate_type, u.aggregate_id, u.seq, u.event_type, \
+                        u.event_version, u.payload, u.metadata, u.ts \
+                 FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::bigint[], $5::text[], \
+                             $6::text[], $7::jsonb[], $8::jsonb[], $9::timestamptz[], \
+                             $10::bigint[]) \
+                      WITH ORDINALITY AS u(event_id, aggregate_type, aggregate_id, seq, \
+                                           event_type, event_version, payload, metadata, ts, \
+                                           expected, ord) \
+                 WHERE pg_current_xact_id() IS NOT NULL \
+                   AND (u.expected = 0 OR (SELECT true FROM {s}.cqrs_events p \
+                        WHERE p.aggregate_type = u.aggregate_type \
+                          AND p.aggregate_id = u.aggregate_id AND p.sequence = u.expected)) \
+                   AND NOT EXISTS (SELECT 1 FROM {s}.cqrs_events q \
+                        WHERE q.aggregate_type = u.aggregate_type \
+                          AND q.aggregate_id = u.aggregate_id AND q.sequence = u.expected + 1) \
+                 ORDER BY u.ord \
+                 RETURNING e.event_id, e.position"
             ),
             find_ids: format!(
                 "SELECT event_id, aggregate_type, aggregate_id, sequence, position \
