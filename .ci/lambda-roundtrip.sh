@@ -4,8 +4,10 @@
 # DynamoDB stream batch must answer with the partial batch response that names the damaged
 # record. Usage: .ci/lambda-roundtrip.sh CARGO_LAMBDA_BINARY FUNCTION_BINARY
 set -euo pipefail
-cargo_lambda=$1
-function_binary=$2
+# Absolute paths: the runtime API is served from another directory.
+absolute() { case $1 in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
+cargo_lambda=$(absolute "$1")
+function_binary=$(absolute "$2")
 batch="$(cd "$(dirname "$0")/.." && pwd)/cqrs-aws/examples/lambda_projection_batch.json"
 expected='{"batchItemFailures":[{"itemIdentifier":"200"}]}'
 
