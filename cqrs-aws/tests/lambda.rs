@@ -13,9 +13,9 @@
 use std::time::Duration;
 
 use cqrs::{
-    Aggregate, CQRSError, CQRSFramework, DomainEvent, EventEnvelope, EventRepository, HandlerRetry,
-    MemoryDeadLetters, MemoryEventRepository, MemoryViewRepository, PerAggregateProjection,
-    PersistableDomainEvent, PoisonPolicy, View, ViewRepository,
+    CQRSError, CQRSFramework, EventEnvelope, EventRepository, HandlerRetry, MemoryDeadLetters,
+    MemoryEventRepository, MemoryViewRepository, PerAggregateProjection, PersistableDomainEvent,
+    PoisonPolicy, View, ViewRepository,
 };
 use cqrs_aws::lambda::aws_lambda_events::dynamodb::Event;
 use cqrs_aws::lambda::aws_lambda_events::sqs::SqsEvent;
@@ -29,34 +29,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------
-// A ledger of deposits and its balance view.
+// The ledger (tests/common) and its balance view.
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
-enum LedgerEvent {
-    Deposited { amount: u64 },
-}
+mod common;
 
-#[derive(Debug, Default)]
-struct Ledger;
-
-impl Aggregate for Ledger {
-    const NAME: &'static str = "ledger";
-    type Events = LedgerEvent;
-    type Commands = u64;
-    type Errors = CQRSError;
-    type State = ();
-
-    async fn handle_command(
-        &self,
-        _id: Uuid,
-        _state: &(),
-        amount: u64,
-    ) -> Result<Vec<LedgerEvent>, CQRSError> {
-        Ok(vec![LedgerEvent::Deposited { amount }])
-    }
-
-    fn handle_event(&self, _state: &mut (), _event: &LedgerEvent) {}
-}
+use common::{Ledger, LedgerEvent};
 
 /// The amount the view refuses: a poison event.
 const POISON: u64 = 13;

@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use cqrs::{
-    Aggregate, CQRSError, CQRSFramework, Checkpoint, CheckpointRepository, DomainEvent,
-    EventEnvelope, EventRepository, MemoryCheckpointRepository, PerAggregateProjection,
-    PersistableDomainEvent, View, ViewRepository,
+    CQRSError, CQRSFramework, Checkpoint, CheckpointRepository, EventEnvelope, EventRepository,
+    MemoryCheckpointRepository, PerAggregateProjection, PersistableDomainEvent, View,
+    ViewRepository,
 };
 use cqrs_aws::messaging::aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
@@ -31,34 +31,11 @@ use uuid::Uuid;
 const SUITE: &str = "SNS/SQS messaging";
 
 // ---------------------------------------------------------------------------------------
-// A ledger of deposits and its balance view.
+// The ledger (tests/common) and its balance view.
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
-enum LedgerEvent {
-    Deposited { amount: u64 },
-}
+mod common;
 
-#[derive(Debug, Default)]
-struct Ledger;
-
-impl Aggregate for Ledger {
-    const NAME: &'static str = "ledger";
-    type Events = LedgerEvent;
-    type Commands = u64;
-    type Errors = CQRSError;
-    type State = ();
-
-    async fn handle_command(
-        &self,
-        _id: Uuid,
-        _state: &(),
-        amount: u64,
-    ) -> Result<Vec<LedgerEvent>, CQRSError> {
-        Ok(vec![LedgerEvent::Deposited { amount }])
-    }
-
-    fn handle_event(&self, _state: &mut (), _event: &LedgerEvent) {}
-}
+use common::{Ledger, LedgerEvent};
 
 /// A ledger's deposits; refuses an event at or before the last one it applied (applied
 /// twice, or out of order).
