@@ -242,6 +242,8 @@ pub(crate) fn decode_event(
         payload,
         metadata,
         timestamp,
+        correlation_id: None,
+        causation_id: None,
     })
 }
 

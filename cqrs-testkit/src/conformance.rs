@@ -410,6 +410,8 @@ fn event(aggregate_type: &str, id: Uuid, sequence: i64) -> PersistableDomainEven
         payload,
         metadata,
         timestamp,
+        correlation_id: None,
+        causation_id: None,
     }
 }
 

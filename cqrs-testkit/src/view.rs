@@ -45,6 +45,8 @@ pub fn envelope<A: Aggregate>(
         event,
         metadata: Value::Null,
         timestamp: Utc::now(),
+        correlation_id: None,
+        causation_id: None,
     }
 }
 

@@ -285,6 +285,17 @@ pub struct PersistableDomainEvent {
     pub metadata: Value,
     /// When the event was created.
     pub timestamp: DateTime<Utc>,
+    /// The workflow this event belongs to: the id of the first command or request of it
+    /// ([`CommandContext::correlation_id`](crate::CommandContext::correlation_id)). `None`
+    /// for an event dispatched without a context, and for events stored before stores had
+    /// the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<Uuid>,
+    /// The command that caused this event
+    /// ([`CommandContext::command_id`](crate::CommandContext::command_id)). All events of one
+    /// command share it. `None` as for `correlation_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
 }
 
 impl PersistableDomainEvent {
@@ -369,6 +380,8 @@ impl PersistableDomainEvent {
             payload,
             metadata,
             timestamp: Utc::now(),
+            correlation_id: None,
+            causation_id: None,
         })
     }
 
@@ -391,6 +404,8 @@ impl PersistableDomainEvent {
                 event,
                 metadata: self.metadata.clone(),
                 timestamp: self.timestamp,
+                correlation_id: self.correlation_id,
+                causation_id: self.causation_id,
             })
             .collect())
     }
@@ -409,6 +424,8 @@ impl PersistableDomainEvent {
             event: E::try_from_persisted(self)?,
             metadata: self.metadata.clone(),
             timestamp: self.timestamp,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
         })
     }
 }
@@ -432,6 +449,10 @@ pub struct EventEnvelope<E> {
     pub metadata: Value,
     /// When the event was created.
     pub timestamp: DateTime<Utc>,
+    /// The workflow the event belongs to (see [`PersistableDomainEvent::correlation_id`]).
+    pub correlation_id: Option<Uuid>,
+    /// The command that caused the event (see [`PersistableDomainEvent::causation_id`]).
+    pub causation_id: Option<Uuid>,
 }
 
 /// The names of the last stored row decoded, handed out again while the next rows repeat
@@ -525,6 +546,7 @@ impl ViewHandlerError {
     /// #     aggregate_id: uuid::Uuid::nil(), aggregate_type: "a".into(), sequence: 3, position: 9,
     /// #     event_type: "Deposited".into(), event_version: "1".into(), payload: serde_json::Value::Null.into(),
     /// #     metadata: serde_json::Value::Null, timestamp: chrono::Utc::now(),
+    /// #     correlation_id: None, causation_id: None,
     /// # };
     /// let err = cqrs::ViewHandlerError::for_event("balance", &stored, "negative balance");
     /// assert!(err.to_string().contains("sequence 3, position 9"));

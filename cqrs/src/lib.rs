@@ -30,7 +30,8 @@ pub use crate::event::{
     DomainEvent, EventEnvelope, EventType, PersistableDomainEvent, UpcastEvent, Upcasted,
 };
 pub use crate::framework::{
-    CQRSFramework, DispatchReceipt, RetryPolicy, SnapshotPolicy, DEFAULT_STATE_CACHE_CAPACITY,
+    derived_command_id, CQRSFramework, CommandContext, DispatchReceipt, RetryPolicy,
+    SnapshotPolicy, DEFAULT_STATE_CACHE_CAPACITY,
 };
 pub use crate::payload::Payload;
 /// The string type of stored names (event types and versions, aggregate types): inline up to

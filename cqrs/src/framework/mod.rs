@@ -7,6 +7,7 @@
 // `retry` says whether to retry or return.
 
 mod cache;
+mod context;
 mod load;
 mod retry;
 
@@ -26,6 +27,7 @@ use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
 use crate::store::{EventRepository, SnapshotRepository};
 
+pub use self::context::{derived_command_id, CommandContext};
 pub use self::load::SnapshotPolicy;
 pub use self::retry::RetryPolicy;
 
@@ -49,6 +51,10 @@ pub struct DispatchReceipt<E> {
     pub positions: Vec<i64>,
     /// How many attempts it took (1 without a conflict).
     pub attempts: u32,
+    /// True when the command had already taken effect: a dispatch with
+    /// [`CommandContext::once`] whose command id the aggregate already holds events of.
+    /// Nothing was run or stored; `events` and `positions` are those stored the first time.
+    pub duplicate: bool,
 }
 
 impl<E> DispatchReceipt<E> {
@@ -209,7 +215,8 @@ impl<A: Aggregate> CQRSFramework<A> {
         aggregate_id: Uuid,
         command: A::Commands,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        self.run(aggregate_id, command, Value::Null, false).await
+        self.run(aggregate_id, command, Stamp::bare(Value::Null), false)
+            .await
     }
 
     /// Runs a command and stores `metadata` (as JSON) with each event it causes.
@@ -224,7 +231,31 @@ impl<A: Aggregate> CQRSFramework<A> {
         metadata: &M,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
         let metadata = Self::metadata_value(aggregate_id, metadata)?;
-        self.run(aggregate_id, command, metadata, false).await
+        self.run(aggregate_id, command, Stamp::bare(metadata), false)
+            .await
+    }
+
+    /// Runs a command under a [`CommandContext`]: its events store the context's command id
+    /// as their `causation_id`, its correlation id as their `correlation_id`, and its
+    /// metadata. With [`CommandContext::once`], a command id the aggregate already holds
+    /// events of is not run again: the receipt returns the stored events with
+    /// [`DispatchReceipt::duplicate`] set.
+    ///
+    /// The check is made after the state to decide on is read, so two dispatches of one
+    /// command that race cannot both append: the aggregate's sequence orders them, and the
+    /// loser's retry finds the winner's events (give the framework a [`RetryPolicy`] that
+    /// retries, or retry a [`CQRSError::Conflict`] yourself).
+    ///
+    /// # Errors
+    /// As [`dispatch`](Self::dispatch).
+    pub async fn dispatch_with_context(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+        context: &CommandContext,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        self.run(aggregate_id, command, Stamp::of(context), false)
+            .await
     }
 
     /// `metadata` as JSON, or the typed serialization error naming the aggregate.
@@ -281,7 +312,8 @@ impl<A: Aggregate> CQRSFramework<A> {
         aggregate_id: Uuid,
         command: A::Commands,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
-        self.run(aggregate_id, command, Value::Null, true).await
+        self.run(aggregate_id, command, Stamp::bare(Value::Null), true)
+            .await
     }
 
     /// [`dispatch_new`](Self::dispatch_new) storing `metadata` (as JSON) with each event.
@@ -296,7 +328,8 @@ impl<A: Aggregate> CQRSFramework<A> {
         metadata: &M,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
         let metadata = Self::metadata_value(aggregate_id, metadata)?;
-        self.run(aggregate_id, command, metadata, true).await
+        self.run(aggregate_id, command, Stamp::bare(metadata), true)
+            .await
     }
 
     /// The aggregate's current state, rebuilt from the store (a snapshot the events confirm
@@ -313,11 +346,11 @@ impl<A: Aggregate> CQRSFramework<A> {
         &self,
         aggregate_id: Uuid,
         command: A::Commands,
-        metadata: Value,
+        stamp: Stamp,
         new: bool,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
         let span = dispatch_span(A::NAME, aggregate_id, new);
-        in_span(span, || self.tries(aggregate_id, command, metadata, new)).await
+        in_span(span, || self.tries(aggregate_id, command, stamp, new)).await
     }
 
     /// Gets a state, tries the command on it, and retries or returns as [`Attempts::next`]
@@ -326,22 +359,40 @@ impl<A: Aggregate> CQRSFramework<A> {
         &self,
         aggregate_id: Uuid,
         mut command: A::Commands,
-        metadata: Value,
+        stamp: Stamp,
         new: bool,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
         let mut attempts = Attempts::start(if new { &NO_RETRY } else { &self.retry });
         loop {
             let (loaded, source) = self.state_to_decide_on(aggregate_id, new).await?;
             let sequence = loaded.sequence;
+            if let Some(command_id) = stamp.once {
+                // After the read of the state: an append of this command that the read did
+                // not see makes this try's append conflict, and the retry finds it here.
+                let earlier = self
+                    .events
+                    .events_caused_by(A::NAME, aggregate_id, command_id)
+                    .await;
+                match earlier {
+                    Ok(earlier) if earlier.is_empty() => {}
+                    Ok(earlier) => {
+                        self.keep(aggregate_id, loaded);
+                        return Self::duplicate_receipt(&earlier, sequence, attempts.attempt())
+                            .map_err(A::Errors::from);
+                    }
+                    Err(error) => {
+                        self.keep(aggregate_id, loaded);
+                        return Err(error.into());
+                    }
+                }
+            }
             // The last try takes the command; one that another may follow, a copy.
             let (this_try, spare) = if attempts.may_retry(source) {
                 (command.clone(), Some(command))
             } else {
                 (command, None)
             };
-            let mut outcome = self
-                .try_once(aggregate_id, loaded, this_try, &metadata)
-                .await;
+            let mut outcome = self.try_once(aggregate_id, loaded, this_try, &stamp).await;
             if attempts.must_confirm(&outcome, source)
                 && self.events.event_sequence(A::NAME, aggregate_id).await? != sequence
             {
@@ -403,7 +454,7 @@ impl<A: Aggregate> CQRSFramework<A> {
         aggregate_id: Uuid,
         mut loaded: Loaded<A::State>,
         command: A::Commands,
-        metadata: &Value,
+        stamp: &Stamp,
     ) -> Outcome<DispatchReceipt<A::Events>, A::Errors> {
         let events = match self
             .aggregate
@@ -424,9 +475,10 @@ impl<A: Aggregate> CQRSFramework<A> {
                 sequence,
                 positions: Vec::new(),
                 attempts: 1,
+                duplicate: false,
             });
         }
-        let persistable = match self.to_persistable(aggregate_id, &mut loaded, &events, metadata) {
+        let persistable = match self.to_persistable(aggregate_id, &mut loaded, &events, stamp) {
             Ok(persistable) => persistable,
             Err(error) => {
                 self.keep(aggregate_id, loaded);
@@ -442,12 +494,38 @@ impl<A: Aggregate> CQRSFramework<A> {
                     sequence,
                     positions,
                     attempts: 1,
+                    duplicate: false,
                 })
             }
             // The state is stale (a conflict) or its fate unknown (a store failure): it stays
             // out of the cache and the next dispatch reads the store.
             Err(error) => Outcome::Failed(error),
         }
+    }
+
+    /// The receipt of a command that had already taken effect: the events it caused then.
+    fn duplicate_receipt(
+        earlier: &[PersistableDomainEvent],
+        sequence: i64,
+        attempts: u32,
+    ) -> Result<DispatchReceipt<A::Events>, CQRSError> {
+        let mut events = Vec::with_capacity(earlier.len());
+        for stored in earlier {
+            events.extend(
+                stored
+                    .decode_all::<A::Events>()?
+                    .into_iter()
+                    .map(|e| e.event),
+            );
+        }
+        let last = earlier.iter().map(|e| e.sequence).max().unwrap_or(0);
+        Ok(DispatchReceipt {
+            events,
+            sequence: sequence.max(last),
+            positions: earlier.iter().map(|e| e.position).collect(),
+            attempts,
+            duplicate: true,
+        })
     }
 
     /// The conflict of an aggregate that is not at `expected_sequence`.
@@ -478,7 +556,7 @@ impl<A: Aggregate> CQRSFramework<A> {
         aggregate_id: Uuid,
         loaded: &mut Loaded<A::State>,
         events: &[A::Events],
-        metadata: &Value,
+        stamp: &Stamp,
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
         let aggregate_type = SmolStr::new_static(A::NAME);
         let after_sequence = loaded.sequence;
@@ -489,14 +567,17 @@ impl<A: Aggregate> CQRSFramework<A> {
             .iter()
             .enumerate()
             .map(|(i, event)| {
-                PersistableDomainEvent::for_aggregate(
+                let mut stored = PersistableDomainEvent::for_aggregate(
                     &aggregate_type,
                     aggregate_type_id,
                     aggregate_id,
                     after_sequence + 1 + i as i64,
                     event,
-                    metadata.clone(),
-                )
+                    stamp.metadata.clone(),
+                )?;
+                stored.correlation_id = stamp.correlation_id;
+                stored.causation_id = stamp.causation_id;
+                Ok(stored)
             })
             .collect()
     }
@@ -527,6 +608,36 @@ impl<A: Aggregate> CQRSFramework<A> {
         }
         if let Some(cache) = &self.cache {
             cache.put(aggregate_id, loaded);
+        }
+    }
+}
+
+/// What every event of one dispatch carries besides itself.
+struct Stamp {
+    metadata: Value,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    /// The command id, when the dispatch must take effect at most once.
+    once: Option<Uuid>,
+}
+
+impl Stamp {
+    /// Metadata alone (`dispatch`, `dispatch_with_metadata`).
+    fn bare(metadata: Value) -> Self {
+        Stamp {
+            metadata,
+            correlation_id: None,
+            causation_id: None,
+            once: None,
+        }
+    }
+
+    fn of(context: &CommandContext) -> Self {
+        Stamp {
+            metadata: context.metadata().clone(),
+            correlation_id: Some(context.correlation_id()),
+            causation_id: Some(context.command_id()),
+            once: context.is_once().then(|| context.command_id()),
         }
     }
 }

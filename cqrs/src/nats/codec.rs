@@ -194,6 +194,8 @@ pub(super) fn decode_message(
             payload: crate::Payload::from_stored_unchecked(&damaged.payload_text),
             metadata: damaged.metadata,
             timestamp: damaged.timestamp,
+            correlation_id: None,
+            causation_id: None,
         });
     }
     if let Ok(damaged) = serde_json::from_slice::<DamagedRowBody>(body) {
@@ -222,6 +224,8 @@ mod tests {
             payload: serde_json::json!({ "amount": 5 }).into(),
             metadata: serde_json::Value::Null,
             timestamp: chrono::Utc::now(),
+            correlation_id: None,
+            causation_id: None,
         }
     }
 

@@ -159,6 +159,27 @@ pub trait EventRepository: Send + Sync {
         Ok(())
     }
 
+    /// The events of one aggregate that the command `causation_id` caused (their
+    /// [`PersistableDomainEvent::causation_id`]), in sequence order; empty when it caused
+    /// none. This is how [`CommandContext::once`](crate::CommandContext::once) recognises a
+    /// command that already took effect.
+    ///
+    /// The default reads the aggregate's whole history; a store with an index on the
+    /// causation id overrides it.
+    ///
+    /// # Errors
+    /// As [`load_events`](EventRepository::load_events).
+    async fn events_caused_by(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        causation_id: Uuid,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let mut events = self.load_events(aggregate_type, aggregate_id, 0).await?;
+        events.retain(|event| event.causation_id == Some(causation_id));
+        Ok(events)
+    }
+
     /// The sequence of the aggregate's last event, 0 when it has none.
     ///
     /// # Errors
@@ -246,6 +267,16 @@ impl<T: EventRepository + ?Sized> EventRepository for std::sync::Arc<T> {
     ) -> Result<(), CQRSError> {
         (**self)
             .fold_events(aggregate_type, aggregate_id, after_sequence, visit)
+            .await
+    }
+    async fn events_caused_by(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        causation_id: Uuid,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        (**self)
+            .events_caused_by(aggregate_type, aggregate_id, causation_id)
             .await
     }
     fn event_sequence<'life0, 'life1, 'async_trait>(

@@ -484,6 +484,8 @@ mod tests {
             payload: serde_json::json!({}).into(),
             metadata: serde_json::Value::Null,
             timestamp: chrono::Utc::now(),
+            correlation_id: None,
+            causation_id: None,
         }
     }
 

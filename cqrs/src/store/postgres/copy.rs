@@ -285,6 +285,8 @@ fn decode_row(
         payload: Payload::from_checked(payload),
         metadata,
         timestamp,
+        correlation_id: None,
+        causation_id: None,
     }))
 }
 

@@ -217,6 +217,8 @@ impl SqliteOptions {
 ///     payload: serde_json::json!({ "Incremented": { "by": 1 } }).into(),
 ///     metadata: serde_json::Value::Null,
 ///     timestamp: chrono::Utc::now(),
+///     correlation_id: None,
+///     causation_id: None,
 /// };
 /// let positions = store.append(vec![event.clone()]).await?;
 /// // A retry of the same append (same event id) stores nothing and reports the same position.

@@ -160,6 +160,8 @@ pub(super) fn decode_event(
         payload,
         metadata,
         timestamp,
+        correlation_id: None,
+        causation_id: None,
     })
 }
 
@@ -307,6 +309,8 @@ pub(super) fn decode_page(text: &str) -> Option<Vec<PersistableDomainEvent>> {
             payload: row.7,
             metadata: row.8,
             timestamp: from_micros(row.9)?,
+            correlation_id: None,
+            causation_id: None,
         });
     }
     // The aggregate sees the subquery's rows in order; check rather than rely on it.

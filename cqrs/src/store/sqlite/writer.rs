@@ -911,6 +911,8 @@ mod tests {
                 payload: serde_json::json!({ "Added": sequence }).into(),
                 metadata: serde_json::Value::Null,
                 timestamp: chrono::Utc::now(),
+                correlation_id: None,
+                causation_id: None,
             })
             .collect()
     }
