@@ -234,6 +234,27 @@ pub enum CQRSError {
         /// The projection's checkpoint.
         checkpoint: i64,
     },
+
+    /// A process instance kept answering refused commands with commands that were refused
+    /// in turn, past the runner's limit of rounds for one event or deadline.
+    ///
+    /// ### Handling
+    /// A defect of the process manager's `on_refused`: fix it so that a refusal ends in a
+    /// decision that is not refused again (give up, complete). The runner stops on this
+    /// error without moving its checkpoint; the commands that were applied stay applied and
+    /// are recognised when the runner runs the event again.
+    #[error(
+        "process {process} instance {instance} was still sending commands after {rounds} \
+         rounds of refusals for one event"
+    )]
+    ProcessLoop {
+        /// The process manager's name.
+        process: String,
+        /// The instance's id.
+        instance: String,
+        /// How many rounds of refusals it went through.
+        rounds: u32,
+    },
 }
 
 impl CQRSError {
@@ -388,6 +409,18 @@ impl PartialEq for CQRSError {
                     && a_holds == b_holds
                     && a_checkpoint == b_checkpoint
             }
+            (
+                E::ProcessLoop {
+                    process: a_process,
+                    instance: a_instance,
+                    rounds: a_rounds,
+                },
+                E::ProcessLoop {
+                    process: b_process,
+                    instance: b_instance,
+                    rounds: b_rounds,
+                },
+            ) => a_process == b_process && a_instance == b_instance && a_rounds == b_rounds,
             // Every variant is named here, so a new one cannot be forgotten above.
             (
                 E::Conflict { .. }
@@ -404,7 +437,8 @@ impl PartialEq for CQRSError {
                 | E::PersistenceError(_)
                 | E::Timeout(_)
                 | E::ProjectionStopped(_)
-                | E::StreamBehind { .. },
+                | E::StreamBehind { .. }
+                | E::ProcessLoop { .. },
                 _,
             ) => false,
         }

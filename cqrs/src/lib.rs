@@ -18,6 +18,7 @@ mod framework;
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 mod nats;
 mod payload;
+mod process;
 mod projection;
 mod query;
 mod store;
@@ -50,6 +51,13 @@ pub use crate::projection::{
     SkipReason,
 };
 pub use crate::query::Query;
+
+// Process managers.
+pub use crate::process::{
+    Clock, CommandRouter, Deadline, Effects, ManualClock, MemoryProcessStore, ProcessInput,
+    ProcessManager, ProcessProgress, ProcessRow, ProcessRunner, ProcessStore, Refused, SendError,
+    SystemClock,
+};
 pub use crate::view::View;
 
 // Storage contracts, and the stores in memory.

@@ -27,7 +27,7 @@ mod per_aggregate;
 mod poison;
 mod runner;
 
-pub(crate) use self::core::{Applied, Core};
+pub(crate) use self::core::{Applied, Core, Watched};
 
 pub(crate) use crate::store::{DeadLetter, DeadLetters};
 pub use per_aggregate::{EventOutcome, PerAggregateProjection, SkipReason};
