@@ -47,6 +47,11 @@ impl ManualClock {
         }
     }
 
+    /// A clock standing at the system's current time.
+    pub fn starting_now() -> Self {
+        Self::new(Utc::now())
+    }
+
     /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Duration) {
         let by = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);

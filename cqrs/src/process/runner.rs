@@ -247,19 +247,17 @@ impl<P: ProcessManager> ProcessRunner<P> {
     /// without them. Returns how many fired and how many commands were sent.
     async fn fire_deadlines(
         &self,
-        mut row: ProcessRow,
+        row: ProcessRow,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<(usize, usize), CQRSError> {
-        let mut fired: Vec<Deadline> = Vec::new();
-        row.deadlines.retain(|d| {
-            if d.due <= now {
-                fired.push(d.clone());
-                false
-            } else {
-                true
-            }
-        });
-        fired.sort_by_key(|d| d.due);
+        // The deadlines due now, as found: each fires once, unless a deadline fired before it
+        // cancels it (it is then gone from the row) or moves it.
+        let mut due: Vec<Deadline> = row
+            .deadlines
+            .iter()
+            .filter(|d| d.due <= now)
+            .cloned()
+            .collect();
         let state = state_of::<P>(&row)?;
         let mut instance = Instance {
             row,
@@ -267,11 +265,14 @@ impl<P: ProcessManager> ProcessRunner<P> {
             touched: true,
         };
         let mut sent = 0;
-        let count = fired.len();
-        for deadline in fired {
-            if instance.row.finished {
+        let mut count = 0;
+        while !instance.row.finished {
+            let Some(at) = instance.row.deadlines.iter().position(|d| due.contains(d)) else {
                 break;
-            }
+            };
+            let deadline = instance.row.deadlines.remove(at);
+            due.retain(|d| *d != deadline);
+            count += 1;
             // The cause of what the deadline leads to: the same deadline of the same
             // instance is the same cause on every run.
             let cause = derived_command_id(
