@@ -26,6 +26,11 @@ impl Ctxt {
         self.errors.push(error);
     }
 
+    /// True when no error was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+
     /// All errors combined into one, or `Ok` if there were none.
     pub fn check(self) -> syn::Result<()> {
         let mut errors = self.errors.into_iter();

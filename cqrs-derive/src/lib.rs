@@ -36,6 +36,14 @@ pub fn derive_domain_event(input: TokenStream) -> TokenStream {
     expand::domain_event::derive(&input).into()
 }
 
+/// Derives `cqrs::ProcessInput` for an enum with one variant per aggregate type a process
+/// manager reacts to, each holding that aggregate's event type. See `cqrs::ProcessInput`.
+#[proc_macro_derive(ProcessInput, attributes(input))]
+pub fn derive_process_input(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::process_input::derive(&input).into()
+}
+
 /// Writes an aggregate's `NAME` (and the associated types `handle_command` already names) on
 /// `impl Aggregate for X { ... }`. See `cqrs::aggregate`.
 #[proc_macro_attribute]

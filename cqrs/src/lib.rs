@@ -268,6 +268,53 @@ pub use sqlx;
 /// ```
 pub use cqrs_derive::DomainEvent;
 
+/// Derives [`ProcessInput`](trait@ProcessInput) for an enum with one variant per aggregate
+/// type a process manager reacts to, each holding that aggregate's event type.
+///
+/// A variant's name is the aggregate type's path unless `#[input(aggregate = Path)]` names
+/// another. `decode` picks the variant whose aggregate's `NAME` is the stored event's
+/// aggregate type and decodes the payload with that aggregate's `Events` (upcasting
+/// included); events of other aggregate types decode to nothing. A field that is not the
+/// aggregate's event type is a type error at the field.
+///
+/// ```
+/// # use cqrs::doc::{Counter, CounterCommand, CounterEvent};
+/// use cqrs::{PersistableDomainEvent, ProcessInput};
+///
+/// #[derive(Debug, Clone, ProcessInput)]
+/// enum Input {
+///     // The variant's name is the aggregate type: `Counter`.
+///     Counter(CounterEvent),
+/// }
+///
+/// #[derive(Debug, Clone, ProcessInput)]
+/// enum Named {
+///     #[input(aggregate = Counter)]
+///     Counting(CounterEvent),
+/// }
+///
+/// let event = CounterEvent::Incremented { by: 2 };
+/// let stored = PersistableDomainEvent::new("counter", uuid::Uuid::nil(), 1, &event, serde_json::Value::Null)?;
+/// assert!(matches!(Input::decode(&stored)?.as_slice(), [Input::Counter(CounterEvent::Incremented { by: 2 })]));
+///
+/// let elsewhere = PersistableDomainEvent::new("ledger", uuid::Uuid::nil(), 1, &event, serde_json::Value::Null)?;
+/// assert!(Input::decode(&elsewhere)?.is_empty());
+/// assert_eq!(Named::decode(&stored)?.len(), 1);
+/// # let _ = CounterCommand::Reset;
+/// # Ok::<(), cqrs::CQRSError>(())
+/// ```
+///
+/// A variant that does not hold one field does not compile:
+///
+/// ```compile_fail
+/// # use cqrs::doc::Counter;
+/// #[derive(Debug, Clone, cqrs::ProcessInput)]
+/// enum Input {
+///     Counter { event: cqrs::doc::CounterEvent }, // error: one unnamed field
+/// }
+/// ```
+pub use cqrs_derive::ProcessInput;
+
 /// Writes an aggregate's [`Aggregate::NAME`] on its `impl Aggregate for ...` block, and the
 /// associated types the block leaves out that `handle_command` already names.
 ///

@@ -20,8 +20,7 @@ use std::time::Duration;
 
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, CommandContext, CommandRouter, Deadline, DomainEvent,
-    Effects, EventEnvelope, PersistableDomainEvent, ProcessInput, ProcessManager, Refused,
-    SendError,
+    Effects, EventEnvelope, ProcessInput, ProcessManager, Refused, SendError,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -352,31 +351,14 @@ impl Aggregate for Transfer {
     }
 }
 
-/// The events the saga reacts to.
-#[derive(Debug, Clone, PartialEq)]
+/// The events the saga reacts to: one variant per aggregate type, named after it (the
+/// derive writes the decoding).
+#[derive(Debug, Clone, PartialEq, ProcessInput)]
 pub enum SagaInput {
     /// A transfer's event.
     Transfer(TransferEvent),
     /// An account's event.
     Account(AccountEvent),
-}
-
-impl ProcessInput for SagaInput {
-    fn decode(event: &PersistableDomainEvent) -> Result<Vec<Self>, CQRSError> {
-        Ok(match event.aggregate_type.as_str() {
-            Transfer::NAME => event
-                .decode_all::<TransferEvent>()?
-                .into_iter()
-                .map(|e| SagaInput::Transfer(e.event))
-                .collect(),
-            Account::NAME => event
-                .decode_all::<AccountEvent>()?
-                .into_iter()
-                .map(|e| SagaInput::Account(e.event))
-                .collect(),
-            _ => Vec::new(),
-        })
-    }
 }
 
 /// The commands the saga sends.

@@ -13,4 +13,5 @@ fn derive_ui() {
     cases.compile_fail("ui/event_*/*.rs");
     cases.compile_fail("ui/aggregate/*.rs");
     cases.compile_fail("ui/view/*.rs");
+    cases.compile_fail("ui/process_input/*.rs");
 }

@@ -3,4 +3,5 @@
 pub mod aggregate;
 pub mod domain_event;
 pub mod impl_block;
+pub mod process_input;
 pub mod view;

@@ -1,0 +1,6 @@
+#[derive(Debug, Clone, cqrs::ProcessInput)]
+struct Input {
+    event: cqrs::doc::CounterEvent,
+}
+
+fn main() {}
