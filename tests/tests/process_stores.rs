@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::ledger::{Ledger, LedgerError, LedgerEvent};
 use cqrs::sqlx::postgres::PgPoolOptions;
 use cqrs::sqlx::Executor;
 use cqrs::{
@@ -314,4 +315,188 @@ async fn sqlite_two_handles_on_one_file() {
             2 * round + 1 + i64::try_from(winner).unwrap()
         );
     }
+}
+
+/// The mirror ledger every [`Mirror`] command deposits to.
+const MIRROR: Uuid = Uuid::from_u128(0x_0e1e_c7ed);
+
+/// Mirrors a hundredth of every deposit of 100 or more to [`MIRROR`], one instance per
+/// source ledger; a minute after an instance's first deposit, deposits 1 more and completes.
+struct Mirror;
+
+#[derive(Debug, Clone)]
+struct Deposit(LedgerEvent);
+
+impl cqrs::ProcessInput for Deposit {
+    fn decode(event: &cqrs::PersistableDomainEvent) -> Result<Vec<Self>, CQRSError> {
+        Ok(event
+            .decode_all::<LedgerEvent>()?
+            .into_iter()
+            .map(|e| Deposit(e.event))
+            .collect())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Mirrored {
+    seen: u64,
+    reminded: bool,
+}
+
+impl cqrs::ProcessManager for Mirror {
+    const NAME: &'static str = "mirror";
+    type Input = Deposit;
+    type State = Mirrored;
+    type Command = u64;
+
+    fn instance_id(event: &cqrs::EventEnvelope<Deposit>) -> Option<String> {
+        (event.aggregate_id != MIRROR).then(|| event.aggregate_id.to_string())
+    }
+
+    fn on_event(
+        &self,
+        state: &mut Mirrored,
+        event: &cqrs::EventEnvelope<Deposit>,
+        effects: &mut cqrs::Effects<u64>,
+    ) {
+        let Deposit(LedgerEvent::Deposited { amount }) = event.event;
+        if state.seen == 0 {
+            effects.wake_in("remind", Duration::from_secs(60));
+        }
+        state.seen += 1;
+        if amount >= 100 {
+            effects.send(amount / 100);
+        }
+    }
+
+    fn on_deadline(
+        &self,
+        state: &mut Mirrored,
+        _deadline: &Deadline,
+        effects: &mut cqrs::Effects<u64>,
+    ) {
+        state.reminded = true;
+        effects.send(1);
+        effects.complete();
+    }
+}
+
+struct ToMirror(cqrs::CQRSFramework<Ledger>);
+
+#[cqrs::async_trait]
+impl cqrs::CommandRouter<u64> for ToMirror {
+    async fn send(
+        &self,
+        amount: u64,
+        context: &cqrs::CommandContext,
+    ) -> Result<(), cqrs::SendError> {
+        match self
+            .0
+            .dispatch_with_context(MIRROR, vec![amount], context)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(LedgerError::Framework(error)) => Err(cqrs::SendError::Failed(error)),
+            Err(other) => Err(cqrs::SendError::Refused(other.to_string())),
+        }
+    }
+}
+
+/// A process runner on `events` keeping its instances in `store`: decisions, deadlines and
+/// completion are stored, and a restarted runner on the same store does nothing twice.
+async fn runner_on<E, S>(events: E, store: impl Fn() -> S)
+where
+    E: cqrs::EventRepository + Clone + 'static,
+    S: ProcessStore + 'static,
+{
+    let start = DateTime::<Utc>::from_timestamp_micros(1_764_756_000_000_000).unwrap();
+    let clock = cqrs::ManualClock::new(start);
+    let ledgers = cqrs::CQRSFramework::<Ledger>::new(events.clone());
+    let runner = |clock: &cqrs::ManualClock| {
+        cqrs::ProcessRunner::new(
+            Mirror,
+            events.clone(),
+            store(),
+            ToMirror(cqrs::CQRSFramework::new(events.clone())),
+        )
+        .with_clock(clock.clone())
+    };
+    let source = Uuid::new_v4();
+    ledgers.dispatch(source, vec![150, 20, 250]).await.unwrap();
+
+    let progress = runner(&clock).run_until_idle().await.unwrap();
+    assert_eq!((progress.events, progress.commands), (5, 2), "{progress:?}");
+    let processes = store();
+    let row = processes
+        .load("mirror", &source.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.version, 3);
+    assert_eq!(
+        row.state,
+        serde_json::to_value(Mirrored {
+            seen: 3,
+            reminded: false
+        })
+        .unwrap()
+    );
+    assert!(row.correlation_id.is_some());
+    let remind = start + chrono::Duration::seconds(60);
+    assert_eq!(
+        row.deadlines.iter().map(|d| d.due).collect::<Vec<_>>(),
+        [remind]
+    );
+    assert_eq!(processes.next_due("mirror").await.unwrap(), Some(remind));
+    assert_eq!(
+        processes.checkpoint("mirror").await.unwrap(),
+        progress.position
+    );
+    assert!(processes.due("mirror", start, 10).await.unwrap().is_empty());
+
+    // A minute later, on a fresh runner: the deadline fires once, the instance completes.
+    clock.advance(Duration::from_secs(61));
+    let progress = runner(&clock).run_until_idle().await.unwrap();
+    assert_eq!(progress.deadlines, 1, "{progress:?}");
+    let row = processes
+        .load("mirror", &source.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(row.finished && row.deadlines.is_empty(), "{row:?}");
+    assert_eq!(processes.next_due("mirror").await.unwrap(), None);
+
+    // Nothing more to do, however often it runs: 1 + 2 + 1 deposited to the mirror.
+    clock.advance(Duration::from_secs(3_600));
+    let progress = runner(&clock).run_until_idle().await.unwrap();
+    assert_eq!(
+        (progress.deadlines, progress.commands),
+        (0, 0),
+        "{progress:?}"
+    );
+    let mirrored = events.load_events("ledger", MIRROR, 0).await.unwrap();
+    let amounts: Vec<u64> = mirrored
+        .iter()
+        .map(|e| match e.decode::<LedgerEvent>().unwrap().event {
+            LedgerEvent::Deposited { amount } => amount,
+        })
+        .collect();
+    assert_eq!(amounts, [1, 2, 1]);
+}
+
+#[tokio::test]
+async fn runner_on_sqlite_process_store() {
+    let dir = TempDir::new();
+    let events = dir.store().await;
+    runner_on(events.clone(), || SqliteProcessStore::new(&events)).await;
+}
+
+#[tokio::test]
+async fn runner_on_postgres_process_store() {
+    let Some(schemas) = Schemas::new() else {
+        return;
+    };
+    let events = schemas.store().await;
+    runner_on(events.clone(), || PostgresProcessStore::new(&events)).await;
+    schemas.cleanup().await;
 }
