@@ -103,6 +103,7 @@ mod dead_letters;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 mod postgres;
+mod processes;
 mod snapshots;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
@@ -119,6 +120,11 @@ pub use dead_letters::{
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresHarness;
+pub use processes::{
+    check_process_checkpoint_never_back, check_process_concurrent_writers, check_process_due,
+    check_process_list, check_process_optimistic_version, check_process_round_trip,
+    check_process_store,
+};
 pub use snapshots::{
     check_concurrent_snapshot_repairs, check_delete_snapshot, check_snapshot_ahead_of_stream,
     check_snapshot_isolation, check_snapshot_newest_wins, check_snapshot_repository,

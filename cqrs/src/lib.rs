@@ -86,13 +86,13 @@ pub use crate::nats::{
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use crate::store::postgres::{
     GroupCommitCounts, InvalidIdentifier, PostgresDeadLetters, PostgresEventRepository,
-    PostgresViewRepository,
+    PostgresProcessStore, PostgresViewRepository,
 };
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::store::sqlite::{
     CorruptRow, Durability, InvalidTableName, SqliteDeadLetters, SqliteEventRepository,
-    SqliteOptions, SqliteSnapshotRepository, SqliteViewRepository, WriterError,
+    SqliteOptions, SqliteProcessStore, SqliteSnapshotRepository, SqliteViewRepository, WriterError,
 };
 /// The async-nats crate the NATS relay and projection are built on, re-exported so that the
 /// [`jetstream::Context`](async_nats::jetstream::Context) they take is built with the very

@@ -51,6 +51,8 @@ use crate::framework::CommandContext;
 
 pub use self::clock::{Clock, ManualClock, SystemClock};
 pub use self::runner::{ProcessProgress, ProcessRunner};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) use self::store::{conflict, stored_next_due};
 pub use self::store::{MemoryProcessStore, ProcessRow, ProcessStore};
 
 /// The events a process manager reacts to, decoded from stored events of one or more

@@ -200,6 +200,23 @@ pub(crate) fn conflict(process: &str, instance: &str, expected_version: i64) -> 
     }
 }
 
+/// What a SQL store keeps in a row's `next_due` column: the earliest deadline of an
+/// unfinished row, rounded up to the microsecond (the column's precision), so that a row is
+/// never found due before its deadline; `None` for a finished row or one without deadlines.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn stored_next_due(row: &ProcessRow) -> Option<DateTime<Utc>> {
+    if row.finished {
+        return None;
+    }
+    let due = row.next_due()?;
+    let micros = due.timestamp_micros();
+    let exact = DateTime::<Utc>::from_timestamp_micros(micros)?;
+    if exact == due {
+        return Some(due);
+    }
+    DateTime::<Utc>::from_timestamp_micros(micros.saturating_add(1)).or(Some(exact))
+}
+
 #[async_trait]
 impl ProcessStore for MemoryProcessStore {
     async fn load(&self, process: &str, instance: &str) -> Result<Option<ProcessRow>, CQRSError> {

@@ -3,6 +3,7 @@
 //! What it guarantees is documented on [`SqliteEventRepository`].
 
 mod dead_letters;
+mod process;
 mod reader;
 mod rows;
 mod schema;
@@ -32,6 +33,7 @@ use crate::store::{
 };
 
 pub use self::dead_letters::SqliteDeadLetters;
+pub use self::process::SqliteProcessStore;
 pub use self::rows::CorruptRow;
 pub use self::schema::InvalidTableName;
 pub use self::view::SqliteViewRepository;
