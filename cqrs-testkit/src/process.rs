@@ -141,7 +141,8 @@ struct Sent<C> {
 /// a command it sent is refused, [`when_time_passes`](ProcessGiven::when_time_passes) — and
 /// assert with the `then_*` methods of [`ProcessThen`] on the commands that step sent, the
 /// state, the pending deadlines and completion. A [`ProcessThen`] takes further steps
-/// (`.when(..)` again), so a whole conversation is one chain.
+/// (`.when(..)` again), so a whole conversation is one chain. Commands are compared with
+/// `PartialEq`, which the process's command type must implement.
 ///
 /// The fixture follows one instance, as the runner keeps one row per instance: the first
 /// input for which [`ProcessManager::instance_id`] names an instance (or the one set with
@@ -955,5 +956,132 @@ struct Line<'a>(&'a str);
 impl Debug for Line<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use cqrs::{
+        CQRSError, Deadline, Effects, EventEnvelope, PersistableDomainEvent, ProcessInput,
+        ProcessManager,
+    };
+    use uuid::Uuid;
+
+    use super::{on, ProcessFixture};
+
+    /// Inputs named by a word; every input belongs to one instance.
+    #[derive(Debug, Clone)]
+    struct Word(&'static str);
+
+    impl ProcessInput for Word {
+        fn decode(_: &PersistableDomainEvent) -> Result<Vec<Self>, CQRSError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// "arm" sets deadlines `a` (1 s) and `b` (2 s); `a` cancels `b`; "loop" sets a deadline
+    /// that sets itself again at once when it fires; "done" completes.
+    #[derive(Default)]
+    struct Alarms;
+
+    impl ProcessManager for Alarms {
+        const NAME: &'static str = "alarms";
+        type Input = Word;
+        type State = Vec<String>;
+        type Command = String;
+
+        fn instance_id(_: &EventEnvelope<Word>) -> Option<String> {
+            Some("one".into())
+        }
+
+        fn on_event(
+            &self,
+            seen: &mut Vec<String>,
+            event: &EventEnvelope<Word>,
+            effects: &mut Effects<String>,
+        ) {
+            seen.push(event.event.0.to_owned());
+            match event.event.0 {
+                "arm" => {
+                    effects.wake_in("a", Duration::from_secs(1));
+                    effects.wake_in("b", Duration::from_secs(2));
+                }
+                "loop" => effects.wake_in("loop", Duration::ZERO),
+                "done" => effects.complete(),
+                _ => {}
+            }
+        }
+
+        fn on_deadline(
+            &self,
+            _: &mut Vec<String>,
+            deadline: &Deadline,
+            effects: &mut Effects<String>,
+        ) {
+            effects.send(format!("{} fired", deadline.name));
+            match deadline.name.as_str() {
+                "a" => effects.cancel("b"),
+                "loop" => effects.wake_in("loop", Duration::ZERO),
+                _ => {}
+            }
+        }
+    }
+
+    fn word(word: &'static str) -> super::ProcessEvent<Word> {
+        on(Uuid::nil(), Word(word))
+    }
+
+    #[test]
+    fn a_deadline_cancelled_by_one_fired_before_it_does_not_fire() {
+        ProcessFixture::new(Alarms)
+            .given([word("arm")])
+            .when_time_passes(Duration::from_secs(5))
+            .then_expect_commands(["a fired".to_owned()])
+            .then_expect_no_deadlines()
+            .when_time_passes(Duration::from_secs(5))
+            .then_expect_no_commands();
+    }
+
+    #[test]
+    fn deadlines_fire_when_due_and_are_set_from_the_current_time() {
+        ProcessFixture::new(Alarms)
+            .given([word("arm")])
+            .when_time_passes(Duration::from_millis(1500))
+            .then_expect_commands(["a fired".to_owned()])
+            .when(word("arm"))
+            .then_expect_deadlines([("a", Duration::from_secs(1)), ("b", Duration::from_secs(2))]);
+    }
+
+    #[test]
+    fn completion_drops_deadlines_and_ignores_later_inputs() {
+        ProcessFixture::new(Alarms)
+            .given([word("arm"), word("done")])
+            .when(word("arm"))
+            .then_expect_no_commands()
+            .then_expect_no_deadlines()
+            .then_expect_completed()
+            .then_expect_state(vec!["arm".to_owned(), "done".to_owned()]);
+    }
+
+    #[test]
+    #[should_panic(expected = "when_time_passes: deadlines still come due after 64 rounds")]
+    fn deadlines_that_keep_coming_due_are_a_test_error() {
+        let _ = ProcessFixture::new(Alarms)
+            .given([word("loop")])
+            .when_time_passes(Duration::from_secs(1));
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "then_expect_not_completed (finished) failed: the instance has completed"
+    )]
+    fn a_completed_instance_fails_then_expect_not_completed() {
+        let _ = ProcessFixture::new(Alarms)
+            .with_description("finished")
+            .given([word("done")])
+            .when(word("x"))
+            .then_expect_not_completed();
     }
 }

@@ -224,8 +224,11 @@ impl WorkflowScenario {
     /// Returns what they did in all.
     ///
     /// # Errors
-    /// The first error of a runner (see `ProcessRunner::run_once`), or
-    /// [`CQRSError::PersistenceError`] when the runners still find work after 100 rounds.
+    /// The first error of a runner (see `ProcessRunner::run_once`).
+    ///
+    /// # Panics
+    /// When the runners still find work after 100 rounds: processes that keep each other
+    /// busy forever.
     pub async fn try_settle(&self) -> Result<ProcessProgress, CQRSError> {
         let mut total = ProcessProgress::default();
         for _ in 0..MAX_SETTLE_ROUNDS {
@@ -242,15 +245,17 @@ impl WorkflowScenario {
                 return Ok(total);
             }
         }
-        Err(CQRSError::persistence(format!(
-            "the process runners still find work after {MAX_SETTLE_ROUNDS} rounds"
-        )))
+        let runners: Vec<&str> = self.runners.iter().map(|r| r.name()).collect();
+        panic!(
+            "{}: the process runners {runners:?} still find work after {MAX_SETTLE_ROUNDS} rounds",
+            self.method("settle")
+        )
     }
 
     /// [`try_settle`](Self::try_settle), failing the test on an error.
     ///
     /// # Panics
-    /// When a runner fails.
+    /// When a runner fails, or the runners never settle.
     pub async fn settle(&self) -> ProcessProgress {
         match self.try_settle().await {
             Ok(progress) => progress,

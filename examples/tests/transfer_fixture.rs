@@ -265,6 +265,27 @@ fn a_target_that_stays_frozen_is_refunded_when_the_credit_deadline_comes() {
 }
 
 #[test]
+fn a_credit_deadline_due_before_the_retry_refunds_first() {
+    let case = Case::new();
+    let late = std::time::Duration::from_secs(26);
+    ProcessFixture::new(TransferSaga)
+        .given([case.requested(), case.debited()])
+        .when_time_passes(late)
+        .then_expect_no_commands()
+        // Refused at 26 s: the retry is due at 31 s, after the credit deadline (30 s).
+        .when_refused(case.credit(), frozen())
+        .then_expect_deadlines([
+            (CREDIT_DEADLINE, CREDIT_TIMEOUT - late),
+            (RETRY_DEADLINE, CREDIT_RETRY),
+        ])
+        // Both are due by 36 s: the credit deadline fires first and its refund cancels the
+        // retry, which then does not fire.
+        .when_time_passes(std::time::Duration::from_secs(10))
+        .then_expect_commands([case.refund()])
+        .then_expect_no_deadlines();
+}
+
+#[test]
 fn the_credit_deadline_is_cancelled_when_the_credit_comes_first() {
     let case = Case::new();
     ProcessFixture::new(TransferSaga)
