@@ -6,6 +6,8 @@
 //! | an aggregate's decisions | [`AggregateFixture`] → [`Given`] → [`Then`] | nothing but the aggregate |
 //! | a view's `handle_event` | [`ViewFixture`] → [`ViewThen`] | nothing but the view |
 //! | commands through `CQRSFramework`, stored envelopes, projected views | [`Scenario`] → [`Dispatched`] | in-memory stores (made for you) |
+//! | a process manager's decisions: commands, state, deadlines, completion | [`ProcessFixture`] → [`ProcessGiven`] → [`ProcessThen`] | nothing but the process manager |
+//! | a workflow across aggregates: commands, process runners, deadlines, correlation and causation | [`WorkflowScenario`] → [`Workflow`] | in-memory stores, your frameworks and routers |
 //! | an `EventRepository` implementation | [`conformance::check_event_repository`] | a [`conformance::StoreHarness`] |
 //! | that every stored event version still decodes | [`schema_lock::SchemaLock`] | recorded payloads committed in your crate |
 //!
@@ -419,6 +421,43 @@
 //! In a plain `#[test]`, use `when_blocking` and `when_with_metadata_blocking`; the rest is
 //! the same.
 //!
+//! # Process managers
+//!
+//! [`ProcessFixture`] tests a [`ProcessManager`](cqrs::ProcessManager)'s pure decisions:
+//! given the inputs an instance saw, when one more arrives
+//! ([`when`](ProcessGiven::when)), a command it sent is refused
+//! ([`when_refused`](ProcessGiven::when_refused)) or time passes
+//! ([`when_time_passes`](ProcessGiven::when_time_passes)), then the commands that step sent,
+//! the state, the pending deadlines (name and time from now) and completion. Each input is
+//! given with the aggregate it comes from, [`on(aggregate_id, input)`](on), so that
+//! `ProcessManager::instance_id` routes it as the runner would; `.of::<A>()` sets the
+//! aggregate type when the process reads it. A step's result takes the next step, so a whole
+//! conversation is one chain:
+//!
+//! ```text
+//! ProcessFixture::new(TransferSaga)
+//!     .given([
+//!         on(transfer, SagaInput::Transfer(requested)).of::<Transfer>(),
+//!         on(from, SagaInput::Account(debited)).of::<Account>(),
+//!     ])
+//!     .when_refused(credit.clone(), "account frozen")
+//!     .then_expect_no_commands()
+//!     .then_expect_deadlines([(RETRY_DEADLINE, CREDIT_RETRY), (CREDIT_DEADLINE, CREDIT_TIMEOUT)])
+//!     .when_time_passes(CREDIT_RETRY)
+//!     .then_expect_commands([credit]);
+//! ```
+//!
+//! [`WorkflowScenario`] runs the real thing on the in-memory store: your aggregates'
+//! frameworks, one or more `ProcessRunner`s on a shared `ManualClock`; it dispatches one
+//! command under a new `CommandContext`, runs every runner until none has anything to do, and
+//! [`advance`](WorkflowScenario::advance)s the clock. The [`Workflow`] it returns asserts on
+//! the events that carry the workflow's correlation id, across aggregates and in global
+//! order ([`then_expect_history`](Workflow::then_expect_history)), and on their causation
+//! links ([`then_expect_causation`](Workflow::then_expect_causation),
+//! [`then_expect_events_per_command`](Workflow::then_expect_events_per_command)). Both are
+//! used on the transfer saga in `examples/tests/transfer_fixture.rs`, and each type's docs
+//! have a complete example.
+//!
 //! # The schema lock
 //!
 //! [`schema_lock::SchemaLock`] keeps a recorded payload of every (name, version) an event type
@@ -451,6 +490,8 @@
 mod aggregate;
 pub mod conformance;
 mod outcome;
+mod process;
+mod process_scenario;
 mod report;
 mod runtime;
 mod scenario;
@@ -458,5 +499,9 @@ pub mod schema_lock;
 mod view;
 
 pub use crate::aggregate::{AggregateFixture, Given, Then};
+pub use crate::process::{
+    on, ProcessEvent, ProcessFixture, ProcessGiven, ProcessThen, SentCommand,
+};
+pub use crate::process_scenario::{Happened, Workflow, WorkflowScenario};
 pub use crate::scenario::{Dispatched, Scenario, Stored};
 pub use crate::view::{envelope, ViewFixture, ViewThen};

@@ -649,7 +649,7 @@ impl Stored {
     }
 
     /// The first set field that `stored` does not match.
-    fn difference(&self, stored: &PersistableDomainEvent) -> Option<String> {
+    pub(crate) fn difference(&self, stored: &PersistableDomainEvent) -> Option<String> {
         if let Some(sequence) = self.sequence.filter(|s| *s != stored.sequence) {
             return Some(format!(
                 "sequence: expected {sequence}, stored {}",
