@@ -888,17 +888,7 @@ impl<P: ProcessManager> Run<P> {
                     deadline.name,
                     self.since_start(deadline.due)
                 ));
-                // The cause the runner derives a deadline's command ids from.
-                let cause = derived_command_id(
-                    &format!(
-                        "{}/deadline/{}@{}",
-                        self.scope(),
-                        deadline.name,
-                        deadline.due.timestamp_micros()
-                    ),
-                    Uuid::nil(),
-                    0,
-                );
+                let cause = deadline.cause(P::NAME, self.instance.as_deref().unwrap_or(""));
                 let mut effects = Effects::new(self.now);
                 self.manager
                     .on_deadline(&mut self.state, &deadline, &mut effects);

@@ -1,36 +1,5 @@
-//! Process managers: events that drive commands across aggregates.
-//!
-//! A [`ProcessManager`] reacts to the events of one or more aggregate types. Each event it
-//! cares about belongs to one *instance* (a transfer, an order's fulfilment), named by
-//! [`ProcessManager::instance_id`]. The instance has a state of its own, and the manager's
-//! decisions are pure: given the state and an event (or a refused command, or a deadline
-//! that came), it changes the state and asks, through [`Effects`], for commands to be sent,
-//! deadlines to be set or cancelled, and the instance to be completed.
-//!
-//! A [`ProcessRunner`] carries the decisions out, exactly once in effect:
-//!
-//! * it reads the event store in global order after its checkpoint;
-//! * each command it sends gets an id derived from the instance and the event that caused it
-//!   ([`derived_command_id`](crate::derived_command_id)), and is dispatched with
-//!   [`CommandContext::once`](crate::CommandContext::once), so that a command sent again after
-//!   a crash (between its dispatch and the commit of the instance's state) is recognised by
-//!   its target and not applied twice;
-//! * the instance's state, its deadlines and the checkpoint are committed together in one
-//!   [`ProcessStore::commit`], after the commands were dispatched: a crash before the commit
-//!   makes the runner decide again from the same state and the same event, which sends the
-//!   same commands under the same ids;
-//! * a command its target refuses comes back to the manager as a [`Refused`], for it to
-//!   decide on (compensate, give up);
-//! * a deadline is stored with the instance's state, fires once (its removal is committed
-//!   with the state the firing produced) and is gone once cancelled or once the instance
-//!   completes. Time comes from a [`Clock`], so tests move it by hand ([`ManualClock`]).
-//!
-//! Correlation: every command of an instance carries the correlation id of the event that
-//! started it, so the whole workflow's events share one correlation id; each event's
-//! causation id is the id of the command that caused it.
-//!
-//! The decision to keep an instance's state in a [`ProcessStore`] next to the checkpoint
-//! (rather than event-sourcing it) is explained in `docs/adr/0017-process-managers.md`.
+//! Process managers: the contract, the runner, the stores of instances. The overview is on
+//! [`ProcessManager`].
 
 mod clock;
 mod runner;
@@ -67,16 +36,16 @@ pub use self::store::{MemoryProcessStore, ProcessRow, ProcessStore};
 ///
 /// #[derive(Debug, Clone)]
 /// enum Input {
-///     Counter(CounterEvent),
+///    Counter(CounterEvent),
 /// }
 ///
 /// impl ProcessInput for Input {
-///     fn decode(event: &PersistableDomainEvent) -> Result<Vec<Self>, CQRSError> {
-///         Ok(match event.aggregate_type.as_str() {
-///             Counter::NAME => event.decode_all::<CounterEvent>()?.into_iter().map(|e| Input::Counter(e.event)).collect(),
-///             _ => Vec::new(),
-///         })
-///     }
+///    fn decode(event: &PersistableDomainEvent) -> Result<Vec<Self>, CQRSError> {
+///        Ok(match event.aggregate_type.as_str() {
+///            Counter::NAME => event.decode_all::<CounterEvent>()?.into_iter().map(|e| Input::Counter(e.event)).collect(),
+///            _ => Vec::new(),
+///        })
+///    }
 /// }
 /// ```
 pub trait ProcessInput: Debug + Clone + Send + Sync + Sized + 'static {
@@ -89,8 +58,39 @@ pub trait ProcessInput: Debug + Clone + Send + Sync + Sized + 'static {
     fn decode(event: &PersistableDomainEvent) -> Result<Vec<Self>, CQRSError>;
 }
 
-/// A process manager: which events start or continue an instance, and the pure decisions
-/// that turn them into commands (see the [module docs](self)).
+/// A process manager: events that drive commands across aggregates.
+///
+/// A [`ProcessManager`] reacts to the events of one or more aggregate types. Each event it
+/// cares about belongs to one *instance* (a transfer, an order's fulfilment), named by
+/// [`ProcessManager::instance_id`]. The instance has a state of its own, and the manager's
+/// decisions are pure: given the state and an event (or a refused command, or a deadline
+/// that came), it changes the state and asks, through [`Effects`], for commands to be sent,
+/// deadlines to be set or cancelled, and the instance to be completed.
+///
+/// A [`ProcessRunner`] carries the decisions out, exactly once in effect:
+///
+/// * it reads the event store in global order after its checkpoint;
+/// * each command it sends gets an id derived from the instance and the event that caused it
+///   ([`derived_command_id`](crate::derived_command_id)), and is dispatched with
+///   [`CommandContext::once`](crate::CommandContext::once), so that a command sent again after
+///   a crash (between its dispatch and the commit of the instance's state) is recognised by
+///   its target and not applied twice;
+/// * the instance's state, its deadlines and the checkpoint are committed together in one
+///   [`ProcessStore::commit`], after the commands were dispatched: a crash before the commit
+///   makes the runner decide again from the same state and the same event, which sends the
+///   same commands under the same ids;
+/// * a command its target refuses comes back to the manager as a [`Refused`], for it to
+///   decide on (compensate, give up);
+/// * a deadline is stored with the instance's state, fires once (its removal is committed
+///   with the state the firing produced) and is gone once cancelled or once the instance
+///   completes. Time comes from a [`Clock`], so tests move it by hand ([`ManualClock`]).
+///
+/// Correlation: every command of an instance carries the correlation id of the event that
+/// started it, so the whole workflow's events share one correlation id; each event's
+/// causation id is the id of the command that caused it.
+///
+/// The decision to keep an instance's state in a [`ProcessStore`] next to the checkpoint
+/// (rather than event-sourcing it) is explained in `docs/adr/0017-process-managers.md`.
 pub trait ProcessManager: Send + Sync + 'static {
     /// The process's name: the key of its checkpoint and of its instances in the
     /// [`ProcessStore`], and part of every command id it derives. Never change it once
@@ -159,6 +159,32 @@ pub struct Refused<C> {
     pub command_id: Uuid,
     /// The domain's reason, as its error renders.
     pub reason: String,
+}
+
+impl Deadline {
+    /// The id a runner derives the commands of this deadline's firing from, for the
+    /// instance `instance` of the process `process` (see
+    /// [`derived_command_id`](crate::derived_command_id)): the same deadline of the same
+    /// instance is the same cause on every run, so a firing repeated after a crash sends
+    /// its commands under the same ids.
+    ///
+    /// ```
+    /// let due = chrono::Utc::now();
+    /// let deadline = cqrs::Deadline { name: "refund".into(), due };
+    /// assert_eq!(deadline.cause("transfer", "t1"), deadline.cause("transfer", "t1"));
+    /// assert_ne!(deadline.cause("transfer", "t1"), deadline.cause("transfer", "t2"));
+    /// ```
+    pub fn cause(&self, process: &str, instance: &str) -> Uuid {
+        crate::framework::derived_command_id(
+            &format!(
+                "{process}/{instance}/deadline/{}@{}",
+                self.name,
+                self.due.timestamp_micros()
+            ),
+            Uuid::nil(),
+            0,
+        )
+    }
 }
 
 /// What one decision asks for: commands to send, deadlines to set or cancel, completion.

@@ -46,7 +46,7 @@ impl ProcessProgress {
     }
 }
 
-/// Runs a [`ProcessManager`] (see the [module docs](super)): step by step with
+/// Runs a [`ProcessManager`] (see its docs for the guarantees): step by step with
 /// [`run_once`](Self::run_once) / [`run_until_idle`](Self::run_until_idle), or on a task
 /// with [`start`](Self::start).
 ///
@@ -273,19 +273,7 @@ impl<P: ProcessManager> ProcessRunner<P> {
             let deadline = instance.row.deadlines.remove(at);
             due.retain(|d| *d != deadline);
             count += 1;
-            // The cause of what the deadline leads to: the same deadline of the same
-            // instance is the same cause on every run.
-            let cause = derived_command_id(
-                &format!(
-                    "{}/{}/deadline/{}@{}",
-                    P::NAME,
-                    instance.row.instance,
-                    deadline.name,
-                    deadline.due.timestamp_micros()
-                ),
-                Uuid::nil(),
-                0,
-            );
+            let cause = deadline.cause(P::NAME, &instance.row.instance);
             let mut effects = Effects::new(now);
             self.manager
                 .on_deadline(&mut instance.state, &deadline, &mut effects);
