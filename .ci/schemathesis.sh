@@ -57,7 +57,7 @@ if [ -z "$up" ]; then
   cat "$work/service.log" >&2
   exit 1
 fi
-echo "service up: $base (log $work/service.log)"
+echo "service up: $base"
 
 status=0
 SCHEMATHESIS_HOOKS=.ci/schemathesis_hooks.py \
