@@ -111,6 +111,7 @@ struct PlaceOrder {
 #[serde(deny_unknown_fields)]
 struct Pay {
     /// The amount, which must be the order's total, in cents.
+    #[schema(format = "uint64", minimum = 0, maximum = 18446744073709551615_u64)]
     amount_cents: u64,
     /// The payment provider's reference.
     payment_reference: String,
@@ -670,7 +671,25 @@ struct Page {
     after: Option<String>,
     /// How many orders, at most: 50 when absent, else between 1 and 500 (a value outside is
     /// taken as the nearer bound).
-    limit: Option<usize>,
+    #[param(value_type = Option<usize>)]
+    limit: Option<Limit>,
+}
+
+/// The `limit` of a page as the query gives it: digits, however many; a number too large
+/// for a `usize` is taken as the largest (the page size is bounded anyway).
+#[derive(Debug, Clone, Copy)]
+struct Limit(usize);
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(serde::de::Error::custom(format!(
+                "limit: `{text}` is not a non-negative integer"
+            )));
+        }
+        Ok(Limit(text.parse().unwrap_or(usize::MAX)))
+    }
 }
 
 /// Lists orders in id order, a page at a time.
@@ -698,7 +717,7 @@ async fn list(
         )
     })?;
     shared.wait_for_token(&headers).await?;
-    let limit = page.limit.unwrap_or(50).clamp(1, 500);
+    let limit = page.limit.map_or(50, |Limit(limit)| limit).clamp(1, 500);
     let orders = shared
         .stores
         .views
@@ -719,8 +738,7 @@ impl Shared {
         let position = value
             .to_str()
             .ok()
-            .and_then(|text| text.trim().parse::<i64>().ok())
-            .filter(|position| *position >= 0)
+            .and_then(|text| number(text.trim()))
             .ok_or_else(|| {
                 Problem::new(
                     StatusCode::BAD_REQUEST,
@@ -792,14 +810,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
     value
         .to_str()
         .ok()
-        .and_then(|text| {
-            text.trim()
-                .strip_prefix('"')?
-                .strip_suffix('"')?
-                .parse()
-                .ok()
-        })
-        .filter(|sequence: &i64| *sequence >= 0)
+        .and_then(|text| number(text.trim().strip_prefix('"')?.strip_suffix('"')?))
         .map(Some)
         .ok_or_else(|| {
             Problem::new(
@@ -811,6 +822,18 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
         })
 }
 
+/// The most digits a sequence or a position in a header may have: any such number fits an
+/// `i64`, and the OpenAPI document's patterns say the same.
+const MAX_DIGITS: usize = 18;
+
+/// `text` as a sequence or position: 1 to [`MAX_DIGITS`] ASCII digits, nothing else.
+fn number(text: &str) -> Option<i64> {
+    if text.is_empty() || text.len() > MAX_DIGITS || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
@@ -819,7 +842,11 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
         .to_str()
         .ok()
         .map(str::trim)
-        .filter(|key| !key.is_empty() && key.len() <= MAX_KEY_LENGTH)
+        .filter(|key| {
+            !key.is_empty()
+                && key.len() <= MAX_KEY_LENGTH
+                && key.bytes().all(|b| b.is_ascii_graphic())
+        })
         .map(|key| Some(key.to_owned()))
         .ok_or_else(|| {
             Problem::new(

@@ -54,9 +54,13 @@ pub(crate) struct ProblemBody {
 pub(crate) struct IdempotencyKeyHeader {
     /// A key unique to this request: sent again with the same request, the first outcome is
     /// answered again (`Idempotent-Replayed: true`) and nothing is appended. Kept in the
-    /// database, so it holds across a restart.
-    #[param(rename = "Idempotency-Key", min_length = 1, max_length = 255)]
-    idempotency_key: Option<String>,
+    /// database, so it holds across a restart. 1 to 255 visible ASCII characters.
+    #[param(
+        rename = "Idempotency-Key",
+        required = false,
+        pattern = r"^[ \t]*[!-~]{1,255}[ \t]*$"
+    )]
+    idempotency_key: String,
 }
 
 /// The request header of a command on an existing order: the sequence it expects.
@@ -64,10 +68,14 @@ pub(crate) struct IdempotencyKeyHeader {
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)] // Read by the document only.
 pub(crate) struct IfMatchHeader {
-    /// The order's `ETag` (a quoted sequence, `"2"`): the command runs only on an order
-    /// still at that sequence, else answers `412`.
-    #[param(rename = "If-Match", pattern = r#"^\s*"[0-9]+"\s*$"#)]
-    if_match: Option<String>,
+    /// The order's `ETag` (a quoted sequence of up to 18 digits, `"2"`): the command runs
+    /// only on an order still at that sequence, else answers `412`.
+    #[param(
+        rename = "If-Match",
+        required = false,
+        pattern = r#"^[ \t]*"[0-9]{1,18}"[ \t]*$"#
+    )]
+    if_match: String,
 }
 
 /// The request header of a query: the position its answer must include.
@@ -75,10 +83,14 @@ pub(crate) struct IfMatchHeader {
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)] // Read by the document only.
 pub(crate) struct ConsistencyTokenHeader {
-    /// A command's `Consistency-Token`: the query waits, bounded, for the view to reach it,
-    /// or answers `503` with `Retry-After`.
-    #[param(rename = "Consistency-Token", pattern = r"^\s*[0-9]+\s*$")]
-    consistency_token: Option<String>,
+    /// A command's `Consistency-Token` (up to 18 digits): the query waits, bounded, for the
+    /// view to reach it, or answers `503` with `Retry-After`.
+    #[param(
+        rename = "Consistency-Token",
+        required = false,
+        pattern = r"^[ \t]*[0-9]{1,18}[ \t]*$"
+    )]
+    consistency_token: String,
 }
 
 /// The errors any command can answer.

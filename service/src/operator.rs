@@ -46,10 +46,11 @@ pub(crate) async fn overview(State(shared): State<Arc<Shared>>) -> Result<Respon
     let mut body = String::new();
     body.push_str("<h2>Projection</h2>\n<table id=\"projection\">\n");
     body.push_str("<tr><th>name</th><th>checkpoint</th><th>store head</th><th>lag</th><th>state</th><th>last error</th></tr>\n");
-    let state = if projection.is_live() {
-        "live"
-    } else if projection.is_finished() {
+    // A runner that has ended is stopped even if it was live when it ended.
+    let state = if projection.is_finished() {
         "stopped"
+    } else if projection.is_live() {
+        "live"
     } else {
         "catching up"
     };

@@ -12,9 +12,10 @@ pub struct OrderLine {
     /// The product's stock-keeping unit.
     pub sku: String,
     /// How many units, at least 1.
-    #[schema(minimum = 1)]
+    #[schema(format = "uint32", minimum = 1, maximum = 4294967295_u32)]
     pub quantity: u32,
     /// The price of one unit, in cents.
+    #[schema(format = "uint64", minimum = 0, maximum = 18446744073709551615_u64)]
     pub unit_price_cents: u64,
 }
 
@@ -30,12 +31,14 @@ pub enum OrderEvent {
         /// What was ordered.
         lines: Vec<OrderLine>,
         /// The sum of the lines, in cents.
+        #[schema(format = "uint64", minimum = 0, maximum = 18446744073709551615_u64)]
         total_cents: u64,
     },
     /// The order was paid in full.
     #[event(name = "OrderPaid")]
     Paid {
         /// The amount paid, in cents (the order's total).
+        #[schema(format = "uint64", minimum = 0, maximum = 18446744073709551615_u64)]
         amount_cents: u64,
         /// The payment provider's reference.
         payment_reference: String,
@@ -334,6 +337,7 @@ pub struct OrderSummary {
     /// What was ordered.
     pub lines: Vec<OrderLine>,
     /// The total, in cents.
+    #[schema(format = "uint64", minimum = 0, maximum = 18446744073709551615_u64)]
     pub total_cents: u64,
     /// The payment provider's reference, once paid.
     pub payment_reference: Option<String>,

@@ -525,6 +525,23 @@ async fn bad_input_is_a_4xx_problem_and_stores_nothing(db: Database) {
         )
         .await;
     assert_problem(bad_key, StatusCode::BAD_REQUEST, "invalid-idempotency-key").await;
+    // The headers take exactly what the OpenAPI document's patterns describe: a key of
+    // visible ASCII characters (no space inside), a sequence or position of 1 to 18 digits.
+    for (name, value, slug) in [
+        ("idempotency-key", "two words", "invalid-idempotency-key"),
+        ("if-match", "\"1234567890123456789\"", "invalid-if-match"),
+        ("if-match", "\"+1\"", "invalid-if-match"),
+        ("if-match", "0", "invalid-if-match"),
+    ] {
+        let refused = running
+            .post(
+                &pay_path,
+                &json!({ "amount_cents": 100, "payment_reference": "p" }),
+                &[(name, value)],
+            )
+            .await;
+        assert_problem(refused, StatusCode::BAD_REQUEST, slug).await;
+    }
     let bad_id = running
         .post(
             "/orders/not-a-uuid/payment",
@@ -542,6 +559,30 @@ async fn bad_input_is_a_4xx_problem_and_stores_nothing(db: Database) {
         "invalid-consistency-token",
     )
     .await;
+    let long_token = running
+        .get(
+            &format!("/orders/{id}"),
+            &[("consistency-token", "1234567890123456789")],
+        )
+        .await;
+    assert_problem(
+        long_token,
+        StatusCode::BAD_REQUEST,
+        "invalid-consistency-token",
+    )
+    .await;
+    // A limit past any integer type is the largest page, as the document says; a limit
+    // that is not a non-negative integer is refused.
+    let huge_limit = running
+        .get("/orders?limit=123456789012345678901234567890", &[])
+        .await;
+    assert_eq!(huge_limit.status(), StatusCode::OK);
+    let body: Value = huge_limit.json().await.expect("JSON");
+    assert!(body["orders"].is_array(), "{body}");
+    for query in ["limit=-1", "limit=1.5", "limit=", "limit=%2B1", "page=2"] {
+        let refused = running.get(&format!("/orders?{query}"), &[]).await;
+        assert_problem(refused, StatusCode::BAD_REQUEST, "invalid-query").await;
+    }
 
     assert_eq!(
         running.event_count(&db).await,
