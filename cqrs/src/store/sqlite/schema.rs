@@ -52,8 +52,8 @@ CREATE TABLE IF NOT EXISTS cqrs_checkpoints (
 ) STRICT, WITHOUT ROWID;
 "#;
 
-/// The columns added to `cqrs_events` after its first release, each with its `ALTER TABLE`.
-/// A table made by an older version lacks them: [`migrate`](super::SqliteEventRepository::migrate)
+/// Columns of `cqrs_events` that a table made by an older version of the store lacks, each
+/// with the `ALTER TABLE` that adds it: [`migrate`](super::SqliteEventRepository::migrate)
 /// adds those missing, and the rows already stored read back with `NULL` (`None`).
 pub(super) const ADDED_EVENT_COLUMNS: [(&str, &str); 2] = [
     (
