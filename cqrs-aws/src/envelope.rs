@@ -16,9 +16,14 @@
 //!   "event_version": "1",
 //!   "payload": {"amount": 10},
 //!   "metadata": null,
-//!   "timestamp": "2026-12-03T07:00:00.123456Z"
+//!   "timestamp": "2026-12-03T07:00:00.123456Z",
+//!   "correlation_id": "9b1e…",
+//!   "causation_id": "c47a…"
 //! }
 //! ```
+//!
+//! `correlation_id` and `causation_id` are there only when the event has them; an envelope
+//! without them decodes with `None`.
 //!
 //! A publisher sends it with `MessageGroupId` = the aggregate's `aggregate_type_id` (order per
 //! aggregate in a FIFO queue or topic) and `MessageDeduplicationId` = the event id.

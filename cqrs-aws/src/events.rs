@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::items::{
     self, damaged, decode_event, event_attributes, event_id_pk, key, n, position_partition,
-    position_pk, s, Item, Payloads, Reader, COUNTER_PK, KIND, KIND_COUNTER, KIND_EVENT,
-    KIND_EVENT_ID, KIND_POSITION, PK, POSITIONS_PER_PARTITION, SK,
+    position_pk, s, Item, Payloads, Reader, CAUSATION_ID, COUNTER_PK, KIND, KIND_COUNTER,
+    KIND_EVENT, KIND_EVENT_ID, KIND_POSITION, PK, POSITIONS_PER_PARTITION, SK,
 };
 use crate::{build_error, sdk_error};
 
@@ -50,6 +50,10 @@ const MISSING_POSITION_ATTEMPTS: u32 = 4;
 /// the events' global positions from one counter item (`$all`), writing a copy of each event
 /// under `$all#{partition}` / position, which is what [`read_all`](EventRepository::read_all)
 /// pages through. See `docs/adr/0013-dynamodb-store.md` for the cost of that global order.
+///
+/// An event's `correlation_id` and `causation_id` are string attributes of its items, present
+/// only when it has them; items without them (written before events carried them, too) read
+/// back with `None`.
 ///
 /// An append holds at most [`MAX_EVENTS_PER_APPEND`] events. Loads follow `LastEvaluatedKey`
 /// to the end, with strongly consistent reads. The store never notifies
@@ -528,6 +532,49 @@ impl EventRepository for DynamoDbEventRepository {
                 .expression_attribute_names("#sk", SK)
                 .expression_attribute_values(":pk", s(stream.as_str()))
                 .expression_attribute_values(":after", n(start))
+                .set_exclusive_start_key(from.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error("Query", &self.table, e))?;
+            for item in output.items() {
+                found.push(decode_event(&self.table, item, Payloads::Checked)?);
+            }
+            match output.last_evaluated_key() {
+                Some(next) if !next.is_empty() => from = Some(next.clone()),
+                _ => break,
+            }
+        }
+        Ok(found)
+    }
+
+    /// The aggregate's query with a filter on the `causation_id` attribute: only the
+    /// command's events come back, but DynamoDB still reads (and bills) the whole history,
+    /// as [`load_events`](EventRepository::load_events) does. (A secondary index on the
+    /// causation id would make it one read of a few items, at the cost of a second write of
+    /// every event that has one.)
+    async fn events_caused_by(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        causation_id: Uuid,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let stream = PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id);
+        let mut found = Vec::new();
+        let mut from: Option<Item> = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(self.table.as_ref())
+                .consistent_read(true)
+                .key_condition_expression("#pk = :pk AND #sk > :zero")
+                .filter_expression("#causation = :causation")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_names("#causation", CAUSATION_ID)
+                .expression_attribute_values(":pk", s(stream.as_str()))
+                .expression_attribute_values(":zero", n(0))
+                .expression_attribute_values(":causation", s(causation_id.hyphenated().to_string()))
                 .set_exclusive_start_key(from.take())
                 .send()
                 .await

@@ -35,6 +35,11 @@ pub(crate) const EVENT_VERSION: &str = "event_version";
 pub(crate) const PAYLOAD: &str = "payload";
 pub(crate) const METADATA: &str = "metadata";
 pub(crate) const TIMESTAMP: &str = "timestamp";
+/// The event's correlation id (a string), absent when it has none: items written before
+/// events carried it have none, and read back with `None`.
+pub(crate) const CORRELATION_ID: &str = "correlation_id";
+/// The event's causation id (a string), absent when it has none (as [`CORRELATION_ID`]).
+pub(crate) const CAUSATION_ID: &str = "causation_id";
 pub(crate) const STATE: &str = "state";
 
 /// The partition key of the global position counter (sort key 0).
@@ -130,6 +135,14 @@ impl Reader<'_> {
         }
     }
 
+    /// An optional UUID attribute: `None` when absent (or DynamoDB's `NULL`).
+    pub(crate) fn optional_uuid(&self, name: &str) -> Result<Option<Uuid>, String> {
+        match self.0.get(name) {
+            None | Some(AttributeValue::Null(_)) => Ok(None),
+            Some(_) => self.uuid(name).map(Some),
+        }
+    }
+
     pub(crate) fn uuid(&self, name: &str) -> Result<Uuid, String> {
         let text = self.string(name)?;
         Uuid::parse_str(text)
@@ -157,9 +170,10 @@ pub(crate) fn damaged(table: &str, item: &Item, problem: impl Into<String>) -> D
 }
 
 /// The attributes of a stored event (its stream item and its position copy hold the same).
+/// The correlation and causation ids are attributes only when the event has them.
 pub(crate) fn event_attributes(event: &PersistableDomainEvent, position: i64) -> Item {
     let metadata = event.metadata.to_string();
-    HashMap::from([
+    let mut item = HashMap::from([
         (
             EVENT_ID.to_owned(),
             s(event.event_id.hyphenated().to_string()),
@@ -176,7 +190,16 @@ pub(crate) fn event_attributes(event: &PersistableDomainEvent, position: i64) ->
         (PAYLOAD.to_owned(), s(event.payload.as_str())),
         (METADATA.to_owned(), s(metadata)),
         (TIMESTAMP.to_owned(), n(event.timestamp.timestamp_micros())),
-    ])
+    ]);
+    for (name, id) in [
+        (CORRELATION_ID, event.correlation_id),
+        (CAUSATION_ID, event.causation_id),
+    ] {
+        if let Some(id) = id {
+            item.insert(name.to_owned(), s(id.hyphenated().to_string()));
+        }
+    }
+    item
 }
 
 /// How a payload that is not JSON is treated when an event item is read.
@@ -230,6 +253,8 @@ pub(crate) fn decode_event(
     let micros = r.number(TIMESTAMP).map_err(invalid)?;
     let timestamp = DateTime::<Utc>::from_timestamp_micros(micros)
         .ok_or_else(|| invalid(format!("timestamp {micros} is out of range")))?;
+    let correlation_id = r.optional_uuid(CORRELATION_ID).map_err(invalid)?;
+    let causation_id = r.optional_uuid(CAUSATION_ID).map_err(invalid)?;
     Ok(PersistableDomainEvent {
         event_id,
         aggregate_type_id: PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id),
@@ -242,8 +267,8 @@ pub(crate) fn decode_event(
         payload,
         metadata,
         timestamp,
-        correlation_id: None,
-        causation_id: None,
+        correlation_id,
+        causation_id,
     })
 }
 

@@ -650,3 +650,137 @@ async fn the_handlers_run_under_lambda_runtime_service_fn() {
         .unwrap();
     assert!(response.batch_item_failures.is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// Correlation and causation reach the views, from the table's stream and from SQS.
+
+/// An event's sequence, correlation id and causation id.
+type Traced = (i64, Option<Uuid>, Option<Uuid>);
+
+/// What a view saw of each event's correlation and causation, in order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Lineage {
+    seen: Vec<Traced>,
+}
+
+impl View<Ledger> for Lineage {
+    const TABLE_NAME: &'static str = "lineage";
+    const VERSION: u64 = 1;
+
+    fn handle_event(&mut self, envelope: &EventEnvelope<LedgerEvent>) -> Result<(), CQRSError> {
+        self.seen.push((
+            envelope.sequence,
+            envelope.correlation_id,
+            envelope.causation_id,
+        ));
+        Ok(())
+    }
+}
+
+/// Four deposits on ledger `id`: both ids, the correlation only, the causation only,
+/// neither; and what [`Lineage`] must see of them.
+fn traced_deposits(id: Uuid) -> (Vec<PersistableDomainEvent>, Vec<Traced>) {
+    let (correlation, command) = (Uuid::new_v4(), Uuid::new_v4());
+    let ids = [
+        (Some(correlation), Some(command)),
+        (Some(correlation), None),
+        (None, Some(command)),
+        (None, None),
+    ];
+    let events = (1..=4)
+        .zip(ids)
+        .map(|(sequence, (correlation_id, causation_id))| {
+            let mut event = PersistableDomainEvent::new(
+                "ledger",
+                id,
+                sequence,
+                &LedgerEvent::Deposited {
+                    amount: sequence as u64,
+                },
+                Value::Null,
+            )
+            .unwrap();
+            event.correlation_id = correlation_id;
+            event.causation_id = causation_id;
+            event
+        })
+        .collect();
+    let seen = (1..=4).zip(ids).map(|(s, (c, k))| (s, c, k)).collect();
+    (events, seen)
+}
+
+async fn lineage(views: &MemoryViewRepository<Lineage>, id: Uuid) -> Vec<Traced> {
+    ViewRepository::<Ledger, Lineage>::load(views, &id.to_string())
+        .await
+        .unwrap()
+        .unwrap_or_default()
+        .seen
+}
+
+#[tokio::test]
+async fn correlation_and_causation_reach_a_view_from_the_stream() {
+    let Some(aws) = emulator("dynamodb lambda adapters").await else {
+        return;
+    };
+    let id = Uuid::new_v4();
+    let (events, expected) = traced_deposits(id);
+    aws.store.append(events).await.unwrap();
+    let records = aws.records().await;
+    // The event items hold each id the event has, as a string attribute of its own.
+    for (sequence, correlation_id, causation_id) in &expected {
+        let image = &records[event_record(&records, id, *sequence)]["dynamodb"]["NewImage"];
+        let attribute = |name: &str| {
+            image[name]["S"]
+                .as_str()
+                .map(|s| s.parse::<Uuid>().unwrap())
+        };
+        assert_eq!(attribute("correlation_id"), *correlation_id, "{image}");
+        assert_eq!(attribute("causation_id"), *causation_id, "{image}");
+    }
+
+    let views = MemoryViewRepository::<Lineage>::new();
+    let handler = DynamoDbStreamHandler::new(
+        aws.store.table(),
+        PerAggregateProjection::<Ledger, Lineage>::new(views.clone()),
+    );
+    let response = handler.handle(stream_event(&records)).await.unwrap();
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert_eq!(lineage(&views, id).await, expected);
+}
+
+#[tokio::test]
+async fn correlation_and_causation_reach_a_view_from_sqs() {
+    let id = Uuid::new_v4();
+    let (events, expected) = traced_deposits(id);
+    let store = MemoryEventRepository::new();
+    store.append(events).await.unwrap();
+    let stored = store.load_events("ledger", id, 0).await.unwrap();
+    let mut messages: Vec<Value> = stored
+        .iter()
+        .enumerate()
+        .map(|(i, event)| message(&format!("m{i}"), event, envelope::encode(event).unwrap()))
+        .collect();
+    // The envelope names the ids the event has, and leaves out those it has not.
+    let body: Value = serde_json::from_str(messages[1]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        body["correlation_id"],
+        json!(expected[1].1.unwrap().to_string())
+    );
+    assert!(body.get("causation_id").is_none(), "{body}");
+    // One of them through an SNS subscription (without raw message delivery).
+    messages[0]["body"] = json!(json!({
+        "Type": "Notification",
+        "MessageId": "n1",
+        "TopicArn": "arn:aws:sns:us-east-1:000000000000:ledger-events.fifo",
+        "Message": envelope::encode(&stored[0]).unwrap(),
+    })
+    .to_string());
+
+    let views = MemoryViewRepository::<Lineage>::new();
+    let handler = SqsHandler::new(PerAggregateProjection::<Ledger, Lineage>::new(
+        views.clone(),
+    ));
+    let response = handler.handle(sqs_event(&messages)).await.unwrap();
+    assert_eq!(sqs_failures(&response), Vec::<String>::new());
+    assert_eq!(lineage(&views, id).await, expected);
+}

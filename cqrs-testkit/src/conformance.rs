@@ -264,7 +264,8 @@ impl StoreHarness for MemoryHarness {
 /// [`check_invalid_batches`], [`check_idempotent_retry`], [`check_duplicate_event_id`],
 /// [`check_global_order`], [`check_subscribe`], [`check_concurrent_appends`],
 /// [`check_corrupt_payload`], [`check_unknown_event_type`], [`check_sequence_gap`],
-/// [`check_read_all_past_a_damaged_row`], [`check_dispatch_new`].
+/// [`check_read_all_past_a_damaged_row`], [`check_dispatch_new`],
+/// [`check_correlation_round_trip`], [`check_events_caused_by`].
 ///
 /// [`check_concurrent_appends`] spawns tasks with `tokio::spawn` and [`check_subscribe`]
 /// waits with a timeout, so this must run inside a Tokio runtime with the time driver
@@ -289,6 +290,8 @@ pub async fn check_event_repository<H: StoreHarness>(harness: &H) {
     check_sequence_gap(harness).await;
     check_read_all_past_a_damaged_row(harness).await;
     check_dispatch_new(harness).await;
+    check_correlation_round_trip(harness).await;
+    check_events_caused_by(harness).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -389,7 +392,9 @@ fn domain_event(sequence: i64) -> ConformanceEvent {
 }
 
 /// A stored-form event for `aggregate_type`/`id` at `sequence`, with a fresh id, metadata
-/// (an object, or `null` every third event) and a timestamp with whole microseconds.
+/// (an object, or `null` every third event), a timestamp with whole microseconds, and
+/// fresh correlation and causation ids (no correlation id every fourth event, no causation
+/// id every second), so that every check also sees both fields kept.
 fn event(aggregate_type: &str, id: Uuid, sequence: i64) -> PersistableDomainEvent {
     let domain = domain_event(sequence);
     let payload = match domain.to_payload() {
@@ -416,8 +421,8 @@ fn event(aggregate_type: &str, id: Uuid, sequence: i64) -> PersistableDomainEven
         payload,
         metadata,
         timestamp,
-        correlation_id: None,
-        causation_id: None,
+        correlation_id: (sequence % 4 != 0).then(Uuid::new_v4),
+        causation_id: (sequence % 2 == 1).then(Uuid::new_v4),
     }
 }
 
@@ -488,6 +493,8 @@ fn first_difference(
     field!(payload);
     field!(metadata);
     field!(timestamp);
+    field!(correlation_id);
+    field!(causation_id);
     None
 }
 
@@ -1830,5 +1837,150 @@ pub async fn check_sequence_gap<H: StoreHarness>(harness: &H) {
                 ),
             ),
         }
+    }
+}
+
+/// `correlation_id` and `causation_id` round-trip through `append`, `load_events` and
+/// `read_all`: both set, one set, neither (`None` stays `None`), for a single event and
+/// for a batch; all events of a batch sharing one command's ids keep them.
+pub async fn check_correlation_round_trip<H: StoreHarness>(harness: &H) {
+    const CHECK: &str = "correlation_round_trip";
+    let store = harness.fresh().await;
+    let id = Uuid::new_v4();
+    let (correlation, command) = (Uuid::new_v4(), Uuid::new_v4());
+    let with = |sequence: i64, correlation_id: Option<Uuid>, causation_id: Option<Uuid>| {
+        PersistableDomainEvent {
+            correlation_id,
+            causation_id,
+            ..event(AGGREGATE, id, sequence)
+        }
+    };
+    // One event alone, then a batch, then one event without either id.
+    let single = append_ok(
+        CHECK,
+        &store,
+        vec![with(1, Some(correlation), Some(command))],
+    )
+    .await;
+    let batch = append_ok(
+        CHECK,
+        &store,
+        vec![
+            with(2, Some(correlation), Some(command)),
+            with(3, Some(correlation), None),
+            with(4, None, Some(command)),
+            with(5, None, None),
+        ],
+    )
+    .await;
+    let bare = append_ok(CHECK, &store, vec![with(6, None, None)]).await;
+    let expected: Vec<_> = single.into_iter().chain(batch).chain(bare).collect();
+
+    let loaded = load_all(CHECK, &store, AGGREGATE, id).await;
+    assert_same_events(CHECK, "load_events(after 0)", &expected, &loaded);
+    let all = read_everything(CHECK, &store).await;
+    assert_same_events(CHECK, "read_all(0, ..)", &expected, &all);
+    for stored in &loaded {
+        match stored.decode::<ConformanceEvent>() {
+            Ok(envelope)
+                if envelope.correlation_id == stored.correlation_id
+                    && envelope.causation_id == stored.causation_id => {}
+            Ok(envelope) => fail(
+                CHECK,
+                format_args!(
+                    "sequence {} decodes with correlation {:?} and causation {:?}, stored {:?} and {:?}",
+                    stored.sequence,
+                    envelope.correlation_id,
+                    envelope.causation_id,
+                    stored.correlation_id,
+                    stored.causation_id
+                ),
+            ),
+            Err(error) => fail(
+                CHECK,
+                format_args!("a stored event does not decode: {error}"),
+            ),
+        }
+    }
+}
+
+/// `events_caused_by` returns exactly the events of the aggregate whose causation id is
+/// the one asked for, in sequence order, with every field as stored: not those of another
+/// aggregate (another id, or the same id under another aggregate type) with the same
+/// causation id, not those of another command, not those without one; empty for a
+/// command that caused nothing.
+pub async fn check_events_caused_by<H: StoreHarness>(harness: &H) {
+    const CHECK: &str = "events_caused_by";
+    let store = harness.fresh().await;
+    let (id, other_id) = (Uuid::new_v4(), Uuid::new_v4());
+    let (command, other_command) = (Uuid::new_v4(), Uuid::new_v4());
+    let caused = |aggregate_type: &str, id: Uuid, sequence: i64, causation_id: Option<Uuid>| {
+        PersistableDomainEvent {
+            causation_id,
+            ..event(aggregate_type, id, sequence)
+        }
+    };
+    // Interleaved with the other aggregates' events, so that neither position nor
+    // neighbourhood tells them apart.
+    let first = append_ok(
+        CHECK,
+        &store,
+        vec![
+            caused(AGGREGATE, id, 1, Some(command)),
+            caused(AGGREGATE, id, 2, Some(command)),
+        ],
+    )
+    .await;
+    let other_aggregate = append_ok(
+        CHECK,
+        &store,
+        vec![caused(AGGREGATE, other_id, 1, Some(command))],
+    )
+    .await;
+    let other_type = append_ok(
+        CHECK,
+        &store,
+        vec![caused(OTHER_AGGREGATE, id, 1, Some(command))],
+    )
+    .await;
+    let by_other_command = append_ok(
+        CHECK,
+        &store,
+        vec![caused(AGGREGATE, id, 3, Some(other_command))],
+    )
+    .await;
+    append_ok(CHECK, &store, vec![caused(AGGREGATE, id, 4, None)]).await;
+    let later = append_ok(
+        CHECK,
+        &store,
+        vec![
+            caused(AGGREGATE, id, 5, Some(command)),
+            caused(AGGREGATE, id, 6, Some(command)),
+        ],
+    )
+    .await;
+
+    let cases: [(&str, Uuid, Uuid, Vec<PersistableDomainEvent>); 5] = [
+        (
+            AGGREGATE,
+            id,
+            command,
+            first.into_iter().chain(later).collect(),
+        ),
+        (AGGREGATE, id, other_command, by_other_command),
+        (AGGREGATE, other_id, command, other_aggregate),
+        (OTHER_AGGREGATE, id, command, other_type),
+        (AGGREGATE, id, Uuid::new_v4(), Vec::new()),
+    ];
+    for (aggregate_type, aggregate_id, causation_id, expected) in cases {
+        let what = format!("events_caused_by({aggregate_type}, {aggregate_id}, {causation_id})");
+        let found = ok(
+            CHECK,
+            &what,
+            store
+                .events_caused_by(aggregate_type, aggregate_id, causation_id)
+                .await,
+        );
+        assert_same_events(CHECK, &what, &expected, &found);
     }
 }

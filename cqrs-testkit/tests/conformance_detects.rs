@@ -37,6 +37,10 @@ enum Flaw {
     SkipsUndecodableRows,
     /// Fails a whole `read_all` page that holds a payload that is not JSON.
     FailsPageOnDamagedRow,
+    /// Loads every event without its causation id.
+    DropsCausation,
+    /// `events_caused_by` matches the aggregate id and the causation id, not the type.
+    CausedByIgnoresType,
 }
 
 struct FlawedStore {
@@ -48,6 +52,7 @@ impl FlawedStore {
     fn fix(&self, mut event: PersistableDomainEvent) -> PersistableDomainEvent {
         match self.flaw {
             Flaw::DropsMetadata => event.metadata = Value::Null,
+            Flaw::DropsCausation => event.causation_id = None,
             Flaw::MillisecondTimestamps => {
                 event.timestamp = event
                     .timestamp
@@ -135,6 +140,22 @@ impl EventRepository for FlawedStore {
             .load_events(aggregate_type, aggregate_id, after)
             .await?;
         Ok(self.hide(events))
+    }
+
+    async fn events_caused_by(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        causation_id: Uuid,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        if self.flaw == Flaw::CausedByIgnoresType {
+            let mut all = self.inner.read_all(0, usize::MAX).await?;
+            all.retain(|e| e.aggregate_id == aggregate_id && e.causation_id == Some(causation_id));
+            return Ok(all);
+        }
+        let mut events = self.load_events(aggregate_type, aggregate_id, 0).await?;
+        events.retain(|e| e.causation_id == Some(causation_id));
+        Ok(events)
     }
 
     async fn event_sequence(
@@ -356,6 +377,22 @@ async fn two_dispatch_new_winners_are_caught() {
     conformance::check_dispatch_new(&FlawedHarness(Flaw::RacyAppend)).await;
 }
 
+#[tokio::test]
+#[should_panic(
+    expected = "store conformance check `correlation_round_trip` failed: load_events(after 0): event 0 (sequence 1): field `causation_id` differs"
+)]
+async fn a_dropped_causation_id_is_caught() {
+    conformance::check_correlation_round_trip(&FlawedHarness(Flaw::DropsCausation)).await;
+}
+
+#[tokio::test]
+#[should_panic(
+    expected = "store conformance check `events_caused_by` failed: events_caused_by(conformance_counter"
+)]
+async fn events_caused_by_across_aggregate_types_is_caught() {
+    conformance::check_events_caused_by(&FlawedHarness(Flaw::CausedByIgnoresType)).await;
+}
+
 /// The wrapper itself, without a flaw, passes: the failures above come from the flaws.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_wrapper_without_a_flaw_passes() {
@@ -374,6 +411,8 @@ async fn the_wrapper_without_a_flaw_passes() {
     conformance::check_unknown_event_type(&harness).await;
     conformance::check_sequence_gap(&harness).await;
     conformance::check_dispatch_new(&harness).await;
+    conformance::check_correlation_round_trip(&harness).await;
+    conformance::check_events_caused_by(&harness).await;
     // `FailsPageOnDamagedRow` only differs on damaged rows, so the damage checks pass with it
     // where `SkipsUndecodableRows` fails them.
     let harness = FlawedHarness(Flaw::FailsPageOnDamagedRow);

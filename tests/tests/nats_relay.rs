@@ -430,6 +430,94 @@ async fn relay_runner_publishes_events_appended_while_it_runs() {
     assert_stream_is_store(&jetstream, &test.config, &stored).await;
 }
 
+/// What a projection saw of each event's correlation and causation, in order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Lineage {
+    seen: Vec<(i64, Option<Uuid>, Option<Uuid>)>,
+}
+
+impl View<Ledger> for Lineage {
+    const TABLE_NAME: &'static str = "nats_lineage";
+    const VERSION: u64 = 1;
+
+    fn handle_event(&mut self, envelope: &EventEnvelope<LedgerEvent>) -> Result<(), LedgerError> {
+        self.seen.push((
+            envelope.sequence,
+            envelope.correlation_id,
+            envelope.causation_id,
+        ));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn correlation_and_causation_travel_to_the_consumer() {
+    let Some(url) = nats_url() else { return };
+    let jetstream = connect(&url).await;
+    let test = TestStream::new(&url);
+    let store = MemoryEventRepository::new();
+    let id = Uuid::new_v4();
+    let (correlation, command) = (Uuid::new_v4(), Uuid::new_v4());
+    let ids = [
+        (Some(correlation), Some(command)),
+        (Some(correlation), None),
+        (None, Some(command)),
+        (None, None),
+    ];
+    let events: Vec<_> = ledger_events(id, 1, 4)
+        .into_iter()
+        .zip(ids)
+        .map(|(mut event, (correlation_id, causation_id))| {
+            event.correlation_id = correlation_id;
+            event.causation_id = causation_id;
+            event
+        })
+        .collect();
+    store.append(events).await.unwrap();
+
+    let relay = NatsRelay::new(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        jetstream.clone(),
+        test.config.clone(),
+    );
+    relay.ensure_stream().await.unwrap();
+    relay.catch_up().await.unwrap();
+
+    // The headers carry each id the event has, and only those; the body carries both.
+    let stored = store.read_all(0, usize::MAX).await.unwrap();
+    let messages = stream_messages(&jetstream, &test.config).await;
+    assert_eq!(messages.len(), 4);
+    for (message, (correlation_id, causation_id)) in messages.iter().zip(ids) {
+        let value = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|value| value.as_str().parse::<Uuid>().unwrap())
+        };
+        assert_eq!(value(NatsRelay::HEADER_CORRELATION_ID), correlation_id);
+        assert_eq!(value(NatsRelay::HEADER_CAUSATION_ID), causation_id);
+    }
+    assert_stream_is_store(&jetstream, &test.config, &stored).await;
+
+    // A projection fed from the stream sees them in its envelopes.
+    let views = MemoryViewRepository::<Lineage>::new();
+    let projection = NatsProjection::<Ledger, Lineage>::new(
+        jetstream.clone(),
+        test.config.clone(),
+        views.clone(),
+    )
+    .with_durable_name(format!("lineage_{}", Uuid::new_v4().simple()));
+    projection.catch_up().await.unwrap();
+    let seen = ViewRepository::<Ledger, Lineage>::load(&views, &id.to_string())
+        .await
+        .unwrap()
+        .unwrap()
+        .seen;
+    let expected: Vec<_> = (1..=4).zip(ids).map(|(s, (c, k))| (s, c, k)).collect();
+    assert_eq!(seen, expected);
+}
+
 // ---------------------------------------------------------------------------------------
 // The projection fed from JetStream.
 

@@ -1305,3 +1305,205 @@ async fn a_row_that_does_not_decode_ends_the_page_and_is_one_poison_event() {
     assert_eq!(total(b).await.events, 2);
     fx.drop_schema().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Correlation and causation: columns of their own, added to a table made before them.
+
+/// The events table as the store created it before events carried correlation and
+/// causation ids (`{s}` is the quoted schema).
+const EVENTS_WITHOUT_CORRELATION: &str = r#"
+CREATE SCHEMA {s};
+CREATE TABLE {s}.cqrs_events (
+    position        BIGINT GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+    event_id        UUID        NOT NULL,
+    aggregate_type  TEXT        NOT NULL,
+    aggregate_id    UUID        NOT NULL,
+    sequence        BIGINT      NOT NULL CHECK (sequence >= 1),
+    event_type      TEXT        NOT NULL,
+    event_version   TEXT        NOT NULL,
+    payload         JSONB       NOT NULL,
+    metadata        JSONB       NOT NULL,
+    "timestamp"     TIMESTAMPTZ NOT NULL,
+    transaction_id  XID8        NOT NULL DEFAULT pg_current_xact_id(),
+    CONSTRAINT cqrs_events_event_id_key UNIQUE (event_id),
+    CONSTRAINT cqrs_events_aggregate_sequence_key UNIQUE (aggregate_type, aggregate_id, sequence)
+);
+"#;
+
+fn with_context(
+    mut event: PersistableDomainEvent,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+) -> PersistableDomainEvent {
+    event.correlation_id = correlation_id;
+    event.causation_id = causation_id;
+    event
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_made_before_correlation_gains_the_columns_on_migrate() {
+    let Some(url) = url("a_table_made_before_correlation_gains_the_columns_on_migrate") else {
+        return;
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(&url)
+        .await
+        .unwrap();
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let quoted = format!("\"{schema}\"");
+    sqlx::raw_sql(&EVENTS_WITHOUT_CORRELATION.replace("{s}", &quoted))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    sqlx::query(&format!(
+        "INSERT INTO {quoted}.cqrs_events (event_id, aggregate_type, aggregate_id, sequence, \
+         event_type, event_version, payload, metadata, \"timestamp\") \
+         VALUES ($1, 'counter', $2, 1, 'Added', '1', '{{\"Added\":{{\"amount\":7}}}}', 'null', now())"
+    ))
+    .bind(Uuid::new_v4())
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let store = PostgresEventRepository::from_pool(pool.clone())
+        .with_schema(&schema)
+        .unwrap();
+    let ungrouped = store.clone().with_group_commit(false);
+    // Two processes' worth of migrations at once, then one more: all idempotent.
+    let (first, second) = tokio::join!(store.migrate(), ungrouped.migrate());
+    first.unwrap();
+    second.unwrap();
+    store.migrate().await.unwrap();
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns \
+         WHERE table_schema = $1 AND table_name = 'cqrs_events' \
+           AND column_name IN ('correlation_id', 'causation_id') ORDER BY ordinal_position",
+    )
+    .bind(&schema)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        columns,
+        [
+            ("correlation_id".to_owned(), "uuid".to_owned()),
+            ("causation_id".to_owned(), "uuid".to_owned())
+        ]
+    );
+
+    // The old row reads back with neither id, by load_events and by read_all (COPY).
+    let old = store.load_events(Counter::NAME, id, 0).await.unwrap();
+    assert_eq!(old.len(), 1);
+    assert_eq!((old[0].correlation_id, old[0].causation_id), (None, None));
+    assert_eq!(
+        old[0].decode::<CounterEvent>().unwrap().event,
+        CounterEvent::Added { amount: 7 }
+    );
+    assert_eq!(store.read_all(0, 10).await.unwrap(), old);
+
+    // New events keep both ids on every append path: one event, a batch (both without
+    // group commit), and appends that share a group statement.
+    let (correlation, command) = (Uuid::new_v4(), Uuid::new_v4());
+    ungrouped
+        .append(vec![with_context(
+            counter_event(id, 2, 1),
+            Some(correlation),
+            Some(command),
+        )])
+        .await
+        .unwrap();
+    ungrouped
+        .append(vec![
+            with_context(counter_event(id, 3, 2), Some(correlation), None),
+            with_context(counter_event(id, 4, 3), None, Some(command)),
+        ])
+        .await
+        .unwrap();
+    let others: Vec<(Uuid, Uuid)> = (0..16).map(|_| (Uuid::new_v4(), Uuid::new_v4())).collect();
+    let appends = others.iter().map(|&(other, other_command)| {
+        let store = store.clone();
+        async move {
+            store
+                .append(vec![
+                    with_context(
+                        counter_event(other, 1, 1),
+                        Some(correlation),
+                        Some(other_command),
+                    ),
+                    with_context(counter_event(other, 2, 1), None, Some(other_command)),
+                ])
+                .await
+        }
+    });
+    for result in futures_util::future::join_all(appends).await {
+        result.unwrap();
+    }
+    assert!(
+        store.group_commit_counts().group_statements > 0,
+        "no append shared a statement: {:?}",
+        store.group_commit_counts()
+    );
+
+    let loaded = store.load_events(Counter::NAME, id, 0).await.unwrap();
+    let ids: Vec<_> = loaded
+        .iter()
+        .map(|e| (e.sequence, e.correlation_id, e.causation_id))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            (1, None, None),
+            (2, Some(correlation), Some(command)),
+            (3, Some(correlation), None),
+            (4, None, Some(command)),
+        ]
+    );
+    let all = store.read_all(0, 100).await.unwrap();
+    assert_eq!(all.len(), 4 + 2 * others.len());
+    for &(other, other_command) in &others {
+        let events: Vec<_> = all.iter().filter(|e| e.aggregate_id == other).collect();
+        let ids: Vec<_> = events
+            .iter()
+            .map(|e| (e.sequence, e.correlation_id, e.causation_id))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                (1, Some(correlation), Some(other_command)),
+                (2, None, Some(other_command))
+            ]
+        );
+        let caused = store
+            .events_caused_by(Counter::NAME, other, other_command)
+            .await
+            .unwrap();
+        assert_eq!(caused.iter().collect::<Vec<_>>(), events);
+    }
+    let caused = store
+        .events_caused_by(Counter::NAME, id, command)
+        .await
+        .unwrap();
+    assert_eq!(caused, vec![loaded[1].clone(), loaded[3].clone()]);
+
+    let index: Option<String> = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = 'cqrs_events_causation'",
+    )
+    .bind(&schema)
+    .fetch_optional(&pool)
+    .await
+    .unwrap();
+    let index = index.unwrap_or_default();
+    assert!(
+        index.contains("(causation_id, aggregate_type, aggregate_id, sequence)")
+            && index.contains("WHERE (causation_id IS NOT NULL)"),
+        "{index:?}"
+    );
+
+    let drop = format!("DROP SCHEMA IF EXISTS {quoted} CASCADE");
+    pool.execute(drop.as_str()).await.unwrap();
+    pool.close().await;
+}

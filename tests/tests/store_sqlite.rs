@@ -1053,3 +1053,188 @@ async fn payloads_and_metadata_come_back_as_the_same_json() {
     let other = TempDb::new("sqlite-test");
     payloads_round_trip(&other.open_on_own_pool().await).await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Correlation and causation: columns of their own, added to a database made before them.
+
+/// The events table (and its neighbours) as the store created them before events carried
+/// correlation and causation ids.
+const SCHEMA_WITHOUT_CORRELATION: &str = r#"
+CREATE TABLE cqrs_events (
+    position       INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id       TEXT    NOT NULL UNIQUE,
+    aggregate_type TEXT    NOT NULL,
+    aggregate_id   TEXT    NOT NULL,
+    sequence       INTEGER NOT NULL CHECK (sequence >= 1),
+    event_type     TEXT    NOT NULL,
+    event_version  TEXT    NOT NULL,
+    payload        TEXT    NOT NULL,
+    metadata       TEXT    NOT NULL,
+    timestamp      INTEGER NOT NULL,
+    UNIQUE (aggregate_type, aggregate_id, sequence)
+) STRICT;
+
+CREATE TRIGGER cqrs_events_no_gap
+BEFORE INSERT ON cqrs_events
+WHEN NEW.sequence > 1 AND NOT EXISTS (
+    SELECT 1 FROM cqrs_events
+    WHERE aggregate_type = NEW.aggregate_type
+      AND aggregate_id = NEW.aggregate_id
+      AND sequence = NEW.sequence - 1
+)
+BEGIN
+    SELECT RAISE(ABORT, 'cqrs_sequence_gap');
+END;
+
+CREATE TABLE cqrs_snapshots (
+    aggregate_type TEXT    NOT NULL,
+    aggregate_id   TEXT    NOT NULL,
+    sequence       INTEGER NOT NULL CHECK (sequence >= 0),
+    state          TEXT    NOT NULL,
+    timestamp      INTEGER NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE cqrs_checkpoints (
+    name       TEXT    NOT NULL PRIMARY KEY,
+    position   INTEGER NOT NULL CHECK (position >= 0),
+    updated_at INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+"#;
+
+/// A database file with the schema before correlation and causation, holding one event of
+/// `id` at sequence 1 (written with plain SQL, as the previous version stored it).
+async fn database_without_correlation(db: &TempDb, id: Uuid) {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db.path())
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    sqlx::raw_sql(SCHEMA_WITHOUT_CORRELATION)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO cqrs_events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, payload, metadata, timestamp) \
+         VALUES (?, 'counter', ?, 1, 'Added', '1', '{\"Added\":{\"amount\":7}}', 'null', 1700000000000000)",
+    )
+    .bind(Uuid::new_v4().to_string())
+    .bind(id.to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+}
+
+fn with_context(
+    mut event: PersistableDomainEvent,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+) -> PersistableDomainEvent {
+    event.correlation_id = correlation_id;
+    event.causation_id = causation_id;
+    event
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_made_before_correlation_gains_the_columns_on_open() {
+    let db = TempDb::new("sqlite-test");
+    let id = Uuid::new_v4();
+    database_without_correlation(&db, id).await;
+
+    // Two processes' worth of stores open (and migrate) the old file at once.
+    let (store, other) = tokio::join!(db.open(), db.open_fast());
+    store.migrate().await.unwrap();
+    let columns: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM pragma_table_info('cqrs_events') ORDER BY cid")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        columns[columns.len() - 2..],
+        ["correlation_id".to_owned(), "causation_id".to_owned()]
+    );
+
+    // The old row reads back with neither id, on every read path.
+    let old = store.load_events(Counter::NAME, id, 0).await.unwrap();
+    assert_eq!(sequences(&old), vec![1]);
+    assert_eq!((old[0].correlation_id, old[0].causation_id), (None, None));
+    assert_eq!(
+        old[0].decode::<CounterEvent>().unwrap().event,
+        CounterEvent::Added { amount: 7 }
+    );
+    assert_eq!(other.read_all(0, 10).await.unwrap(), old);
+    let own_pool = db.open_on_own_pool().await;
+    assert_eq!(own_pool.read_all(0, 10).await.unwrap(), old);
+    assert_eq!(
+        own_pool.load_events(Counter::NAME, id, 0).await.unwrap(),
+        old
+    );
+
+    // New events keep both ids, beside the old one.
+    let (correlation, command) = (Uuid::new_v4(), Uuid::new_v4());
+    let new = vec![
+        with_context(counter_event(id, 2, 1), Some(correlation), Some(command)),
+        with_context(counter_event(id, 3, 2), Some(correlation), None),
+    ];
+    let positions = store.append(new.clone()).await.unwrap();
+    assert_eq!(positions, vec![2, 3]);
+    for reader in [&store, &other, &own_pool] {
+        let loaded = reader.load_events(Counter::NAME, id, 0).await.unwrap();
+        let ids: Vec<_> = loaded
+            .iter()
+            .map(|e| (e.sequence, e.correlation_id, e.causation_id))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                (1, None, None),
+                (2, Some(correlation), Some(command)),
+                (3, Some(correlation), None)
+            ]
+        );
+        assert_eq!(reader.read_all(0, 10).await.unwrap(), loaded);
+        let caused = reader
+            .events_caused_by(Counter::NAME, id, command)
+            .await
+            .unwrap();
+        assert_eq!(caused, loaded[1..2]);
+    }
+}
+
+/// The plan SQLite makes for `events_caused_by`'s query (the store's SQL, repeated here):
+/// it must read the causation index rather than the aggregate's whole history, and need no
+/// sort of its own.
+#[tokio::test]
+async fn events_caused_by_reads_the_causation_index() {
+    let db = TempDb::new("sqlite-test");
+    let store = db.open_fast().await;
+    let rows = sqlx::query(
+        "EXPLAIN QUERY PLAN SELECT * FROM cqrs_events \
+         WHERE causation_id = ? AND aggregate_type = ? AND aggregate_id = ? ORDER BY sequence",
+    )
+    .bind(Uuid::new_v4().to_string())
+    .bind(Counter::NAME)
+    .bind(Uuid::new_v4().to_string())
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let plan: Vec<String> = rows
+        .iter()
+        .map(|row| cqrs::sqlx::Row::get::<String, _>(row, 3))
+        .collect();
+    assert!(
+        plan.iter()
+            .any(|step| step.contains("USING INDEX cqrs_events_causation (causation_id=? AND aggregate_type=? AND aggregate_id=?)")),
+        "{plan:?}"
+    );
+    assert!(
+        !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+        "{plan:?}"
+    );
+}

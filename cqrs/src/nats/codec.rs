@@ -24,6 +24,10 @@ pub(super) const HEADER_POSITION: &str = "Cqrs-Position";
 pub(super) const HEADER_EVENT_TYPE: &str = "Cqrs-Event-Type";
 /// Header carrying the stored event version.
 pub(super) const HEADER_EVENT_VERSION: &str = "Cqrs-Event-Version";
+/// Header carrying the event's correlation id, present when it has one.
+pub(super) const HEADER_CORRELATION_ID: &str = "Cqrs-Correlation-Id";
+/// Header carrying the event's causation id (the command), present when it has one.
+pub(super) const HEADER_CAUSATION_ID: &str = "Cqrs-Causation-Id";
 
 /// The body of an event whose stored payload is not JSON (a damaged row, see
 /// [`Payload`](crate::Payload)): the event's fields with the payload as a JSON string of the
@@ -42,6 +46,10 @@ struct DamagedPayloadBody {
     payload_text: String,
     metadata: serde_json::Value,
     timestamp: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    causation_id: Option<Uuid>,
 }
 
 /// The body of a message that stands for a row the store could not read as an event
@@ -79,6 +87,8 @@ pub(super) fn encode(event: &PersistableDomainEvent) -> Result<(Vec<u8>, HeaderM
             payload_text: event.payload.as_str().to_owned(),
             metadata: event.metadata.clone(),
             timestamp: event.timestamp,
+            correlation_id: event.correlation_id,
+            causation_id: event.causation_id,
         })
         .map_err(serialization)?,
         Err(source) => return Err(serialization(source)),
@@ -94,6 +104,12 @@ pub(super) fn encode(event: &PersistableDomainEvent) -> Result<(Vec<u8>, HeaderM
     headers.insert(HEADER_POSITION, event.position.to_string());
     headers.insert(HEADER_EVENT_TYPE, event.event_type.as_str());
     headers.insert(HEADER_EVENT_VERSION, event.event_version.as_str());
+    if let Some(correlation_id) = event.correlation_id {
+        headers.insert(HEADER_CORRELATION_ID, correlation_id.to_string());
+    }
+    if let Some(causation_id) = event.causation_id {
+        headers.insert(HEADER_CAUSATION_ID, causation_id.to_string());
+    }
     Ok((body, headers))
 }
 
@@ -194,8 +210,8 @@ pub(super) fn decode_message(
             payload: crate::Payload::from_stored_unchecked(&damaged.payload_text),
             metadata: damaged.metadata,
             timestamp: damaged.timestamp,
-            correlation_id: None,
-            causation_id: None,
+            correlation_id: damaged.correlation_id,
+            causation_id: damaged.causation_id,
         });
     }
     if let Ok(damaged) = serde_json::from_slice::<DamagedRowBody>(body) {
@@ -265,6 +281,39 @@ mod tests {
         assert_eq!(header(HEADER_POSITION).as_deref(), Some("42"));
         assert_eq!(header(HEADER_EVENT_TYPE).as_deref(), Some("Deposited"));
         assert_eq!(header(HEADER_EVENT_VERSION).as_deref(), Some("2"));
+        assert_eq!(header(HEADER_CORRELATION_ID), None);
+        assert_eq!(header(HEADER_CAUSATION_ID), None);
+    }
+
+    #[test]
+    fn correlation_and_causation_travel_in_the_body_and_the_headers() {
+        let mut event = stored("Deposited");
+        let (correlation, command) = (Uuid::new_v4(), Uuid::new_v4());
+        event.correlation_id = Some(correlation);
+        event.causation_id = Some(command);
+        let (body, headers) = encode(&event).unwrap();
+        let back = decode_message("s", 1, &body).unwrap();
+        assert_eq!(
+            (back.correlation_id, back.causation_id),
+            (Some(correlation), Some(command))
+        );
+        assert_eq!(back, event);
+        let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(header(HEADER_CORRELATION_ID), Some(correlation.to_string()));
+        assert_eq!(header(HEADER_CAUSATION_ID), Some(command.to_string()));
+
+        // One without the other, and on the body of a payload that is not JSON.
+        event.correlation_id = None;
+        event.payload = crate::Payload::from_stored_unchecked("{\"amount\": oops");
+        let (body, headers) = encode(&event).unwrap();
+        assert_eq!(decode_message("s", 1, &body).unwrap(), event);
+        assert_eq!(headers.get(HEADER_CORRELATION_ID), None);
+        assert_eq!(
+            headers
+                .get(HEADER_CAUSATION_ID)
+                .map(|v| v.as_str().to_owned()),
+            Some(command.to_string())
+        );
     }
 
     #[test]

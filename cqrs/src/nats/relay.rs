@@ -106,7 +106,8 @@ impl Outgoing {
 ///
 /// The body of every message is the [`PersistableDomainEvent`] as JSON (its serde form:
 /// the fields `event_id`, `aggregate_type_id`, `aggregate_id`, `aggregate_type`, `sequence`,
-/// `position`, `event_type`, `event_version`, `payload`, `metadata`, `timestamp`), so a
+/// `position`, `event_type`, `event_version`, `payload`, `metadata`, `timestamp`, and
+/// `correlation_id` and `causation_id` when the event has them), so a
 /// consumer in any language reads the whole event, and
 /// [`NatsProjection`](crate::NatsProjection) decodes it exactly as a store would. The headers repeat what a router needs without parsing the body:
 ///
@@ -119,6 +120,8 @@ impl Outgoing {
 /// | [`HEADER_POSITION`](Self::HEADER_POSITION) | the event's global position |
 /// | [`HEADER_EVENT_TYPE`](Self::HEADER_EVENT_TYPE) | the stored event name |
 /// | [`HEADER_EVENT_VERSION`](Self::HEADER_EVENT_VERSION) | the stored event version |
+/// | [`HEADER_CORRELATION_ID`](Self::HEADER_CORRELATION_ID) | the correlation id, when the event has one |
+/// | [`HEADER_CAUSATION_ID`](Self::HEADER_CAUSATION_ID) | the causation id (the command), when the event has one |
 ///
 /// A damaged row of the store travels as it is, so a consumer meets the same poison event
 /// as a reader of the store: an event whose stored payload is not JSON has, in place of
@@ -202,6 +205,11 @@ impl NatsRelay {
     pub const HEADER_EVENT_TYPE: &'static str = codec::HEADER_EVENT_TYPE;
     /// Header carrying the stored event version.
     pub const HEADER_EVENT_VERSION: &'static str = codec::HEADER_EVENT_VERSION;
+    /// Header carrying the event's correlation id; absent when it has none.
+    pub const HEADER_CORRELATION_ID: &'static str = codec::HEADER_CORRELATION_ID;
+    /// Header carrying the event's causation id (the command that caused it); absent when
+    /// it has none.
+    pub const HEADER_CAUSATION_ID: &'static str = codec::HEADER_CAUSATION_ID;
 
     /// Decodes the body of a message a relay published, for a consumer that reads the
     /// stream without [`NatsProjection`](crate::NatsProjection).

@@ -44,6 +44,8 @@ impl PostgresEventRepository {
                 .bind(&event.metadata)
                 .bind(event.timestamp)
                 .bind(expected)
+                .bind(event.correlation_id)
+                .bind(event.causation_id)
                 .fetch_all(&self.inner.pool)
                 .await
         } else {
@@ -54,6 +56,8 @@ impl PostgresEventRepository {
             let mut payloads = Vec::with_capacity(n);
             let mut metadata = Vec::with_capacity(n);
             let mut timestamps: Vec<DateTime<Utc>> = Vec::with_capacity(n);
+            let mut correlation_ids: Vec<Option<Uuid>> = Vec::with_capacity(n);
+            let mut causation_ids: Vec<Option<Uuid>> = Vec::with_capacity(n);
             for event in &events {
                 event_ids.push(event.event_id);
                 sequences.push(event.sequence);
@@ -62,6 +66,8 @@ impl PostgresEventRepository {
                 payloads.push(&event.payload);
                 metadata.push(&event.metadata);
                 timestamps.push(event.timestamp);
+                correlation_ids.push(event.correlation_id);
+                causation_ids.push(event.causation_id);
             }
             sqlx::query(&self.inner.sql.append)
                 .bind(&event_ids)
@@ -74,6 +80,8 @@ impl PostgresEventRepository {
                 .bind(&metadata)
                 .bind(&timestamps)
                 .bind(expected)
+                .bind(&correlation_ids)
+                .bind(&causation_ids)
                 .fetch_all(&self.inner.pool)
                 .await
         };

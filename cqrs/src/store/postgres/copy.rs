@@ -22,7 +22,7 @@ use crate::payload::Payload;
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 /// Columns per row: `EVENT_COLUMNS`.
-const COLUMNS: i16 = 10;
+const COLUMNS: i16 = 12;
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
@@ -271,6 +271,18 @@ fn decode_row(
     else {
         return Ok(Err(damage("timestamp")));
     };
+    // NULL (an event without a command context, or stored before the columns existed) is
+    // `None`; anything but 16 bytes is damage.
+    let optional_uuid = |index: usize| match row[index] {
+        None => Some(None),
+        Some(bytes) => Uuid::from_slice(bytes).ok().map(Some),
+    };
+    let Some(correlation_id) = optional_uuid(10) else {
+        return Ok(Err(damage("correlation_id")));
+    };
+    let Some(causation_id) = optional_uuid(11) else {
+        return Ok(Err(damage("causation_id")));
+    };
     let (aggregate_type, aggregate_type_id) = names.aggregate(aggregate_type, aggregate_id);
     Ok(Ok(PersistableDomainEvent {
         event_id,
@@ -285,8 +297,8 @@ fn decode_row(
         payload: Payload::from_checked(payload),
         metadata,
         timestamp,
-        correlation_id: None,
-        causation_id: None,
+        correlation_id,
+        causation_id,
     }))
 }
 
@@ -316,6 +328,13 @@ mod tests {
             field(&mut out, b"\x01{\"amount\": 5}");
             field(&mut out, b"\x01null");
             field(&mut out, &(position * 1_000_000).to_be_bytes());
+            // No correlation id (NULL); the causation id of every other row.
+            out.extend_from_slice(&(-1i32).to_be_bytes());
+            if position % 2 == 0 {
+                field(&mut out, Uuid::from_u128(99).as_bytes());
+            } else {
+                out.extend_from_slice(&(-1i32).to_be_bytes());
+            }
         }
         out.extend_from_slice(&(-1i16).to_be_bytes());
         out
@@ -352,6 +371,9 @@ mod tests {
             PersistableDomainEvent::type_id_for("account", Uuid::from_u128(7))
         );
         assert_eq!(whole[1].payload, serde_json::json!({ "amount": 5 }));
+        assert_eq!(whole[1].correlation_id, None);
+        assert_eq!(whole[1].causation_id, Some(Uuid::from_u128(99)));
+        assert_eq!(whole[2].causation_id, None);
         assert_eq!(
             whole[1].timestamp.timestamp_micros(),
             PG_EPOCH_MICROS + 2_000_000

@@ -288,6 +288,8 @@ impl PostgresEventRepository {
         let mut metadata = Vec::with_capacity(n);
         let mut timestamps: Vec<DateTime<Utc>> = Vec::with_capacity(n);
         let mut expected = Vec::with_capacity(n);
+        let mut correlation_ids: Vec<Option<Uuid>> = Vec::with_capacity(n);
+        let mut causation_ids: Vec<Option<Uuid>> = Vec::with_capacity(n);
         for job in jobs {
             for event in &job.events {
                 event_ids.push(event.event_id);
@@ -300,6 +302,8 @@ impl PostgresEventRepository {
                 metadata.push(&event.metadata);
                 timestamps.push(event.timestamp);
                 expected.push(job.expected);
+                correlation_ids.push(event.correlation_id);
+                causation_ids.push(event.causation_id);
             }
         }
         self.inner
@@ -317,6 +321,8 @@ impl PostgresEventRepository {
             .bind(&metadata)
             .bind(&timestamps)
             .bind(&expected)
+            .bind(&correlation_ids)
+            .bind(&causation_ids)
             .fetch_all(&self.inner.pool)
             .await?;
         let mut stored = HashMap::with_capacity(rows.len());

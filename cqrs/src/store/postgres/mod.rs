@@ -62,6 +62,10 @@ pub use self::view::PostgresViewRepository;
 ///   sequence (or removed by a delete); it is the [`SnapshotRepository`](crate::SnapshotRepository) too.
 /// * **Checkpoints** of other readers (a relay) live in `cqrs_checkpoints`: it is the
 ///   [`CheckpointRepository`](crate::CheckpointRepository) too.
+/// * **Correlation and causation** are `uuid` columns of their own (`NULL` when the event
+///   has none), and [`events_caused_by`](EventRepository::events_caused_by) is one range
+///   of a partial index on the causation id and the aggregate. An existing table gains the
+///   columns on [`migrate`](Self::migrate); its old events read back with `None`.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -340,7 +344,9 @@ impl PostgresEventRepository {
         PostgresViewRepository::new(self)
     }
 
-    /// Creates the schema and the tables if they do not exist.
+    /// Creates the schema and the tables if they do not exist, and adds to an events table
+    /// made by an older version the columns it lacks (`correlation_id`, `causation_id`; the
+    /// events already stored read back with `None` in them) and their index.
     ///
     /// Idempotent, and safe when several processes migrate at once: it runs in one
     /// transaction under an advisory lock keyed by the schema name.
@@ -391,6 +397,22 @@ impl EventRepository for PostgresEventRepository {
             .bind(after_sequence)
             .fetch(&self.inner.pool);
         collect_events(rows, 16).await
+    }
+
+    /// One range of the partial index `cqrs_events_causation` (causation id, aggregate,
+    /// sequence).
+    async fn events_caused_by(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        causation_id: Uuid,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let rows = sqlx::query(&self.inner.sql.events_caused_by)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(causation_id)
+            .fetch(&self.inner.pool);
+        collect_events(rows, 4).await
     }
 
     async fn event_sequence(

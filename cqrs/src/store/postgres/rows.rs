@@ -43,7 +43,7 @@ fn decode_event(row: &PgRow, names: &mut RowNames) -> Result<PersistableDomainEv
         payload: row.try_get(7).map_err(field)?,
         metadata: row.try_get(8).map_err(field)?,
         timestamp: row.try_get(9).map_err(field)?,
-        correlation_id: None,
-        causation_id: None,
+        correlation_id: row.try_get(10).map_err(field)?,
+        causation_id: row.try_get(11).map_err(field)?,
     })
 }

@@ -102,7 +102,7 @@ pub(super) fn validate_identifier(kind: &'static str, name: &str) -> Result<(), 
 
 /// The columns every event query selects, in the order `decode_event` reads them.
 const EVENT_COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, sequence, \
-     event_type, event_version, payload, metadata, \"timestamp\"";
+     event_type, event_version, payload, metadata, \"timestamp\", correlation_id, causation_id";
 
 /// The SQL of every statement of one store handle, with the schema spliced in once.
 #[derive(Debug)]
@@ -137,6 +137,9 @@ pub(super) struct Statements {
     pub(super) append_group: String,
     pub(super) find_ids: String,
     pub(super) load_events: String,
+    /// One command's events of one aggregate: one range of the partial index
+    /// `cqrs_events_causation`.
+    pub(super) events_caused_by: String,
     pub(super) event_sequence: String,
     /// `read_all`'s page as `COPY (SELECT ..) TO STDOUT (FORMAT binary)`, up to the bounds:
     /// [`read_all_copy`](Self::read_all_copy) appends the bounds (COPY takes no parameters).
@@ -169,13 +172,13 @@ impl Statements {
             append: format!(
                 "INSERT INTO {s}.cqrs_events AS e \
                      (event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-                      payload, metadata, \"timestamp\") \
+                      payload, metadata, \"timestamp\", correlation_id, causation_id) \
                  SELECT u.event_id, $2, $3, u.seq, u.event_type, u.event_version, u.payload, \
-                        u.metadata, u.ts \
+                        u.metadata, u.ts, u.correlation_id, u.causation_id \
                  FROM unnest($1::uuid[], $4::bigint[], $5::text[], $6::text[], $7::jsonb[], \
-                             $8::jsonb[], $9::timestamptz[]) \
+                             $8::jsonb[], $9::timestamptz[], $11::uuid[], $12::uuid[]) \
                       WITH ORDINALITY AS u(event_id, seq, event_type, event_version, payload, \
-                                           metadata, ts, ord) \
+                                           metadata, ts, correlation_id, causation_id, ord) \
                  WHERE pg_current_xact_id() IS NOT NULL \
                    AND ($10 = 0 OR EXISTS (SELECT 1 FROM {s}.cqrs_events p \
                         WHERE p.aggregate_type = $2 AND p.aggregate_id = $3 AND p.sequence = $10)) \
@@ -185,8 +188,8 @@ impl Statements {
             append_one: format!(
                 "INSERT INTO {s}.cqrs_events AS e \
                      (event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-                      payload, metadata, \"timestamp\") \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+                      payload, metadata, \"timestamp\", correlation_id, causation_id) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12 \
                  WHERE pg_current_xact_id() IS NOT NULL \
                    AND ($10 = 0 OR EXISTS (SELECT 1 FROM {s}.cqrs_events p \
                         WHERE p.aggregate_type = $2 AND p.aggregate_id = $3 AND p.sequence = $10)) \
@@ -195,15 +198,16 @@ impl Statements {
             append_group: format!(
                 "INSERT INTO {s}.cqrs_events AS e \
                      (event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-                      payload, metadata, \"timestamp\") \
+                      payload, metadata, \"timestamp\", correlation_id, causation_id) \
                  SELECT u.event_id, u.aggregate_type, u.aggregate_id, u.seq, u.event_type, \
-                        u.event_version, u.payload, u.metadata, u.ts \
+                        u.event_version, u.payload, u.metadata, u.ts, u.correlation_id, \
+                        u.causation_id \
                  FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::bigint[], $5::text[], \
                              $6::text[], $7::jsonb[], $8::jsonb[], $9::timestamptz[], \
-                             $10::bigint[]) \
+                             $10::bigint[], $11::uuid[], $12::uuid[]) \
                       WITH ORDINALITY AS u(event_id, aggregate_type, aggregate_id, seq, \
                                            event_type, event_version, payload, metadata, ts, \
-                                           expected, ord) \
+                                           expected, correlation_id, causation_id, ord) \
                  WHERE pg_current_xact_id() IS NOT NULL \
                    AND (u.expected = 0 OR (SELECT true FROM {s}.cqrs_events p \
                         WHERE p.aggregate_type = u.aggregate_type \
@@ -221,6 +225,11 @@ impl Statements {
             load_events: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.cqrs_events \
                  WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 \
+                 ORDER BY sequence"
+            ),
+            events_caused_by: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.cqrs_events \
+                 WHERE causation_id = $3 AND aggregate_type = $1 AND aggregate_id = $2 \
                  ORDER BY sequence"
             ),
             event_sequence: format!(
@@ -287,9 +296,35 @@ CREATE TABLE IF NOT EXISTS {s}.cqrs_events (
     metadata        JSONB       NOT NULL,
     "timestamp"     TIMESTAMPTZ NOT NULL,
     transaction_id  XID8        NOT NULL DEFAULT pg_current_xact_id(),
+    correlation_id  UUID,
+    causation_id    UUID,
     CONSTRAINT cqrs_events_event_id_key UNIQUE (event_id),
     CONSTRAINT cqrs_events_aggregate_sequence_key UNIQUE (aggregate_type, aggregate_id, sequence)
 );
+
+-- A table made before events carried correlation and causation gains the columns (its
+-- rows read back with NULL: None), and the index `events_caused_by` reads. The catalog is
+-- looked at first so that a table already up to date is not locked: ALTER TABLE takes an
+-- ACCESS EXCLUSIVE lock, and CREATE INDEX a SHARE lock, even when IF NOT EXISTS makes them
+-- do nothing. The index holds the whole key of `events_caused_by` and then the sequence,
+-- so that query is one range of it, already sorted; it is partial, so events appended
+-- without a command context cost it nothing.
+DO $cqrs$
+BEGIN
+    IF (SELECT count(*) FROM pg_attribute
+        WHERE attrelid = '{s}.cqrs_events'::regclass
+          AND attname IN ('correlation_id', 'causation_id') AND NOT attisdropped) < 2 THEN
+        ALTER TABLE {s}.cqrs_events
+            ADD COLUMN IF NOT EXISTS correlation_id UUID,
+            ADD COLUMN IF NOT EXISTS causation_id UUID;
+    END IF;
+    IF to_regclass('{s}.cqrs_events_causation') IS NULL THEN
+        CREATE INDEX IF NOT EXISTS cqrs_events_causation
+            ON {s}.cqrs_events (causation_id, aggregate_type, aggregate_id, sequence)
+            WHERE causation_id IS NOT NULL;
+    END IF;
+END
+$cqrs$;
 
 CREATE TABLE IF NOT EXISTS {s}.cqrs_snapshots (
     aggregate_type  TEXT        NOT NULL,

@@ -194,9 +194,11 @@ impl SqliteOptions {
 /// * **Reads** never wait for the writer (WAL). Event reads (`load_events`, `read_all`) run
 ///   on read-only connections of the store's own, one blocking-thread job per read that
 ///   also decodes the rows; other reads use the sqlx pool ([`pool`](Self::pool)).
-///
-/// The schema and the reasons for each constraint are in `docs/adr/0003-sqlite-store.md`.
-///
+/// * **Correlation and causation** are columns of their own (`correlation_id`,
+///   `causation_id`: UUID text, `NULL` when the event has none), and
+///   [`events_caused_by`](EventRepository::events_caused_by) is one range of a partial index
+///   on the causation id and the aggregate. An existing database gains the columns on open
+///   ([`migrate`](Self::migrate)); its old events read back with `None`.
 ///
 /// The schema and the reasons for each constraint are in `docs/adr/0003-sqlite-store.md`.
 ///
@@ -363,13 +365,18 @@ impl SqliteEventRepository {
         })
     }
 
-    /// Creates the store's tables if they do not exist yet. Safe to run any number of times,
-    /// from several processes.
+    /// Creates the store's tables if they do not exist yet, and adds to an events table made
+    /// by an older version the columns it lacks (`correlation_id`, `causation_id`; the
+    /// events already stored read back with `None` in them). Safe to run any number of
+    /// times, from several processes.
     ///
     /// # Errors
     /// [`CQRSError::PersistenceError`].
     pub async fn migrate(&self) -> Result<(), CQRSError> {
         let sql = schema::MIGRATION.to_owned();
+        self.submit(|reply| Job::Execute { sql, reply }).await?;
+        self.add_missing_event_columns().await?;
+        let sql = schema::ADDED_INDEXES.to_owned();
         self.submit(|reply| Job::Execute { sql, reply }).await?;
         let last = last_position(&self.inner.pool).await?;
         self.inner.position.send_if_modified(|current| {
@@ -380,6 +387,36 @@ impl SqliteEventRepository {
             newer
         });
         Ok(())
+    }
+
+    /// Adds the columns of [`schema::ADDED_EVENT_COLUMNS`] that an events table made by an
+    /// older version lacks (SQLite has no `ADD COLUMN IF NOT EXISTS`). Another process may
+    /// add one between the look and the `ALTER TABLE`: a refused `ALTER` is fine when the
+    /// column is there afterwards.
+    async fn add_missing_event_columns(&self) -> Result<(), CQRSError> {
+        for (column, alter) in schema::ADDED_EVENT_COLUMNS {
+            if self.has_event_column(column).await? {
+                continue;
+            }
+            let sql = alter.to_owned();
+            if let Err(error) = self.submit(|reply| Job::Execute { sql, reply }).await {
+                if !self.has_event_column(column).await? {
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn has_event_column(&self, column: &str) -> Result<bool, CQRSError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pragma_table_info('cqrs_events') WHERE name = ?",
+        )
+        .bind(column)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(CQRSError::persistence)?;
+        Ok(count > 0)
     }
 
     /// The pool the store reads with. Use it for your own queries on the same file; write
@@ -583,6 +620,29 @@ impl EventRepository for SqliteEventRepository {
             .await
             .map_err(CQRSError::persistence)?;
         self.finish_page(rows::decode_page_rows(&rows))
+    }
+
+    /// One range of the partial index `cqrs_events_causation` (causation id, aggregate,
+    /// sequence).
+    async fn events_caused_by(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        causation_id: Uuid,
+    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM cqrs_events \
+             WHERE causation_id = ? AND aggregate_type = ? AND aggregate_id = ? \
+             ORDER BY sequence"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(causation_id.to_string())
+            .bind(aggregate_type)
+            .bind(aggregate_id.to_string())
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(CQRSError::persistence)?;
+        decode_events(&rows)
     }
 
     fn subscribe(&self) -> Option<watch::Receiver<i64>> {

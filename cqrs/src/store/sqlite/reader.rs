@@ -186,4 +186,11 @@ impl EventRow for Columns<'_, '_> {
             )),
         }
     }
+
+    fn optional_text(&self, index: usize) -> Result<Option<&str>, String> {
+        match self.0.get_ref(index).map_err(|error| error.to_string())? {
+            ValueRef::Null => Ok(None),
+            _ => self.text(index).map(Some),
+        }
+    }
 }

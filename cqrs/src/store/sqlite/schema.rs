@@ -19,6 +19,8 @@ CREATE TABLE IF NOT EXISTS cqrs_events (
     payload        TEXT    NOT NULL,
     metadata       TEXT    NOT NULL,
     timestamp      INTEGER NOT NULL,
+    correlation_id TEXT,
+    causation_id   TEXT,
     UNIQUE (aggregate_type, aggregate_id, sequence)
 ) STRICT;
 
@@ -49,6 +51,31 @@ CREATE TABLE IF NOT EXISTS cqrs_checkpoints (
     updated_at INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
 "#;
+
+/// Columns of `cqrs_events` that a table made by an older version of the store lacks, each
+/// with the `ALTER TABLE` that adds it: [`migrate`](super::SqliteEventRepository::migrate)
+/// adds those missing, and the rows already stored read back with `NULL` (`None`).
+pub(super) const ADDED_EVENT_COLUMNS: [(&str, &str); 2] = [
+    (
+        "correlation_id",
+        "ALTER TABLE cqrs_events ADD COLUMN correlation_id TEXT",
+    ),
+    (
+        "causation_id",
+        "ALTER TABLE cqrs_events ADD COLUMN causation_id TEXT",
+    ),
+];
+
+/// The indexes on columns of [`ADDED_EVENT_COLUMNS`], created once the columns exist.
+///
+/// `events_caused_by` looks up one command's events of one aggregate, in sequence order.
+/// The index holds the whole lookup key and then the sequence, so the query is one range of
+/// it, already sorted: with the causation id alone, SQLite's planner (without statistics)
+/// prefers the unique key of the aggregate, which reads the aggregate's whole history. It is
+/// partial: events appended without a command context (`NULL`) cost it nothing.
+pub(super) const ADDED_INDEXES: &str = "CREATE INDEX IF NOT EXISTS cqrs_events_causation \
+     ON cqrs_events (causation_id, aggregate_type, aggregate_id, sequence) \
+     WHERE causation_id IS NOT NULL";
 
 /// The message of the trigger that refuses a sequence skipping ahead.
 pub(super) const GAP_MARKER: &str = "cqrs_sequence_gap";

@@ -35,9 +35,9 @@ use crate::store::Snapshot;
 use super::rows::to_micros;
 use super::schema::GAP_MARKER;
 
-/// Rows per multi-row `INSERT`: 9 parameters each stays under SQLite's oldest limit of 999
+/// Rows per multi-row `INSERT`: 11 parameters each stays under SQLite's oldest limit of 999
 /// parameters per statement.
-const ROWS_PER_INSERT: usize = 100;
+const ROWS_PER_INSERT: usize = 90;
 
 /// SQLite's primary result code for every constraint violation (`SQLITE_CONSTRAINT`).
 const SQLITE_CONSTRAINT: i32 = 19;
@@ -490,6 +490,8 @@ fn bind_event<'q>(query: SqliteQuery<'q>, event: &'q PersistableDomainEvent) -> 
         .bind(event.payload.as_str())
         .bind(event.metadata.to_string())
         .bind(to_micros(event.timestamp))
+        .bind(event.correlation_id.map(|id| id.to_string()))
+        .bind(event.causation_id.map(|id| id.to_string()))
 }
 
 /// Runs a script; `Ok` carries the connection's last inserted rowid.
@@ -577,13 +579,14 @@ fn insert_sql(rows: usize) -> &'static str {
         let mut all = Vec::with_capacity(ROWS_PER_INSERT);
         let mut sql = String::from(
             "INSERT INTO cqrs_events (event_id, aggregate_type, aggregate_id, sequence, \
-             event_type, event_version, payload, metadata, timestamp) VALUES ",
+             event_type, event_version, payload, metadata, timestamp, correlation_id, \
+             causation_id) VALUES ",
         );
         for i in 0..ROWS_PER_INSERT {
             if i > 0 {
                 sql.push(',');
             }
-            sql.push_str("(?,?,?,?,?,?,?,?,?)");
+            sql.push_str("(?,?,?,?,?,?,?,?,?,?,?)");
             all.push(sql.clone());
         }
         all
