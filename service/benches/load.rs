@@ -26,6 +26,9 @@
 //! error, is an error: they are counted, the first is printed, and the program exits with a
 //! failure.
 //!
+//! Run without `--bench` (as `cargo test --all-targets` runs it), it prints a line and
+//! exits.
+//!
 //! Variables: `LOAD_SECS` (2), `LOAD_ROUNDS` (3), `LOAD_CLIENTS` (`8,64`), `LOAD_BACKENDS`
 //! (`sqlite,postgres`), `LOAD_SIDES` (`direct,direct+view,http,http+key`; `direct` first),
 //! `CQRS_POSTGRES_URL` (unset: PostgreSQL is skipped with a note). The method and the
@@ -130,6 +133,12 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this target without it,
+    // and must not spend minutes here.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("load: skipped (run it with `cargo bench -p cqrs-service`)");
+        return ExitCode::SUCCESS;
+    }
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
         Err(error) => {
@@ -508,6 +517,9 @@ struct RunStats {
     /// The process's CPU time (user and system, every thread: server and client) over the
     /// run, per successful operation.
     cpu_per_op: Duration,
+    /// The share of the machine's CPU time (every core, every process: the database server
+    /// too) that was busy during the run.
+    machine_busy: f64,
     /// Operations that failed, warm-up included.
     errors: u64,
     /// The first failure, described.
@@ -524,6 +536,7 @@ impl RunStats {
             p50: Duration::ZERO,
             p99: Duration::ZERO,
             cpu_per_op: Duration::ZERO,
+            machine_busy: 0.0,
             errors: 1,
             first_error: Some(why.to_owned()),
             last_position: 0,
@@ -539,6 +552,7 @@ where
 {
     let start = Instant::now();
     let cpu_before = cpu_time();
+    let machine_before = machine_ticks();
     let measured_from = start + warm;
     let end = measured_from + window;
     let errors = Arc::new(AtomicU64::new(0));
@@ -594,6 +608,12 @@ where
         }
     }
     let cpu = cpu_time().saturating_sub(cpu_before);
+    let machine_busy = match (machine_before, machine_ticks()) {
+        (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+            (busy1.saturating_sub(busy0)) as f64 / (total1 - total0) as f64
+        }
+        _ => 0.0,
+    };
     let ops = latencies.len();
     // Operations over the whole run (warm-up included) share the CPU time measured.
     let all_ops = (ops as f64 * (warm + window).as_secs_f64() / window.as_secs_f64()).max(1.0);
@@ -607,6 +627,7 @@ where
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
         cpu_per_op: cpu.div_f64(all_ops),
+        machine_busy,
         errors: errors.load(Ordering::Relaxed),
         first_error,
         last_position: last_position.load(Ordering::Relaxed),
@@ -631,6 +652,21 @@ fn cpu_time() -> Duration {
         .sum();
     // The kernel reports in USER_HZ, 100 on Linux.
     Duration::from_millis(ticks * 10)
+}
+
+/// The machine's busy and total CPU ticks since boot, from the first line of `/proc/stat`;
+/// `None` where that cannot be read.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((total.saturating_sub(idle), total))
 }
 
 /// The `q` quantile of sorted values (nearest rank), zero when there are none.
@@ -724,6 +760,32 @@ async fn post_order(client: &Client, url: &str, keyed: bool) -> Result<Option<i6
     Ok(position)
 }
 
+/// The service's `cqrs_service_append_seconds` sum and count, from `GET /metrics`; `None`
+/// when they cannot be read.
+async fn append_totals(target: &Target) -> Option<(f64, f64)> {
+    let text = target
+        .client
+        .get(format!("{}/metrics", target.base))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let value = |name: &str| {
+        text.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    Some((
+        value("cqrs_service_append_seconds_sum")?,
+        value("cqrs_service_append_seconds_count")?,
+    ))
+}
+
 /// Waits until the service's view has applied `position`; how long that took, `None` if it
 /// did not within [`CATCH_UP_LIMIT`].
 async fn catch_up(view_position: impl Fn() -> i64, position: i64) -> Option<Duration> {
@@ -750,17 +812,30 @@ async fn measure(
         let mut runs: Vec<Vec<RunStats>> = vec![Vec::new(); sides.len()];
         for round in 1..=settings.rounds {
             for (i, &side) in sides.iter().enumerate() {
+                let appends_before = append_totals(target).await;
                 let stats = run_side(target, side, clients, settings).await;
+                let appends_after = append_totals(target).await;
                 let mut line = format!(
-                    "{} c={clients:<3} round {round} {:<11} {:>7.0} /s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {:>4.0} µs/op  errors {}",
+                    "{} c={clients:<3} round {round} {:<11} {:>7.0} /s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {:>4.0} µs/op  busy {:>3.0}%  errors {}",
                     kind.name(),
                     side.name(),
                     stats.rate,
                     ms(stats.p50),
                     ms(stats.p99),
                     stats.cpu_per_op.as_secs_f64() * 1e6,
+                    stats.machine_busy * 100.0,
                     stats.errors,
                 );
+                if let (Side::Http | Side::Keyed, Some((sum0, n0)), Some((sum1, n1))) =
+                    (side, appends_before, appends_after)
+                {
+                    if n1 > n0 {
+                        line.push_str(&format!(
+                            "  (append {:.2} ms mean)",
+                            (sum1 - sum0) / (n1 - n0) * 1000.0
+                        ));
+                    }
+                }
                 // The view catches up before the next run, so it takes no CPU from it.
                 let caught_up = match (side, &target.viewed) {
                     (Side::Direct | Side::Bare, _) => None,
@@ -796,13 +871,14 @@ async fn measure(
         for (i, &side) in sides.iter().enumerate() {
             let mine = &runs[i];
             let mut line = format!(
-                "{} {clients:>2} clients {:<11} {:>7.0} /s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {:>4.0} µs/op  errors {}",
+                "{} {clients:>2} clients {:<11} {:>7.0} /s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {:>4.0} µs/op  busy {:>3.0}%  errors {}",
                 kind.name(),
                 side.name(),
                 median(mine.iter().map(|s| s.rate)),
                 median(mine.iter().map(|s| ms(s.p50))),
                 median(mine.iter().map(|s| ms(s.p99))),
                 median(mine.iter().map(|s| s.cpu_per_op.as_secs_f64() * 1e6)),
+                median(mine.iter().map(|s| s.machine_busy * 100.0)),
                 mine.iter().map(|s| s.errors).sum::<u64>(),
             );
             let mut ratios = Vec::new();
