@@ -461,7 +461,9 @@ async fn direct_framework(
                 .await
                 .map_err(|e| format!("open {}: {e}", file.display()))?;
             let projection = view.then(|| {
+                // As the service runs it on SQLite: one view load at a time.
                 Projection::<Order, OrderSummary>::new(store.clone(), store.views::<OrderSummary>())
+                    .with_load_concurrency(1)
                     .start()
             });
             Ok((
