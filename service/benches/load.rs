@@ -197,9 +197,18 @@ async fn run(settings: Settings) -> Result<u64, String> {
             },
             _ => Kind::Sqlite,
         };
-        let target = Target::start(&kind, &settings.sides).await?;
-        let outcome = measure(&settings, &kind, &target).await;
-        target.remove().await;
+        // The databases made so far are removed even when the start fails halfway.
+        let mut cleanup = Vec::new();
+        let started = Target::start(&kind, &settings.sides, &mut cleanup).await;
+        let outcome = match started {
+            Ok(target) => {
+                let outcome = measure(&settings, &kind, &target).await;
+                target.stop().await;
+                Ok(outcome)
+            }
+            Err(error) => Err(error),
+        };
+        remove_databases(cleanup).await;
         let (backend_errors, backend_summaries) = outcome?;
         errors += backend_errors;
         summaries.extend(backend_summaries);
@@ -292,7 +301,6 @@ struct Target {
     viewed: Option<(Arc<CQRSFramework<Order>>, ProjectionHandle)>,
     /// For [`Side::Bare`]: the base URL of the fixed route, and its server.
     bare: Option<(String, oneshot::Sender<()>)>,
-    cleanup: Vec<Cleanup>,
 }
 
 /// A database to remove at the end.
@@ -305,11 +313,16 @@ enum Cleanup {
 const BARE_RESPONSE: &str = r#"{"order_id":"00000000-0000-0000-0000-000000000000","sequence":1,"position":1,"events":[{"type":"Placed","customer":"load","lines":[{"sku":"book","quantity":2,"unit_price_cents":500}],"total_cents":1000}]}"#;
 
 impl Target {
-    async fn start(kind: &Kind, sides: &[Side]) -> Result<Target, String> {
-        let mut cleanup = Vec::new();
-        let (direct, _) = direct_framework(kind, false, &mut cleanup).await?;
+    /// Opens the databases (each recorded in `cleanup` as soon as it is named) and starts
+    /// the service.
+    async fn start(
+        kind: &Kind,
+        sides: &[Side],
+        cleanup: &mut Vec<Cleanup>,
+    ) -> Result<Target, String> {
+        let (direct, _) = direct_framework(kind, false, cleanup).await?;
         let viewed = if sides.contains(&Side::DirectView) {
-            let (framework, projection) = direct_framework(kind, true, &mut cleanup).await?;
+            let (framework, projection) = direct_framework(kind, true, cleanup).await?;
             projection.map(|projection| (Arc::new(framework), projection))
         } else {
             None
@@ -366,12 +379,11 @@ impl Target {
             direct: Arc::new(direct),
             viewed,
             bare,
-            cleanup,
         })
     }
 
-    /// Stops the service and removes the databases.
-    async fn remove(self) {
+    /// Stops the service, the bare route and the direct side's projection.
+    async fn stop(self) {
         let _ = self.stop.send(());
         match self.served.await {
             Ok(Ok(())) => {}
@@ -386,23 +398,27 @@ impl Target {
             drop(framework);
         }
         drop(self.direct);
-        for cleanup in self.cleanup {
-            match cleanup {
-                Cleanup::File(path) => {
-                    for suffix in ["", "-wal", "-shm"] {
-                        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-                    }
+    }
+}
+
+/// Removes the databases of a backend's run.
+async fn remove_databases(cleanup: Vec<Cleanup>) {
+    for cleanup in cleanup {
+        match cleanup {
+            Cleanup::File(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
                 }
-                Cleanup::Schema { url, schema } => {
-                    let dropped = async {
-                        let mut connection = sqlx::PgConnection::connect(&url).await?;
-                        sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                            .execute(&mut connection)
-                            .await
-                    };
-                    if let Err(error) = dropped.await {
-                        println!("note: could not drop the schema {schema}: {error}");
-                    }
+            }
+            Cleanup::Schema { url, schema } => {
+                let dropped = async {
+                    let mut connection = sqlx::PgConnection::connect(&url).await?;
+                    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                        .execute(&mut connection)
+                        .await
+                };
+                if let Err(error) = dropped.await {
+                    println!("note: could not drop the schema {schema}: {error}");
                 }
             }
         }
@@ -802,11 +818,7 @@ async fn catch_up(view_position: impl Fn() -> i64, position: i64) -> Option<Dura
 }
 
 /// Every configuration on one backend: the errors seen and the summary lines.
-async fn measure(
-    settings: &Settings,
-    kind: &Kind,
-    target: &Target,
-) -> Result<(u64, Vec<String>), String> {
+async fn measure(settings: &Settings, kind: &Kind, target: &Target) -> (u64, Vec<String>) {
     let sides = &settings.sides;
     let mut errors = 0;
     let mut summaries = Vec::new();
@@ -913,7 +925,7 @@ async fn measure(
             summaries.extend(ratios);
         }
     }
-    Ok((errors, summaries))
+    (errors, summaries)
 }
 
 /// The median of the rounds' ratios of `runs` to `base` (run `i` against run `i`).
