@@ -74,6 +74,16 @@ pub(crate) fn api() -> OpenApiRouter<Arc<Shared>> {
         .routes(routes!(crate::operator::stream))
 }
 
+/// The namespace of the correlation ids derived from request ids that are not UUIDs.
+const REQUEST_NAMESPACE: Uuid = Uuid::from_u128(0x3f0c_5a9e_8d1b_4e27_b6a4_91c2_7d0e_55aa);
+
+/// The correlation id of the events a request appends: its request id when that is a UUID,
+/// else a UUID v5 of the request id's text.
+pub fn correlation_uuid(request_id: &str) -> Uuid {
+    Uuid::parse_str(request_id)
+        .unwrap_or_else(|_| Uuid::new_v5(&REQUEST_NAMESPACE, request_id.as_bytes()))
+}
+
 /// The span of one request, carrying its `x-request-id`: the correlation id of the events
 /// its command appends.
 fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
@@ -509,14 +519,23 @@ impl Shared {
         } else {
             serde_json::Value::Object(metadata)
         };
+        // The request id is the workflow's correlation id: the events' own field holds it as a
+        // UUID (the id itself when it is one, else a UUID derived from its text), the
+        // metadata as sent.
+        let mut context = cqrs::CommandContext::new()
+            .with_metadata(&metadata)
+            .map_err(|e| Problem::from_framework(&e))?;
+        if let Some(request_id) = &command.correlation_id {
+            context = context.correlated_with(correlation_uuid(request_id));
+        }
         let framework = &self.framework;
         let receipt = if command.new {
             framework
-                .dispatch_new_with_metadata(id, command.command, &metadata)
+                .dispatch_new_with_context(id, command.command, &context)
                 .await
         } else {
             framework
-                .dispatch_with_metadata(id, command.command, &metadata)
+                .dispatch_with_context(id, command.command, &context)
                 .await
         }?;
         Ok(command_reply(

@@ -20,7 +20,7 @@
 //! * **`GET /openapi.json`** is the API's OpenAPI 3.1 document, generated from the handlers
 //!   (utoipa); `service/openapi.json` is its reviewed copy.
 //! * **Observability.** Each request's `x-request-id` names its `tracing` span and is the
-//!   `correlation_id` in the metadata of the events its command appends; spans nest request →
+//!   `correlation_id` of the events its command appends (their field, and in their metadata); spans nest request →
 //!   command → dispatch → append. **`GET /metrics`** is Prometheus's text format: commands by
 //!   outcome, append conflicts, idempotent replays, append latency, the view's lag.
 //! * **`GET /operator`** is a server-rendered page for operators: the projection's checkpoint
@@ -61,7 +61,7 @@ mod problem;
 mod reply;
 
 pub use crate::db::Database;
-pub use crate::http::{CONSISTENCY_TOKEN, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+pub use crate::http::{correlation_uuid, CONSISTENCY_TOKEN, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use crate::order::{
     Order, OrderAction, OrderCommand, OrderError, OrderEvent, OrderLine, OrderState, OrderStatus,
     OrderSummary, Shipment,

@@ -1188,6 +1188,22 @@ async fn request_id_is_the_events_correlation_id(db: Database) {
             json!({ "correlation_id": request_id }),
         ]
     );
+    // The events' own correlation field: the request id when it is a UUID, else a UUID
+    // derived from it.
+    let stored = event_store(&db)
+        .await
+        .read_all(0, 1000)
+        .await
+        .expect("read all");
+    let correlations: Vec<_> = stored.iter().map(|event| event.correlation_id).collect();
+    assert_eq!(
+        correlations,
+        vec![
+            Some(cqrs_service::correlation_uuid("req-from-client")),
+            Some(Uuid::parse_str(&request_id).expect("a UUID")),
+        ]
+    );
+    assert_ne!(stored[0].causation_id, stored[1].causation_id);
 }
 
 /// An event of a kind the order view does not know: a poison event for its projection.

@@ -332,6 +332,21 @@ impl<A: Aggregate> CQRSFramework<A> {
             .await
     }
 
+    /// [`dispatch_new`](Self::dispatch_new) under a [`CommandContext`] (see
+    /// [`dispatch_with_context`](Self::dispatch_with_context)).
+    ///
+    /// # Errors
+    /// As [`dispatch_new`](Self::dispatch_new).
+    pub async fn dispatch_new_with_context(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Commands,
+        context: &CommandContext,
+    ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
+        self.run(aggregate_id, command, Stamp::of(context), true)
+            .await
+    }
+
     /// The aggregate's current state, rebuilt from the store (a snapshot the events confirm
     /// plus later events, or all the events), never from the state cache.
     ///
