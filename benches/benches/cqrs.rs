@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use cqrs::SqliteOptions;
 use cqrs::{
-    CQRSFramework, DomainEvent, EventRepository, MemoryEventRepository, MemoryViewRepository,
-    PersistableDomainEvent, PostgresEventRepository, Projection, SqliteEventRepository,
+    CQRSFramework, CommandContext, DomainEvent, EventRepository, MemoryEventRepository,
+    MemoryViewRepository, PersistableDomainEvent, PostgresEventRepository, Projection,
+    SqliteEventRepository,
 };
 use cqrs_benches::{
     bank_command, fill, history, postgres_url, prefilled, remove_sqlite, runtime, temp_sqlite,
@@ -81,6 +82,70 @@ fn memory_dispatch(c: &mut Criterion) {
             dispatch_accounts(&framework, iters).await
         });
     });
+    group.finish();
+}
+
+/// `iters` commands as [`dispatch_accounts`], each under a context of its own, with
+/// `CommandContext::once` when `once`.
+async fn dispatch_in_context(
+    framework: &CQRSFramework<BankAccount>,
+    iters: u64,
+    once: bool,
+) -> Duration {
+    let mut id = Uuid::new_v4();
+    let start = Instant::now();
+    for i in 0..iters as usize {
+        if i % 10 == 0 {
+            id = Uuid::new_v4();
+        }
+        let context = CommandContext::new();
+        let context = if once { context.once() } else { context };
+        framework
+            .dispatch_with_context(id, bank_command(i % 10), &context)
+            .await
+            .expect("dispatch");
+    }
+    start.elapsed()
+}
+
+/// What taking effect at most once costs a command: `dispatch_with_context` with and without
+/// `CommandContext::once` (one read of the aggregate's events caused by the command id
+/// before the decision), in memory (state cache on) and on a durable SQLite file.
+fn exactly_once(c: &mut Criterion) {
+    let rt = rt();
+    let mut group = short(c, "exactly_once");
+    group.throughput(Throughput::Elements(1));
+    for once in [false, true] {
+        let name = if once { "once" } else { "context" };
+        group.bench_function(BenchmarkId::new("memory", name), |b| {
+            b.to_async(&rt).iter_custom(|iters| async move {
+                let framework = CQRSFramework::<BankAccount>::new(MemoryEventRepository::new());
+                dispatch_in_context(&framework, iters, once).await
+            });
+        });
+    }
+    let path = temp_sqlite("once");
+    let framework = rt.block_on(async {
+        let store =
+            SqliteEventRepository::connect(&path.display().to_string(), SqliteOptions::default())
+                .await
+                .expect("open sqlite");
+        store.migrate().await.expect("migrate sqlite");
+        Arc::new(CQRSFramework::<BankAccount>::new(store))
+    });
+    for once in [false, true] {
+        let name = if once { "once" } else { "context" };
+        group.bench_function(BenchmarkId::new("sqlite", name), |b| {
+            let framework = Arc::clone(&framework);
+            b.to_async(&rt).iter_custom(move |iters| {
+                let framework = Arc::clone(&framework);
+                async move { dispatch_in_context(&framework, iters, once).await }
+            });
+        });
+    }
+    drop(framework);
+    rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+    remove_sqlite(&path);
     group.finish();
 }
 
@@ -371,6 +436,7 @@ fn decode(c: &mut Criterion) {
 criterion_group!(
     benches,
     memory_dispatch,
+    exactly_once,
     stream_length,
     sqlite_dispatch,
     postgres_dispatch,
