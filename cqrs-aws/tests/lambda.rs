@@ -442,6 +442,172 @@ async fn a_poison_event_under_skip_and_record_is_a_dead_letter_and_the_stream_go
     assert_eq!(read.balance(a).await.sum, 12);
 }
 
+/// Ledger `id` with deposits 1 and, written through the low-level client, a damaged item at
+/// sequence 2 (its metadata is not JSON), then deposits 3 and 4 appended after it; the
+/// stream's records and the damaged one's `SequenceNumber`.
+async fn with_damaged_item(aws: &Emulator, id: Uuid) -> (Vec<Value>, String) {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    deposit(&aws.store, id, &[1]).await;
+    let event = |sequence: i64, amount: u64| {
+        PersistableDomainEvent::new(
+            "ledger",
+            id,
+            sequence,
+            &LedgerEvent::Deposited { amount },
+            Value::Null,
+        )
+        .unwrap()
+    };
+    let s = |text: &str| AttributeValue::S(text.to_owned());
+    let n = |number: i64| AttributeValue::N(number.to_string());
+    let damaged = event(2, 2);
+    aws.harness
+        .client()
+        .put_item()
+        .table_name(aws.store.table())
+        .item("pk", s(&format!("ledger:{id}")))
+        .item("sk", n(2))
+        .item("kind", s("event"))
+        .item("event_id", s(&damaged.event_id.to_string()))
+        .item("aggregate_type", s("ledger"))
+        .item("aggregate_id", s(&id.to_string()))
+        .item("sequence", n(2))
+        .item("position", n(1_000))
+        .item("event_type", s("Deposited"))
+        .item("event_version", s("1"))
+        .item("payload", s(r#"{"Deposited":{"amount":2}}"#))
+        .item("metadata", s("{not json"))
+        .item("timestamp", n(0))
+        .send()
+        .await
+        .unwrap();
+    aws.store
+        .append(vec![event(3, 3), event(4, 4)])
+        .await
+        .unwrap();
+    let records = aws.records().await;
+    let sequence_number = records[event_record(&records, id, 2)]["dynamodb"]["SequenceNumber"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (records, sequence_number)
+}
+
+#[tokio::test]
+async fn a_damaged_item_under_skip_and_record_is_one_dead_letter_and_the_stream_goes_on() {
+    let Some(aws) = emulator("dynamodb lambda adapters").await else {
+        return;
+    };
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (_, sequence_number) = with_damaged_item(&aws, a).await;
+    deposit(&aws.store, b, &[10]).await;
+    let records = aws.records().await;
+
+    let read = Read::new();
+    let handler = DynamoDbStreamHandler::new(
+        aws.store.table(),
+        read.projection(PoisonPolicy::SkipAndRecord),
+    );
+    let response = handler.handle(stream_event(&records)).await.unwrap();
+    assert!(failures(&response).is_empty(), "{response:?}");
+    // The events after the damaged one are applied, the damaged one is not.
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 1 + 3 + 4,
+            last_sequence: 4
+        }
+    );
+    assert_eq!(handler.projection().sequence(a).await.unwrap(), 4);
+    assert_eq!(read.balance(b).await.sum, 10);
+    let letters = handler.projection().dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!((letter.aggregate_id, letter.sequence), (a, 2));
+    assert_eq!(letter.aggregate_type, "ledger");
+    assert_eq!(letter.position, 1_000);
+    for part in [
+        aws.store.table(),
+        sequence_number.as_str(),
+        "metadata is not JSON",
+    ] {
+        assert!(
+            letter.error.contains(part),
+            "{part:?} in {:?}",
+            letter.error
+        );
+    }
+
+    // The same batch again: nothing applied twice, no second letter.
+    let response = handler.handle(stream_event(&records)).await.unwrap();
+    assert!(failures(&response).is_empty(), "{response:?}");
+    assert_eq!(handler.projection().dead_letters().await.unwrap().len(), 1);
+    assert_eq!(read.balance(a).await.sum, 8);
+}
+
+#[tokio::test]
+async fn a_damaged_item_under_stop_fails_at_its_record() {
+    let Some(aws) = emulator("dynamodb lambda adapters").await else {
+        return;
+    };
+    let a = Uuid::new_v4();
+    let (records, sequence_number) = with_damaged_item(&aws, a).await;
+    let read = Read::new();
+    let handler =
+        DynamoDbStreamHandler::new(aws.store.table(), read.projection(PoisonPolicy::Stop));
+    for _ in 0..2 {
+        let response = handler.handle(stream_event(&records)).await.unwrap();
+        assert_eq!(failures(&response), vec![sequence_number.clone()]);
+        assert_eq!(
+            read.balance(a).await,
+            Balance {
+                sum: 1,
+                last_sequence: 1
+            }
+        );
+        assert!(handler
+            .projection()
+            .dead_letters()
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_item_whose_key_names_no_sequence_fails_under_skip_and_record() {
+    let Some(aws) = emulator("dynamodb lambda adapters").await else {
+        return;
+    };
+    let a = Uuid::new_v4();
+    let (mut records, _) = with_damaged_item(&aws, a).await;
+    let damaged = event_record(&records, a, 2);
+    // As if its key had no sequence: nothing says which checkpoint it could move.
+    records[damaged]["dynamodb"]["NewImage"]["sk"] = json!({"N": "0"});
+    records[damaged]["dynamodb"]["NewImage"]
+        .as_object_mut()
+        .unwrap()
+        .remove("metadata");
+    let sequence_number = records[damaged]["dynamodb"]["SequenceNumber"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let read = Read::new();
+    let handler = DynamoDbStreamHandler::new(
+        aws.store.table(),
+        read.projection(PoisonPolicy::SkipAndRecord),
+    );
+    let response = handler.handle(stream_event(&records)).await.unwrap();
+    assert_eq!(failures(&response), vec![sequence_number]);
+    assert!(handler
+        .projection()
+        .dead_letters()
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(read.balance(a).await.sum, 1);
+}
+
 #[tokio::test]
 async fn a_gap_in_the_stream_is_filled_from_the_event_store() {
     let Some(aws) = emulator("dynamodb lambda adapters").await else {

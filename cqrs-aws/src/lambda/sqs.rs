@@ -21,6 +21,10 @@ const MESSAGE_GROUP_ID: &str = "MessageGroupId";
 /// message after a failed one in the same message group, so that the group is delivered
 /// again in order from the failure.
 ///
+/// A body that is not an envelope names no aggregate or sequence, so no checkpoint can pass
+/// it: it fails under either poison policy, and the queue's redrive policy
+/// (`maxReceiveCount`, then its dead-letter queue) ends its redeliveries.
+///
 /// ```
 /// # use cqrs::doc::{Counter, CounterEvent, CounterTotal};
 /// use cqrs::{MemoryViewRepository, PerAggregateProjection, PersistableDomainEvent};

@@ -468,7 +468,7 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
     /// An aggregate's checkpoint is not the one the letter names (that is the projection's),
     /// so on that track the letter is always recorded first, idempotent per (projection,
     /// position), then the checkpoint commits.
-    async fn skip_and_record(
+    pub(crate) async fn skip_and_record(
         &self,
         track: &Track<'_>,
         from: i64,
