@@ -609,6 +609,50 @@ async fn a_damaged_item_whose_key_names_no_sequence_fails_under_skip_and_record(
 }
 
 #[tokio::test]
+async fn a_store_without_global_order_feeds_a_view_from_its_stream() {
+    let Some(endpoint) = cqrs_aws::testkit::endpoint("dynamodb lambda adapters") else {
+        return;
+    };
+    let harness = DynamoDbHarness::new(&endpoint).without_global_order();
+    let store = harness.fresh_store().await;
+    let aws = Emulator {
+        endpoint,
+        harness,
+        store,
+    };
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    deposit(&aws.store, a, &[1, 2, 3]).await;
+    deposit(&aws.store, b, &[10, 20]).await;
+    let records = aws.records().await;
+    // No counter, no position copies: the event items and their id items only.
+    assert_eq!(records.len(), 2 * 5, "{records:#?}");
+    assert!(records.iter().all(|r| {
+        let pk = r["dynamodb"]["Keys"]["pk"]["S"]
+            .as_str()
+            .unwrap_or_default();
+        !pk.starts_with("$all")
+    }));
+    assert!(matches!(
+        aws.store.read_all(0, 10).await,
+        Err(CQRSError::Unsupported { .. })
+    ));
+
+    let read = Read::new();
+    let handler =
+        DynamoDbStreamHandler::new(aws.store.table(), read.projection(PoisonPolicy::Stop));
+    let response = handler.handle(stream_event(&records)).await.unwrap();
+    assert!(failures(&response).is_empty(), "{response:?}");
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 6,
+            last_sequence: 3
+        }
+    );
+    assert_eq!(read.balance(b).await.sum, 30);
+}
+
+#[tokio::test]
 async fn a_gap_in_the_stream_is_filled_from_the_event_store() {
     let Some(aws) = emulator("dynamodb lambda adapters").await else {
         return;
