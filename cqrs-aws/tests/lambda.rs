@@ -650,6 +650,34 @@ async fn a_store_without_global_order_feeds_a_view_from_its_stream() {
         }
     );
     assert_eq!(read.balance(b).await.sum, 30);
+
+    // Poison events of two aggregates at the same sequence, without positions: two letters.
+    let (c, d) = (Uuid::new_v4(), Uuid::new_v4());
+    deposit(&aws.store, c, &[1, POISON, 3]).await;
+    deposit(&aws.store, d, &[1, POISON, 3]).await;
+    let records = aws.records().await;
+    let handler = DynamoDbStreamHandler::new(
+        aws.store.table(),
+        read.projection(PoisonPolicy::SkipAndRecord),
+    );
+    for _ in 0..2 {
+        let response = handler.handle(stream_event(&records)).await.unwrap();
+        assert!(failures(&response).is_empty(), "{response:?}");
+        let mut letters: Vec<(Uuid, i64)> = handler
+            .projection()
+            .dead_letters()
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| (l.aggregate_id, l.sequence))
+            .collect();
+        letters.sort();
+        let mut expected = vec![(c, 2), (d, 2)];
+        expected.sort();
+        assert_eq!(letters, expected);
+    }
+    assert_eq!(read.balance(c).await.sum, 4);
+    assert_eq!(read.balance(d).await.sum, 4);
 }
 
 #[tokio::test]

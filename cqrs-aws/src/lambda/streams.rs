@@ -36,7 +36,8 @@ use crate::items::{self, Item, Payloads, Reader};
 ///   once. Its aggregate and sequence come from the key (`pk` = `"{type}:{id}"`, `sk` the
 ///   sequence): when the key does not name them, nothing says which checkpoint the record
 ///   could move, so it fails at its record whatever the policy. The letter is kept under the
-///   item's `position` (0 when that does not read either). After a failed damaged record,
+///   item's `position` (when that does not read, or on a store without a global order,
+///   under [`cqrs::DeadLetter::key_without_position`]). After a failed damaged record,
 ///   every later record of its aggregate fails with the gap it leaves. One of another
 ///   aggregate type than the projection's is passed over;
 /// * a payload that is not JSON is a poison event of the projection: under
@@ -211,8 +212,8 @@ impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
             ),
         };
         Some(DamagedRow {
-            // A letter is kept per (projection, position): an item whose position does not
-            // read is at 0.
+            // An item whose position does not read has none (0): the projection keeps its
+            // letter under a key of its aggregate and sequence.
             position: r.number(items::POSITION).unwrap_or(0),
             event_id: r.uuid(items::EVENT_ID).ok(),
             aggregate_type: Some(aggregate_type.to_owned()),

@@ -472,10 +472,18 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
         &self,
         track: &Track<'_>,
         from: i64,
-        letter: DeadLetter,
+        mut letter: DeadLetter,
         at: i64,
     ) -> Result<Applied, CQRSError> {
         let name = track.name(&self.name);
+        if matches!(track, Track::Aggregate { .. }) && letter.position <= 0 {
+            // An event without a global position: a key of its own, not 0 shared by all.
+            letter.position = DeadLetter::key_without_position(
+                &letter.aggregate_type,
+                letter.aggregate_id,
+                letter.sequence,
+            );
+        }
         if self.views.checkpoint(name).await? != from {
             return Ok(Applied::Stale);
         }

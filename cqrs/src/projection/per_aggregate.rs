@@ -88,8 +88,9 @@ pub enum SkipReason {
 /// hold back the others.
 ///
 /// Dead letters are recorded before the checkpoint that passes over the event commits (at
-/// least once), and the sink keeps one per (projection, position): the events need distinct
-/// global positions, which every store of this crate and of `cqrs-aws` gives them.
+/// least once), and the sink keeps one per (projection, position): an event without a
+/// position (0, from a store without a global order) is recorded at
+/// [`DeadLetter::key_without_position`] of its aggregate and sequence instead.
 ///
 /// A projection fed this way has no moment where it has "caught up", so it never activates
 /// its view's version ([`ViewRepository::activate_version`]); do it once a new version has
