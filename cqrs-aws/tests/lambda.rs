@@ -837,6 +837,78 @@ async fn a_damaged_sqs_message_fails_with_the_rest_of_its_fifo_group() {
 }
 
 #[tokio::test]
+async fn a_damaged_row_message_follows_the_poison_policy() {
+    let store = MemoryEventRepository::new();
+    let a = Uuid::new_v4();
+    deposit(&store, a, &[5, 6, 7]).await;
+    let events = store.load_events("ledger", a, 0).await.unwrap();
+    // Sequence 2 arrives in the damaged form a relay publishes for a row it cannot read.
+    let damage = cqrs::DamagedRow {
+        position: events[1].position,
+        event_id: Some(events[1].event_id),
+        aggregate_type: Some("ledger".into()),
+        aggregate_id: Some(a),
+        sequence: Some(2),
+        event_type: None,
+        event_version: None,
+        problem: "attribute `event_type` is missing".into(),
+    };
+    let messages: Vec<Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let body = if i == 1 {
+                envelope::encode_damaged_row(&damage).unwrap()
+            } else {
+                envelope::encode(event).unwrap()
+            };
+            message(&format!("m{i}"), event, body)
+        })
+        .collect();
+
+    let read = Read::new();
+    let handler = SqsHandler::new(read.projection(PoisonPolicy::SkipAndRecord));
+    for _ in 0..2 {
+        let response = handler.handle(sqs_event(&messages)).await.unwrap();
+        assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    }
+    assert_eq!(
+        read.balance(a).await,
+        Balance {
+            sum: 12,
+            last_sequence: 3
+        }
+    );
+    let letters = handler.projection().dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(
+        (letters[0].sequence, letters[0].position),
+        (2, damage.position)
+    );
+    assert!(
+        letters[0].error.contains("event_type"),
+        "{}",
+        letters[0].error
+    );
+
+    // Under Stop it fails, and the rest of its group with it.
+    let stopped = Read::new();
+    let handler = SqsHandler::new(stopped.projection(PoisonPolicy::Stop));
+    let response = handler.handle(sqs_event(&messages)).await.unwrap();
+    assert_eq!(
+        sqs_failures(&response),
+        vec!["m1".to_owned(), "m2".to_owned()]
+    );
+    assert_eq!(stopped.balance(a).await.sum, 5);
+    assert!(handler
+        .projection()
+        .dead_letters()
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
 async fn a_poison_sqs_message_under_skip_and_record_is_a_dead_letter_and_the_group_goes_on() {
     let store = MemoryEventRepository::new();
     let a = Uuid::new_v4();
