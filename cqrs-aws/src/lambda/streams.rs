@@ -124,7 +124,7 @@ impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
     ) -> Result<DynamoDbEventResponse, lambda_runtime::Error> {
         let records = &event.payload.records;
         let read: Vec<Record> = records.iter().map(|record| self.read(record)).collect();
-        let errors = self.apply(&read).await;
+        let errors = self.apply(read).await;
         let mut first_failure = None;
         for (record, error) in records.iter().zip(errors) {
             let Some(error) = error else { continue };
@@ -238,8 +238,16 @@ impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
     /// [`PerAggregateProjection::apply_damaged`], so that a damaged record is decided after
     /// the events before it and before the events after it. After a damaged record that
     /// fails, the later records of its aggregate fail with it.
-    async fn apply(&self, read: &[Record]) -> Vec<Option<CQRSError>> {
+    async fn apply(&self, mut read: Vec<Record>) -> Vec<Option<CQRSError>> {
         let mut errors: Vec<Option<CQRSError>> = read.iter().map(|_| None).collect();
+        // The damaged records whose key names no aggregate fail with their own error.
+        for (index, record) in read.iter_mut().enumerate() {
+            if matches!(record, Record::Damaged(None, _)) {
+                if let Record::Damaged(None, error) = std::mem::replace(record, Record::Other) {
+                    errors[index] = Some(error);
+                }
+            }
+        }
         // The damaged records whose key names an aggregate, per aggregate in sequence order.
         let mut damaged: HashMap<uuid::Uuid, BTreeMap<i64, usize>> = HashMap::new();
         let mut todo: Vec<usize> = Vec::new();
@@ -251,8 +259,7 @@ impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
                         damaged.entry(id).or_default().insert(sequence, index);
                     }
                 }
-                Record::Damaged(None, error) => errors[index] = Some(clone_error(error)),
-                Record::Other => {}
+                Record::Damaged(None, _) | Record::Other => {}
             }
         }
         // Aggregates stopped at a damaged record, from the sequence after it.
@@ -345,11 +352,6 @@ impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
         }
         errors
     }
-}
-
-/// A copy of a read error for the response's log line (`CQRSError` is not `Clone`).
-fn clone_error(error: &CQRSError) -> CQRSError {
-    CQRSError::persistence(error.to_string())
 }
 
 /// The aggregate type of an event item, as far as it can be read: its attribute, or else
