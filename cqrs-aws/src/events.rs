@@ -114,7 +114,9 @@ impl DynamoDbEventRepository {
     /// retries, unique event ids, the table's stream. Views of such a store are fed per
     /// aggregate (`cqrs::PerAggregateProjection`, through the Lambda adapters from the
     /// table's stream, or from SQS), never by `Projection`, and `MessagingRelay` cannot
-    /// follow it. Appends to different aggregates no longer serialize on the counter item.
+    /// follow it (its background task ends with the error). Appends to different aggregates
+    /// no longer serialize on the counter item; an append still holds at most
+    /// [`MAX_EVENTS_PER_APPEND`] events.
     /// A table is written either way, never both: events appended without a position are
     /// not in the global order a store with one reads. See `docs/adr/0013-dynamodb-store.md`
     /// for the cost measured with and without it.

@@ -698,3 +698,37 @@ async fn a_damaged_row_is_published_in_its_damaged_form_and_the_consumer_dead_le
     );
     assert_eq!(aws.queue_depth(&queue).await, 0, "every message deleted");
 }
+
+#[tokio::test]
+async fn the_relay_ends_on_a_store_without_global_order() {
+    let Some(endpoint) = testkit::endpoint(SUITE) else {
+        return;
+    };
+    let harness = DynamoDbHarness::new(&endpoint).without_global_order();
+    let store = harness.fresh_store().await;
+    CQRSFramework::<Ledger>::new(store.clone())
+        .dispatch(Uuid::new_v4(), 1)
+        .await
+        .unwrap();
+    let aws = Messaging::new(&endpoint);
+    let queue = aws.fifo_queue("unordered", 30).await;
+    let relay = MessagingRelay::to_sqs_queue(
+        store,
+        MemoryCheckpointRepository::new(),
+        aws.sqs.clone(),
+        &queue,
+    );
+    assert!(matches!(
+        relay.publish_pending().await,
+        Err(CQRSError::Unsupported { .. })
+    ));
+    let handle = relay.start();
+    let ended = tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .expect("the relay ends instead of retrying");
+    assert!(
+        matches!(ended, Err(CQRSError::Unsupported { .. })),
+        "{ended:?}"
+    );
+    assert_eq!(aws.queue_depth(&queue).await, 0);
+}

@@ -627,6 +627,12 @@ impl MessagingRelay {
                     });
                     self.poll_interval
                 }
+                // A store that offers no global order: no retry changes that.
+                Err(error @ CQRSError::Unsupported { .. }) => {
+                    tracing::error!(relay = %self.name, %error, "messaging relay cannot follow this store");
+                    self.shared.set_last_error(Some(error.to_string()));
+                    return Err(error);
+                }
                 // Nothing the relay meets is skipped: it retries until it can publish.
                 Err(error) => {
                     failures = failures.saturating_add(1);
