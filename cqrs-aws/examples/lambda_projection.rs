@@ -15,8 +15,11 @@
 //! ```
 //!
 //! The batch (`lambda_projection_batch.json`) is a DynamoDB Streams event as Lambda hands it
-//! to the function: a deposit, then an image that is not an event item, which the answer
-//! names (`batchItemFailures`) so that Lambda delivers the shard again from it. The event
+//! to the function: a deposit, then an image that is not an event item and whose key names no
+//! aggregate (its id is not a UUID). Under `SkipAndRecord` a damaged image whose key names
+//! the aggregate and sequence becomes a dead letter; this one cannot, since nothing says
+//! which checkpoint it could move, so the answer names it (`batchItemFailures`) and Lambda
+//! delivers the shard again from it. The event
 //! source mapping is configured with `FunctionResponseTypes: ReportBatchItemFailures`.
 //! `EVENTS_TABLE` names the table in messages (default `events`).
 //!

@@ -27,6 +27,13 @@
 //!
 //! A publisher sends it with `MessageGroupId` = the aggregate's `aggregate_type_id` (order per
 //! aggregate in a FIFO queue or topic) and `MessageDeduplicationId` = the event id.
+//!
+//! A row the store cannot read as an event ([`CQRSError::DamagedRow`]: an item an attribute
+//! of which is missing or of the wrong type, or whose payload is not JSON) has a damaged
+//! form of its own, [`encode_damaged_row`]: `{"damaged_row": {..}}` with what could be read
+//! of it (the body the NATS relay of `cqrs` publishes for one). [`decode`] answers it with
+//! that [`CQRSError::DamagedRow`], which a consumer hands to its projection as a poison event
+//! of its aggregate ([`cqrs::PerAggregateProjection::apply_damaged`]).
 //! [`decode`] also accepts the notification SNS delivers to an SQS subscription without raw
 //! message delivery (`{"Type": "Notification", "Message": "<the envelope>", ..}`).
 //!
@@ -46,8 +53,8 @@
 //! # run().unwrap();
 //! ```
 
-use cqrs::{CQRSError, PersistableDomainEvent};
-use serde::Deserialize;
+use cqrs::{CQRSError, DamagedRow, PersistableDomainEvent};
+use serde::{Deserialize, Serialize};
 
 /// The notification SNS delivers to an SQS subscription (without raw message delivery): the
 /// published body is its `Message`.
@@ -57,6 +64,47 @@ struct SnsNotification {
     kind: String,
     #[serde(rename = "Message")]
     message: String,
+}
+
+/// The damaged form: a row the store could not read as an event.
+#[derive(Serialize, Deserialize)]
+struct DamagedRowBody {
+    damaged_row: DamagedRow,
+}
+
+/// The damaged form of a row the store could not read as an event:
+/// `{"damaged_row": {"position": .., "aggregate_type": .., "aggregate_id": .., "sequence": ..,
+/// "problem": ..}}`, with `null` for what could not be read.
+///
+/// ```
+/// let damage = cqrs::DamagedRow {
+///     position: 7,
+///     event_id: None,
+///     aggregate_type: Some("counter".into()),
+///     aggregate_id: Some(uuid::Uuid::nil()),
+///     sequence: Some(2),
+///     event_type: None,
+///     event_version: None,
+///     problem: "attribute `event_type` is missing".into(),
+/// };
+/// let body = cqrs_aws::envelope::encode_damaged_row(&damage)?;
+/// match cqrs_aws::envelope::decode(&body) {
+///     Err(cqrs::CQRSError::DamagedRow(back)) => assert_eq!(*back, damage),
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok::<(), cqrs::CQRSError>(())
+/// ```
+///
+/// # Errors
+/// [`CQRSError::Serialization`] (not expected: the body is strings and numbers).
+pub fn encode_damaged_row(damage: &DamagedRow) -> Result<String, CQRSError> {
+    serde_json::to_string(&DamagedRowBody {
+        damaged_row: damage.clone(),
+    })
+    .map_err(|source| CQRSError::Serialization {
+        what: format!("the damaged row at position {}", damage.position),
+        source,
+    })
 }
 
 /// The envelope of `event`: its JSON body.
@@ -77,6 +125,7 @@ pub fn encode(event: &PersistableDomainEvent) -> Result<String, CQRSError> {
 /// The event in an envelope body, or in an SNS notification that carries one.
 ///
 /// # Errors
+/// [`CQRSError::DamagedRow`] for the damaged form ([`encode_damaged_row`]);
 /// [`CQRSError::Deserialization`] when the body is neither (not JSON, a field missing or of
 /// the wrong type, a payload that is not JSON).
 pub fn decode(body: &str) -> Result<PersistableDomainEvent, CQRSError> {
@@ -84,8 +133,15 @@ pub fn decode(body: &str) -> Result<PersistableDomainEvent, CQRSError> {
         Ok(event) => return Ok(event),
         Err(source) => source,
     };
+    // The rarer forms, tried once the common one failed.
+    if let Ok(damaged) = serde_json::from_str::<DamagedRowBody>(body) {
+        return Err(CQRSError::from(damaged.damaged_row));
+    }
     if let Ok(notification) = serde_json::from_str::<SnsNotification>(body) {
         if notification.kind == "Notification" {
+            if let Ok(damaged) = serde_json::from_str::<DamagedRowBody>(&notification.message) {
+                return Err(CQRSError::from(damaged.damaged_row));
+            }
             return serde_json::from_str(&notification.message).map_err(|source| {
                 CQRSError::Deserialization {
                     what: "the event envelope in an SNS notification".to_owned(),

@@ -79,12 +79,16 @@ pub struct DynamoDbEventRepository {
     table: Arc<str>,
     /// The last global position this instance saw committed; -1 before it knows.
     last_position: Arc<AtomicI64>,
+    /// Appends draw global positions from the counter item (see
+    /// [`without_global_order`](DynamoDbEventRepository::without_global_order)).
+    global_order: bool,
 }
 
 impl std::fmt::Debug for DynamoDbEventRepository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DynamoDbEventRepository")
             .field("table", &self.table)
+            .field("global_order", &self.global_order)
             .finish_non_exhaustive()
     }
 }
@@ -97,7 +101,47 @@ impl DynamoDbEventRepository {
             client,
             table: Arc::from(table.into()),
             last_position: Arc::new(AtomicI64::new(-1)),
+            global_order: true,
         }
+    }
+
+    /// This store without a global order: an append writes no position counter and no
+    /// position copies (one hot item and one item per event less in its transaction), its
+    /// events carry position 0 (no position: positions start at 1), and
+    /// [`read_all`](EventRepository::read_all) fails with [`CQRSError::Unsupported`].
+    ///
+    /// Everything per aggregate is unchanged: loads, optimistic concurrency, idempotent
+    /// retries, unique event ids, the table's stream. Views of such a store are fed per
+    /// aggregate (`cqrs::PerAggregateProjection`, through the Lambda adapters from the
+    /// table's stream, or from SQS), never by `Projection`, and `MessagingRelay` cannot
+    /// follow it (its background task ends with the error). Appends to different aggregates
+    /// no longer serialize on the counter item; an append still holds at most
+    /// [`MAX_EVENTS_PER_APPEND`] events.
+    /// A table is written either way, never both: events appended without a position are
+    /// not in the global order a store with one reads. See `docs/adr/0013-dynamodb-store.md`
+    /// for the cost measured with and without it.
+    ///
+    /// ```no_run
+    /// use cqrs::{CQRSError, EventRepository};
+    /// use cqrs_aws::DynamoDbEventRepository;
+    ///
+    /// # async fn run() -> Result<(), CQRSError> {
+    /// let client = cqrs_aws::local_client("http://127.0.0.1:5000");
+    /// let store = DynamoDbEventRepository::new(client, "events").without_global_order();
+    /// assert!(!store.has_global_order());
+    /// assert!(matches!(store.read_all(0, 10).await, Err(CQRSError::Unsupported { .. })));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn without_global_order(mut self) -> Self {
+        self.global_order = false;
+        self
+    }
+
+    /// True unless built [`without_global_order`](Self::without_global_order).
+    pub fn has_global_order(&self) -> bool {
+        self.global_order
     }
 
     /// The table's name.
@@ -158,7 +202,7 @@ impl DynamoDbEventRepository {
         let mut writes = Vec::with_capacity(3 * count + 2);
         let stream = events[0].aggregate_type_id.as_str();
         for (i, event) in events.iter().enumerate() {
-            let mut item = event_attributes(event, last + 1 + i as i64);
+            let mut item = event_attributes(event, self.position(last, i));
             item.insert(PK.to_owned(), s(stream));
             item.insert(SK.to_owned(), n(event.sequence));
             item.insert(KIND.to_owned(), s(KIND_EVENT));
@@ -186,7 +230,7 @@ impl DynamoDbEventRepository {
                 s(event.aggregate_id.hyphenated().to_string()),
             );
             item.insert(items::SEQUENCE.to_owned(), n(event.sequence));
-            item.insert(items::POSITION.to_owned(), n(last + 1 + i as i64));
+            item.insert(items::POSITION.to_owned(), n(self.position(last, i)));
             let put = Put::builder()
                 .table_name(table)
                 .set_item(Some(item))
@@ -196,6 +240,9 @@ impl DynamoDbEventRepository {
             writes.push(TransactWriteItem::builder().put(put).build());
         }
         for (i, event) in events.iter().enumerate() {
+            if !self.global_order {
+                break;
+            }
             let position = last + 1 + i as i64;
             let mut item = event_attributes(event, position);
             item.insert(PK.to_owned(), s(position_pk(position)));
@@ -208,6 +255,12 @@ impl DynamoDbEventRepository {
                 .build()
                 .map_err(build_error)?;
             writes.push(TransactWriteItem::builder().put(put).build());
+        }
+        if !self.global_order {
+            if expected > 0 {
+                writes.push(previous_event_check(table, stream, expected)?);
+            }
+            return Ok(writes);
         }
         let next = last + count as i64;
         let mut counter = Update::builder()
@@ -232,15 +285,19 @@ impl DynamoDbEventRepository {
                 .build(),
         );
         if expected > 0 {
-            let check = ConditionCheck::builder()
-                .table_name(table)
-                .set_key(Some(key(stream, expected)))
-                .condition_expression("attribute_exists(pk)")
-                .build()
-                .map_err(build_error)?;
-            writes.push(TransactWriteItem::builder().condition_check(check).build());
+            writes.push(previous_event_check(table, stream, expected)?);
         }
         Ok(writes)
+    }
+
+    /// The position of the `i`-th event of an append whose positions start after `last`:
+    /// 0 (no position) without a global order.
+    fn position(&self, last: i64, i: usize) -> i64 {
+        if self.global_order {
+            last + 1 + i as i64
+        } else {
+            0
+        }
     }
 
     /// Why an append whose event items or ids were already taken failed: a retry of a
@@ -379,6 +436,22 @@ impl DynamoDbEventRepository {
     }
 }
 
+/// The check of an append's transaction that the aggregate's event `expected` (the one the
+/// append follows) is stored.
+fn previous_event_check(
+    table: &str,
+    stream: &str,
+    expected: i64,
+) -> Result<TransactWriteItem, CQRSError> {
+    let check = ConditionCheck::builder()
+        .table_name(table)
+        .set_key(Some(key(stream, expected)))
+        .condition_expression("attribute_exists(pk)")
+        .build()
+        .map_err(build_error)?;
+    Ok(TransactWriteItem::builder().condition_check(check).build())
+}
+
 #[cqrs::async_trait]
 impl EventRepository for DynamoDbEventRepository {
     async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
@@ -406,7 +479,9 @@ impl EventRepository for DynamoDbEventRepository {
         }
 
         let mut last = self.last_position.load(Ordering::Relaxed);
-        if last < 0 {
+        if !self.global_order {
+            last = 0;
+        } else if last < 0 {
             last = self.read_counter().await?;
         }
         let counter_index = 3 * count;
@@ -419,6 +494,7 @@ impl EventRepository for DynamoDbEventRepository {
                 .send()
                 .await;
             let error = match result {
+                Ok(_) if !self.global_order => return Ok(vec![0; count]),
                 Ok(_) => {
                     self.saw_position(last + count as i64);
                     return Ok((1..=count as i64).map(|i| last + i).collect());
@@ -446,7 +522,24 @@ impl EventRepository for DynamoDbEventRepository {
             if (0..2 * count).any(failed) {
                 return self.explain_taken(&events, expected).await;
             }
-            if expected > 0 && failed(counter_index + 1) {
+            if !self.global_order && expected > 0 && failed(2 * count) {
+                return Err(CQRSError::InvalidAppend(format!(
+                    "first sequence {} skips ahead of the stored history of {} {}",
+                    expected + 1,
+                    first.aggregate_type,
+                    first.aggregate_id
+                )));
+            }
+            if !self.global_order {
+                if reasons
+                    .iter()
+                    .any(|r| r.code() == Some("TransactionConflict"))
+                {
+                    let millis = 1u64 << attempt.min(6);
+                    tokio::time::sleep(Duration::from_millis(millis)).await;
+                    continue;
+                }
+            } else if expected > 0 && failed(counter_index + 1) {
                 return Err(CQRSError::InvalidAppend(format!(
                     "first sequence {} skips ahead of the stored history of {} {}",
                     expected + 1,
@@ -625,6 +718,12 @@ impl EventRepository for DynamoDbEventRepository {
         after_position: i64,
         limit: usize,
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
+        if !self.global_order {
+            return Err(CQRSError::Unsupported {
+                store: format!("DynamoDB table {} (without a global order)", self.table),
+                capability: "read_all: events in a global order".to_owned(),
+            });
+        }
         for attempt in 0..MISSING_POSITION_ATTEMPTS {
             if let Some(page) = self.read_page(after_position, limit).await? {
                 return Ok(page);

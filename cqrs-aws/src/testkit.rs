@@ -96,6 +96,8 @@ pub fn endpoint(suite: &str) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct DynamoDbHarness {
     client: Client,
+    /// Its event stores keep a global order (see [`DynamoDbHarness::without_global_order`]).
+    global_order: bool,
 }
 
 impl DynamoDbHarness {
@@ -103,7 +105,17 @@ impl DynamoDbHarness {
     pub fn new(endpoint_url: &str) -> Self {
         DynamoDbHarness {
             client: crate::local_client(endpoint_url),
+            global_order: true,
         }
+    }
+
+    /// This harness with event stores
+    /// [`without_global_order`](DynamoDbEventRepository::without_global_order), and saying so
+    /// to the suite ([`StoreHarness::global_order`]), which then skips its global-order checks.
+    #[must_use]
+    pub fn without_global_order(mut self) -> Self {
+        self.global_order = false;
+        self
     }
 
     /// A harness on the emulator named by [`ENDPOINT_VAR`], or `None` after saying that
@@ -117,13 +129,17 @@ impl DynamoDbHarness {
         &self.client
     }
 
-    /// A new event store on a new table.
+    /// A new event store on a new table (without a global order when the harness is
+    /// [`without_global_order`](Self::without_global_order)).
     ///
     /// # Panics
     /// When the table cannot be created: the emulator is unreachable (a test's failure).
     pub async fn fresh_store(&self) -> DynamoDbEventRepository {
         let table = format!("cqrs-test-{}", Uuid::new_v4().simple());
-        let store = DynamoDbEventRepository::new(self.client.clone(), table);
+        let mut store = DynamoDbEventRepository::new(self.client.clone(), table);
+        if !self.global_order {
+            store = store.without_global_order();
+        }
         if let Err(error) = store.ensure_table().await {
             panic!("{ENDPOINT_VAR} is set but no table could be created there: {error}");
         }
@@ -142,7 +158,8 @@ impl DynamoDbHarness {
         table
     }
 
-    /// Sets attribute `name` of the event's stream item and of its position copy to `value`.
+    /// Sets attribute `name` of the event's stream item and of its position copy (if it has
+    /// one: not without a global order) to `value`.
     async fn set_event_attribute(
         &self,
         store: &DynamoDbEventRepository,
@@ -168,10 +185,11 @@ impl DynamoDbHarness {
         let position = Reader(item)
             .number(items::POSITION)
             .unwrap_or_else(|problem| panic!("DynamoDbHarness: {problem}"));
-        for (pk, sk) in [
-            (stream.to_string(), sequence),
-            (items::position_pk(position), position),
-        ] {
+        let mut keys = vec![(stream.to_string(), sequence)];
+        if position > 0 {
+            keys.push((items::position_pk(position), position));
+        }
+        for (pk, sk) in keys {
             self.client
                 .update_item()
                 .table_name(store.table())
@@ -190,6 +208,10 @@ impl DynamoDbHarness {
 
 impl StoreHarness for DynamoDbHarness {
     type Store = DynamoDbEventRepository;
+
+    fn global_order(&self) -> bool {
+        self.global_order
+    }
 
     async fn fresh(&self) -> DynamoDbEventRepository {
         self.fresh_store().await

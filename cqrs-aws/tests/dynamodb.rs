@@ -31,6 +31,17 @@ async fn event_store_conformance() {
     check_event_repository(&harness).await;
 }
 
+/// The store without a global order conforms for everything it claims: the suite skips its
+/// global-order checks (`StoreHarness::global_order`) and checks that `read_all` is
+/// `Unsupported` and that events carry no position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_store_without_global_order_conformance() {
+    let Some(harness) = harness("dynamodb event store conformance") else {
+        return;
+    };
+    check_event_repository(&harness.without_global_order()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshot_store_conformance() {
     let Some(harness) = harness("dynamodb snapshot store conformance") else {

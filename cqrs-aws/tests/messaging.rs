@@ -579,3 +579,156 @@ async fn a_failed_send_leaves_the_checkpoint_where_it_was() {
     assert!(error.to_string().contains("SendMessageBatch"), "{error}");
     assert_eq!(relay.position().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_damaged_row_is_published_in_its_damaged_form_and_the_consumer_dead_letters_it() {
+    use cqrs::{DeadLetters, PoisonPolicy};
+    let Some(endpoint) = testkit::endpoint(SUITE) else {
+        return;
+    };
+    let harness = DynamoDbHarness::new(&endpoint);
+    let store = harness.fresh_store().await;
+    let framework = CQRSFramework::<Ledger>::new(store.clone());
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    for amount in [1, 2, 3] {
+        framework.dispatch(a, amount).await.unwrap();
+    }
+    framework.dispatch(b, 10).await.unwrap();
+    let stored = store.read_all(0, 10).await.unwrap();
+    // Ledger a's sequence 2 loses its event type, in its item and in its position copy.
+    let damaged = stored
+        .iter()
+        .find(|e| e.aggregate_id == a && e.sequence == 2)
+        .unwrap()
+        .clone();
+    for (pk, sk) in [
+        (format!("ledger:{a}"), 2),
+        ("$all#0".to_owned(), damaged.position),
+    ] {
+        harness
+            .client()
+            .update_item()
+            .table_name(store.table())
+            .key(
+                "pk",
+                cqrs_aws::aws_sdk_dynamodb::types::AttributeValue::S(pk),
+            )
+            .key(
+                "sk",
+                cqrs_aws::aws_sdk_dynamodb::types::AttributeValue::N(sk.to_string()),
+            )
+            .update_expression("REMOVE event_type")
+            .send()
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store.read_all(damaged.position - 1, 10).await,
+        Err(CQRSError::DamagedRow(_))
+    ));
+
+    let aws = Messaging::new(&endpoint);
+    let queue = aws.fifo_queue("damaged-row", 30).await;
+    let relay = MessagingRelay::to_sqs_queue(
+        store.clone(),
+        MemoryCheckpointRepository::new(),
+        aws.sqs.clone(),
+        &queue,
+    );
+    // The relay goes on past the damaged row.
+    assert_eq!(relay.publish_pending().await.unwrap(), 4);
+    let last = stored.last().unwrap().position;
+    assert_eq!(relay.position().await.unwrap(), last);
+    assert_eq!(relay.publish_pending().await.unwrap(), 0);
+
+    let views = DynamoDbViewRepository::<Balance>::new(
+        harness.client().clone(),
+        harness.fresh_view_table().await,
+    );
+    let consumer = SqsConsumer::new(
+        aws.sqs.clone(),
+        &queue,
+        PerAggregateProjection::<Ledger, Balance>::new(views.clone())
+            .with_poison_policy(PoisonPolicy::SkipAndRecord)
+            .with_dead_letters(views.dead_letters()),
+    )
+    .with_wait_time(Duration::ZERO)
+    .with_idle_interval(Duration::from_millis(50))
+    .start();
+    consumer.wait_for(4, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(consumer.last_error(), None);
+    consumer.shutdown().await.unwrap();
+
+    let balance = |id: Uuid| {
+        let views = views.clone();
+        async move {
+            ViewRepository::<Ledger, Balance>::load(&views, &id.to_string())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        balance(a).await,
+        Balance {
+            sum: 4,
+            deposits: 2,
+            last_sequence: 3
+        }
+    );
+    assert_eq!(balance(b).await.sum, 10);
+    let letters = views
+        .dead_letters()
+        .list(&cqrs::Projection::<Ledger, Balance>::default_name())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(
+        (
+            letters[0].aggregate_id,
+            letters[0].sequence,
+            letters[0].position
+        ),
+        (a, 2, damaged.position)
+    );
+    assert!(
+        letters[0].error.contains("event_type"),
+        "{}",
+        letters[0].error
+    );
+    assert_eq!(aws.queue_depth(&queue).await, 0, "every message deleted");
+}
+
+#[tokio::test]
+async fn the_relay_ends_on_a_store_without_global_order() {
+    let Some(endpoint) = testkit::endpoint(SUITE) else {
+        return;
+    };
+    let harness = DynamoDbHarness::new(&endpoint).without_global_order();
+    let store = harness.fresh_store().await;
+    CQRSFramework::<Ledger>::new(store.clone())
+        .dispatch(Uuid::new_v4(), 1)
+        .await
+        .unwrap();
+    let aws = Messaging::new(&endpoint);
+    let queue = aws.fifo_queue("unordered", 30).await;
+    let relay = MessagingRelay::to_sqs_queue(
+        store,
+        MemoryCheckpointRepository::new(),
+        aws.sqs.clone(),
+        &queue,
+    );
+    assert!(matches!(
+        relay.publish_pending().await,
+        Err(CQRSError::Unsupported { .. })
+    ));
+    let handle = relay.start();
+    let ended = tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .expect("the relay ends instead of retrying");
+    assert!(
+        matches!(ended, Err(CQRSError::Unsupported { .. })),
+        "{ended:?}"
+    );
+    assert_eq!(aws.queue_depth(&queue).await, 0);
+}

@@ -182,6 +182,19 @@ pub trait StoreHarness: Send + Sync {
         aggregate_id: Uuid,
         sequence: i64,
     ) -> impl Future<Output = ()> + Send;
+
+    /// Whether the store keeps a global order (the default): `append` returns increasing
+    /// positions from 1 and `read_all` pages through every event in position order.
+    ///
+    /// A store without one (`false`) gives every event position 0 (none) and answers
+    /// `read_all` with [`CQRSError::Unsupported`]. [`check_event_repository`] then runs
+    /// [`check_no_global_order`] instead of [`check_global_order`] and
+    /// [`check_read_all_past_a_damaged_row`], and the other checks compare what each
+    /// aggregate involved loads (`load_events`) where they would compare `read_all`, so
+    /// "nothing else was stored" is checked per aggregate of the check, not store-wide.
+    fn global_order(&self) -> bool {
+        true
+    }
 }
 
 /// The in-memory store's harness.
@@ -267,6 +280,11 @@ impl StoreHarness for MemoryHarness {
 /// [`check_read_all_past_a_damaged_row`], [`check_dispatch_new`],
 /// [`check_correlation_round_trip`], [`check_events_caused_by`].
 ///
+/// On a store without a global order ([`StoreHarness::global_order`] false),
+/// [`check_no_global_order`] replaces [`check_global_order`], and
+/// [`check_read_all_past_a_damaged_row`] is skipped (it is about `read_all`); the others run,
+/// comparing per aggregate where they would compare `read_all`.
+///
 /// [`check_concurrent_appends`] spawns tasks with `tokio::spawn` and [`check_subscribe`]
 /// waits with a timeout, so this must run inside a Tokio runtime with the time driver
 /// (`#[tokio::test]` has it); use a multi-threaded one
@@ -282,13 +300,19 @@ pub async fn check_event_repository<H: StoreHarness>(harness: &H) {
     check_idempotent_retry(harness).await;
     check_duplicate_event_id(harness).await;
     check_duplicate_id_within_batch(harness).await;
-    check_global_order(harness).await;
+    if harness.global_order() {
+        check_global_order(harness).await;
+    } else {
+        check_no_global_order(harness).await;
+    }
     check_subscribe(harness).await;
     check_concurrent_appends(harness).await;
     check_corrupt_payload(harness).await;
     check_unknown_event_type(harness).await;
     check_sequence_gap(harness).await;
-    check_read_all_past_a_damaged_row(harness).await;
+    if harness.global_order() {
+        check_read_all_past_a_damaged_row(harness).await;
+    }
     check_dispatch_new(harness).await;
     check_correlation_round_trip(harness).await;
     check_events_caused_by(harness).await;
@@ -586,13 +610,41 @@ async fn append_ok<S: EventRepository + ?Sized>(
     events
 }
 
-/// Fails unless the store holds exactly `expected` (in position order) in `read_all`.
+/// Fails unless the store holds exactly `expected` (in position order) in `read_all`; on a
+/// store without a global order (`global` false), unless each aggregate of `expected` loads
+/// exactly its events of `expected`, and `read_all` is [`CQRSError::Unsupported`].
 async fn assert_store_holds<S: EventRepository + ?Sized>(
+    global: bool,
     check: &str,
     store: &S,
     what: &str,
     expected: &[PersistableDomainEvent],
 ) {
+    if !global {
+        assert_read_all_unsupported(check, store).await;
+        let mut aggregates: Vec<(&str, Uuid)> = Vec::new();
+        for event in expected {
+            let key = (event.aggregate_type.as_str(), event.aggregate_id);
+            if !aggregates.contains(&key) {
+                aggregates.push(key);
+            }
+        }
+        for (aggregate_type, id) in aggregates {
+            let mine: Vec<PersistableDomainEvent> = expected
+                .iter()
+                .filter(|e| e.aggregate_type == aggregate_type && e.aggregate_id == id)
+                .cloned()
+                .collect();
+            let loaded = load_all(check, store, aggregate_type, id).await;
+            assert_same_events(
+                check,
+                &format!("load_events of {aggregate_type} {id} after {what}"),
+                &mine,
+                &loaded,
+            );
+        }
+        return;
+    }
     let all = read_everything(check, store).await;
     assert_same_events(
         check,
@@ -602,8 +654,53 @@ async fn assert_store_holds<S: EventRepository + ?Sized>(
     );
 }
 
+/// Fails unless `read_all` answers [`CQRSError::Unsupported`]: a store without a global
+/// order never returns a page that only looks like one.
+async fn assert_read_all_unsupported<S: EventRepository + ?Sized>(check: &str, store: &S) {
+    match store.read_all(0, 100).await {
+        Err(CQRSError::Unsupported { .. }) => {}
+        other => fail(
+            check,
+            format_args!(
+                "read_all on a store without a global order must be CQRSError::Unsupported, got {:?}",
+                other.map(|events| events.len())
+            ),
+        ),
+    }
+}
+
+/// Fails unless every position in `positions` is 0: a store without a global order gives
+/// its events none.
+fn assert_no_positions(check: &str, what: &str, positions: &[i64]) {
+    if positions.iter().any(|&p| p != 0) {
+        fail(
+            check,
+            format_args!(
+                "{what}: a store without a global order gives no positions (0), got {positions:?}"
+            ),
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The checks.
+
+/// For a store without a global order ([`StoreHarness::global_order`] false): `append`
+/// returns position 0 for every event, the events load with position 0, and `read_all` is
+/// [`CQRSError::Unsupported`], on an empty store and on one with events of two aggregates.
+pub async fn check_no_global_order<H: StoreHarness>(harness: &H) {
+    const CHECK: &str = "no_global_order";
+    let store = harness.fresh().await;
+    assert_read_all_unsupported(CHECK, &store).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let first = append_ok(CHECK, &store, batch(AGGREGATE, a, 1, 3)).await;
+    let second = append_ok(CHECK, &store, batch(OTHER_AGGREGATE, b, 1, 2)).await;
+    let positions: Vec<i64> = first.iter().chain(&second).map(|e| e.position).collect();
+    assert_no_positions(CHECK, "append", &positions);
+    let loaded = load_all(CHECK, &store, AGGREGATE, a).await;
+    assert_same_events(CHECK, "load_events(after 0)", &first, &loaded);
+    assert_read_all_unsupported(CHECK, &store).await;
+}
 
 /// Appending events and loading them back preserves every field: event id, aggregate type
 /// and id, `aggregate_type_id`, sequence, event type and version, payload (unicode,
@@ -625,7 +722,8 @@ pub async fn check_round_trip<H: StoreHarness>(harness: &H) {
             ),
         );
     }
-    if !read_everything(CHECK, &store).await.is_empty() {
+    let global = harness.global_order();
+    if global && !read_everything(CHECK, &store).await.is_empty() {
         fail(CHECK, "read_all on a fresh store returned events");
     }
 
@@ -633,7 +731,9 @@ pub async fn check_round_trip<H: StoreHarness>(harness: &H) {
     let second = append_ok(CHECK, &store, batch(AGGREGATE, id, 4, 4)).await;
     let expected: Vec<_> = first.into_iter().chain(second).collect();
     let positions: Vec<i64> = expected.iter().map(|e| e.position).collect();
-    if positions[0] < 1 || positions.windows(2).any(|w| w[0] >= w[1]) {
+    if !global {
+        assert_no_positions(CHECK, "append", &positions);
+    } else if positions[0] < 1 || positions.windows(2).any(|w| w[0] >= w[1]) {
         fail(
             CHECK,
             format_args!("positions must start at 1 or above and increase, got {positions:?}"),
@@ -642,8 +742,7 @@ pub async fn check_round_trip<H: StoreHarness>(harness: &H) {
 
     let loaded = load_all(CHECK, &store, AGGREGATE, id).await;
     assert_same_events(CHECK, "load_events(after 0)", &expected, &loaded);
-    let all = read_everything(CHECK, &store).await;
-    assert_same_events(CHECK, "read_all(0, ..)", &expected, &all);
+    assert_store_holds(global, CHECK, &store, "two appends", &expected).await;
 
     for stored in &loaded {
         match stored.decode::<ConformanceEvent>() {
@@ -778,7 +877,14 @@ pub async fn check_conflict<H: StoreHarness>(harness: &H) {
             ),
         }
     }
-    assert_store_holds(CHECK, &store, "conflicting appends", &stored).await;
+    assert_store_holds(
+        harness.global_order(),
+        CHECK,
+        &store,
+        "conflicting appends",
+        &stored,
+    )
+    .await;
     let seq = ok(
         CHECK,
         "event_sequence",
@@ -815,7 +921,14 @@ pub async fn check_atomic_batch<H: StoreHarness>(harness: &H) {
             ),
         );
     }
-    assert_store_holds(CHECK, &store, "a conflicting 3-event batch", &stored).await;
+    assert_store_holds(
+        harness.global_order(),
+        CHECK,
+        &store,
+        "a conflicting 3-event batch",
+        &stored,
+    )
+    .await;
 
     // Sequences 3..=5 with the last id already stored for sequence 1.
     let mut reusing = batch(AGGREGATE, id, 3, 5);
@@ -836,6 +949,7 @@ pub async fn check_atomic_batch<H: StoreHarness>(harness: &H) {
         );
     }
     assert_store_holds(
+        harness.global_order(),
         CHECK,
         &store,
         "a 3-event batch with a duplicate id",
@@ -900,7 +1014,14 @@ pub async fn check_invalid_batches<H: StoreHarness>(harness: &H) {
                 format_args!("append of {what} must be InvalidAppend, got {error:?}"),
             );
         }
-        assert_store_holds(CHECK, &store, &format!("an append of {what}"), &stored).await;
+        assert_store_holds(
+            harness.global_order(),
+            CHECK,
+            &store,
+            &format!("an append of {what}"),
+            &stored,
+        )
+        .await;
     }
 }
 
@@ -926,7 +1047,14 @@ pub async fn check_idempotent_retry<H: StoreHarness>(harness: &H) {
             format_args!("a retried batch must return the first positions {first_positions:?}, got {again:?}"),
         );
     }
-    assert_store_holds(CHECK, &store, "a retried batch", &first).await;
+    assert_store_holds(
+        harness.global_order(),
+        CHECK,
+        &store,
+        "a retried batch",
+        &first,
+    )
+    .await;
 
     // Others write; a late retry of the first batch still succeeds with the same positions.
     let other = append_ok(CHECK, &store, batch(AGGREGATE, Uuid::new_v4(), 1, 1)).await;
@@ -945,7 +1073,14 @@ pub async fn check_idempotent_retry<H: StoreHarness>(harness: &H) {
         );
     }
     let expected: Vec<_> = first.into_iter().chain(other).chain(next).collect();
-    assert_store_holds(CHECK, &store, "a late retry", &expected).await;
+    assert_store_holds(
+        harness.global_order(),
+        CHECK,
+        &store,
+        "a late retry",
+        &expected,
+    )
+    .await;
 }
 
 /// Reusing a stored event id for a different event is [`CQRSError::DuplicateEventId`]
@@ -988,7 +1123,14 @@ pub async fn check_duplicate_event_id<H: StoreHarness>(harness: &H) {
                 ),
             );
         }
-        assert_store_holds(CHECK, &store, &format!("reusing an id for {what}"), &stored).await;
+        assert_store_holds(
+            harness.global_order(),
+            CHECK,
+            &store,
+            &format!("reusing an id for {what}"),
+            &stored,
+        )
+        .await;
     }
 
     // A "retry" that is not the same batch: a stored batch with one more event, and a
@@ -1027,7 +1169,14 @@ pub async fn check_duplicate_event_id<H: StoreHarness>(harness: &H) {
                 format_args!("append of {what} must be DuplicateEventId, got {error:?}"),
             );
         }
-        assert_store_holds(CHECK, &store, &format!("an append of {what}"), &stored).await;
+        assert_store_holds(
+            harness.global_order(),
+            CHECK,
+            &store,
+            &format!("an append of {what}"),
+            &stored,
+        )
+        .await;
     }
 }
 
@@ -1056,7 +1205,14 @@ pub async fn check_duplicate_id_within_batch<H: StoreHarness>(harness: &H) {
             ),
         ),
     }
-    assert_store_holds(CHECK, &store, "a batch with an id twice", &stored).await;
+    assert_store_holds(
+        harness.global_order(),
+        CHECK,
+        &store,
+        "a batch with an id twice",
+        &stored,
+    )
+    .await;
 }
 
 /// Positions increase strictly in commit order across aggregates and aggregate types, and
@@ -1287,7 +1443,12 @@ pub async fn check_concurrent_appends<H: StoreHarness>(harness: &H) {
             );
         }
         for (ids, positions) in &done.batches {
-            if positions.len() != ids.len() || positions.windows(2).any(|w| w[0] >= w[1]) {
+            let ordered = if harness.global_order() {
+                !positions.windows(2).any(|w| w[0] >= w[1])
+            } else {
+                positions.iter().all(|&p| p == 0)
+            };
+            if positions.len() != ids.len() || !ordered {
                 fail(
                     CHECK,
                     format_args!(
@@ -1362,6 +1523,10 @@ pub async fn check_concurrent_appends<H: StoreHarness>(harness: &H) {
         }
     }
 
+    if !harness.global_order() {
+        assert_read_all_unsupported(CHECK, store.as_ref()).await;
+        return;
+    }
     let all = read_everything(CHECK, store.as_ref()).await;
     if all.len() != total {
         fail(
@@ -1878,8 +2043,14 @@ pub async fn check_correlation_round_trip<H: StoreHarness>(harness: &H) {
 
     let loaded = load_all(CHECK, &store, AGGREGATE, id).await;
     assert_same_events(CHECK, "load_events(after 0)", &expected, &loaded);
-    let all = read_everything(CHECK, &store).await;
-    assert_same_events(CHECK, "read_all(0, ..)", &expected, &all);
+    assert_store_holds(
+        harness.global_order(),
+        CHECK,
+        &store,
+        "appends with and without correlation",
+        &expected,
+    )
+    .await;
     for stored in &loaded {
         match stored.decode::<ConformanceEvent>() {
             Ok(envelope)

@@ -255,6 +255,29 @@ pub enum CQRSError {
         /// How many rounds of refusals it went through.
         rounds: u32,
     },
+
+    /// The store was built without a capability that the call needs: `read_all` on an event
+    /// store that keeps no global order, say.
+    ///
+    /// ### Handling
+    /// A configuration error, the same on every retry: use a store built with the
+    /// capability, or feed the caller another way (a projection of a store without a global
+    /// order is fed per aggregate, by `PerAggregateProjection` from DynamoDB Streams or SQS).
+    ///
+    /// ```
+    /// let error = cqrs::CQRSError::Unsupported {
+    ///     store: "DynamoDB table events".into(),
+    ///     capability: "read_all (a global order)".into(),
+    /// };
+    /// assert!(error.to_string().contains("read_all"));
+    /// ```
+    #[error("{store} does not offer {capability}")]
+    Unsupported {
+        /// The store, as its messages name it.
+        store: String,
+        /// What it was asked for and does not offer.
+        capability: String,
+    },
 }
 
 impl CQRSError {
@@ -421,6 +444,16 @@ impl PartialEq for CQRSError {
                     rounds: b_rounds,
                 },
             ) => a_process == b_process && a_instance == b_instance && a_rounds == b_rounds,
+            (
+                E::Unsupported {
+                    store: a_store,
+                    capability: a_capability,
+                },
+                E::Unsupported {
+                    store: b_store,
+                    capability: b_capability,
+                },
+            ) => a_store == b_store && a_capability == b_capability,
             // Every variant is named here, so a new one cannot be forgotten above.
             (
                 E::Conflict { .. }
@@ -438,7 +471,8 @@ impl PartialEq for CQRSError {
                 | E::Timeout(_)
                 | E::ProjectionStopped(_)
                 | E::StreamBehind { .. }
-                | E::ProcessLoop { .. },
+                | E::ProcessLoop { .. }
+                | E::Unsupported { .. },
                 _,
             ) => false,
         }

@@ -21,6 +21,14 @@ const MESSAGE_GROUP_ID: &str = "MessageGroupId";
 /// message after a failed one in the same message group, so that the group is delivered
 /// again in order from the failure.
 ///
+/// A body in the damaged form ([`envelope::encode_damaged_row`](crate::envelope::encode_damaged_row),
+/// what `MessagingRelay` publishes for a store row it cannot read) is a poison event of its
+/// aggregate ([`PerAggregateProjection::apply_damaged`]): a dead letter under
+/// `SkipAndRecord`, a failure under `Stop`. A body that is neither names no aggregate or
+/// sequence, so no checkpoint can pass it: it fails under either poison policy, and the
+/// queue's redrive policy (`maxReceiveCount`, then its dead-letter queue) ends its
+/// redeliveries.
+///
 /// ```
 /// # use cqrs::doc::{Counter, CounterEvent, CounterTotal};
 /// use cqrs::{MemoryViewRepository, PerAggregateProjection, PersistableDomainEvent};

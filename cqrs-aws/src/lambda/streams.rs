@@ -1,13 +1,14 @@
 //! The DynamoDB Streams handler.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use aws_lambda_events::dynamodb::{Event, EventRecord};
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use aws_sdk_dynamodb::types::AttributeValue;
 use cqrs::{
-    Aggregate, CQRSError, EventOutcome, PerAggregateProjection, PersistableDomainEvent, View,
+    Aggregate, CQRSError, DamagedRow, EventOutcome, PerAggregateProjection, PersistableDomainEvent,
+    View,
 };
 use lambda_runtime::LambdaEvent;
 
@@ -24,12 +25,21 @@ use crate::items::{self, Item, Payloads, Reader};
 /// response names the first record (in batch order) that failed, so Lambda delivers the
 /// batch again from there, and every record before it is done:
 ///
-/// * an image that is not an event item (an attribute missing or of the wrong type) fails at
-///   its record, whatever the poison policy: it needs a repair (the mapping's retry limit and
-///   on-failure destination take over if none comes). Every later record of its aggregate
-///   fails with the gap it leaves, unless the projection reads the event from the table
-///   ([`with_event_store`](PerAggregateProjection::with_event_store)) and the item there is
-///   whole. One of another aggregate type than the projection's is passed over;
+/// * an image that is not an event item (an attribute missing or of the wrong type) is a
+///   poison event at its place in its aggregate, handed to
+///   [`PerAggregateProjection::apply_damaged`] after the aggregate's events before it: under
+///   `PoisonPolicy::Stop` it fails at its record (a repair, written as a new record, or the
+///   mapping's retry limit and on-failure destination take over), under `SkipAndRecord` it
+///   becomes a dead letter (naming the table, the record's `SequenceNumber`, the aggregate
+///   and sequence from the item's key, and the error), the aggregate's checkpoint moves past
+///   it and the stream goes on; delivered again, the checkpoint covers it, so it is recorded
+///   once. Its aggregate and sequence come from the key (`pk` = `"{type}:{id}"`, `sk` the
+///   sequence): when the key does not name them, nothing says which checkpoint the record
+///   could move, so it fails at its record whatever the policy. The letter is kept under the
+///   item's `position` (when that does not read, or on a store without a global order,
+///   under [`cqrs::DeadLetter::key_without_position`]). After a failed damaged record,
+///   every later record of its aggregate fails with the gap it leaves. One of another
+///   aggregate type than the projection's is passed over;
 /// * a payload that is not JSON is a poison event of the projection: under
 ///   `PoisonPolicy::Stop` it fails at its record, under `SkipAndRecord` it becomes a dead
 ///   letter and the stream goes on.
@@ -82,8 +92,9 @@ enum Record {
     Event(PersistableDomainEvent),
     /// Another item of the table, or a removal: nothing to apply.
     Other,
-    /// An image that cannot be read as the event item its key says it is.
-    Damaged(CQRSError),
+    /// An image that cannot be read as the event item its key says it is: what could be read
+    /// of it when its key names an aggregate and a sequence, and the error.
+    Damaged(Option<DamagedRow>, CQRSError),
 }
 
 impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
@@ -113,24 +124,10 @@ impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
     ) -> Result<DynamoDbEventResponse, lambda_runtime::Error> {
         let records = &event.payload.records;
         let read: Vec<Record> = records.iter().map(|record| self.read(record)).collect();
-        let events: Vec<PersistableDomainEvent> = read
-            .iter()
-            .filter_map(|record| match record {
-                Record::Event(event) => Some(event.clone()),
-                _ => None,
-            })
-            .collect();
-        let mut outcomes = self.projection.apply(&events).await.into_iter();
+        let errors = self.apply(read).await;
         let mut first_failure = None;
-        for (record, read) in records.iter().zip(read) {
-            let error = match read {
-                Record::Event(_) => match outcomes.next() {
-                    Some(EventOutcome::Failed(error)) => error,
-                    _ => continue,
-                },
-                Record::Damaged(error) => error,
-                Record::Other => continue,
-            };
+        for (record, error) in records.iter().zip(errors) {
+            let Some(error) = error else { continue };
             let sequence_number = record.change.sequence_number.as_deref();
             tracing::warn!(
                 projection = self.projection.name(),
@@ -187,8 +184,173 @@ impl<A: Aggregate, V: View<A>> DynamoDbStreamHandler<A, V> {
             Ok(event) => Record::Event(event),
             // A damaged item of another aggregate type is passed over, like its events.
             Err(_) if aggregate_type(&item).is_some_and(|t| t != A::NAME) => Record::Other,
-            Err(error) => Record::Damaged(error),
+            Err(error) => {
+                let damage = self.damage(record, &item, &error);
+                Record::Damaged(damage, error)
+            }
         }
+    }
+
+    /// What can be read of a damaged event item: its aggregate and sequence from its key
+    /// (`pk` = `"{type}:{id}"`, `sk` = the sequence), the rest from its attributes where they
+    /// read, and a problem that names the table and the stream record. `None` when the key
+    /// names no aggregate of this projection's type and sequence.
+    fn damage(&self, record: &EventRecord, item: &Item, error: &CQRSError) -> Option<DamagedRow> {
+        let r = Reader(item);
+        let (aggregate_type, aggregate_id) = r.string(items::PK).ok()?.split_once(':')?;
+        let aggregate_id = uuid::Uuid::parse_str(aggregate_id).ok()?;
+        let sequence = r.number(items::SK).ok().filter(|&sk| sk >= 1)?;
+        if aggregate_type != A::NAME {
+            return None;
+        }
+        let problem = match error {
+            CQRSError::PersistenceError(source) => source.to_string(),
+            other => format!(
+                "{other} (in DynamoDB table {}, item {})",
+                self.table,
+                r.key_text()
+            ),
+        };
+        Some(DamagedRow {
+            // An item whose position does not read has none (0): the projection keeps its
+            // letter under a key of its aggregate and sequence.
+            position: r.number(items::POSITION).unwrap_or(0),
+            event_id: r.uuid(items::EVENT_ID).ok(),
+            aggregate_type: Some(aggregate_type.to_owned()),
+            aggregate_id: Some(aggregate_id),
+            sequence: Some(sequence),
+            event_type: r.string(items::EVENT_TYPE).ok().map(str::to_owned),
+            event_version: r.string(items::EVENT_VERSION).ok().map(str::to_owned),
+            problem: format!(
+                "{problem}; stream record {} of DynamoDB table {}",
+                record.change.sequence_number.as_deref().unwrap_or("?"),
+                self.table
+            ),
+        })
+    }
+
+    /// Applies the records read from a batch and says, per record in the batch's order, why
+    /// it failed (`None`: applied or passed over).
+    ///
+    /// The events go through the projection in rounds: each round applies every event not
+    /// applied yet that comes before its aggregate's first damaged record still pending,
+    /// then hands each such damaged record to
+    /// [`PerAggregateProjection::apply_damaged`], so that a damaged record is decided after
+    /// the events before it and before the events after it. After a damaged record that
+    /// fails, the later records of its aggregate fail with it.
+    async fn apply(&self, mut read: Vec<Record>) -> Vec<Option<CQRSError>> {
+        let mut errors: Vec<Option<CQRSError>> = read.iter().map(|_| None).collect();
+        // The damaged records whose key names no aggregate fail with their own error.
+        for (index, record) in read.iter_mut().enumerate() {
+            if matches!(record, Record::Damaged(None, _)) {
+                if let Record::Damaged(None, error) = std::mem::replace(record, Record::Other) {
+                    errors[index] = Some(error);
+                }
+            }
+        }
+        // The damaged records whose key names an aggregate, per aggregate in sequence order.
+        let mut damaged: HashMap<uuid::Uuid, BTreeMap<i64, usize>> = HashMap::new();
+        let mut todo: Vec<usize> = Vec::new();
+        for (index, record) in read.iter().enumerate() {
+            match record {
+                Record::Event(_) => todo.push(index),
+                Record::Damaged(Some(damage), _) => {
+                    if let (Some(id), Some(sequence)) = (damage.aggregate_id, damage.sequence) {
+                        damaged.entry(id).or_default().insert(sequence, index);
+                    }
+                }
+                Record::Damaged(None, _) | Record::Other => {}
+            }
+        }
+        // Aggregates stopped at a damaged record, from the sequence after it.
+        let mut stopped: HashMap<uuid::Uuid, i64> = HashMap::new();
+        loop {
+            let barrier = |event: &PersistableDomainEvent| {
+                damaged
+                    .get(&event.aggregate_id)
+                    .and_then(|pending| pending.keys().next().copied())
+                    .filter(|_| event.aggregate_type == A::NAME)
+            };
+            let (now, later): (Vec<usize>, Vec<usize>) = todo.iter().partition(|&&index| {
+                let Record::Event(event) = &read[index] else {
+                    return false;
+                };
+                barrier(event).is_none_or(|at| event.sequence < at)
+            });
+            let events: Vec<PersistableDomainEvent> = now
+                .iter()
+                .filter_map(|&index| match &read[index] {
+                    Record::Event(event) => Some(event.clone()),
+                    _ => None,
+                })
+                .collect();
+            let mut apply = Vec::new();
+            let mut held = Vec::new();
+            for (index, event) in now.iter().zip(events) {
+                match stopped.get(&event.aggregate_id) {
+                    Some(&after) if event.aggregate_type == A::NAME && event.sequence > after => {
+                        held.push((*index, event))
+                    }
+                    _ => apply.push((*index, event)),
+                }
+            }
+            for (index, event) in held {
+                errors[index] = Some(CQRSError::SequenceGap {
+                    aggregate_type: A::NAME.to_owned(),
+                    aggregate_id: event.aggregate_id,
+                    expected_sequence: stopped.get(&event.aggregate_id).copied().unwrap_or(0),
+                    found_sequence: event.sequence,
+                });
+            }
+            let batch: Vec<PersistableDomainEvent> =
+                apply.iter().map(|(_, event)| event.clone()).collect();
+            let outcomes = self.projection.apply(&batch).await;
+            for ((index, _), outcome) in apply.iter().zip(outcomes) {
+                if let EventOutcome::Failed(error) = outcome {
+                    errors[*index] = Some(error);
+                }
+            }
+            todo = later;
+            if damaged.is_empty() {
+                break;
+            }
+            // The first pending damaged record of each aggregate.
+            let mut next: Vec<(uuid::Uuid, i64, usize)> = damaged
+                .iter()
+                .filter_map(|(&id, pending)| {
+                    pending
+                        .iter()
+                        .next()
+                        .map(|(&sequence, &index)| (id, sequence, index))
+                })
+                .collect();
+            next.sort_by_key(|&(_, _, index)| index);
+            for (id, sequence, index) in next {
+                if let Some(pending) = damaged.get_mut(&id) {
+                    pending.remove(&sequence);
+                    if pending.is_empty() {
+                        damaged.remove(&id);
+                    }
+                }
+                if let Some(&after) = stopped.get(&id) {
+                    errors[index] = Some(CQRSError::SequenceGap {
+                        aggregate_type: A::NAME.to_owned(),
+                        aggregate_id: id,
+                        expected_sequence: after,
+                        found_sequence: sequence,
+                    });
+                    continue;
+                }
+                let Record::Damaged(Some(damage), _) = &read[index] else {
+                    continue;
+                };
+                if let EventOutcome::Failed(error) = self.projection.apply_damaged(damage).await {
+                    errors[index] = Some(error);
+                    stopped.insert(id, sequence);
+                }
+            }
+        }
+        errors
     }
 }
 

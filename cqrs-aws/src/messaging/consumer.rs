@@ -30,6 +30,11 @@ use crate::sqs_batch::{self, Delivered, Verdict};
 /// A message delivered twice (a standard queue may; a delete that did not arrive) finds its
 /// aggregate's checkpoint past it and is skipped: each event is applied once.
 ///
+/// A message in the damaged form (a store row [`MessagingRelay`](super::MessagingRelay)
+/// could not read as an event) is a poison event of its aggregate
+/// ([`PerAggregateProjection::apply_damaged`]): under `SkipAndRecord` a dead letter, and the
+/// message is deleted; under `Stop` a failure, left in the queue like any other.
+///
 /// ```no_run
 /// # use cqrs::doc::{Counter, CounterTotal};
 /// use cqrs::{MemoryViewRepository, PerAggregateProjection};

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::error::DisplayErrorContext;
-use cqrs::{CQRSError, Checkpoint, CheckpointRepository, EventRepository, PersistableDomainEvent};
+use cqrs::{
+    CQRSError, Checkpoint, CheckpointRepository, DamagedRow, EventRepository,
+    PersistableDomainEvent,
+};
 use tokio::sync::{watch, Mutex};
 use tracing::Instrument;
 
@@ -179,13 +182,54 @@ struct Outgoing {
 }
 
 impl Outgoing {
+    /// The envelope of `event`; the damaged form when its payload is not JSON (read as
+    /// stored from a damaged item), so that the consumer meets it as a poison event.
     fn event(event: &PersistableDomainEvent) -> Result<Self, CQRSError> {
+        let body = match envelope::encode(event) {
+            Ok(body) => body,
+            Err(_) if !event.payload.is_valid_json() => {
+                return Self::damaged_row(&DamagedRow {
+                    position: event.position,
+                    event_id: Some(event.event_id),
+                    aggregate_type: Some(event.aggregate_type.to_string()),
+                    aggregate_id: Some(event.aggregate_id),
+                    sequence: Some(event.sequence),
+                    event_type: Some(event.event_type.to_string()),
+                    event_version: Some(event.event_version.to_string()),
+                    problem: "the stored payload is not JSON".to_owned(),
+                })
+            }
+            Err(error) => return Err(error),
+        };
         Ok(Outgoing {
             position: event.position,
             event_id: event.event_id.to_string(),
             group_id: event.aggregate_type_id.to_string(),
             dedup_id: event.event_id.to_string(),
-            body: envelope::encode(event)?,
+            body,
+        })
+    }
+
+    /// The damaged form of a row the store could not read as an event: in its aggregate's
+    /// group when the row names it (else the group `cqrs-damaged-row`), deduplicated by its
+    /// event id when that reads (else `cqrs-damaged-row-{position}`).
+    fn damaged_row(damage: &DamagedRow) -> Result<Self, CQRSError> {
+        let dedup_id = match damage.event_id {
+            Some(event_id) => event_id.to_string(),
+            None => format!("cqrs-damaged-row-{}", damage.position),
+        };
+        let group_id = match (&damage.aggregate_type, damage.aggregate_id) {
+            (Some(aggregate_type), Some(aggregate_id)) => {
+                PersistableDomainEvent::type_id_for(aggregate_type, aggregate_id).to_string()
+            }
+            _ => "cqrs-damaged-row".to_owned(),
+        };
+        Ok(Outgoing {
+            position: damage.position,
+            event_id: dedup_id.clone(),
+            group_id,
+            dedup_id,
+            body: envelope::encode_damaged_row(damage)?,
         })
     }
 }
@@ -239,10 +283,14 @@ fn requests(batch: &[Outgoing]) -> Vec<&[Outgoing]> {
 /// notification (or poll every `poll_interval` when the store cannot notify, or when another
 /// process appends), retrying failures with a backoff.
 ///
-/// A row the store cannot read as an event ([`CQRSError::DamagedRow`]) or an event whose
-/// envelope cannot be written ([`CQRSError::Serialization`]) stops the relay before it: it
-/// is not passed over, and the handle's [`last_error`](MessagingRelayHandle::last_error)
-/// names it until the row is repaired.
+/// A row the store cannot read as an event ([`CQRSError::DamagedRow`]), or an event whose
+/// stored payload is not JSON, is published in the damaged form
+/// ([`envelope::encode_damaged_row`](crate::envelope::encode_damaged_row)): in its
+/// aggregate's group when the row names it (else `cqrs-damaged-row`), deduplicated by its
+/// event id when that reads (else `cqrs-damaged-row-{position}`). The relay goes on past it;
+/// the consumer applies its poison policy to it, as the NATS relay's consumers do. Any other
+/// event whose envelope cannot be written ([`CQRSError::Serialization`]) stops the relay
+/// before it, and the handle's [`last_error`](MessagingRelayHandle::last_error) names it.
 ///
 /// ```no_run
 /// use cqrs::MemoryCheckpointRepository;
@@ -404,8 +452,8 @@ impl MessagingRelay {
     /// how many events were published (0 when there was nothing new).
     ///
     /// # Errors
-    /// A store error ([`CQRSError::DamagedRow`] for a row the store cannot read),
-    /// [`CQRSError::Serialization`] for an event whose envelope cannot be written, or
+    /// A store error (a row the store cannot read is published in the damaged form, not an
+    /// error), [`CQRSError::Serialization`] for an event whose envelope cannot be written, or
     /// [`CQRSError::PersistenceError`] when a request fails or an entry is refused. The
     /// checkpoint then stands after the last event sent before the failure.
     pub async fn relay_once(&self) -> Result<usize, CQRSError> {
@@ -451,7 +499,23 @@ impl MessagingRelay {
     async fn relay_batch(&self) -> Result<Relayed, CQRSError> {
         let _running = self.running.lock().await;
         let from = self.checkpoints.load_checkpoint(&self.name).await?;
-        let events = self.events.read_all(from, self.batch_size).await?;
+        let events = match self.events.read_all(from, self.batch_size).await {
+            Ok(events) => events,
+            // A row the store cannot read as an event: published in the damaged form, so
+            // each consumer meets it as a poison event of its aggregate, and the relay goes on.
+            Err(CQRSError::DamagedRow(damage)) if damage.position > from => {
+                tracing::error!(
+                    relay = %self.name,
+                    position = damage.position,
+                    error = %damage,
+                    "damaged row in the event store; publishing its damaged form"
+                );
+                return self
+                    .send_and_checkpoint(from, vec![Outgoing::damaged_row(&damage)?], None)
+                    .await;
+            }
+            Err(error) => return Err(error),
+        };
         let mut batch = Vec::with_capacity(events.len());
         // An event whose envelope cannot be written: the ones before it are sent, then the
         // run fails at it.
@@ -465,6 +529,17 @@ impl MessagingRelay {
                 }
             }
         }
+        self.send_and_checkpoint(from, batch, unwritable).await
+    }
+
+    /// Sends `batch` (the messages after checkpoint `from`), saves the checkpoint at the last
+    /// one sent, and fails with the send's failure or else with `unwritable`.
+    async fn send_and_checkpoint(
+        &self,
+        from: i64,
+        batch: Vec<Outgoing>,
+        unwritable: Option<CQRSError>,
+    ) -> Result<Relayed, CQRSError> {
         let span = tracing::debug_span!(
             "messaging_relay_batch",
             relay = %self.name,
@@ -551,6 +626,12 @@ impl MessagingRelay {
                         moved
                     });
                     self.poll_interval
+                }
+                // A store that offers no global order: no retry changes that.
+                Err(error @ CQRSError::Unsupported { .. }) => {
+                    tracing::error!(relay = %self.name, %error, "messaging relay cannot follow this store");
+                    self.shared.set_last_error(Some(error.to_string()));
+                    return Err(error);
                 }
                 // Nothing the relay meets is skipped: it retries until it can publish.
                 Err(error) => {

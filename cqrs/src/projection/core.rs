@@ -468,14 +468,22 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
     /// An aggregate's checkpoint is not the one the letter names (that is the projection's),
     /// so on that track the letter is always recorded first, idempotent per (projection,
     /// position), then the checkpoint commits.
-    async fn skip_and_record(
+    pub(crate) async fn skip_and_record(
         &self,
         track: &Track<'_>,
         from: i64,
-        letter: DeadLetter,
+        mut letter: DeadLetter,
         at: i64,
     ) -> Result<Applied, CQRSError> {
         let name = track.name(&self.name);
+        if matches!(track, Track::Aggregate { .. }) && letter.position <= 0 {
+            // An event without a global position: a key of its own, not 0 shared by all.
+            letter.position = DeadLetter::key_without_position(
+                &letter.aggregate_type,
+                letter.aggregate_id,
+                letter.sequence,
+            );
+        }
         if self.views.checkpoint(name).await? != from {
             return Ok(Applied::Stale);
         }

@@ -11,7 +11,7 @@ use futures_util::{stream, StreamExt};
 use uuid::Uuid;
 
 use crate::aggregate::Aggregate;
-use crate::error::CQRSError;
+use crate::error::{CQRSError, DamagedRow};
 use crate::event::PersistableDomainEvent;
 use crate::store::{DeadLetter, DeadLetters, EventRepository, ViewRepository};
 use crate::task::Stop;
@@ -88,8 +88,9 @@ pub enum SkipReason {
 /// hold back the others.
 ///
 /// Dead letters are recorded before the checkpoint that passes over the event commits (at
-/// least once), and the sink keeps one per (projection, position): the events need distinct
-/// global positions, which every store of this crate and of `cqrs-aws` gives them.
+/// least once), and the sink keeps one per (projection, position): an event without a
+/// position (0, from a store without a global order) is recorded at
+/// [`DeadLetter::key_without_position`] of its aggregate and sequence instead.
 ///
 /// A projection fed this way has no moment where it has "caught up", so it never activates
 /// its view's version ([`ViewRepository::activate_version`]); do it once a new version has
@@ -303,6 +304,110 @@ impl<A: Aggregate, V: View<A>> PerAggregateProjection<A, V> {
             .into_iter()
             .map(|outcome| outcome.unwrap_or(EventOutcome::Skipped(SkipReason::Covered)))
             .collect()
+    }
+
+    /// Handles a record the source could not read as an event ([`CQRSError::DamagedRow`]):
+    /// its aggregate and sequence were read (from the record's key, say), the rest was not.
+    /// The source hands it over in its place among the aggregate's events: after the events
+    /// before it were applied, before the events after it.
+    ///
+    /// * A record of another aggregate type is [`SkipReason::OtherAggregateType`], one the
+    ///   aggregate's checkpoint covers [`SkipReason::Covered`].
+    /// * One that names no aggregate id or sequence fails with the damage: nothing says
+    ///   which checkpoint it could move.
+    /// * One that leaves a gap after the checkpoint fails with [`CQRSError::SequenceGap`].
+    /// * Otherwise the [`PoisonPolicy`] applies, without retries (the record does not
+    ///   change when delivered again; a repair is a new record): under `Stop` it fails with
+    ///   the damage, under `SkipAndRecord` it becomes a [`DeadLetter`] (what could be read of
+    ///   it, at `damage.position`, with the damage as its error) and the aggregate's
+    ///   checkpoint moves to its sequence: [`SkipReason::DeadLettered`]. Delivered again,
+    ///   it is covered, so it is recorded once.
+    ///
+    /// ```
+    /// # use cqrs::doc::{Counter, CounterTotal};
+    /// use cqrs::{DamagedRow, EventOutcome, MemoryViewRepository, PerAggregateProjection, PoisonPolicy, SkipReason};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let projection = PerAggregateProjection::<Counter, CounterTotal>::new(MemoryViewRepository::new())
+    ///     .with_poison_policy(PoisonPolicy::SkipAndRecord);
+    /// let id = uuid::Uuid::new_v4();
+    /// let damage = DamagedRow {
+    ///     position: 7,
+    ///     event_id: None,
+    ///     aggregate_type: Some("counter".into()),
+    ///     aggregate_id: Some(id),
+    ///     sequence: Some(1),
+    ///     event_type: None,
+    ///     event_version: None,
+    ///     problem: "attribute `payload` is missing".into(),
+    /// };
+    /// assert_eq!(projection.apply_damaged(&damage).await, EventOutcome::Skipped(SkipReason::DeadLettered));
+    /// assert_eq!(projection.sequence(id).await?, 1);
+    /// assert_eq!(projection.apply_damaged(&damage).await, EventOutcome::Skipped(SkipReason::Covered));
+    /// assert_eq!(projection.dead_letters().await?.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn apply_damaged(&self, damage: &DamagedRow) -> EventOutcome {
+        if damage
+            .aggregate_type
+            .as_deref()
+            .is_some_and(|aggregate_type| aggregate_type != A::NAME)
+        {
+            return EventOutcome::Skipped(SkipReason::OtherAggregateType);
+        }
+        let (Some(aggregate_id), Some(sequence)) = (damage.aggregate_id, damage.sequence) else {
+            return EventOutcome::Failed(CQRSError::from(damage.clone()));
+        };
+        let name = self.checkpoint_name(aggregate_id);
+        let track = Track::aggregate(&name);
+        for _ in 0..MAX_STALE_IN_A_ROW {
+            let from = match self.core.views.checkpoint(&name).await {
+                Ok(from) => from,
+                Err(error) => return EventOutcome::Failed(error),
+            };
+            if sequence <= from {
+                return EventOutcome::Skipped(SkipReason::Covered);
+            }
+            if sequence > from + 1 {
+                return EventOutcome::Failed(CQRSError::SequenceGap {
+                    aggregate_type: A::NAME.to_owned(),
+                    aggregate_id,
+                    expected_sequence: from + 1,
+                    found_sequence: sequence,
+                });
+            }
+            if self.core.poison == PoisonPolicy::Stop {
+                tracing::error!(
+                    projection = %self.core.name,
+                    view = V::TABLE_NAME,
+                    %aggregate_id,
+                    sequence,
+                    position = damage.position,
+                    error = %damage,
+                    "poison event (a damaged record): the aggregate stops"
+                );
+                return EventOutcome::Failed(CQRSError::from(damage.clone()));
+            }
+            let letter = DeadLetter::for_damaged_row(&self.core.name, V::TABLE_NAME, damage, 1);
+            match self
+                .core
+                .skip_and_record(&track, from, letter, sequence)
+                .await
+            {
+                Ok(Applied::Committed) => {
+                    return EventOutcome::Skipped(SkipReason::DeadLettered);
+                }
+                // Another invocation moved the checkpoint first: look again.
+                Ok(Applied::Stale | Applied::Stopped) => continue,
+                Err(error) => return EventOutcome::Failed(error),
+            }
+        }
+        EventOutcome::Failed(CQRSError::ViewConflict {
+            view: V::TABLE_NAME.to_owned(),
+            view_id: format!("checkpoint {name}"),
+            expected_version: sequence - 1,
+        })
     }
 
     /// Applies the events at `indices` of `events`, all of the aggregate `aggregate_id`.

@@ -26,7 +26,10 @@ pub struct DeadLetter {
     pub aggregate_id: Uuid,
     /// The event's sequence within its aggregate.
     pub sequence: i64,
-    /// The event's global position.
+    /// The event's global position; for an event without one (position 0, from a store
+    /// without a global order, skipped by a per-aggregate projection), the negative key
+    /// [`DeadLetter::key_without_position`] of its aggregate and sequence, so that the
+    /// sinks, which keep one letter per (projection, position), keep one per such event.
     pub position: i64,
     /// The event's stored type name.
     pub event_type: String,
@@ -89,6 +92,30 @@ impl DeadLetter {
             attempts,
             recorded_at: Utc::now(),
         }
+    }
+
+    /// The position a letter takes for an event that has none (a store without a global
+    /// order): a negative number (never a position, which starts at 1) derived from the
+    /// aggregate type, id and sequence (64-bit FNV-1a of `"{type}:{id}#{sequence}"`, the sign
+    /// bit set), the same on every run and every machine, so that recording the same event
+    /// again replaces its letter. Two events share one with a chance of about 1 in 2^63.
+    ///
+    /// ```
+    /// let id = uuid::Uuid::nil();
+    /// let key = cqrs::DeadLetter::key_without_position("account", id, 3);
+    /// assert!(key < 0);
+    /// assert_eq!(key, cqrs::DeadLetter::key_without_position("account", id, 3));
+    /// assert_ne!(key, cqrs::DeadLetter::key_without_position("account", id, 4));
+    /// ```
+    pub fn key_without_position(aggregate_type: &str, aggregate_id: Uuid, sequence: i64) -> i64 {
+        let text = format!("{aggregate_type}:{}#{sequence}", aggregate_id.hyphenated());
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in text.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // The low 63 bits, made negative: from -2^63 to -1.
+        -((hash >> 1) as i64) - 1
     }
 
     /// What a [`DeadLetters::record_and_skip`] implementation checks first: skipping the

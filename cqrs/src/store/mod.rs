@@ -560,8 +560,9 @@ pub struct StoredEventId {
 /// from the stored events of those of the batch's ids that are taken (`stored`, by event id).
 ///
 /// * Every event of `events` stored as that same event (aggregate, sequence, and positions
-///   in order): the append is a retry of one that committed, and the stored positions are
-///   the answer, as [`EventRepository::append`] promises for an idempotent retry.
+///   in order, or all 0 on a store without a global order): the append is a retry of one
+///   that committed, and the stored positions are the answer, as
+///   [`EventRepository::append`] promises for an idempotent retry.
 /// * Some id stored for another event: [`CQRSError::DuplicateEventId`] naming it.
 /// * No id stored: another writer took the sequences first, [`CQRSError::Conflict`] against
 ///   `expected` (the sequence the writer expected last, as [`validate_batch`] returns it).
@@ -611,7 +612,9 @@ pub fn explain_refused_append(
                     if found.aggregate_type == event.aggregate_type.as_str()
                         && found.aggregate_id == event.aggregate_id
                         && found.sequence == event.sequence
-                        && positions.last().is_none_or(|&p| p < found.position) =>
+                        && positions.last().is_none_or(|&p| {
+                            p < found.position || p == 0 && found.position == 0
+                        }) =>
                 {
                     positions.push(found.position);
                 }
