@@ -19,9 +19,27 @@ use utoipa::{IntoParams, IntoResponses, OpenApi, ToSchema};
             `type`; `ETag` / `If-Match` carry an order's sequence, `Idempotency-Key` makes a \
             command safe to retry, and `Consistency-Token` lets a query read its own writes."
     ),
-    components(schemas(ProblemBody))
+    components(schemas(ProblemBody)),
+    modifiers(&OperatorSecurity)
 )]
 pub(crate) struct ApiDoc;
+
+/// The security scheme of the operator pages: `Authorization: Bearer <token>`.
+struct OperatorSecurity;
+
+impl utoipa::Modify for OperatorSecurity {
+    fn modify(&self, openapi: &mut Document) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.description = Some(
+            "The operator token the service was started with (`--operator-token`, \
+             `CQRS_SERVICE_OPERATOR_TOKEN`); without one the operator pages answer `404`."
+                .to_owned(),
+        );
+        components.add_security_scheme("operator_token", SecurityScheme::Http(scheme));
+    }
+}
 
 /// The document, built once.
 pub(crate) fn document() -> &'static Document {
