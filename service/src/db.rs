@@ -281,8 +281,11 @@ impl KeyTable {
                 WHERE claimed_at < $1 AND response IS NOT NULL LIMIT $2)",
             table = self.table
         );
-        on_pool!(self, sql, |q, pool| q.bind(before).bind(limit).execute(pool))
-            .map_err(CQRSError::persistence)
+        on_pool!(self, sql, |q, pool| q
+            .bind(before)
+            .bind(limit)
+            .execute(pool))
+        .map_err(CQRSError::persistence)
     }
 
     /// Claims `key` for a request, or returns the row of the request that holds it.

@@ -227,7 +227,9 @@ async fn prune_keys(
     let cutoff = now.checked_sub(retention).unwrap_or(std::time::UNIX_EPOCH);
     let before = cutoff
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        });
     let mut pruned = 0;
     for _ in 0..PRUNE_BATCHES {
         let deleted = keys.prune(before, PRUNE_BATCH).await?;

@@ -35,7 +35,12 @@ struct Args {
     #[arg(long, value_name = "HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=24 * 365))]
     idempotency_retention_hours: u64,
     /// The bearer token of the operator pages (`/operator`); without one they answer 404.
-    #[arg(long, value_name = "TOKEN", env = "CQRS_SERVICE_OPERATOR_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "CQRS_SERVICE_OPERATOR_TOKEN",
+        hide_env_values = true
+    )]
     operator_token: Option<String>,
 }
 

@@ -1405,7 +1405,11 @@ async fn operator_pages_need_the_token(db: Database) {
         let response = running
             .get(&path, &[("authorization", lowercase.as_str())])
             .await;
-        assert_eq!(response.status(), StatusCode::OK, "the scheme is case-insensitive");
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "the scheme is case-insensitive"
+        );
         let page = running.html(&path).await;
         assert!(page.contains(&id), "{path} shows the order");
     }
@@ -1428,10 +1432,12 @@ async fn stored_keys(db: &Database) -> Vec<String> {
         Database::Postgres { url, schema } => {
             let schema = schema.as_deref().unwrap_or("public");
             let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
-            sqlx::query_scalar(&format!("SELECT idempotency_key FROM {schema}.http_idempotency"))
-                .fetch_all(&mut connection)
-                .await
-                .expect("select the keys")
+            sqlx::query_scalar(&format!(
+                "SELECT idempotency_key FROM {schema}.http_idempotency"
+            ))
+            .fetch_all(&mut connection)
+            .await
+            .expect("select the keys")
         }
     };
     keys.sort();
