@@ -12,7 +12,9 @@
 //!   append makes the check and the write one decision.
 //! * **`Idempotency-Key`.** A command sent again with the same key (and the same request)
 //!   gets the first outcome back, with `Idempotent-Replayed: true`, and appends nothing:
-//!   the outcome is kept in a table of the same database, so it survives a restart.
+//!   the outcome is kept in a table of the same database, so it survives a restart, for
+//!   [`Config::idempotency_retention`] (24 h) from the first request: a retry after that is a
+//!   new request.
 //! * **Read your writes.** A command's response carries `Consistency-Token`: the global
 //!   position of its last event. A `GET` that sends it back waits (up to
 //!   [`Config::consistency_wait`]) for the view to reach it, or answers `503` with
@@ -25,7 +27,9 @@
 //!   outcome, append conflicts, idempotent replays, append latency, the view's lag.
 //! * **`GET /operator`** is a server-rendered page for operators: the projection's checkpoint
 //!   and lag, the aggregates with their event counts (each order's events at
-//!   `/operator/orders/{id}`), and the events the projection skipped as dead letters.
+//!   `/operator/orders/{id}`), and the events the projection skipped as dead letters. The
+//!   pages answer `404` unless [`Config::operator_token`] is set, and `401` to a request
+//!   without `Authorization: Bearer <token>`.
 //!
 //! The design and its reasons are in `docs/adr/0015-http-service.md`.
 //!

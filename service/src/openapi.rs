@@ -72,7 +72,8 @@ pub(crate) struct ProblemBody {
 pub(crate) struct IdempotencyKeyHeader {
     /// A key unique to this request: sent again with the same request, the first outcome is
     /// answered again (`Idempotent-Replayed: true`) and nothing is appended. Kept in the
-    /// database, so it holds across a restart. 1 to 255 visible ASCII characters.
+    /// database, so it holds across a restart, for 24 hours (by default) from the first
+    /// request: a retry after that is a new request. 1 to 255 visible ASCII characters.
     #[param(
         rename = "Idempotency-Key",
         required = false,
