@@ -277,6 +277,7 @@ on_backends! {
     operator_pages_need_the_token => operator_pages_need_the_token;
     completed_keys_past_the_retention_are_pruned => completed_keys_past_the_retention_are_pruned;
     a_retry_with_a_pruned_key_is_a_new_request => a_retry_with_a_pruned_key_is_a_new_request;
+    a_prune_deletes_a_bounded_number_of_keys => a_prune_deletes_a_bounded_number_of_keys;
 }
 
 async fn order_lifecycle(db: Database) {
@@ -1525,5 +1526,32 @@ async fn a_retry_with_a_pruned_key_is_a_new_request(db: Database) {
     let again: Value = again.json().await.expect("JSON");
     assert_ne!(again["order_id"], first["order_id"], "a new order");
     assert_eq!(running.event_count(&db).await, 2);
+    running.shutdown().await;
+}
+
+/// One prune deletes at most 10 batches of 1,000 keys; the next one goes on with the rest.
+async fn a_prune_deletes_a_bounded_number_of_keys(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let old = now_millis() - 48 * HOUR_MS;
+    let sql = "INSERT INTO {table} (idempotency_key, request, aggregate_id, claimed_at, response) \
+               WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10500) \
+               SELECT 'bulk-' || i, 'POST /orders', 'x', CAST($1 AS BIGINT), '{}' FROM n";
+    execute(&db, sql, &[&old.to_string()]).await;
+    claim(&db, "old-running", "POST /orders\n{}", old).await;
+    let now = std::time::SystemTime::now();
+    let first = running
+        .service
+        .prune_idempotency_keys(now)
+        .await
+        .expect("prune");
+    assert_eq!(first, 10_000);
+    assert_eq!(stored_keys(&db).await.len(), 501);
+    let second = running
+        .service
+        .prune_idempotency_keys(now)
+        .await
+        .expect("prune");
+    assert_eq!(second, 500);
+    assert_eq!(stored_keys(&db).await, ["old-running"]);
     running.shutdown().await;
 }
