@@ -36,6 +36,11 @@ fi
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:$port"
+# The operator pages are served behind a token made for this run; schemathesis sends it
+# where the document's `operator_token` scheme asks for it (.ci/schemathesis.toml) and checks
+# that a request without it is refused.
+CQRS_SERVICE_OPERATOR_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
+export CQRS_SERVICE_OPERATOR_TOKEN
 RUST_LOG="${RUST_LOG:-warn}" "$binary" --sqlite "$work/orders.sqlite" --listen "127.0.0.1:$port" \
   >"$work/service.log" 2>&1 &
 service_pid=$!

@@ -259,7 +259,33 @@ impl KeyTable {
         );
         on_pool!(self, sql, |q, pool| q.execute(pool))
             .map(drop)
+            .map_err(CQRSError::persistence)?;
+        // The prune finds the old keys by this index. An index lives in its table's
+        // schema on PostgreSQL, so its name is not qualified.
+        let sql = format!(
+            "CREATE INDEX IF NOT EXISTS {TABLE}_claimed_at ON {} (claimed_at)",
+            self.table
+        );
+        on_pool!(self, sql, |q, pool| q.execute(pool))
+            .map(drop)
             .map_err(CQRSError::persistence)
+    }
+
+    /// Deletes at most `limit` keys that were claimed before `before` (milliseconds since
+    /// the epoch) and hold a response; a claim still running (no response) is never
+    /// deleted here. Returns how many were deleted.
+    pub(crate) async fn prune(&self, before: i64, limit: i64) -> Result<u64, CQRSError> {
+        let sql = format!(
+            "DELETE FROM {table} WHERE idempotency_key IN (\
+                SELECT idempotency_key FROM {table} \
+                WHERE claimed_at < $1 AND response IS NOT NULL LIMIT $2)",
+            table = self.table
+        );
+        on_pool!(self, sql, |q, pool| q
+            .bind(before)
+            .bind(limit)
+            .execute(pool))
+        .map_err(CQRSError::persistence)
     }
 
     /// Claims `key` for a request, or returns the row of the request that holds it.

@@ -184,7 +184,8 @@ async fn openapi_json() -> Response {
     tag = "meta",
     responses(
         (status = 200, description = "Commands by outcome, append conflicts, idempotent replays, \
-            the append latency histogram and the view's lag, in Prometheus's text format",
+            idempotency keys pruned after their retention, the append latency histogram and the \
+            view's lag, in Prometheus's text format",
             body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"),
         (status = 503, description = "`store-unavailable`: the store's head could not be read",
             body = ProblemBody, content_type = "application/problem+json",

@@ -12,7 +12,9 @@
 //!   append makes the check and the write one decision.
 //! * **`Idempotency-Key`.** A command sent again with the same key (and the same request)
 //!   gets the first outcome back, with `Idempotent-Replayed: true`, and appends nothing:
-//!   the outcome is kept in a table of the same database, so it survives a restart.
+//!   the outcome is kept in a table of the same database, so it survives a restart, for
+//!   [`Config::idempotency_retention`] (24 h) from the first request: a retry after that is a
+//!   new request.
 //! * **Read your writes.** A command's response carries `Consistency-Token`: the global
 //!   position of its last event. A `GET` that sends it back waits (up to
 //!   [`Config::consistency_wait`]) for the view to reach it, or answers `503` with
@@ -25,7 +27,9 @@
 //!   outcome, append conflicts, idempotent replays, append latency, the view's lag.
 //! * **`GET /operator`** is a server-rendered page for operators: the projection's checkpoint
 //!   and lag, the aggregates with their event counts (each order's events at
-//!   `/operator/orders/{id}`), and the events the projection skipped as dead letters.
+//!   `/operator/orders/{id}`), and the events the projection skipped as dead letters. The
+//!   pages answer `404` unless [`Config::operator_token`] is set, and `401` to a request
+//!   without `Authorization: Bearer <token>`.
 //!
 //! The design and its reasons are in `docs/adr/0015-http-service.md`.
 //!
@@ -88,6 +92,39 @@ pub struct Config {
     /// How many times a command that lost a race is run again on the fresh state before
     /// the service answers `409` (default 5 attempts).
     pub retry_attempts: u32,
+    /// How long an idempotency key with a stored outcome is kept, counted from the first
+    /// request that used it (default 24 h). A background task deletes older ones; a retry
+    /// with a deleted key is a new request, so clients retry within this time.
+    pub idempotency_retention: Duration,
+    /// The bearer token the operator pages ask for; without one (the default) they answer
+    /// `404`.
+    pub operator_token: Option<OperatorToken>,
+}
+
+/// The bearer token of the operator pages. Its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OperatorToken(String);
+
+impl OperatorToken {
+    /// The token, or `None` when `token` is empty (an empty token would let an empty
+    /// `Authorization: Bearer` in).
+    pub fn new(token: impl Into<String>) -> Option<OperatorToken> {
+        let token = token.into();
+        (!token.is_empty()).then_some(OperatorToken(token))
+    }
+
+    /// True when `candidate` is the token, compared in time that does not depend on where
+    /// they differ.
+    pub(crate) fn matches(&self, candidate: &str) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(self.0.as_bytes().ct_eq(candidate.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for OperatorToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OperatorToken(..)")
+    }
 }
 
 impl Config {
@@ -100,7 +137,24 @@ impl Config {
             idempotency_lease: Duration::from_secs(30),
             body_limit: 64 * 1024,
             retry_attempts: 5,
+            idempotency_retention: Duration::from_secs(24 * 60 * 60),
+            operator_token: None,
         }
+    }
+
+    /// The same configuration with another retention for completed idempotency keys.
+    #[must_use]
+    pub fn with_idempotency_retention(mut self, retention: Duration) -> Self {
+        self.idempotency_retention = retention;
+        self
+    }
+
+    /// The same configuration with the operator pages behind `token` (`Authorization:
+    /// Bearer <token>`); an empty `token` leaves them off.
+    #[must_use]
+    pub fn with_operator_token(mut self, token: impl Into<String>) -> Self {
+        self.operator_token = OperatorToken::new(token);
+        self
     }
 
     /// The same configuration with another consistency wait.
@@ -148,6 +202,48 @@ pub(crate) struct Shared {
     pub(crate) stores: db::Stores,
     pub(crate) projection: ProjectionHandle,
     pub(crate) metrics: Arc<metrics::Metrics>,
+    /// The task that deletes expired idempotency keys.
+    pruner: tokio::task::AbortHandle,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.pruner.abort();
+    }
+}
+
+/// How often the background task deletes expired idempotency keys.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(5 * 60);
+/// The most keys one statement of the prune deletes.
+const PRUNE_BATCH: i64 = 1000;
+/// The most statements one prune runs: a run deletes at most this many batches, and the
+/// next run goes on.
+const PRUNE_BATCHES: u32 = 10;
+
+/// Deletes the idempotency keys with a stored outcome claimed more than `retention` before
+/// `now`, a batch at a time, at most [`PRUNE_BATCHES`] batches; counts them in `metrics`.
+async fn prune_keys(
+    keys: &db::KeyTable,
+    metrics: &metrics::Metrics,
+    retention: Duration,
+    now: std::time::SystemTime,
+) -> Result<u64, CQRSError> {
+    let cutoff = now.checked_sub(retention).unwrap_or(std::time::UNIX_EPOCH);
+    let before = cutoff
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        });
+    let mut pruned = 0;
+    for _ in 0..PRUNE_BATCHES {
+        let deleted = keys.prune(before, PRUNE_BATCH).await?;
+        metrics.keys_pruned(deleted);
+        pruned += deleted;
+        if deleted < PRUNE_BATCH.unsigned_abs() {
+            break;
+        }
+    }
+    Ok(pruned)
 }
 
 /// The running service: the framework, the projection that keeps the order view, and the
@@ -197,6 +293,29 @@ impl Service {
             projection = projection.with_load_concurrency(1);
         }
         let projection = projection.start();
+        let pruner = {
+            let keys = stores.keys.clone();
+            let metrics = Arc::clone(&metrics);
+            let retention = config.idempotency_retention;
+            tokio::spawn(async move {
+                // The first run is one interval after the start, not at it.
+                let start = tokio::time::Instant::now() + PRUNE_INTERVAL;
+                let mut ticks = tokio::time::interval_at(start, PRUNE_INTERVAL);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let now = std::time::SystemTime::now();
+                    match prune_keys(&keys, &metrics, retention, now).await {
+                        Ok(0) => {}
+                        Ok(pruned) => tracing::info!(pruned, "expired idempotency keys deleted"),
+                        Err(error) => {
+                            tracing::warn!(%error, "could not delete expired idempotency keys");
+                        }
+                    }
+                }
+            })
+            .abort_handle()
+        };
         Ok(Service {
             shared: Arc::new(Shared {
                 config,
@@ -204,8 +323,30 @@ impl Service {
                 stores,
                 projection,
                 metrics,
+                pruner,
             }),
         })
+    }
+
+    /// Deletes the idempotency keys with a stored outcome that were first used more than
+    /// [`Config::idempotency_retention`] before `now`: what the background task does every
+    /// few minutes, in bounded batches. Keys whose request is still running are kept.
+    /// Returns how many keys were deleted (at most 10,000 per call; call again for more).
+    ///
+    /// # Errors
+    /// [`CQRSError::PersistenceError`] when the database fails.
+    pub async fn prune_idempotency_keys(
+        &self,
+        now: std::time::SystemTime,
+    ) -> Result<u64, CQRSError> {
+        let shared = &self.shared;
+        prune_keys(
+            &shared.stores.keys,
+            &shared.metrics,
+            shared.config.idempotency_retention,
+            now,
+        )
+        .await
     }
 
     /// The routes, to serve with axum (see [`serve`]) or to call in a test.
@@ -221,6 +362,7 @@ impl Service {
     /// Stops the projection (the view stays where it is; the next start resumes from its
     /// checkpoint).
     pub fn stop(&self) {
+        self.shared.pruner.abort();
         self.shared.projection.stop();
     }
 }

@@ -28,6 +28,8 @@ pub(crate) struct Metrics {
     idempotent_replays: AtomicU64,
     /// How long appends took.
     append_seconds: Histogram,
+    /// Idempotency keys deleted after their retention.
+    keys_pruned: AtomicU64,
 }
 
 impl Metrics {
@@ -44,6 +46,11 @@ impl Metrics {
     /// Counts a request answered from its idempotency key.
     pub(crate) fn idempotent_replay(&self) {
         self.idempotent_replays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts idempotency keys deleted after their retention.
+    pub(crate) fn keys_pruned(&self, keys: u64) {
+        self.keys_pruned.fetch_add(keys, Ordering::Relaxed);
     }
 
     /// The metrics in Prometheus's text format, with the store's head and the view's
@@ -78,6 +85,12 @@ impl Metrics {
             "cqrs_service_idempotent_replays_total",
             "Requests answered with the stored outcome of their Idempotency-Key, appending nothing.",
             self.idempotent_replays.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "cqrs_service_idempotency_keys_pruned_total",
+            "Idempotency keys with a stored outcome deleted after their retention.",
+            self.keys_pruned.load(Ordering::Relaxed),
         );
         self.append_seconds.render(
             &mut out,

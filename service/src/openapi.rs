@@ -19,9 +19,27 @@ use utoipa::{IntoParams, IntoResponses, OpenApi, ToSchema};
             `type`; `ETag` / `If-Match` carry an order's sequence, `Idempotency-Key` makes a \
             command safe to retry, and `Consistency-Token` lets a query read its own writes."
     ),
-    components(schemas(ProblemBody))
+    components(schemas(ProblemBody)),
+    modifiers(&OperatorSecurity)
 )]
 pub(crate) struct ApiDoc;
+
+/// The security scheme of the operator pages: `Authorization: Bearer <token>`.
+struct OperatorSecurity;
+
+impl utoipa::Modify for OperatorSecurity {
+    fn modify(&self, openapi: &mut Document) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.description = Some(
+            "The operator token the service was started with (`--operator-token`, \
+             `CQRS_SERVICE_OPERATOR_TOKEN`); without one the operator pages answer `404`."
+                .to_owned(),
+        );
+        components.add_security_scheme("operator_token", SecurityScheme::Http(scheme));
+    }
+}
 
 /// The document, built once.
 pub(crate) fn document() -> &'static Document {
@@ -54,7 +72,8 @@ pub(crate) struct ProblemBody {
 pub(crate) struct IdempotencyKeyHeader {
     /// A key unique to this request: sent again with the same request, the first outcome is
     /// answered again (`Idempotent-Replayed: true`) and nothing is appended. Kept in the
-    /// database, so it holds across a restart. 1 to 255 visible ASCII characters.
+    /// database, so it holds across a restart, for 24 hours (by default) from the first
+    /// request: a retry after that is a new request. 1 to 255 visible ASCII characters.
     #[param(
         rename = "Idempotency-Key",
         required = false,

@@ -6,13 +6,54 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cqrs::EventRepository;
 
 use crate::order::Order;
 use crate::problem::Problem;
 use crate::Shared;
+
+/// Why a request may not see the operator pages, as its response: `404` when no token is
+/// configured (the pages are off), `401` with `WWW-Authenticate: Bearer` when the request
+/// does not carry `Authorization: Bearer <token>`; `None` when it does.
+fn refusal(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &shared.config.operator_token else {
+        return Some(
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "No such resource",
+                "the operator pages are off: the service has no operator token",
+            )
+            .into_response(),
+        );
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            let (scheme, credentials) = value.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| credentials.trim())
+        });
+    if presented.is_some_and(|candidate| token.matches(candidate)) {
+        return None;
+    }
+    let mut response = Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "operator-unauthorized",
+        "The operator pages need the operator token",
+        "send Authorization: Bearer <token>",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"operator\""),
+    );
+    Some(response)
+}
 
 /// How many aggregates the overview lists.
 const AGGREGATES_SHOWN: i64 = 100;
@@ -22,16 +63,30 @@ const AGGREGATES_SHOWN: i64 = 100;
     get,
     path = "/operator",
     tag = "operator",
+    security(("operator_token" = [])),
     responses(
         (status = 200, description = "The operator page: the projection's checkpoint and lag, \
             the aggregates with their event counts, and the dead letters",
             body = String, content_type = "text/html; charset=utf-8"),
+        (status = 401, description = "`operator-unauthorized`: the request does not carry \
+            `Authorization: Bearer` with the operator token",
+            body = crate::openapi::ProblemBody, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer`, the scheme the pages ask for"))),
+        (status = 404, description = "`not-found`: the operator pages are off (the service \
+            has no operator token)",
+            body = crate::openapi::ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`store-unavailable`: the store did not answer",
             body = crate::openapi::ProblemBody, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )
 )]
-pub(crate) async fn overview(State(shared): State<Arc<Shared>>) -> Result<Response, Problem> {
+pub(crate) async fn overview(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    if let Some(refused) = refusal(&shared, &headers) {
+        return Ok(refused);
+    }
     let failed = |e: cqrs::CQRSError| Problem::from_framework(&e);
     let head = shared.stores.head().await.map_err(failed)?;
     let aggregates = shared
@@ -118,11 +173,17 @@ pub(crate) async fn overview(State(shared): State<Arc<Shared>>) -> Result<Respon
     get,
     path = "/operator/orders/{id}",
     tag = "operator",
+    security(("operator_token" = [])),
     params(("id" = uuid::Uuid, Path, description = "The order's id")),
     responses(
         (status = 200, description = "The order's events with their payload, metadata and \
             timestamp", body = String, content_type = "text/html; charset=utf-8"),
-        (status = 404, description = "`order-not-found`: the id is not a UUID",
+        (status = 401, description = "`operator-unauthorized`: the request does not carry \
+            `Authorization: Bearer` with the operator token",
+            body = crate::openapi::ProblemBody, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer`, the scheme the pages ask for"))),
+        (status = 404, description = "`order-not-found` (the id is not a UUID) or `not-found` \
+            (the operator pages are off: the service has no operator token)",
             body = crate::openapi::ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`store-unavailable`: the store did not answer",
             body = crate::openapi::ProblemBody, content_type = "application/problem+json",
@@ -132,7 +193,11 @@ pub(crate) async fn overview(State(shared): State<Arc<Shared>>) -> Result<Respon
 pub(crate) async fn stream(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    if let Some(refused) = refusal(&shared, &headers) {
+        return Ok(refused);
+    }
     let id = crate::http::order_id(&id)?;
     let events = shared
         .stores

@@ -273,6 +273,11 @@ on_backends! {
     metrics_count_what_requests_did => metrics_count_what_requests_did;
     request_id_is_the_events_correlation_id => request_id_is_the_events_correlation_id;
     operator_page_shows_aggregates_streams_and_dead_letters => operator_page_shows_aggregates_streams_and_dead_letters;
+    operator_pages_are_off_without_a_token => operator_pages_are_off_without_a_token;
+    operator_pages_need_the_token => operator_pages_need_the_token;
+    completed_keys_past_the_retention_are_pruned => completed_keys_past_the_retention_are_pruned;
+    a_retry_with_a_pruned_key_is_a_new_request => a_retry_with_a_pruned_key_is_a_new_request;
+    a_prune_deletes_a_bounded_number_of_keys => a_prune_deletes_a_bounded_number_of_keys;
 }
 
 async fn order_lifecycle(db: Database) {
@@ -1245,9 +1250,14 @@ fn table_row<'a>(page: &'a str, table: &str, needle: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no row with {needle} in {table}: {table_html}"))
 }
 
+/// The operator token of the tests that serve the operator pages.
+const OPERATOR_TOKEN: &str = "operator-secret-1";
+
 impl Running {
+    /// The operator page at `path`, asked for with the operator token.
     async fn html(&self, path: &str) -> String {
-        let response = self.get(path, &[]).await;
+        let bearer = format!("Bearer {OPERATOR_TOKEN}");
+        let response = self.get(path, &[("authorization", &bearer)]).await;
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         assert_eq!(
             header_text(&response, "content-type"),
@@ -1258,7 +1268,8 @@ impl Running {
 }
 
 async fn operator_page_shows_aggregates_streams_and_dead_letters(db: Database) {
-    let running = Running::start(Config::new(db.clone())).await;
+    let config = Config::new(db.clone()).with_operator_token(OPERATOR_TOKEN);
+    let running = Running::start(config).await;
     let placed = running
         .post(
             "/orders",
@@ -1339,7 +1350,208 @@ async fn operator_page_shows_aggregates_streams_and_dead_letters(db: Database) {
     assert!(paid_row.contains("pay-operator"), "{paid_row}");
     assert!(paid_row.contains("<td>2</td>"), "sequence 2: {paid_row}");
 
-    let unknown = running.get("/operator/orders/not-a-uuid", &[]).await;
+    let bearer = format!("Bearer {OPERATOR_TOKEN}");
+    let unknown = running
+        .get("/operator/orders/not-a-uuid", &[("authorization", &bearer)])
+        .await;
     assert_problem(unknown, StatusCode::NOT_FOUND, "order-not-found").await;
+    running.shutdown().await;
+}
+
+/// Without a configured token the operator pages do not exist: `404`, with or without an
+/// `Authorization` header.
+async fn operator_pages_are_off_without_a_token(db: Database) {
+    let running = Running::start(Config::new(db)).await;
+    let (id, _) = running.place(100).await;
+    for path in ["/operator".to_owned(), format!("/operator/orders/{id}")] {
+        for headers in [&[][..], &[("authorization", "Bearer anything")][..]] {
+            let response = running.get(&path, headers).await;
+            assert!(response.headers().get("www-authenticate").is_none());
+            assert_problem(response, StatusCode::NOT_FOUND, "not-found").await;
+        }
+    }
+    running.shutdown().await;
+}
+
+/// With a token, the operator pages answer `401` with `WWW-Authenticate: Bearer` to a
+/// request without it, with another token, or with another scheme; `200` with it.
+async fn operator_pages_need_the_token(db: Database) {
+    let config = Config::new(db).with_operator_token(OPERATOR_TOKEN);
+    let running = Running::start(config).await;
+    let (id, _) = running.place(100).await;
+    let wrong = format!("Bearer {OPERATOR_TOKEN}x");
+    let prefix = format!("Bearer {}", &OPERATOR_TOKEN[..OPERATOR_TOKEN.len() - 1]);
+    let basic = format!("Basic {OPERATOR_TOKEN}");
+    let refused: [&[(&str, &str)]; 6] = [
+        &[],
+        &[("authorization", "Bearer")],
+        &[("authorization", "Bearer ")],
+        &[("authorization", &wrong)],
+        &[("authorization", &prefix)],
+        &[("authorization", &basic)],
+    ];
+    for path in ["/operator".to_owned(), format!("/operator/orders/{id}")] {
+        for headers in refused {
+            let response = running.get(&path, headers).await;
+            let challenge = header_text(&response, "www-authenticate");
+            assert!(challenge.starts_with("Bearer"), "{challenge}");
+            let body =
+                assert_problem(response, StatusCode::UNAUTHORIZED, "operator-unauthorized").await;
+            assert!(
+                !body.to_string().contains(OPERATOR_TOKEN),
+                "the problem does not show the token: {body}"
+            );
+        }
+        let lowercase = format!("bearer {OPERATOR_TOKEN}");
+        let response = running
+            .get(&path, &[("authorization", lowercase.as_str())])
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "the scheme is case-insensitive"
+        );
+        let page = running.html(&path).await;
+        assert!(page.contains(&id), "{path} shows the order");
+    }
+    running.shutdown().await;
+}
+
+/// The keys of the idempotency table, sorted.
+async fn stored_keys(db: &Database) -> Vec<String> {
+    let mut keys: Vec<String> = match db {
+        Database::Sqlite(path) => {
+            let url = format!("sqlite://{}", path.display());
+            let mut connection = sqlx::SqliteConnection::connect(&url)
+                .await
+                .expect("connect");
+            sqlx::query_scalar("SELECT idempotency_key FROM http_idempotency")
+                .fetch_all(&mut connection)
+                .await
+                .expect("select the keys")
+        }
+        Database::Postgres { url, schema } => {
+            let schema = schema.as_deref().unwrap_or("public");
+            let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
+            sqlx::query_scalar(&format!(
+                "SELECT idempotency_key FROM {schema}.http_idempotency"
+            ))
+            .fetch_all(&mut connection)
+            .await
+            .expect("select the keys")
+        }
+    };
+    keys.sort();
+    keys
+}
+
+/// Claims `key` at `claimed_at` and stores a response for it: a request that finished.
+async fn completed(db: &Database, key: &str, claimed_at: i64) {
+    claim(db, key, "POST /orders\n{}", claimed_at).await;
+    let sql = "UPDATE {table} SET response = $1 WHERE idempotency_key = $2";
+    let response = r#"{"status":201,"headers":[],"body":{}}"#;
+    execute(db, sql, &[response, key]).await;
+}
+
+const HOUR_MS: i64 = 60 * 60 * 1000;
+
+/// The prune deletes exactly the keys with a response claimed before the retention; claims
+/// still running, however old, and recent keys stay. The metrics count the deleted keys.
+async fn completed_keys_past_the_retention_are_pruned(db: Database) {
+    let config = Config::new(db.clone()).with_idempotency_retention(Duration::from_secs(3600));
+    let running = Running::start(config).await;
+    let now = now_millis();
+    for key in ["old-done-1", "old-done-2", "old-done-3"] {
+        completed(&db, key, now - 2 * HOUR_MS).await;
+    }
+    completed(&db, "recent-done", now - HOUR_MS / 2).await;
+    claim(&db, "old-running", "POST /orders\n{}", now - 48 * HOUR_MS).await;
+    claim(&db, "recent-running", "POST /orders\n{}", now).await;
+    let pruned = running
+        .service
+        .prune_idempotency_keys(std::time::SystemTime::now())
+        .await
+        .expect("prune");
+    assert_eq!(pruned, 3);
+    assert_eq!(
+        stored_keys(&db).await,
+        ["old-running", "recent-done", "recent-running"]
+    );
+    let again = running
+        .service
+        .prune_idempotency_keys(std::time::SystemTime::now())
+        .await
+        .expect("prune again");
+    assert_eq!(again, 0, "nothing left to prune");
+    // An hour on, the recent completed key is past the retention too; the claims are not.
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let pruned = running
+        .service
+        .prune_idempotency_keys(later)
+        .await
+        .expect("prune later");
+    assert_eq!(pruned, 1);
+    assert_eq!(stored_keys(&db).await, ["old-running", "recent-running"]);
+    let page = running.metrics().await;
+    assert_eq!(
+        sample(&page, "cqrs_service_idempotency_keys_pruned_total"),
+        4.0,
+        "{page}"
+    );
+    running.shutdown().await;
+}
+
+/// A key is kept for the retention only: once pruned, the same request with the same key is
+/// a new request (a new order), not a replay.
+async fn a_retry_with_a_pruned_key_is_a_new_request(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let key = Uuid::new_v4().to_string();
+    let headers = [("idempotency-key", key.as_str())];
+    let first = running.post("/orders", &place_body(7), &headers).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.expect("JSON");
+    let replayed = running.post("/orders", &place_body(7), &headers).await;
+    assert_eq!(header_text(&replayed, "idempotent-replayed"), "true");
+    // A day and a bit later, the key is past the default retention of 24 h.
+    let later = std::time::SystemTime::now() + Duration::from_secs(25 * 3600);
+    let pruned = running
+        .service
+        .prune_idempotency_keys(later)
+        .await
+        .expect("prune");
+    assert_eq!(pruned, 1);
+    let again = running.post("/orders", &place_body(7), &headers).await;
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert!(again.headers().get("idempotent-replayed").is_none());
+    let again: Value = again.json().await.expect("JSON");
+    assert_ne!(again["order_id"], first["order_id"], "a new order");
+    assert_eq!(running.event_count(&db).await, 2);
+    running.shutdown().await;
+}
+
+/// One prune deletes at most 10 batches of 1,000 keys; the next one goes on with the rest.
+async fn a_prune_deletes_a_bounded_number_of_keys(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let old = now_millis() - 48 * HOUR_MS;
+    let sql = "INSERT INTO {table} (idempotency_key, request, aggregate_id, claimed_at, response) \
+               WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10500) \
+               SELECT 'bulk-' || i, 'POST /orders', 'x', CAST($1 AS BIGINT), '{}' FROM n";
+    execute(&db, sql, &[&old.to_string()]).await;
+    claim(&db, "old-running", "POST /orders\n{}", old).await;
+    let now = std::time::SystemTime::now();
+    let first = running
+        .service
+        .prune_idempotency_keys(now)
+        .await
+        .expect("prune");
+    assert_eq!(first, 10_000);
+    assert_eq!(stored_keys(&db).await.len(), 501);
+    let second = running
+        .service
+        .prune_idempotency_keys(now)
+        .await
+        .expect("prune");
+    assert_eq!(second, 500);
+    assert_eq!(stored_keys(&db).await, ["old-running"]);
     running.shutdown().await;
 }

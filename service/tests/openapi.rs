@@ -46,9 +46,11 @@ struct Running {
 impl Running {
     async fn start() -> Running {
         let path = std::env::temp_dir().join(format!("cqrs-openapi-{}.sqlite", Uuid::new_v4()));
-        let service = Service::start(Config::new(Database::Sqlite(path.clone())))
-            .await
-            .expect("start the service");
+        // With an operator token, so that the operator pages are served (they answer `401`
+        // to the probes); without one they are `404`, as a route that does not exist.
+        let config =
+            Config::new(Database::Sqlite(path.clone())).with_operator_token("openapi-probe");
+        let service = Service::start(config).await.expect("start the service");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an ephemeral port");
@@ -231,6 +233,28 @@ async fn document_describes_headers_and_problems() {
         let op = operation("get", path);
         assert!(parameters(&op).iter().any(|n| n == "Consistency-Token"));
         assert!(op["responses"]["503"]["headers"]["Retry-After"].is_object());
+    }
+    let scheme = &document["components"]["securitySchemes"]["operator_token"];
+    assert_eq!(scheme["type"], "http", "{scheme}");
+    assert_eq!(scheme["scheme"], "bearer", "{scheme}");
+    for path in ["/operator", "/operator/orders/{id}"] {
+        let op = operation("get", path);
+        assert_eq!(
+            op["security"],
+            serde_json::json!([{ "operator_token": [] }]),
+            "{path}"
+        );
+        assert!(
+            op["responses"]["401"]["headers"]["WWW-Authenticate"].is_object(),
+            "{path}"
+        );
+        assert!(op["responses"]["404"]["content"][PROBLEM_JSON].is_object());
+    }
+    for path in ["/orders", "/metrics", "/openapi.json"] {
+        assert!(
+            operation("get", path)["security"].is_null(),
+            "{path} needs no token"
+        );
     }
     let problem = &document["components"]["schemas"]["Problem"]["properties"];
     for field in ["type", "title", "status", "detail"] {

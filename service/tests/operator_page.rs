@@ -8,9 +8,12 @@
 //! missing Chromium fails the test.
 //!
 //! Chromium runs with `--dump-dom`, which prints the DOM once the page has loaded. The page
-//! it loads is a harness the test adds to the service's router on the same origin: it opens
-//! the operator page in an iframe and, when it has loaded, writes what the iframe shows as
-//! JSON into its own DOM, where `--dump-dom` prints it.
+//! it loads is a harness the test adds to the service's router on the same origin: it
+//! fetches the operator page with `Authorization: Bearer <token>` (a navigation cannot carry
+//! that header; the fetch is synchronous, so the harness's load waits for it), shows the HTML it got in an iframe (`srcdoc`) and, when that has loaded,
+//! writes what the iframe shows as JSON into its own DOM, where `--dump-dom` prints it.
+//! Asked to, the harness navigates the iframe to the page instead, without the header: the
+//! browser then shows the service's refusal.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -59,12 +62,19 @@ fn chromium() -> Option<PathBuf> {
     found
 }
 
-/// The harness page: opens `page` in an iframe and, once it has loaded, writes into
-/// `<pre id="seen">` what it shows, as JSON: its title, the text of its body, each table's
-/// cells as text (by table id), and how many scripts it has.
+/// The operator token the test's service is started with.
+const OPERATOR_TOKEN: &str = "operator-secret-browser";
+
+/// The harness page: fetches `page` with the operator token and shows it in an iframe (or,
+/// with `navigate=1`, opens `page` in the iframe without the token) and, once it has loaded,
+/// writes into `<pre id="seen">` what it shows, as JSON: the status of the fetch, its title,
+/// the text of its body, each table's cells as text (by table id), and how many scripts it
+/// has.
 async fn harness(Query(query): Query<std::collections::HashMap<String, String>>) -> Html<String> {
     let page = query.get("page").cloned().unwrap_or_default();
     let page = serde_json::to_string(&page).unwrap_or_default();
+    let navigate = query.get("navigate").is_some_and(|value| value == "1");
+    let token = serde_json::to_string(OPERATOR_TOKEN).unwrap_or_default();
     Html(format!(
         r#"<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>harness</title></head>
@@ -80,13 +90,25 @@ frame.addEventListener("load", () => {{
     tables[table.id] = Array.from(table.rows, (row) => Array.from(row.cells, (cell) => cell.innerText));
   }}
   document.getElementById("seen").textContent = JSON.stringify({{
+    status: status,
     title: doc.title,
     text: doc.body ? doc.body.innerText : "",
     tables: tables,
     scripts: doc.scripts.length,
   }});
 }});
-frame.src = {page};
+let status = null;
+if ({navigate}) {{
+  frame.src = {page};
+}} else {{
+  // Synchronous, so that the page's load (which ends --dump-dom) waits for it.
+  const request = new XMLHttpRequest();
+  request.open("GET", {page}, false);
+  request.setRequestHeader("Authorization", "Bearer " + {token});
+  request.send();
+  status = request.status;
+  frame.srcdoc = request.responseText;
+}}
 document.body.appendChild(frame);
 </script>
 </body></html>"#
@@ -104,9 +126,9 @@ struct Running {
 
 impl Running {
     async fn start(path: &Path) -> Running {
-        let service = Service::start(Config::new(Database::Sqlite(path.to_owned())))
-            .await
-            .expect("start the service");
+        let config =
+            Config::new(Database::Sqlite(path.to_owned())).with_operator_token(OPERATOR_TOKEN);
+        let service = Service::start(config).await.expect("start the service");
         let router = service
             .router()
             .route("/__harness", axum::routing::get(harness));
@@ -164,9 +186,25 @@ impl Running {
         body["order_id"].as_str().expect("an order id").to_owned()
     }
 
-    /// What Chromium shows at `path`: see [`harness`].
+    /// What Chromium shows at `path`, fetched with the operator token: see [`harness`].
     async fn seen(&self, chromium: &Path, path: &str) -> Seen {
-        let url = format!("{}/__harness?page={}", self.base, encode(path));
+        let seen = self.harness(chromium, path, false).await;
+        assert_eq!(seen.0["status"], 200, "{path} with the token: {}", seen.0);
+        seen
+    }
+
+    /// What Chromium shows when it opens `path` without the token.
+    async fn navigated(&self, chromium: &Path, path: &str) -> Seen {
+        self.harness(chromium, path, true).await
+    }
+
+    async fn harness(&self, chromium: &Path, path: &str, navigate: bool) -> Seen {
+        let url = format!(
+            "{}/__harness?page={}&navigate={}",
+            self.base,
+            encode(path),
+            u8::from(navigate)
+        );
         let chromium = chromium.to_owned();
         let dom = tokio::task::spawn_blocking(move || dump_dom(&chromium, &url))
             .await
@@ -365,6 +403,15 @@ async fn operator_pages_show_the_projection_the_aggregates_the_streams_and_dead_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let after = chrono::Utc::now();
+
+    // A browser that opens the page without the token is refused: it shows the problem.
+    let refused = running.navigated(&chromium, "/operator").await;
+    assert!(
+        refused.text().contains("operator-unauthorized"),
+        "{}",
+        refused.text()
+    );
+    assert!(refused.0["tables"]["aggregates"].is_null(), "{}", refused.0);
 
     let overview = running.seen(&chromium, "/operator").await;
     assert_eq!(overview.title(), "Operator · cqrs-service");
