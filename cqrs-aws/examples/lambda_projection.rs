@@ -21,12 +21,15 @@
 //! which checkpoint it could move, so the answer names it (`batchItemFailures`) and Lambda
 //! delivers the shard again from it. The event
 //! source mapping is configured with `FunctionResponseTypes: ReportBatchItemFailures`.
-//! `EVENTS_TABLE` names the table in messages (default `events`).
+//! `EVENTS_TABLE` names the event table (default `events`).
 //!
-//! The views here live in the function's memory, so each instance starts empty: enough to
-//! watch the handler work. A deployment gives the projection a durable view store and
-//! dead-letter sink (SQL, or DynamoDB) and, to fill gaps, the event store
-//! (`with_event_store`).
+//! With `CQRS_DYNAMODB_ENDPOINT` set (the emulator's address; a deployment builds its client
+//! from the environment with `aws_config` instead), the views, the per-aggregate checkpoints
+//! and the dead letters live in the DynamoDB table `VIEWS_TABLE` (default `views`, created
+//! if missing), committed together, and a gap in an aggregate's events is filled from the
+//! event table: every instance of the function, cold or warm, shares them. Without it, they
+//! live in the function's memory and each instance starts empty, enough to watch the handler
+//! work.
 
 use cqrs::{
     Aggregate, CQRSError, DomainEvent, EventEnvelope, MemoryViewRepository, PerAggregateProjection,
@@ -34,6 +37,7 @@ use cqrs::{
 };
 use cqrs_aws::lambda::lambda_runtime::{self, service_fn, LambdaEvent};
 use cqrs_aws::lambda::DynamoDbStreamHandler;
+use cqrs_aws::{DynamoDbEventRepository, DynamoDbViewRepository};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -89,9 +93,22 @@ impl View<Account> for Balance {
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     let table = std::env::var("EVENTS_TABLE").unwrap_or_else(|_| "events".to_owned());
-    let projection =
-        PerAggregateProjection::<Account, Balance>::new(MemoryViewRepository::<Balance>::new())
-            .with_poison_policy(PoisonPolicy::SkipAndRecord);
+    let projection = match std::env::var("CQRS_DYNAMODB_ENDPOINT") {
+        Ok(endpoint) => {
+            let client = cqrs_aws::local_client(&endpoint);
+            let views_table = std::env::var("VIEWS_TABLE").unwrap_or_else(|_| "views".to_owned());
+            let views = DynamoDbViewRepository::new(client.clone(), views_table);
+            views.ensure_table().await?;
+            let dead_letters = views.dead_letters();
+            PerAggregateProjection::<Account, Balance>::new(views)
+                .with_dead_letters(dead_letters)
+                .with_event_store(DynamoDbEventRepository::new(client, table.clone()))
+        }
+        Err(_) => {
+            PerAggregateProjection::<Account, Balance>::new(MemoryViewRepository::<Balance>::new())
+        }
+    }
+    .with_poison_policy(PoisonPolicy::SkipAndRecord);
     let handler = DynamoDbStreamHandler::new(table, projection);
     lambda_runtime::run(service_fn(|event: LambdaEvent<_>| handler.handle(event))).await
 }
