@@ -12,7 +12,8 @@
 //! limits are skipped when unset), `BENCH_CHART` (where the PNG goes, default
 //! `docs/benchmarks-latency.png` beside this crate).
 //!
-//! One part alone: `BENCH_PROFILE=a|b|memory|long|sqlite|postgres|catch_up|lag`. For the
+//! One part alone: `BENCH_PROFILE=a|b|memory|long|sqlite|postgres|catch_up|lag`
+//! (`cg_ours|cg_es`: workload (a) `BENCH_RUNS` times on one side, for callgrind). For the
 //! PostgreSQL part, `BENCH_PG_ONLY=plain|append|dispatch|dispatch_cache` runs one variant
 //! (for a profiler), `BENCH_PG_LEVELS` lists the numbers of dispatchers (default `8,32`),
 //! and `BENCH_PG_PARTS=catch_up` measures `read_all` (pages of
@@ -190,6 +191,22 @@ async fn profile(mode: &str) -> BoxResult<()> {
             }
         }
         "lag" => lag::profile().await?,
+        // For callgrind: workload (a) `BENCH_RUNS` times on one side only, nothing timed.
+        // Instructions per command = (Ir at runs R2 - Ir at runs R1) / ((R2 - R1) * 100,000).
+        "cg_ours" | "cg_es" => {
+            let ids: Vec<Uuid> = (0..AGGREGATES).map(|_| Uuid::new_v4()).collect();
+            let names: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+            for _ in 0..env_usize("BENCH_RUNS", 1) {
+                if mode == "cg_ours" {
+                    let framework = CQRSFramework::<BankAccount>::new(MemoryEventRepository::new());
+                    ours_a(&framework, &ids).await?;
+                } else {
+                    let framework =
+                        CqrsFramework::new(MemStore::<RefAccount>::default(), vec![], ());
+                    reference_a(&framework, &names).await?;
+                }
+            }
+        }
         "postgres" => {
             let url = std::env::var("CQRS_POSTGRES_URL")
                 .map_err(|_| "BENCH_PROFILE=postgres needs CQRS_POSTGRES_URL")?;

@@ -1,6 +1,7 @@
 //! The state cache: the states of recently used aggregates, kept in memory so that a
 //! dispatch on one of them reads nothing from the store.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -89,20 +90,29 @@ impl<S> StateCache<S> {
     pub(super) fn put(&self, id: Uuid, loaded: Loaded<S>) {
         let mut generations = self.lock();
         let generations = &mut *generations;
-        let loaded = match generations.old.remove(&id) {
+        // The old generation is empty until the first eviction: no lookup there.
+        let loaded = match (!generations.old.is_empty())
+            .then(|| generations.old.remove(&id))
+            .flatten()
+        {
             Some(older) if older.sequence > loaded.sequence => older,
             _ => loaded,
         };
-        match generations.young.get(&id) {
-            // Another dispatch put a newer state meanwhile: keep it.
-            Some(existing) if existing.sequence >= loaded.sequence => return,
-            Some(_) => {}
-            None if generations.young.len() >= self.capacity => {
-                generations.old = std::mem::take(&mut generations.young);
-            }
-            None => {}
+        if generations.young.len() >= self.capacity && !generations.young.contains_key(&id) {
+            generations.old = std::mem::take(&mut generations.young);
         }
-        generations.young.insert(id, loaded);
+        // One lookup in the young generation for the usual put (an entry the dispatch took).
+        match generations.young.entry(id) {
+            Entry::Occupied(mut existing) => {
+                // Another dispatch put a newer state meanwhile: keep it.
+                if existing.get().sequence < loaded.sequence {
+                    existing.insert(loaded);
+                }
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(loaded);
+            }
+        }
     }
 
     #[cfg(test)]
