@@ -31,64 +31,15 @@
 //! live in the function's memory and each instance starts empty, enough to watch the handler
 //! work.
 
-use cqrs::{
-    Aggregate, CQRSError, DomainEvent, EventEnvelope, MemoryViewRepository, PerAggregateProjection,
-    PoisonPolicy, View,
-};
+use cqrs::{MemoryViewRepository, PerAggregateProjection, PoisonPolicy};
 use cqrs_aws::lambda::lambda_runtime::{self, service_fn, LambdaEvent};
 use cqrs_aws::lambda::DynamoDbStreamHandler;
 use cqrs_aws::{DynamoDbEventRepository, DynamoDbViewRepository};
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
-/// What happened to an account.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
-enum AccountEvent {
-    Deposited { amount: i64 },
-    Withdrawn { amount: i64 },
-}
+#[path = "shared/account.rs"]
+mod account;
 
-/// The account aggregate (only its name and events matter to a projection).
-#[derive(Debug, Default)]
-struct Account;
-
-impl Aggregate for Account {
-    const NAME: &'static str = "account";
-    type Events = AccountEvent;
-    type Commands = AccountEvent;
-    type Errors = CQRSError;
-    type State = ();
-
-    async fn handle_command(
-        &self,
-        _id: Uuid,
-        _state: &(),
-        command: AccountEvent,
-    ) -> Result<Vec<AccountEvent>, CQRSError> {
-        Ok(vec![command])
-    }
-
-    fn handle_event(&self, _state: &mut (), _event: &AccountEvent) {}
-}
-
-/// An account's balance, one row per account.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Balance {
-    balance: i64,
-}
-
-impl View<Account> for Balance {
-    const TABLE_NAME: &'static str = "balances";
-    const VERSION: u64 = 1;
-
-    fn handle_event(&mut self, envelope: &EventEnvelope<AccountEvent>) -> Result<(), CQRSError> {
-        match envelope.event {
-            AccountEvent::Deposited { amount } => self.balance += amount,
-            AccountEvent::Withdrawn { amount } => self.balance -= amount,
-        }
-        Ok(())
-    }
-}
+use account::{Account, Balance};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {

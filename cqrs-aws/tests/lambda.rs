@@ -1095,52 +1095,9 @@ async fn correlation_and_causation_reach_a_view_from_sqs() {
     assert_eq!(lineage(&views, id).await, expected);
 }
 
-/// The account of `examples/lambda_projection.rs`: only its name and events matter here.
-#[derive(Debug, Default)]
-struct Account;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, cqrs::DomainEvent)]
-enum AccountEvent {
-    Deposited { amount: i64 },
-    Withdrawn { amount: i64 },
-}
-
-impl cqrs::Aggregate for Account {
-    const NAME: &'static str = "account";
-    type Events = AccountEvent;
-    type Commands = AccountEvent;
-    type Errors = CQRSError;
-    type State = ();
-
-    async fn handle_command(
-        &self,
-        _id: Uuid,
-        _state: &(),
-        command: AccountEvent,
-    ) -> Result<Vec<AccountEvent>, CQRSError> {
-        Ok(vec![command])
-    }
-
-    fn handle_event(&self, _state: &mut (), _event: &AccountEvent) {}
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct AccountBalance {
-    balance: i64,
-}
-
-impl View<Account> for AccountBalance {
-    const TABLE_NAME: &'static str = "balances";
-    const VERSION: u64 = 1;
-
-    fn handle_event(&mut self, envelope: &EventEnvelope<AccountEvent>) -> Result<(), CQRSError> {
-        match envelope.event {
-            AccountEvent::Deposited { amount } => self.balance += amount,
-            AccountEvent::Withdrawn { amount } => self.balance -= amount,
-        }
-        Ok(())
-    }
-}
+/// The account and balance view of `examples/lambda_projection.rs`.
+#[path = "../examples/shared/account.rs"]
+mod account;
 
 /// What CI's `cargo lambda` round trip expects of the example batch, without `cargo lambda`:
 /// under skip-and-record, its second record (damaged down to its key) is still the failure.
@@ -1150,8 +1107,10 @@ async fn the_example_batch_names_its_damaged_record_under_skip_and_record() {
         serde_json::from_str(include_str!("../examples/lambda_projection_batch.json")).unwrap();
     let handler = DynamoDbStreamHandler::new(
         "events",
-        PerAggregateProjection::<Account, AccountBalance>::new(MemoryViewRepository::new())
-            .with_poison_policy(PoisonPolicy::SkipAndRecord),
+        PerAggregateProjection::<account::Account, account::Balance>::new(
+            MemoryViewRepository::new(),
+        )
+        .with_poison_policy(PoisonPolicy::SkipAndRecord),
     );
     let response = handler
         .handle(LambdaEvent::new(batch, Context::default()))

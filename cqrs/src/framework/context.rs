@@ -96,22 +96,17 @@ impl CommandContext {
     /// assert_eq!(context.command_id(), command_id);
     /// ```
     pub fn caused_by(event: &PersistableDomainEvent, command_id: Uuid) -> Self {
-        CommandContext {
-            command_id,
-            correlation_id: event.correlation_id.unwrap_or(event.event_id),
-            metadata: Value::Null,
-            once: false,
-        }
+        Self::continuing(event.correlation_id, event.event_id, command_id)
     }
 
     /// [`caused_by`](Self::caused_by) for a decoded event.
     pub fn caused_by_envelope<E>(event: &EventEnvelope<E>, command_id: Uuid) -> Self {
-        CommandContext {
-            command_id,
-            correlation_id: event.correlation_id.unwrap_or(event.event_id),
-            metadata: Value::Null,
-            once: false,
-        }
+        Self::continuing(event.correlation_id, event.event_id, command_id)
+    }
+
+    /// A context continuing the workflow of an event (its correlation id, or its own id).
+    fn continuing(correlation_id: Option<Uuid>, event_id: Uuid, command_id: Uuid) -> Self {
+        Self::with_id(command_id).correlated_with(correlation_id.unwrap_or(event_id))
     }
 
     /// Puts the command in the workflow `correlation_id`.
