@@ -313,3 +313,84 @@ async fn a_crash_between_dispatch_and_commit_applies_no_command_twice() {
         );
     }
 }
+
+/// A process store that counts its commits.
+#[derive(Clone, Default)]
+struct CountingStore {
+    inner: MemoryProcessStore,
+    commits: Arc<AtomicUsize>,
+}
+
+#[cqrs::async_trait]
+impl ProcessStore for CountingStore {
+    async fn load(
+        &self,
+        process: &str,
+        instance: &str,
+    ) -> Result<Option<cqrs::ProcessRow>, CQRSError> {
+        self.inner.load(process, instance).await
+    }
+    async fn commit(
+        &self,
+        process: &str,
+        rows: Vec<cqrs::ProcessRow>,
+        checkpoint: Option<i64>,
+    ) -> Result<(), CQRSError> {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.inner.commit(process, rows, checkpoint).await
+    }
+    async fn checkpoint(&self, process: &str) -> Result<i64, CQRSError> {
+        self.inner.checkpoint(process).await
+    }
+    async fn due(
+        &self,
+        process: &str,
+        now: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<cqrs::ProcessRow>, CQRSError> {
+        self.inner.due(process, now, limit).await
+    }
+    async fn next_due(
+        &self,
+        process: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, CQRSError> {
+        self.inner.next_due(process).await
+    }
+    async fn list(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<cqrs::ProcessRow>, CQRSError> {
+        self.inner.list(process, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn events_that_change_no_instance_share_one_commit_per_page() {
+    let world = World::new();
+    for _ in 0..30 {
+        world.open(10).await;
+    }
+    let processes = CountingStore::default();
+    let runner = ProcessRunner::new(
+        TransferSaga,
+        world.store.clone(),
+        processes.clone(),
+        world.router.clone(),
+    )
+    .with_batch_size(100);
+    let progress = runner.run_until_idle().await.unwrap();
+    assert_eq!(progress.events, 30);
+    assert_eq!(processes.commits.load(Ordering::SeqCst), 1);
+    assert_eq!(processes.checkpoint("transfer_saga").await.unwrap(), 30);
+
+    // A transfer among them: its decisions commit with their events, the rest once more.
+    let (a, b) = (world.open(100).await, world.open(0).await);
+    world.request(a, b, 5).await;
+    world.open(1).await;
+    runner.run_until_idle().await.unwrap();
+    assert_eq!((world.balance(a).await, world.balance(b).await), (95, 5));
+    let head = world.history().await.last().unwrap().position;
+    assert_eq!(processes.checkpoint("transfer_saga").await.unwrap(), head);
+}

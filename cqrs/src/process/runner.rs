@@ -151,11 +151,26 @@ impl<P: ProcessManager> ProcessRunner<P> {
             .events
             .read_all(progress.position, self.batch_size)
             .await?;
+        // Events that change no instance move the checkpoint with the next commit, or with one
+        // commit at the end of the page: a process that reacts to few of the store's events
+        // does not write once per event. After a crash they are read again, to no effect.
+        let mut uncommitted = None;
         for event in &page {
-            progress.commands += self.decide_on_event(event).await?;
+            match self.decide_on_event(event).await? {
+                Some(sent) => {
+                    progress.commands += sent;
+                    uncommitted = None;
+                }
+                None => uncommitted = Some(event.position),
+            }
             progress.events += 1;
             progress.position = event.position;
             self.progress.send_replace(event.position);
+        }
+        if let Some(position) = uncommitted {
+            self.store
+                .commit(P::NAME, Vec::new(), Some(position))
+                .await?;
         }
         if page.is_empty() {
             self.shared.set_live();
@@ -188,8 +203,12 @@ impl<P: ProcessManager> ProcessRunner<P> {
     }
 
     /// Decides on one stored event and commits the instances it changed with the
-    /// checkpoint at its position. Returns how many commands were sent.
-    async fn decide_on_event(&self, event: &PersistableDomainEvent) -> Result<usize, CQRSError> {
+    /// checkpoint at its position. Returns how many commands were sent, or `None` when the
+    /// event changed no instance (nothing is committed then).
+    async fn decide_on_event(
+        &self,
+        event: &PersistableDomainEvent,
+    ) -> Result<Option<usize>, CQRSError> {
         let inputs = P::Input::decode(event)?;
         let mut instances: Vec<Instance<P::State>> = Vec::new();
         let mut index = 0;
@@ -237,10 +256,13 @@ impl<P: ProcessManager> ProcessRunner<P> {
             .filter(|i| i.touched)
             .map(|i| row_with_state(i.row, &i.state))
             .collect::<Result<Vec<_>, _>>()?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
         self.store
             .commit(P::NAME, rows, Some(event.position))
             .await?;
-        Ok(sent)
+        Ok(Some(sent))
     }
 
     /// Fires the deadlines of `row` due at `now`, in order, and commits the instance
