@@ -351,6 +351,14 @@ impl PostgresEventRepository {
     /// Idempotent, and safe when several processes migrate at once: it runs in one
     /// transaction under an advisory lock keyed by the schema name.
     ///
+    /// On an events table that already holds many rows, building the causation index
+    /// (`cqrs_events_causation`) inside that transaction blocks appends until it is built.
+    /// To avoid the pause, build it beforehand with `CREATE INDEX CONCURRENTLY` and the same
+    /// definition, `ON cqrs_events (causation_id, aggregate_type, aggregate_id, sequence)
+    /// WHERE causation_id IS NOT NULL` (after adding the column): `migrate` leaves an index
+    /// of that name alone. A concurrent build that failed leaves an invalid index behind,
+    /// which `migrate` also leaves alone; drop it before trying again.
+    ///
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the server refuses (e.g. no `CREATE` privilege).
     pub async fn migrate(&self) -> Result<(), CQRSError> {

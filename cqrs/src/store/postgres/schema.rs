@@ -17,6 +17,8 @@ const RESERVED: &[&str] = &[
     "cqrs_snapshots",
     "cqrs_checkpoints",
     "cqrs_dead_letters",
+    "cqrs_process_instances",
+    "cqrs_process_checkpoints",
 ];
 
 /// The schema used when none is configured.
@@ -28,7 +30,8 @@ pub(super) const DEFAULT_SCHEMA: &str = "public";
 /// inspect it. Accepted names are 1 to 63 ASCII letters, digits and underscores, not
 /// starting with a digit, not starting with `pg_` (reserved by PostgreSQL for schemas), and,
 /// for a view table, not one of the store's own tables (`cqrs_events`, `cqrs_snapshots`,
-/// `cqrs_checkpoints`, `cqrs_dead_letters`). A name is always double-quoted in SQL, so case is kept as written.
+/// `cqrs_checkpoints`, `cqrs_dead_letters`,
+/// `cqrs_process_instances`, `cqrs_process_checkpoints`). A name is always double-quoted in SQL, so case is kept as written.
 ///
 /// ```
 /// use cqrs::InvalidIdentifier;
@@ -386,6 +389,8 @@ mod tests {
             "pg_catalog",
             "cqrs_events",
             "CQRS_Snapshots",
+            "cqrs_process_instances",
+            "cqrs_process_checkpoints",
             "é",
             long.as_str(),
         ] {

@@ -81,11 +81,13 @@ pub(super) const ADDED_INDEXES: &str = "CREATE INDEX IF NOT EXISTS cqrs_events_c
 pub(super) const GAP_MARKER: &str = "cqrs_sequence_gap";
 
 /// The store's own tables: a view may not take one of these names.
-const RESERVED: [&str; 4] = [
+const RESERVED: [&str; 6] = [
     "cqrs_events",
     "cqrs_snapshots",
     "cqrs_checkpoints",
     "cqrs_dead_letters",
+    "cqrs_process_instances",
+    "cqrs_process_checkpoints",
 ];
 
 /// Longest accepted view table name.
@@ -110,7 +112,8 @@ pub(super) fn view_table_ddl(name: &str) -> String {
 /// It reaches callers as the source of a [`CQRSError::PersistenceError`]; downcast to
 /// inspect it. Accepted names are 1 to 63 ASCII letters, digits and underscores, not
 /// starting with a digit, not starting with `sqlite_` and not one of the store's own tables
-/// (`cqrs_events`, `cqrs_snapshots`, `cqrs_checkpoints`, `cqrs_dead_letters`). The name is never spliced into SQL
+/// (`cqrs_events`, `cqrs_snapshots`, `cqrs_checkpoints`, `cqrs_dead_letters`,
+/// `cqrs_process_instances`, `cqrs_process_checkpoints`). The name is never spliced into SQL
 /// unless it passes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidTableName {
@@ -185,6 +188,8 @@ mod tests {
             "CQRS_EVENTS",
             "cqrs_checkpoints",
             "cqrs_dead_letters",
+            "Cqrs_Process_Instances",
+            "cqrs_process_checkpoints",
             "vïew",
             &"x".repeat(64),
         ] {
