@@ -30,7 +30,6 @@ pub enum Database {
     /// projection's checkpoint and dead letters and the idempotency keys in a view table
     /// (both created if missing). See `docs/adr/0018-service-on-lambda.md`.
     #[cfg(feature = "dynamodb")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
     DynamoDb {
         /// An emulator's URL (`http://127.0.0.1:5000`), with static test credentials; `None`
         /// for AWS itself, with the region and credentials of the environment

@@ -1,5 +1,7 @@
 //! An HTTP service on `cqrs`: orders that are placed, paid, shipped or cancelled, served by
-//! axum on the embedded SQLite store or on PostgreSQL.
+//! axum on the embedded SQLite store or on PostgreSQL, or, with the feature `dynamodb`, on
+//! DynamoDB (with `lambda`, the binary `cqrs-service-lambda` serves the same router on AWS
+//! Lambda through `lambda_http`: `docs/adr/0018-service-on-lambda.md`).
 //!
 //! * **Commands** are a `POST` each (`/orders`, `/orders/{id}/payment`, `/orders/{id}/shipment`,
 //!   `/orders/{id}/cancellation`) with a JSON body. Every error is

@@ -19,8 +19,10 @@
 //! ```text
 //! cargo lambda watch -p cqrs-service --features lambda --bin cqrs-service-lambda \
 //!     --env-var CQRS_DYNAMODB_ENDPOINT=http://127.0.0.1:5000
-//! cargo lambda invoke cqrs-service-lambda --data-example apigw-v2-request-no-authorizer
+//! curl -i 'localhost:9000/lambda-url/cqrs-service-lambda/orders?limit=10'
 //! ```
+//!
+//! `.ci/lambda-http-roundtrip.sh` sends it API Gateway events with `cargo lambda invoke`.
 
 use std::process::ExitCode;
 
