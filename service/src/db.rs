@@ -1,6 +1,9 @@
 //! The database the service runs on: an event store, the view store beside it, and the
 //! table of idempotency keys in the same database.
 
+#[cfg(feature = "dynamodb")]
+mod dynamodb;
+
 use std::sync::Arc;
 
 use cqrs::sqlx::{self, Row};
@@ -23,6 +26,21 @@ pub enum Database {
         /// The schema that holds the tables (created if missing); `public` when `None`.
         schema: Option<String>,
     },
+    /// DynamoDB (feature `dynamodb`): events in one table, and the order view, the
+    /// projection's checkpoint and dead letters and the idempotency keys in a view table
+    /// (both created if missing). See `docs/adr/0018-service-on-lambda.md`.
+    #[cfg(feature = "dynamodb")]
+    DynamoDb {
+        /// An emulator's URL (`http://127.0.0.1:5000`), with static test credentials; `None`
+        /// for AWS itself, with the region and credentials of the environment
+        /// (`AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`:
+        /// what AWS Lambda gives a function).
+        endpoint: Option<String>,
+        /// The events table.
+        events_table: String,
+        /// The view table.
+        views_table: String,
+    },
 }
 
 /// The stores opened on a [`Database`]: what the service reads and writes.
@@ -34,7 +52,17 @@ pub(crate) struct Stores {
     /// Where the projection records the events it skipped.
     pub(crate) dead_letters: Arc<dyn DeadLetters>,
     /// The events table, for the store's head and the operator page's aggregates.
-    events_table: EventsTable,
+    catalog: Catalog,
+}
+
+/// Where the store's head and its aggregates are read from.
+#[derive(Debug, Clone)]
+enum Catalog {
+    /// The SQL stores' events table.
+    Sql(EventsTable),
+    /// The DynamoDB store's counter and global order.
+    #[cfg(feature = "dynamodb")]
+    DynamoDb(dynamodb::DynamoDbCatalog),
 }
 
 /// One aggregate as the operator page lists it.
@@ -56,7 +84,7 @@ impl Stores {
         match database {
             Database::Sqlite(path) => {
                 let store = SqliteEventRepository::open(path).await?;
-                let keys = KeyTable {
+                let keys = SqlKeyTable {
                     pool: Pool::Sqlite(store.pool().clone()),
                     table: TABLE.to_owned(),
                 };
@@ -70,9 +98,9 @@ impl Stores {
                 Ok(Stores {
                     views: Arc::new(store.views::<OrderSummary>()),
                     events: Arc::new(store),
-                    keys,
+                    keys: KeyTable::Sql(keys),
                     dead_letters: Arc::new(dead_letters),
-                    events_table,
+                    catalog: Catalog::Sql(events_table),
                 })
             }
             Database::Postgres { url, schema } => {
@@ -82,7 +110,7 @@ impl Stores {
                 }
                 store.migrate().await?;
                 // The schema is a plain identifier: `with_schema` checked it.
-                let keys = KeyTable {
+                let keys = SqlKeyTable {
                     pool: Pool::Postgres(store.pool().clone()),
                     table: format!("\"{}\".{TABLE}", store.schema()),
                 };
@@ -96,18 +124,54 @@ impl Stores {
                 Ok(Stores {
                     views: Arc::new(store.views::<OrderSummary>()),
                     events: Arc::new(store),
-                    keys,
+                    keys: KeyTable::Sql(keys),
                     dead_letters: Arc::new(dead_letters),
-                    events_table,
+                    catalog: Catalog::Sql(events_table),
                 })
             }
+            #[cfg(feature = "dynamodb")]
+            Database::DynamoDb {
+                endpoint,
+                events_table,
+                views_table,
+            } => dynamodb::open(endpoint.as_deref(), events_table, views_table).await,
         }
     }
 
     /// Up to `limit` aggregates, the most recently changed first, with their event counts.
     pub(crate) async fn aggregates(&self, limit: i64) -> Result<Vec<AggregateRow>, CQRSError> {
-        let table = &self.events_table.table;
-        let rows = match &self.events_table.pool {
+        match &self.catalog {
+            Catalog::Sql(events_table) => events_table.aggregates(limit).await,
+            #[cfg(feature = "dynamodb")]
+            Catalog::DynamoDb(catalog) => catalog.aggregates(limit).await,
+        }
+    }
+
+    /// How far [`aggregates`](Self::aggregates) looks, as the operator page says it after
+    /// "The N most recently changed": empty where it reads every event.
+    pub(crate) fn aggregates_scope(&self) -> &'static str {
+        match &self.catalog {
+            Catalog::Sql(_) => "",
+            #[cfg(feature = "dynamodb")]
+            Catalog::DynamoDb(_) => dynamodb::AGGREGATES_SCOPE,
+        }
+    }
+
+    /// The global position of the store's last event, 0 when it has none.
+    pub(crate) async fn head(&self) -> Result<i64, CQRSError> {
+        match &self.catalog {
+            Catalog::Sql(events_table) => events_table.head().await,
+            #[cfg(feature = "dynamodb")]
+            Catalog::DynamoDb(catalog) => catalog.head().await,
+        }
+    }
+}
+
+impl EventsTable {
+    /// Up to `limit` aggregates, the most recently changed first: one grouped query.
+    async fn aggregates(&self, limit: i64) -> Result<Vec<AggregateRow>, CQRSError> {
+        let table = &self.table;
+        let rows = match &self.pool {
             Pool::Sqlite(pool) => {
                 let sql = format!(
                     "SELECT aggregate_type, aggregate_id, COUNT(*), MAX(position) FROM {table} \
@@ -144,13 +208,10 @@ impl Stores {
             .collect())
     }
 
-    /// The global position of the store's last event, 0 when it has none.
-    pub(crate) async fn head(&self) -> Result<i64, CQRSError> {
-        let sql = format!(
-            "SELECT COALESCE(MAX(position), 0) FROM {}",
-            self.events_table.table
-        );
-        let head: Result<i64, sqlx::Error> = match &self.events_table.pool {
+    /// The largest position of the table, 0 when it is empty.
+    async fn head(&self) -> Result<i64, CQRSError> {
+        let sql = format!("SELECT COALESCE(MAX(position), 0) FROM {}", self.table);
+        let head: Result<i64, sqlx::Error> = match &self.pool {
             Pool::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
             Pool::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
         };
@@ -190,10 +251,80 @@ pub(crate) enum Claim {
     Taken(KeyRow),
 }
 
-/// `http_idempotency`: one row per idempotency key, claimed before a command runs and
-/// completed with its response. See `docs/adr/0015-http-service.md`.
+/// The idempotency keys: one row (or item) per key, claimed before a command runs and
+/// completed with its response, with the same operations and conditions on every database.
+/// See `docs/adr/0015-http-service.md` and, for DynamoDB, `docs/adr/0018-service-on-lambda.md`.
 #[derive(Debug, Clone)]
-pub(crate) struct KeyTable {
+pub(crate) enum KeyTable {
+    /// The `http_idempotency` table of SQLite or PostgreSQL.
+    Sql(SqlKeyTable),
+    /// Items of the DynamoDB view table.
+    #[cfg(feature = "dynamodb")]
+    DynamoDb(dynamodb::DynamoDbKeyTable),
+}
+
+/// Calls `$method` with `$args` on whichever table `$keys` is.
+macro_rules! on_keys {
+    ($keys:expr, $method:ident($($arg:expr),*)) => {
+        match $keys {
+            KeyTable::Sql(table) => table.$method($($arg),*).await,
+            #[cfg(feature = "dynamodb")]
+            KeyTable::DynamoDb(table) => table.$method($($arg),*).await,
+        }
+    };
+}
+
+impl KeyTable {
+    /// Deletes at most `limit` keys that were claimed before `before` (milliseconds since
+    /// the epoch) and hold a response; a claim still running (no response) is never
+    /// deleted here. Returns how many were deleted.
+    pub(crate) async fn prune(&self, before: i64, limit: i64) -> Result<u64, CQRSError> {
+        on_keys!(self, prune(before, limit))
+    }
+
+    /// Claims `key` for a request, or returns the row of the request that holds it.
+    pub(crate) async fn claim(
+        &self,
+        key: &str,
+        request: &str,
+        aggregate_id: &str,
+        now: i64,
+    ) -> Result<Claim, CQRSError> {
+        on_keys!(self, claim(key, request, aggregate_id, now))
+    }
+
+    /// Records the response of the request that claimed `key` at `claimed_at` (nothing, if
+    /// another request has taken the claim over since).
+    pub(crate) async fn complete(
+        &self,
+        key: &str,
+        claimed_at: i64,
+        response: &str,
+    ) -> Result<(), CQRSError> {
+        on_keys!(self, complete(key, claimed_at, response))
+    }
+
+    /// Frees `key`, claimed at `claimed_at`, after a request that stored nothing and must be
+    /// allowed to run again (nothing, if another request has taken the claim over since).
+    pub(crate) async fn release(&self, key: &str, claimed_at: i64) -> Result<(), CQRSError> {
+        on_keys!(self, release(key, claimed_at))
+    }
+
+    /// Takes over a claim that was abandoned (claimed at `claimed_at`, never completed):
+    /// true for exactly one of several requests that try at once.
+    pub(crate) async fn take_over(
+        &self,
+        key: &str,
+        claimed_at: i64,
+        now: i64,
+    ) -> Result<bool, CQRSError> {
+        on_keys!(self, take_over(key, claimed_at, now))
+    }
+}
+
+/// `http_idempotency`: one row per idempotency key in the SQL database of the events.
+#[derive(Debug, Clone)]
+pub(crate) struct SqlKeyTable {
     pool: Pool,
     /// The table's name, qualified by its schema on PostgreSQL.
     table: String,
@@ -244,7 +375,7 @@ fn sqlite_placeholders(sql: &str) -> String {
     out
 }
 
-impl KeyTable {
+impl SqlKeyTable {
     /// Creates the table if it does not exist (`BIGINT` is an integer in SQLite too).
     async fn migrate(&self) -> Result<(), CQRSError> {
         let sql = format!(

@@ -767,11 +767,15 @@ impl Shared {
                     "send back the Consistency-Token of a command's response",
                 )
             })?;
-        match self
-            .projection
-            .wait_for(position, self.config.consistency_wait)
-            .await
-        {
+        let wait = self.config.consistency_wait;
+        let reached = match &self.inline {
+            // The running projection may have been frozen with its process: catch up here.
+            Some(inline) if self.projection.position() < position => {
+                inline.wait_for(position, wait).await
+            }
+            _ => self.projection.wait_for(position, wait).await,
+        };
+        match reached {
             Ok(_) => Ok(()),
             Err(CQRSError::Timeout(_) | CQRSError::ProjectionStopped(_)) => Err(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -1,5 +1,7 @@
 //! An HTTP service on `cqrs`: orders that are placed, paid, shipped or cancelled, served by
-//! axum on the embedded SQLite store or on PostgreSQL.
+//! axum on the embedded SQLite store or on PostgreSQL, or, with the feature `dynamodb`, on
+//! DynamoDB (with `lambda`, the binary `cqrs-service-lambda` serves the same router on AWS
+//! Lambda through `lambda_http`: `docs/adr/0018-service-on-lambda.md`).
 //!
 //! * **Commands** are a `POST` each (`/orders`, `/orders/{id}/payment`, `/orders/{id}/shipment`,
 //!   `/orders/{id}/cancellation`) with a JSON body. Every error is
@@ -99,6 +101,11 @@ pub struct Config {
     /// The bearer token the operator pages ask for; without one (the default) they answer
     /// `404`.
     pub operator_token: Option<OperatorToken>,
+    /// A query whose `Consistency-Token` the running projection has not reached catches the
+    /// view up itself before it waits (default off). For a process that is frozen between
+    /// requests, as on AWS Lambda, where the projection's background task runs only while a
+    /// request does: see `docs/adr/0018-service-on-lambda.md`.
+    pub inline_catch_up: bool,
 }
 
 /// The bearer token of the operator pages. Its `Debug` does not show it.
@@ -139,7 +146,16 @@ impl Config {
             retry_attempts: 5,
             idempotency_retention: Duration::from_secs(24 * 60 * 60),
             operator_token: None,
+            inline_catch_up: false,
         }
+    }
+
+    /// The same configuration with queries that catch the view up themselves when it is
+    /// behind their `Consistency-Token` (see [`Config::inline_catch_up`]).
+    #[must_use]
+    pub fn with_inline_catch_up(mut self, inline: bool) -> Self {
+        self.inline_catch_up = inline;
+        self
     }
 
     /// The same configuration with another retention for completed idempotency keys.
@@ -201,6 +217,10 @@ pub(crate) struct Shared {
     pub(crate) framework: CQRSFramework<Order>,
     pub(crate) stores: db::Stores,
     pub(crate) projection: ProjectionHandle,
+    /// The projection a query runs itself under [`Config::inline_catch_up`]: the same view
+    /// and checkpoint as the running one (their commits are conditional on the checkpoint,
+    /// so the two never apply an event twice).
+    pub(crate) inline: Option<Projection<Order, OrderSummary>>,
     pub(crate) metrics: Arc<metrics::Metrics>,
     /// The task that deletes expired idempotency keys.
     pruner: tokio::task::AbortHandle,
@@ -246,6 +266,34 @@ async fn prune_keys(
     Ok(pruned)
 }
 
+/// The projection of the order view on `stores`.
+fn order_projection(stores: &db::Stores, database: &Database) -> Projection<Order, OrderSummary> {
+    // A poison event is skipped and recorded (the operator page lists it), so one bad
+    // row does not stop the view for every order.
+    let mut projection = Projection::<Order, OrderSummary>::new(
+        Arc::clone(&stores.events),
+        Arc::clone(&stores.views),
+    )
+    .with_poison_policy(PoisonPolicy::SkipAndRecord)
+    .with_dead_letters(Arc::clone(&stores.dead_letters));
+    match database {
+        Database::Sqlite(_) => {
+            // A view load on SQLite is a local read on the store's pool: loading a batch's
+            // rows in parallel only wakes more of its worker threads, on the cores the
+            // requests need. One at a time costs the writes much less under load (measured
+            // in docs/benchmarks.md, "The service under load").
+            projection = projection.with_load_concurrency(1);
+        }
+        Database::Postgres { .. } => {}
+        #[cfg(feature = "dynamodb")]
+        Database::DynamoDb { .. } => {
+            // A batch's rows and checkpoint are one transaction of at most 100 items.
+            projection = projection.with_batch_size(cqrs_aws::MAX_VIEW_ROWS_PER_COMMIT);
+        }
+    }
+    projection
+}
+
 /// The running service: the framework, the projection that keeps the order view, and the
 /// router over them.
 #[derive(Clone)]
@@ -277,22 +325,10 @@ impl Service {
         });
         let framework = CQRSFramework::<Order>::new(Arc::clone(&stores.events))
             .with_retry(RetryPolicy::attempts(config.retry_attempts));
-        // A poison event is skipped and recorded (the operator page lists it), so one bad
-        // row does not stop the view for every order.
-        let mut projection = Projection::<Order, OrderSummary>::new(
-            Arc::clone(&stores.events),
-            Arc::clone(&stores.views),
-        )
-        .with_poison_policy(PoisonPolicy::SkipAndRecord)
-        .with_dead_letters(Arc::clone(&stores.dead_letters));
-        if let Database::Sqlite(_) = config.database {
-            // A view load on SQLite is a local read on the store's pool: loading a batch's
-            // rows in parallel only wakes more of its worker threads, on the cores the
-            // requests need. One at a time costs the writes much less under load (measured
-            // in docs/benchmarks.md, "The service under load").
-            projection = projection.with_load_concurrency(1);
-        }
-        let projection = projection.start();
+        let projection = order_projection(&stores, &config.database).start();
+        let inline = config
+            .inline_catch_up
+            .then(|| order_projection(&stores, &config.database));
         let pruner = {
             let keys = stores.keys.clone();
             let metrics = Arc::clone(&metrics);
@@ -322,6 +358,7 @@ impl Service {
                 framework,
                 stores,
                 projection,
+                inline,
                 metrics,
                 pruner,
             }),

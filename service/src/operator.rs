@@ -121,8 +121,9 @@ pub(crate) async fn overview(
 
     let _ = writeln!(
         body,
-        "<h2>Aggregates</h2>\n<p>The {} most recently changed.</p>\n<table id=\"aggregates\">",
-        aggregates.len()
+        "<h2>Aggregates</h2>\n<p>The {} most recently changed{}.</p>\n<table id=\"aggregates\">",
+        aggregates.len(),
+        shared.stores.aggregates_scope(),
     );
     body.push_str("<tr><th>type</th><th>id</th><th>events</th><th>last position</th></tr>\n");
     for row in &aggregates {

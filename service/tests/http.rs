@@ -1,6 +1,8 @@
 //! The service over real HTTP: a reqwest client against the router served on an ephemeral
-//! port, on SQLite (a temporary file) and on PostgreSQL (`CQRS_POSTGRES_URL`, each test in a
-//! schema of its own; skipped with a note when the variable is unset).
+//! port, on SQLite (a temporary file), on PostgreSQL (`CQRS_POSTGRES_URL`, each test in a
+//! schema of its own; skipped with a note when the variable is unset) and, with the feature
+//! `dynamodb`, on DynamoDB (`CQRS_DYNAMODB_ENDPOINT`, an emulator, each test on tables of its
+//! own; skipped with a note when the variable is unset).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,12 +16,16 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 const POSTGRES_VAR: &str = "CQRS_POSTGRES_URL";
+#[cfg(feature = "dynamodb")]
+const DYNAMODB_VAR: &str = "CQRS_DYNAMODB_ENDPOINT";
 
 /// Where a test's service keeps its data.
 #[derive(Clone, Copy, Debug)]
 enum Backend {
     Sqlite,
     Postgres,
+    #[cfg(feature = "dynamodb")]
+    DynamoDb,
 }
 
 /// A database for one test: a temporary SQLite file or a fresh PostgreSQL schema, removed
@@ -31,7 +37,15 @@ struct TestDb {
 
 enum Cleanup {
     File(PathBuf),
-    Schema { url: String, schema: String },
+    Schema {
+        url: String,
+        schema: String,
+    },
+    #[cfg(feature = "dynamodb")]
+    Tables {
+        endpoint: String,
+        tables: [String; 2],
+    },
 }
 
 impl TestDb {
@@ -61,6 +75,24 @@ impl TestDb {
                     cleanup: Cleanup::Schema { url, schema },
                 })
             }
+            #[cfg(feature = "dynamodb")]
+            Backend::DynamoDb => {
+                let endpoint = cqrs_tests::server_url(
+                    DYNAMODB_VAR,
+                    "service on dynamodb",
+                    "http://127.0.0.1:5000 (python3 .ci/moto-single.py 5000)",
+                )?;
+                let test = Uuid::new_v4().simple();
+                let tables = [format!("svc-events-{test}"), format!("svc-views-{test}")];
+                Some(TestDb {
+                    database: Database::DynamoDb {
+                        endpoint: Some(endpoint.clone()),
+                        events_table: tables[0].clone(),
+                        views_table: tables[1].clone(),
+                    },
+                    cleanup: Cleanup::Tables { endpoint, tables },
+                })
+            }
         }
     }
 
@@ -79,6 +111,18 @@ impl TestDb {
                     .execute(&mut connection)
                     .await
                     .expect("drop the test schema");
+            }
+            #[cfg(feature = "dynamodb")]
+            Cleanup::Tables { endpoint, tables } => {
+                let client = cqrs_aws::local_client(&endpoint);
+                for table in tables {
+                    client
+                        .delete_table()
+                        .table_name(table)
+                        .send()
+                        .await
+                        .expect("delete the test table");
+                }
             }
         }
     }
@@ -180,6 +224,15 @@ async fn event_store(db: &Database) -> Box<dyn EventRepository> {
                 .with_schema(schema.as_deref().unwrap_or("public"))
                 .expect("schema"),
         ),
+        #[cfg(feature = "dynamodb")]
+        Database::DynamoDb {
+            endpoint,
+            events_table,
+            ..
+        } => Box::new(cqrs_aws::DynamoDbEventRepository::new(
+            cqrs_aws::local_client(endpoint.as_deref().expect("an emulator")),
+            events_table,
+        )),
     }
 }
 
@@ -244,6 +297,21 @@ macro_rules! on_backends {
     };
 }
 
+/// Runs `test` on fresh DynamoDB tables with the default configuration.
+macro_rules! on_dynamodb {
+    ($($name:ident => $test:ident;)*) => {
+        #[cfg(feature = "dynamodb")]
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::run(super::Backend::DynamoDb, super::$test).await;
+                }
+            )*
+        }
+    };
+}
+
 async fn run<F, Fut>(backend: Backend, test: F)
 where
     F: FnOnce(Database) -> Fut,
@@ -278,6 +346,34 @@ on_backends! {
     completed_keys_past_the_retention_are_pruned => completed_keys_past_the_retention_are_pruned;
     a_retry_with_a_pruned_key_is_a_new_request => a_retry_with_a_pruned_key_is_a_new_request;
     a_prune_deletes_a_bounded_number_of_keys => a_prune_deletes_a_bounded_number_of_keys;
+    a_query_catches_up_inline_when_the_projection_is_frozen => a_query_catches_up_inline_when_the_projection_is_frozen;
+}
+
+// Every test above but the bounded prune, which writes 10,500 keys: one at a time through an
+// emulator that serves one request at a time, too slow for a test; the bound is the same code
+// on every database (`prune_keys`), and the DynamoDB prune's own query is limited per batch.
+on_dynamodb! {
+    order_lifecycle => order_lifecycle;
+    domain_errors_are_problems => domain_errors_are_problems;
+    bad_input_is_a_4xx_problem_and_stores_nothing => bad_input_is_a_4xx_problem_and_stores_nothing;
+    stale_if_match_is_412 => stale_if_match_is_412;
+    racing_if_match_one_wins => racing_if_match_one_wins;
+    idempotent_retry_returns_the_first_outcome => idempotent_retry_returns_the_first_outcome;
+    ten_concurrent_requests_with_one_key_append_once => ten_concurrent_requests_with_one_key_append_once;
+    idempotency_survives_a_restart => idempotency_survives_a_restart;
+    abandoned_claim_is_recovered_from_the_events => abandoned_claim_is_recovered_from_the_events;
+    key_held_by_a_running_request_is_409 => key_held_by_a_running_request_is_409;
+    abandoned_claim_without_events_runs_once => abandoned_claim_without_events_runs_once;
+    read_your_writes => read_your_writes;
+    query_behind_the_token_is_503 => query_behind_the_token_is_503;
+    metrics_count_what_requests_did => metrics_count_what_requests_did;
+    request_id_is_the_events_correlation_id => request_id_is_the_events_correlation_id;
+    operator_page_shows_aggregates_streams_and_dead_letters => operator_page_shows_aggregates_streams_and_dead_letters;
+    operator_pages_are_off_without_a_token => operator_pages_are_off_without_a_token;
+    operator_pages_need_the_token => operator_pages_need_the_token;
+    completed_keys_past_the_retention_are_pruned => completed_keys_past_the_retention_are_pruned;
+    a_retry_with_a_pruned_key_is_a_new_request => a_retry_with_a_pruned_key_is_a_new_request;
+    a_query_catches_up_inline_when_the_projection_is_frozen => a_query_catches_up_inline_when_the_projection_is_frozen;
 }
 
 async fn order_lifecycle(db: Database) {
@@ -829,6 +925,11 @@ async fn abandoned_claim_is_recovered_from_the_events(db: Database) {
 
 /// Sets the key's response back to NULL: a claim whose request never finished.
 async fn forget_response(db: &Database, key: &str) {
+    #[cfg(feature = "dynamodb")]
+    if let Some(keys) = dynamo::KeyItems::of(db) {
+        keys.forget_response(key).await;
+        return;
+    }
     let sql = "UPDATE {table} SET response = NULL WHERE idempotency_key = $1";
     execute(db, sql, &[key]).await;
 }
@@ -836,6 +937,11 @@ async fn forget_response(db: &Database, key: &str) {
 /// Claims `key` for `request` at `claimed_at` (ms since the epoch), as a request that is
 /// running, or that died before it appended.
 async fn claim(db: &Database, key: &str, request: &str, claimed_at: i64) {
+    #[cfg(feature = "dynamodb")]
+    if let Some(keys) = dynamo::KeyItems::of(db) {
+        keys.claim(key, request, claimed_at, None).await;
+        return;
+    }
     let sql = "INSERT INTO {table} (idempotency_key, request, aggregate_id, claimed_at) \
                VALUES ($1, $2, $3, CAST($4 AS BIGINT))";
     let id = Uuid::new_v4().to_string();
@@ -866,6 +972,117 @@ async fn execute(db: &Database, sql: &str, params: &[&str]) {
                 query = query.bind(*param);
             }
             query.execute(&mut connection).await.expect("execute");
+        }
+        #[cfg(feature = "dynamodb")]
+        Database::DynamoDb { .. } => unreachable!("no SQL on DynamoDB: {sql}"),
+    }
+}
+
+/// The idempotency keys' items on DynamoDB, written and read as the service's ADR 0018
+/// describes them (the SQL tests' statements, for the DynamoDB backend).
+#[cfg(feature = "dynamodb")]
+mod dynamo {
+    use cqrs_aws::aws_sdk_dynamodb::types::AttributeValue;
+    use cqrs_aws::aws_sdk_dynamodb::Client;
+    use cqrs_service::Database;
+
+    pub(super) struct KeyItems {
+        client: Client,
+        table: String,
+    }
+
+    fn s(text: &str) -> AttributeValue {
+        AttributeValue::S(text.to_owned())
+    }
+
+    fn pk(key: &str) -> AttributeValue {
+        s(&format!("$idempotency#{key}"))
+    }
+
+    impl KeyItems {
+        /// The key items of `db`, when it is DynamoDB.
+        pub(super) fn of(db: &Database) -> Option<KeyItems> {
+            match db {
+                Database::DynamoDb {
+                    endpoint,
+                    views_table,
+                    ..
+                } => Some(KeyItems {
+                    client: cqrs_aws::local_client(endpoint.as_deref().expect("an emulator")),
+                    table: views_table.clone(),
+                }),
+                _ => None,
+            }
+        }
+
+        /// Writes `key`'s item, claimed at `claimed_at`, with `response` if given (then in
+        /// the list index, as a completed key).
+        pub(super) async fn claim(
+            &self,
+            key: &str,
+            request: &str,
+            claimed_at: i64,
+            response: Option<&str>,
+        ) {
+            let mut put = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .item("pk", pk(key))
+                .item("sk", AttributeValue::N("0".into()))
+                .item("kind", s("idempotency_key"))
+                .item("idempotency_key", s(key))
+                .item("request", s(request))
+                .item("aggregate_id", s(&uuid::Uuid::new_v4().to_string()))
+                .item("claimed_at", AttributeValue::N(claimed_at.to_string()));
+            if let Some(response) = response {
+                put = put
+                    .item("response", s(response))
+                    .item("view_list", s("$idempotency"))
+                    .item("view_order", s(&format!("{claimed_at:020}#{key}")));
+            }
+            put.send().await.expect("put a key item");
+        }
+
+        /// Removes `key`'s response: a claim whose request never finished.
+        pub(super) async fn forget_response(&self, key: &str) {
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", pk(key))
+                .key("sk", AttributeValue::N("0".into()))
+                .update_expression("REMOVE #response, view_list, view_order")
+                .expression_attribute_names("#response", "response")
+                .send()
+                .await
+                .expect("remove the response");
+        }
+
+        /// Every key stored.
+        pub(super) async fn keys(&self) -> Vec<String> {
+            let mut keys = Vec::new();
+            let mut start = None;
+            loop {
+                let page = self
+                    .client
+                    .scan()
+                    .table_name(&self.table)
+                    .filter_expression("begins_with(pk, :prefix)")
+                    .expression_attribute_values(":prefix", s("$idempotency#"))
+                    .set_exclusive_start_key(start.take())
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .expect("scan the keys");
+                for item in page.items() {
+                    let key = item["idempotency_key"].as_s().expect("a key");
+                    keys.push(key.clone());
+                }
+                match page.last_evaluated_key() {
+                    Some(last) if !last.is_empty() => start = Some(last.clone()),
+                    _ => return keys,
+                }
+            }
         }
     }
 }
@@ -967,6 +1184,37 @@ async fn read_your_writes(db: Database) {
         }
     });
     futures_util::future::join_all(workers).await;
+    running.shutdown().await;
+}
+
+/// With inline catch-up (as on Lambda), a query with a token is answered from the store even
+/// when the running projection is stopped (a frozen process): the query catches the view up
+/// itself. Without it, the same query would be `503` (`query_behind_the_token_is_503`).
+async fn a_query_catches_up_inline_when_the_projection_is_frozen(db: Database) {
+    let config = Config::new(db)
+        .with_inline_catch_up(true)
+        .with_consistency_wait(Duration::from_secs(5));
+    let running = Running::start(config).await;
+    running.service.stop();
+    let (id, _) = running.place(12).await;
+    let paid = running
+        .post(
+            &format!("/orders/{id}/payment"),
+            &json!({ "amount_cents": 12, "payment_reference": "p" }),
+            &[],
+        )
+        .await;
+    assert_eq!(paid.status(), StatusCode::OK);
+    let token = header_text(&paid, "consistency-token");
+    let view = running
+        .get(&format!("/orders/{id}"), &[("consistency-token", &token)])
+        .await;
+    assert_eq!(view.status(), StatusCode::OK);
+    let view: Value = view.json().await.expect("JSON");
+    assert_eq!(view["status"], "paid", "{view}");
+    assert_eq!(view["sequence"], 2);
+    // The running projection did not move: the query did the work.
+    assert!(running.service.view_position() < token.parse::<i64>().expect("a number"));
     running.shutdown().await;
 }
 
@@ -1420,6 +1668,8 @@ async fn operator_pages_need_the_token(db: Database) {
 /// The keys of the idempotency table, sorted.
 async fn stored_keys(db: &Database) -> Vec<String> {
     let mut keys: Vec<String> = match db {
+        #[cfg(feature = "dynamodb")]
+        Database::DynamoDb { .. } => dynamo::KeyItems::of(db).expect("DynamoDB").keys().await,
         Database::Sqlite(path) => {
             let url = format!("sqlite://{}", path.display());
             let mut connection = sqlx::SqliteConnection::connect(&url)
@@ -1447,9 +1697,15 @@ async fn stored_keys(db: &Database) -> Vec<String> {
 
 /// Claims `key` at `claimed_at` and stores a response for it: a request that finished.
 async fn completed(db: &Database, key: &str, claimed_at: i64) {
+    let response = r#"{"status":201,"headers":[],"body":{}}"#;
+    #[cfg(feature = "dynamodb")]
+    if let Some(keys) = dynamo::KeyItems::of(db) {
+        keys.claim(key, "POST /orders\n{}", claimed_at, Some(response))
+            .await;
+        return;
+    }
     claim(db, key, "POST /orders\n{}", claimed_at).await;
     let sql = "UPDATE {table} SET response = $1 WHERE idempotency_key = $2";
-    let response = r#"{"status":201,"headers":[],"body":{}}"#;
     execute(db, sql, &[response, key]).await;
 }
 
