@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use cqrs::SqliteOptions;
 use cqrs::{
-    CQRSFramework, CommandContext, DomainEvent, EventRepository, MemoryEventRepository,
-    MemoryViewRepository, PersistableDomainEvent, PostgresEventRepository, Projection,
-    SqliteEventRepository,
+    CQRSError, CQRSFramework, Checkpoint, CommandContext, DomainEvent, EventRepository,
+    MemoryEventRepository, MemoryViewRepository, PersistableDomainEvent, PostgresEventRepository,
+    Projection, SqliteEventRepository, ViewContext, ViewRepository,
 };
 use cqrs_benches::{
     bank_command, fill, history, postgres_url, prefilled, remove_sqlite, runtime, temp_sqlite,
@@ -398,7 +398,126 @@ fn projection(c: &mut Criterion) {
             }
         });
     });
+    // The SQL view stores, each as it is (`load_many_for_update`: one query per load) and
+    // behind `RowByRow` (one query per row, the trait's default), alternating in one run.
+    let path = temp_sqlite("project");
+    let sqlite = rt.block_on(async {
+        let store = SqliteEventRepository::open(&path)
+            .await
+            .expect("open sqlite");
+        fill(&store, READ_EVENTS / 10, 10)
+            .await
+            .expect("fill sqlite");
+        store
+    });
+    let views = sqlite.views::<BalanceView>();
+    bench_sql_catch_up(&mut group, &rt, "sqlite", &sqlite, &views);
+    if let Some(url) = postgres_url() {
+        let schema = format!("cqrs_bench_{}", Uuid::new_v4().simple());
+        let postgres = rt.block_on(async {
+            let store = PostgresEventRepository::connect(&url)
+                .await
+                .expect("connect postgres")
+                .with_schema(&schema)
+                .expect("schema name");
+            store.migrate().await.expect("migrate postgres");
+            fill(&store, READ_EVENTS / 10, 10)
+                .await
+                .expect("fill postgres");
+            store
+        });
+        let views = postgres.views::<BalanceView>();
+        bench_sql_catch_up(&mut group, &rt, "postgres", &postgres, &views);
+        rt.block_on(drop_schema(&url, &schema));
+    }
     group.finish();
+    drop(sqlite);
+    rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+    remove_sqlite(&path);
+}
+
+/// Catch-up of the balance view on a SQL store: `{store}_balance_view` with the store's own
+/// view repository, `{store}_balance_view_row_by_row` with every row loaded on its own.
+/// Each iteration is a projection of a new name over the same view rows (so after the
+/// first, every batch updates existing rows).
+fn bench_sql_catch_up<S, R>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    store_name: &str,
+    store: &S,
+    views: &R,
+) where
+    S: EventRepository + Clone + 'static,
+    R: ViewRepository<BankAccount, BalanceView> + Clone + 'static,
+{
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for row_by_row in [false, true] {
+        let name = if row_by_row {
+            format!("{store_name}_balance_view_row_by_row")
+        } else {
+            format!("{store_name}_balance_view")
+        };
+        group.bench_function(name, |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let (store, views, runs) = (store.clone(), views.clone(), Arc::clone(&runs));
+                async move {
+                    let mut measured = Duration::ZERO;
+                    for _ in 0..iters {
+                        let run = runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let views: Arc<dyn ViewRepository<BankAccount, BalanceView>> = if row_by_row
+                        {
+                            Arc::new(RowByRow(views.clone()))
+                        } else {
+                            Arc::new(views.clone())
+                        };
+                        let projection =
+                            Projection::<BankAccount, BalanceView>::new(store.clone(), views)
+                                .with_name(format!("bench_catch_up_{run}"));
+                        let start = Instant::now();
+                        let position = projection.catch_up().await.expect("catch up");
+                        measured += start.elapsed();
+                        assert_eq!(position, READ_EVENTS as i64);
+                    }
+                    measured
+                }
+            });
+        });
+    }
+}
+
+/// A view repository that loads every row with its own `load_for_update` (the trait's
+/// default `load_many_for_update`): the baseline of the batched loads.
+#[derive(Clone)]
+struct RowByRow<R>(R);
+
+#[cqrs::async_trait]
+impl<R> ViewRepository<BankAccount, BalanceView> for RowByRow<R>
+where
+    R: ViewRepository<BankAccount, BalanceView>,
+{
+    async fn load(&self, view_id: &str) -> Result<Option<BalanceView>, CQRSError> {
+        self.0.load(view_id).await
+    }
+    async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, BalanceView)>, CQRSError> {
+        self.0.list(after, limit).await
+    }
+    async fn load_for_update(&self, view_id: &str) -> Result<ViewContext<BalanceView>, CQRSError> {
+        self.0.load_for_update(view_id).await
+    }
+    async fn commit(
+        &self,
+        changes: Vec<ViewContext<BalanceView>>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), CQRSError> {
+        self.0.commit(changes, checkpoint).await
+    }
+    async fn checkpoint(&self, name: &str) -> Result<i64, CQRSError> {
+        self.0.checkpoint(name).await
+    }
 }
 
 fn decode(c: &mut Criterion) {

@@ -134,9 +134,10 @@ pub use snapshots::{
 pub use sqlite::SqliteHarness;
 pub use views::{
     check_view_checkpoint_never_goes_back, check_view_commit_with_checkpoint,
-    check_view_list_order, check_view_missing_row, check_view_optimistic_version,
-    check_view_repository, check_view_round_trip, check_view_version_activation,
-    check_view_versions_kept_apart, MemoryViewDatabase, MemoryViewHarness, ViewHarness,
+    check_view_list_order, check_view_load_many, check_view_missing_row,
+    check_view_optimistic_version, check_view_repository, check_view_round_trip,
+    check_view_version_activation, check_view_versions_kept_apart, MemoryViewDatabase,
+    MemoryViewHarness, ViewHarness,
 };
 
 /// What the conformance suite needs to know about a store: how to get an empty one, and how

@@ -40,6 +40,9 @@ enum Flaw {
     SkipRetryRecordsTwice,
     /// `record_and_skip` records and answers `Committed` without moving the checkpoint.
     SkipLeavesCheckpoint,
+    /// `load_many_for_update` answers the stored rows in id order, then the missing ones,
+    /// as a plain `WHERE view_id IN (..)` without reordering would.
+    LoadsManyInTableOrder,
     /// None: the store itself.
     None,
 }
@@ -151,6 +154,20 @@ impl<A: Aggregate, V: View<A>> ViewRepository<A, V> for JsonViews<V> {
             view,
             version,
         })
+    }
+
+    async fn load_many_for_update(
+        &self,
+        view_ids: &[String],
+    ) -> Result<Vec<ViewContext<V>>, CQRSError> {
+        let mut loaded = Vec::with_capacity(view_ids.len());
+        for view_id in view_ids {
+            loaded.push(ViewRepository::<A, V>::load_for_update(self, view_id).await?);
+        }
+        if self.database.has(Flaw::LoadsManyInTableOrder) {
+            loaded.sort_by(|a, b| (b.version > 0, &a.view_id).cmp(&(a.version > 0, &b.view_id)));
+        }
+        Ok(loaded)
     }
 
     async fn commit(
@@ -381,6 +398,14 @@ async fn an_equal_checkpoint_with_rows_is_caught() {
 )]
 async fn a_list_in_collation_order_is_caught() {
     conformance::check_view_list_order(&FlawedHarness(Flaw::ListsInCollationOrder)).await;
+}
+
+#[tokio::test]
+#[should_panic(
+    expected = "store conformance check `view_load_many` failed: load_many_for_update([\"it's \\\"b\\\", ünïcödé\", \"missing\", \"a\", \"it's \\\"b\\\", ünïcödé\"]): expected"
+)]
+async fn many_rows_loaded_out_of_order_are_caught() {
+    conformance::check_view_load_many(&FlawedHarness(Flaw::LoadsManyInTableOrder)).await;
 }
 
 #[tokio::test]

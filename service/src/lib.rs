@@ -280,8 +280,8 @@ fn order_projection(stores: &db::Stores, database: &Database) -> Projection<Orde
         Database::Sqlite(_) => {
             // A view load on SQLite is a local read on the store's pool: loading a batch's
             // rows in parallel only wakes more of its worker threads, on the cores the
-            // requests need. One at a time costs the writes much less under load (measured
-            // in docs/benchmarks.md, "The service under load").
+            // requests need (measured in docs/benchmarks.md, "The service under load").
+            // With one load, a batch reads all its rows with one query.
             projection = projection.with_load_concurrency(1);
         }
         Database::Postgres { .. } => {}

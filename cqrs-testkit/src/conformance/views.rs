@@ -134,7 +134,8 @@ impl ViewHarness for MemoryViewHarness {
 /// The checks, in order: [`check_view_missing_row`], [`check_view_round_trip`],
 /// [`check_view_optimistic_version`], [`check_view_commit_with_checkpoint`],
 /// [`check_view_checkpoint_never_goes_back`], [`check_view_list_order`],
-/// [`check_view_version_activation`], [`check_view_versions_kept_apart`].
+/// [`check_view_version_activation`], [`check_view_versions_kept_apart`],
+/// [`check_view_load_many`].
 ///
 /// ```
 /// use cqrs_testkit::conformance::{check_view_repository, MemoryViewHarness};
@@ -154,6 +155,7 @@ pub async fn check_view_repository<H: ViewHarness>(harness: &H) {
     check_view_list_order(harness).await;
     check_view_version_activation(harness).await;
     check_view_versions_kept_apart(harness).await;
+    check_view_load_many(harness).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -931,4 +933,105 @@ async fn join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Out
     })
     .await;
     outputs.into_iter().flatten().collect()
+}
+
+/// `load_many_for_update` answers each id as `load_for_update` does, in the order asked: a
+/// stored row with its version, a missing one as `V::default()` at version 0, an id asked
+/// twice twice, only the rows of the view's own [`View::VERSION`], ids with quotes and
+/// non-ASCII text, and a few hundred ids at once.
+pub async fn check_view_load_many<H: ViewHarness>(harness: &H) {
+    const CHECK: &str = "view_load_many";
+    let database = harness.fresh().await;
+    let v1 = harness.views::<ConformanceTally, TallyV1>(&database);
+    let v2 = harness.views::<ConformanceTally, TallyV2>(&database);
+    let quoted = "it's \"b\", ünïcödé";
+    let mut a = for_update(CHECK, &v1, "a").await;
+    a.view = tally(1);
+    let mut b = for_update(CHECK, &v1, quoted).await;
+    b.view = tally(2);
+    commit_ok(CHECK, &v1, vec![a, b], None).await;
+    let mut a = for_update(CHECK, &v1, "a").await;
+    a.view = tally(3);
+    commit_ok(CHECK, &v1, vec![a], None).await;
+    // Version 2's row of the same id must not answer for version 1.
+    let mut other = for_update(CHECK, &v2, "missing").await;
+    other.view = TallyV2 { total: 9 };
+    commit_ok(CHECK, &v2, vec![other], None).await;
+
+    let asked: Vec<String> = [quoted, "missing", "a", quoted]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let loaded = ok(
+        CHECK,
+        &format!("load_many_for_update({asked:?})"),
+        v1.load_many_for_update(&asked).await,
+    );
+    let expected = vec![
+        ViewContext {
+            view_id: quoted.to_owned(),
+            view: tally(2),
+            version: 1,
+        },
+        ViewContext {
+            view_id: "missing".to_owned(),
+            view: TallyV1::default(),
+            version: 0,
+        },
+        ViewContext {
+            view_id: "a".to_owned(),
+            view: tally(3),
+            version: 2,
+        },
+        ViewContext {
+            view_id: quoted.to_owned(),
+            view: tally(2),
+            version: 1,
+        },
+    ];
+    expect_eq(
+        CHECK,
+        &format!("load_many_for_update({asked:?})"),
+        expected,
+        loaded,
+    );
+    let none = ok(
+        CHECK,
+        "load_many_for_update([])",
+        v1.load_many_for_update(&[]).await,
+    );
+    expect_eq(CHECK, "load_many_for_update([])", 0, none.len());
+
+    // Many ids: every 10th stored, in an order that is not the table's.
+    let many: Vec<String> = (0..300).rev().map(|i| format!("row-{i:03}")).collect();
+    let stored: Vec<ViewContext<TallyV1>> = many
+        .iter()
+        .step_by(10)
+        .map(|id| ViewContext {
+            view_id: id.clone(),
+            view: tally(i64::try_from(id.len()).unwrap_or(0)),
+            version: 0,
+        })
+        .collect();
+    commit_ok(CHECK, &v1, stored, None).await;
+    let loaded = ok(
+        CHECK,
+        "load_many_for_update of 300 ids",
+        v1.load_many_for_update(&many).await,
+    );
+    let answered: Vec<(&str, i64)> = loaded
+        .iter()
+        .map(|context| (context.view_id.as_str(), context.version))
+        .collect();
+    let wanted: Vec<(&str, i64)> = many
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i64::from(i % 10 == 0)))
+        .collect();
+    expect_eq(
+        CHECK,
+        "load_many_for_update of 300 ids: (id, version) in the order asked",
+        wanted,
+        answered,
+    );
 }

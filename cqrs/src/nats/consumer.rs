@@ -256,7 +256,7 @@ impl<A: Aggregate, V: View<A>> NatsProjection<A, V> {
         self
     }
 
-    /// How many view rows a batch loads at once (default 8, at least 1), as for
+    /// How many loads of view rows a batch runs at once (default 8, at least 1), as for
     /// [`Projection::with_load_concurrency`].
     #[must_use]
     pub fn with_load_concurrency(mut self, loads: usize) -> Self {

@@ -579,9 +579,11 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
     /// Loads the touched view rows and applies `events` to them, without writing.
     ///
     /// The events are decoded first (up to the first one that does not decode) to learn
-    /// which rows they touch; the rows are then loaded concurrently (up to
-    /// [`Projection::with_load_concurrency`](super::Projection::with_load_concurrency) at a time), so a batch costs about one load's latency rather than
-    /// one per row, and the events are applied in order.
+    /// which rows they touch; the rows are then loaded with
+    /// [`ViewRepository::load_many_for_update`], split over up to
+    /// [`Projection::with_load_concurrency`](super::Projection::with_load_concurrency) loads
+    /// at once, so a batch costs about one load's latency rather than one per row, and the
+    /// events are applied in order.
     async fn apply_in_memory(
         &self,
         events: &[PersistableDomainEvent],
@@ -616,16 +618,20 @@ impl<A: Aggregate, V: View<A>> Core<A, V> {
                 }
             }
         }
-        // Boxed futures collected first: a closure held across the await would trip the
+        // The ids split evenly into at most `load_concurrency` loads, run at once: one query
+        // each on the SQL stores, one row after another in the trait's default. Boxed
+        // futures collected first: a closure held across the await would trip the
         // compiler's `Send` proof of the spawned runner.
+        let per_load = order.len().div_ceil(self.load_concurrency).max(1);
         let loads: Vec<_> = order
-            .iter()
-            .map(|view_id| self.views.load_for_update(view_id))
+            .chunks(per_load)
+            .map(|view_ids| self.views.load_many_for_update(view_ids))
             .collect();
-        let loaded: Vec<ViewContext<V>> = stream::iter(loads)
+        let loaded: Vec<Vec<ViewContext<V>>> = stream::iter(loads)
             .buffered(self.load_concurrency)
             .try_collect()
             .await?;
+        let loaded = loaded.into_iter().flatten();
         let mut touched: HashMap<&str, ViewContext<V>> =
             order.iter().map(String::as_str).zip(loaded).collect();
         for (index, (envelopes, targets)) in &decoded {

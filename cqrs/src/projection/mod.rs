@@ -186,9 +186,11 @@ impl<A: Aggregate, V: View<A>> Projection<A, V> {
         self
     }
 
-    /// How many view rows a batch loads at once (default 8, at least 1). A batch decodes
-    /// its events, loads the rows they touch concurrently, then applies the events in order;
-    /// 1 loads them one after the other.
+    /// How many loads of view rows a batch runs at once (default 8, at least 1). A batch
+    /// decodes its events, splits the ids of the rows they touch evenly into at most this
+    /// many [`ViewRepository::load_many_for_update`] calls, runs them at once, then applies
+    /// the events in order. On the SQL stores each call is one query; with 1, a batch reads
+    /// all its rows with one query.
     #[must_use]
     pub fn with_load_concurrency(mut self, loads: usize) -> Self {
         self.core.load_concurrency = loads.max(1);

@@ -213,7 +213,8 @@ impl<A: Aggregate, V: View<A>> PerAggregateProjection<A, V> {
         self
     }
 
-    /// How many view rows an aggregate's events load at once (default 8, at least 1).
+    /// How many loads of view rows an aggregate's events run at once (default 8, at least
+    /// 1), as for [`Projection::with_load_concurrency`](crate::Projection::with_load_concurrency).
     #[must_use]
     pub fn with_load_concurrency(mut self, loads: usize) -> Self {
         self.core.load_concurrency = loads.max(1);

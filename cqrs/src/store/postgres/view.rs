@@ -1,6 +1,6 @@
 //! Views as JSONB rows, committed with the projection's checkpoint in one transaction.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -14,6 +14,7 @@ use super::schema::{validate_identifier, view_table_ddl, InvalidIdentifier};
 use super::PostgresEventRepository;
 use crate::aggregate::Aggregate;
 use crate::error::CQRSError;
+use crate::store::view::contexts_in_order;
 use crate::store::CheckpointRepository;
 use crate::store::{Checkpoint, ViewContext, ViewRepository};
 use crate::view::View;
@@ -249,6 +250,40 @@ where
             view,
             version: row_version,
         })
+    }
+
+    async fn load_many_for_update(
+        &self,
+        view_ids: &[String],
+    ) -> Result<Vec<ViewContext<V>>, CQRSError> {
+        match view_ids {
+            [] => return Ok(Vec::new()),
+            [view_id] => {
+                return Ok(vec![
+                    <Self as ViewRepository<A, V>>::load_for_update(self, view_id).await?,
+                ])
+            }
+            _ => {}
+        }
+        let (table, version) = table_of::<A, V>(&self.store).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT view_id, payload, row_version FROM {table} \
+             WHERE view_id = ANY($1) AND view_version = $2"
+        ))
+        .bind(view_ids)
+        .bind(version)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(CQRSError::persistence)?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let view_id: String = row.try_get(0).map_err(CQRSError::persistence)?;
+            let payload: Value = row.try_get(1).map_err(CQRSError::persistence)?;
+            let row_version: i64 = row.try_get(2).map_err(CQRSError::persistence)?;
+            let view = decode_view(V::TABLE_NAME, &view_id, payload)?;
+            found.insert(view_id, (view, row_version));
+        }
+        Ok(contexts_in_order(view_ids, found))
     }
 
     async fn commit(

@@ -1,5 +1,6 @@
 //! Views stored as JSON rows, one table per view, committed with their checkpoint.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -8,6 +9,7 @@ use sqlx::Row;
 
 use crate::aggregate::Aggregate;
 use crate::error::CQRSError;
+use crate::store::view::contexts_in_order;
 use crate::store::{Checkpoint, ViewContext, ViewRepository};
 use crate::view::View;
 
@@ -208,6 +210,52 @@ where
             view,
             version,
         })
+    }
+
+    async fn load_many_for_update(
+        &self,
+        view_ids: &[String],
+    ) -> Result<Vec<ViewContext<V>>, CQRSError> {
+        match view_ids {
+            [] => return Ok(Vec::new()),
+            [view_id] => {
+                return Ok(vec![
+                    <Self as ViewRepository<A, V>>::load_for_update(self, view_id).await?,
+                ])
+            }
+            _ => {}
+        }
+        let table = <V as View<A>>::TABLE_NAME;
+        self.store.ensure_view_table(table).await?;
+        let version = view_version::<A, V>()?;
+        // The ids as one JSON array: one statement for any number of them.
+        let ids = serde_json::to_string(view_ids).map_err(|source| CQRSError::Serialization {
+            what: format!("view ids of {table}"),
+            source,
+        })?;
+        let sql = format!(
+            "SELECT view_id, payload, row_version FROM \"{table}\" \
+             WHERE view_version = ? AND view_id IN (SELECT value FROM json_each(?))"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(version)
+            .bind(ids)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(CQRSError::persistence)?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let view_id: String = row.try_get(0).map_err(CQRSError::persistence)?;
+            let payload: String = row.try_get(1).map_err(CQRSError::persistence)?;
+            let row_version: i64 = row.try_get(2).map_err(CQRSError::persistence)?;
+            let view =
+                serde_json::from_str(&payload).map_err(|source| CQRSError::Deserialization {
+                    what: format!("view {table}/{view_id}"),
+                    source,
+                })?;
+            found.insert(view_id, (view, row_version));
+        }
+        Ok(contexts_in_order(view_ids, found))
     }
 
     async fn commit(
