@@ -31,9 +31,11 @@ const PER_ACCOUNT: i64 = 10;
 pub const EVENTS: usize = ACCOUNTS * PER_ACCOUNT as usize;
 /// Page size: the projection's default batch.
 pub const PAGE: usize = 500;
-/// The columns our stores select, in their order.
+/// The columns our stores select, in their order: the baselines hand over the same ones.
 const COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, sequence, event_type, \
-                       event_version, payload, metadata, \"timestamp\"";
+                       event_version, payload, metadata, \"timestamp\", correlation_id, causation_id";
+/// How many [`COLUMNS`] there are.
+const COLUMN_COUNT: usize = 12;
 
 /// Catch-up figures of one store, events/s.
 pub struct CatchUp {
@@ -106,7 +108,7 @@ fn sqlite_raw(path: &std::path::Path) -> BoxResult<f64> {
         let mut rows = statement.query((after, PAGE as i64))?;
         let mut in_page = 0;
         while let Some(row) = rows.next()? {
-            for column in 0..10 {
+            for column in 0..COLUMN_COUNT {
                 bytes += match row.get_ref(column)? {
                     ValueRef::Text(text) | ValueRef::Blob(text) => text.len(),
                     ValueRef::Integer(value) => value as usize & 1,
@@ -126,6 +128,27 @@ fn sqlite_raw(path: &std::path::Path) -> BoxResult<f64> {
         return Err(format!("raw SQLite scan read {read} of {EVENTS} rows").into());
     }
     Ok(rate)
+}
+
+/// One side of the SQLite catch-up alone, `runs` times, for callgrind
+/// (`BENCH_PROFILE=cg_catch_up_ours|cg_catch_up_raw`): instructions per row are
+/// (Ir at `runs` R2 − Ir at R1) / ((R2 − R1) × [`EVENTS`]), which cancels the fill.
+pub async fn sqlite_one_side(ours: bool, runs: usize) -> BoxResult<()> {
+    let path = crate::limits::temp_file("cg-catch-up");
+    let store = SqliteEventRepository::open(&path).await?;
+    fill(&store).await?;
+    for _ in 0..runs {
+        if ours {
+            read_all_rate(&store, PAGE).await?;
+        } else {
+            let file = path.clone();
+            tokio::task::spawn_blocking(move || sqlite_raw(&file).map_err(|e| e.to_string()))
+                .await??;
+        }
+    }
+    drop(store);
+    crate::limits::remove_sqlite(&path);
+    Ok(())
 }
 
 /// SQLite: ours against the raw scan, `runs` of each, alternating.
@@ -169,9 +192,9 @@ async fn postgres_raw(pool: &sqlx::PgPool, schema: &str, page: usize) -> BoxResu
             let row = chunk
                 .strip_prefix(b"PGCOPY\n\xff\r\n\0")
                 .map_or(&chunk[..], |rest| rest.get(8..).unwrap_or_default());
-            // A row's message starts with its field count (10), then the position's length
+            // A row's message starts with its field count (12), then the position's length
             // (8) and the position: the one value the next page needs.
-            if let [0, 10, 0, 0, 0, 8, rest @ ..] = row {
+            if let [0, 12, 0, 0, 0, 8, rest @ ..] = row {
                 if let Some(position) = rest.get(..8) {
                     last = Some(i64::from_be_bytes(position.try_into()?));
                     in_page += 1;

@@ -13,7 +13,8 @@
 //! `docs/benchmarks-latency.png` beside this crate).
 //!
 //! One part alone: `BENCH_PROFILE=a|b|memory|long|sqlite|postgres|catch_up|lag`
-//! (`cg_ours|cg_es`: workload (a) `BENCH_RUNS` times on one side, for callgrind). For the
+//! (`cg_ours|cg_es`: workload (a) `BENCH_RUNS` times on one side, for callgrind;
+//! `cg_catch_up_ours|cg_catch_up_raw`: the SQLite catch-up read on one side). For the
 //! PostgreSQL part, `BENCH_PG_ONLY=plain|append|dispatch|dispatch_cache` runs one variant
 //! (for a profiler), `BENCH_PG_LEVELS` lists the numbers of dispatchers (default `8,32`),
 //! and `BENCH_PG_PARTS=catch_up` measures `read_all` (pages of
@@ -191,6 +192,10 @@ async fn profile(mode: &str) -> BoxResult<()> {
             }
         }
         "lag" => lag::profile().await?,
+        "cg_catch_up_ours" | "cg_catch_up_raw" => {
+            catch_up::sqlite_one_side(mode == "cg_catch_up_ours", env_usize("BENCH_RUNS", 1))
+                .await?;
+        }
         // For callgrind: workload (a) `BENCH_RUNS` times on one side only, nothing timed.
         // Instructions per command = (Ir at runs R2 - Ir at runs R1) / ((R2 - R1) * 100,000).
         "cg_ours" | "cg_es" => {
@@ -221,7 +226,7 @@ async fn profile(mode: &str) -> BoxResult<()> {
         }
         other => {
             return Err(format!(
-                "unknown BENCH_PROFILE {other:?}: a, b, memory, long, sqlite, postgres, catch_up or lag"
+                "unknown BENCH_PROFILE {other:?}: a, b, memory, long, sqlite, postgres, catch_up, lag, cg_ours, cg_es, cg_catch_up_ours or cg_catch_up_raw"
             )
             .into())
         }
@@ -326,8 +331,12 @@ async fn run() -> BoxResult<()> {
     report!("\nlimits (median of {runs_limits}, events/s; one event per command):");
     let sqlite = limits::sqlite(runs_limits).await?;
     report!(
-        "  sqlite plain INSERTs, WAL + synchronous=FULL, 8 rows/transaction   {:>10.0}",
+        "  sqlite plain INSERTs into the store's table, WAL + synchronous=FULL, 8 rows/txn {:>8.0}",
         sqlite.plain_batch8
+    );
+    report!(
+        "  sqlite plain INSERTs, the same, into a bare table (no trigger, index) {:>8.0}",
+        sqlite.plain_batch8_bare
     );
     report!(
         "  sqlite plain INSERTs, WAL + synchronous=FULL, 512 rows/transaction {:>10.0}",
@@ -372,6 +381,10 @@ async fn run() -> BoxResult<()> {
     ratios.push(format!(
         "ratio sqlite_1_producer_no_cache_vs_plain_1_per_txn {:.2}   (higher is better)",
         sqlite.ours_1 / sqlite.plain_batch1
+    ));
+    ratios.push(format!(
+        "ratio sqlite_plain_8_per_txn_store_table_vs_bare {:.2}   (the schema's own cost)",
+        sqlite.plain_batch8 / sqlite.plain_batch8_bare
     ));
 
     match std::env::var("CQRS_POSTGRES_URL") {

@@ -496,6 +496,47 @@ impl RowNames {
         (self.aggregate_type.clone(), self.aggregate_type_id.clone())
     }
 
+    fn reuse_bytes(slot: &mut SmolStr, bytes: &[u8]) -> Result<SmolStr, std::str::Utf8Error> {
+        if slot.as_bytes() != bytes {
+            *slot = SmolStr::new(std::str::from_utf8(bytes)?);
+        }
+        Ok(slot.clone())
+    }
+
+    /// A row's aggregate type from the column's bytes: the last row's when they are the
+    /// same (then already known to be UTF-8), otherwise checked. [`aggregate`](Self::aggregate)
+    /// keeps it for the next row.
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn aggregate_type_from_bytes(
+        &self,
+        bytes: &[u8],
+    ) -> Result<SmolStr, std::str::Utf8Error> {
+        if self.aggregate_type.as_bytes() == bytes {
+            return Ok(self.aggregate_type.clone());
+        }
+        std::str::from_utf8(bytes).map(SmolStr::new)
+    }
+
+    /// A row's event type from the column's bytes, checked to be UTF-8 only when they are
+    /// not the last row's.
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn event_type_from_bytes(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<SmolStr, std::str::Utf8Error> {
+        Self::reuse_bytes(&mut self.event_type, bytes)
+    }
+
+    /// A row's event version from the column's bytes, like
+    /// [`event_type_from_bytes`](Self::event_type_from_bytes).
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn event_version_from_bytes(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<SmolStr, std::str::Utf8Error> {
+        Self::reuse_bytes(&mut self.event_version, bytes)
+    }
+
     /// A row's event type.
     pub(crate) fn event_type(&mut self, text: &str) -> SmolStr {
         Self::reuse(&mut self.event_type, text)

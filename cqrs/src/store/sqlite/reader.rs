@@ -193,4 +193,25 @@ impl EventRow for Columns<'_, '_> {
             _ => self.text(index).map(Some),
         }
     }
+
+    fn text_bytes(&self, index: usize) -> Result<&[u8], String> {
+        match self.0.get_ref(index).map_err(|error| error.to_string())? {
+            ValueRef::Text(bytes) => Ok(bytes),
+            other => Err(format!(
+                "column {index} is {:?}, not TEXT",
+                other.data_type()
+            )),
+        }
+    }
+
+    fn optional_text_bytes(&self, index: usize) -> Result<Option<&[u8]>, String> {
+        match self.0.get_ref(index).map_err(|error| error.to_string())? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Text(bytes) => Ok(Some(bytes)),
+            other => Err(format!(
+                "column {index} is {:?}, not TEXT",
+                other.data_type()
+            )),
+        }
+    }
 }

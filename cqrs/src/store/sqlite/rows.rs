@@ -72,6 +72,18 @@ pub(super) trait EventRow {
     fn text(&self, index: usize) -> Result<&str, String>;
     /// A nullable `TEXT` column: `None` for `NULL`.
     fn optional_text(&self, index: usize) -> Result<Option<&str>, String>;
+
+    /// A `TEXT` column's bytes, not checked to be UTF-8: for values parsed from ASCII (a
+    /// UUID) or compared with a name already checked.
+    fn text_bytes(&self, index: usize) -> Result<&[u8], String> {
+        self.text(index).map(str::as_bytes)
+    }
+
+    /// A nullable `TEXT` column's bytes, like [`text_bytes`](Self::text_bytes).
+    fn optional_text_bytes(&self, index: usize) -> Result<Option<&[u8]>, String> {
+        self.optional_text(index)
+            .map(|text| text.map(str::as_bytes))
+    }
 }
 
 impl EventRow for SqliteRow {
@@ -116,56 +128,76 @@ pub(super) fn decode_event(
         .integer(0)
         .map_err(|error| corrupt("cqrs_events", "with an unreadable position", error))?;
     let at = corrupt_at(position);
-    let aggregate_type = row.text(2).map_err(&at)?;
-    let raw_aggregate_id = row.text(3).map_err(&at)?;
-    let aggregate_id = Uuid::parse_str(raw_aggregate_id).map_err(|error| {
+    let at_ref = &at;
+    let not_utf8 = |index: usize| {
+        move |error: std::str::Utf8Error| at_ref(format!("column {index} is not UTF-8: {error}"))
+    };
+    let aggregate_type = names
+        .aggregate_type_from_bytes(row.text_bytes(2).map_err(&at)?)
+        .map_err(not_utf8(2))?;
+    let raw_aggregate_id = row.text_bytes(3).map_err(&at)?;
+    let aggregate_id = Uuid::try_parse_ascii(raw_aggregate_id).map_err(|error| {
         corrupt(
             "cqrs_events",
             format_args!("at position {position}"),
-            format_args!("aggregate_id {raw_aggregate_id:?} is not a UUID: {error}"),
+            format_args!(
+                "aggregate_id {:?} is not a UUID: {error}",
+                String::from_utf8_lossy(raw_aggregate_id)
+            ),
         )
     })?;
     let sequence = row.integer(4).map_err(&at)?;
-    let event_type = row.text(5).map_err(&at)?;
-    let event_version = row.text(6).map_err(&at)?;
+    let event_type = names
+        .event_type_from_bytes(row.text_bytes(5).map_err(&at)?)
+        .map_err(not_utf8(5))?;
+    let event_version = names
+        .event_version_from_bytes(row.text_bytes(6).map_err(&at)?)
+        .map_err(not_utf8(6))?;
     let malformed = |problem: serde_json::Error| {
         CQRSError::from(EventDecodeError {
-            aggregate_type: aggregate_type.to_owned(),
+            aggregate_type: aggregate_type.to_string(),
             aggregate_id,
             sequence,
-            event_type: event_type.to_owned(),
-            event_version: event_version.to_owned(),
+            event_type: event_type.to_string(),
+            event_version: event_version.to_string(),
             kind: DecodeError::MalformedPayload(problem),
         })
     };
     let invalid = |what: String| malformed(<serde_json::Error as serde::de::Error>::custom(what));
+    let uuid = |raw: &[u8], column: &str| {
+        Uuid::try_parse_ascii(raw).map_err(|error| {
+            invalid(format!(
+                "{column} {:?} is not a UUID: {error}",
+                String::from_utf8_lossy(raw)
+            ))
+        })
+    };
 
-    let raw_event_id = row.text(1).map_err(&at)?;
-    let event_id = Uuid::parse_str(raw_event_id)
-        .map_err(|error| invalid(format!("event_id {raw_event_id:?} is not a UUID: {error}")))?;
+    let event_id = uuid(row.text_bytes(1).map_err(&at)?, "event_id")?;
     let payload = row.text(7).map_err(&at)?;
     let payload = match payloads {
         Payloads::Checked => Payload::from_json(payload).map_err(&malformed)?,
         Payloads::AsStored => Payload::from_stored_unchecked(payload),
     };
-    let metadata: Value = serde_json::from_str(row.text(8).map_err(&at)?)
-        .map_err(|error| invalid(format!("metadata is not JSON: {error}")))?;
+    // Most events carry no metadata: `null` needs no parser.
+    let metadata = match row.text_bytes(8).map_err(&at)? {
+        b"null" => Value::Null,
+        _ => serde_json::from_str(row.text(8).map_err(&at)?)
+            .map_err(|error| invalid(format!("metadata is not JSON: {error}")))?,
+    };
     let micros = row.integer(9).map_err(&at)?;
     let timestamp = from_micros(micros)
         .ok_or_else(|| invalid(format!("timestamp {micros} is out of range")))?;
     let optional_uuid = |index: usize, column: &str| -> Result<Option<Uuid>, CQRSError> {
-        row.optional_text(index)
+        row.optional_text_bytes(index)
             .map_err(&at)?
-            .map(|raw| {
-                Uuid::parse_str(raw)
-                    .map_err(|error| invalid(format!("{column} {raw:?} is not a UUID: {error}")))
-            })
+            .map(|raw| uuid(raw, column))
             .transpose()
     };
     let correlation_id = optional_uuid(10, "correlation_id")?;
     let causation_id = optional_uuid(11, "causation_id")?;
 
-    let (aggregate_type, aggregate_type_id) = names.aggregate(aggregate_type, aggregate_id);
+    let (aggregate_type, aggregate_type_id) = names.aggregate(&aggregate_type, aggregate_id);
     Ok(PersistableDomainEvent {
         event_id,
         aggregate_type_id,
@@ -173,8 +205,8 @@ pub(super) fn decode_event(
         aggregate_type,
         sequence,
         position,
-        event_type: names.event_type(event_type),
-        event_version: names.event_version(event_version),
+        event_type,
+        event_version,
         payload,
         metadata,
         timestamp,
@@ -379,4 +411,128 @@ pub(super) fn bad_snapshot_timestamp(
         format_args!("{aggregate_type} {aggregate_id}"),
         format_args!("timestamp {micros} is out of range"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stored row as SQLite hands it over: integers, and `TEXT` bytes that need not be
+    /// UTF-8.
+    struct Stored(Vec<Option<Result<i64, Vec<u8>>>>);
+
+    impl Stored {
+        fn event(position: i64, event_type: &[u8], metadata: &[u8]) -> Self {
+            let text = |bytes: &[u8]| Some(Err(bytes.to_vec()));
+            Stored(vec![
+                Some(Ok(position)),
+                text(Uuid::from_u128(position as u128).to_string().as_bytes()),
+                text(b"account"),
+                text(Uuid::from_u128(7).to_string().as_bytes()),
+                Some(Ok(position)),
+                text(event_type),
+                text(b"1"),
+                text(br#"{"Added":1}"#),
+                text(metadata),
+                Some(Ok(1_700_000_000_000_000)),
+                None,
+                text(Uuid::from_u128(99).to_string().as_bytes()),
+            ])
+        }
+    }
+
+    impl EventRow for Stored {
+        fn integer(&self, index: usize) -> Result<i64, String> {
+            match &self.0[index] {
+                Some(Ok(value)) => Ok(*value),
+                _ => Err(format!("column {index} is not INTEGER")),
+            }
+        }
+
+        fn text(&self, index: usize) -> Result<&str, String> {
+            std::str::from_utf8(self.text_bytes(index)?).map_err(|error| error.to_string())
+        }
+
+        fn optional_text(&self, index: usize) -> Result<Option<&str>, String> {
+            match &self.0[index] {
+                None => Ok(None),
+                Some(_) => self.text(index).map(Some),
+            }
+        }
+
+        fn text_bytes(&self, index: usize) -> Result<&[u8], String> {
+            match &self.0[index] {
+                Some(Err(bytes)) => Ok(bytes),
+                _ => Err(format!("column {index} is not TEXT")),
+            }
+        }
+
+        fn optional_text_bytes(&self, index: usize) -> Result<Option<&[u8]>, String> {
+            match &self.0[index] {
+                None => Ok(None),
+                Some(_) => self.text_bytes(index).map(Some),
+            }
+        }
+    }
+
+    fn decode(row: &Stored, names: &mut RowNames) -> Result<PersistableDomainEvent, CQRSError> {
+        decode_event(row, names, Payloads::AsStored)
+    }
+
+    /// The names of the previous row are reused without a UTF-8 check only when the bytes
+    /// are the same: a changed name that is not UTF-8 is still refused.
+    #[test]
+    fn repeated_names_are_reused_and_changed_ones_checked() {
+        let mut names = RowNames::default();
+        let first = decode(&Stored::event(1, b"Added", b"null"), &mut names).unwrap();
+        let second = decode(&Stored::event(2, b"Added", b"null"), &mut names).unwrap();
+        assert_eq!(second.event_type, "Added");
+        assert_eq!(second.aggregate_type, "account");
+        assert_eq!(second.aggregate_type_id, first.aggregate_type_id);
+        assert_eq!(second.event_id, Uuid::from_u128(2));
+        assert_eq!(second.correlation_id, None);
+        assert_eq!(second.causation_id, Some(Uuid::from_u128(99)));
+
+        let error = decode(&Stored::event(3, b"Add\xffed", b"null"), &mut names).unwrap_err();
+        assert!(error.to_string().contains("not UTF-8"), "{error}");
+        let renamed = decode(&Stored::event(4, b"Removed", b"null"), &mut names).unwrap();
+        assert_eq!(renamed.event_type, "Removed");
+    }
+
+    /// `null` metadata skips the parser; any other text is parsed, and text that is not
+    /// JSON is the event's decode error.
+    #[test]
+    fn metadata_is_null_parsed_or_refused() {
+        let mut names = RowNames::default();
+        let none = decode(&Stored::event(1, b"Added", b"null"), &mut names).unwrap();
+        assert_eq!(none.metadata, Value::Null);
+        let some = decode(
+            &Stored::event(2, b"Added", br#"{"user":"ann"}"#),
+            &mut names,
+        )
+        .unwrap();
+        assert_eq!(some.metadata, serde_json::json!({ "user": "ann" }));
+        let error = decode(&Stored::event(3, b"Added", b"nul"), &mut names).unwrap_err();
+        assert!(matches!(error, CQRSError::EventDecode(_)), "{error}");
+    }
+
+    /// Ids are parsed from the column's bytes: bytes that are not a UUID (or not UTF-8)
+    /// name the column.
+    #[test]
+    fn ids_that_are_not_uuids_are_named() {
+        let mut names = RowNames::default();
+        let mut row = Stored::event(1, b"Added", b"null");
+        row.0[1] = Some(Err(b"\xff-not-an-id".to_vec()));
+        let error = decode(&row, &mut names).unwrap_err();
+        assert!(error.to_string().contains("event_id"), "{error}");
+        let mut row = Stored::event(2, b"Added", b"null");
+        row.0[3] = Some(Err(b"7".to_vec()));
+        let error = decode(&row, &mut names).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("aggregate_id \"7\" is not a UUID"),
+            "{error}"
+        );
+    }
 }
