@@ -324,6 +324,40 @@ async fn read_everything(store: &dyn EventRepository) -> usize {
     }
 }
 
+/// A fresh SQLite file (`temp_sqlite(name)`) holding the `READ_EVENTS` of 1 account in 10.
+fn filled_sqlite(rt: &Runtime, name: &str) -> (std::path::PathBuf, SqliteEventRepository) {
+    let path = temp_sqlite(name);
+    let store = rt.block_on(async {
+        let store = SqliteEventRepository::open(&path)
+            .await
+            .expect("open sqlite");
+        fill(&store, READ_EVENTS / 10, 10)
+            .await
+            .expect("fill sqlite");
+        store
+    });
+    (path, store)
+}
+
+/// A fresh schema on the server at `url` holding the same events; drop it with
+/// `drop_schema`.
+fn filled_postgres(rt: &Runtime, url: &str) -> (String, PostgresEventRepository) {
+    let schema = format!("cqrs_bench_{}", Uuid::new_v4().simple());
+    let store = rt.block_on(async {
+        let store = PostgresEventRepository::connect(url)
+            .await
+            .expect("connect postgres")
+            .with_schema(&schema)
+            .expect("schema name");
+        store.migrate().await.expect("migrate postgres");
+        fill(&store, READ_EVENTS / 10, 10)
+            .await
+            .expect("fill postgres");
+        store
+    });
+    (schema, store)
+}
+
 fn catch_up_read(c: &mut Criterion) {
     let rt = rt();
     let mut group = short(c, "catch_up_read_all");
@@ -334,33 +368,12 @@ fn catch_up_read(c: &mut Criterion) {
     group.bench_function("memory", |b| {
         b.to_async(&rt).iter(|| read_everything(&memory));
     });
-    let path = temp_sqlite("read");
-    let sqlite = rt.block_on(async {
-        let store = SqliteEventRepository::open(&path)
-            .await
-            .expect("open sqlite");
-        fill(&store, READ_EVENTS / 10, 10)
-            .await
-            .expect("fill sqlite");
-        store
-    });
+    let (path, sqlite) = filled_sqlite(&rt, "read");
     group.bench_function("sqlite", |b| {
         b.to_async(&rt).iter(|| read_everything(&sqlite));
     });
     if let Some(url) = postgres_url() {
-        let schema = format!("cqrs_bench_{}", Uuid::new_v4().simple());
-        let postgres = rt.block_on(async {
-            let store = PostgresEventRepository::connect(&url)
-                .await
-                .expect("connect postgres")
-                .with_schema(&schema)
-                .expect("schema name");
-            store.migrate().await.expect("migrate postgres");
-            fill(&store, READ_EVENTS / 10, 10)
-                .await
-                .expect("fill postgres");
-            store
-        });
+        let (schema, postgres) = filled_postgres(&rt, &url);
         group.bench_function("postgres", |b| {
             b.to_async(&rt).iter(|| read_everything(&postgres));
         });
@@ -400,32 +413,11 @@ fn projection(c: &mut Criterion) {
     });
     // The SQL view stores, each as it is (`load_many_for_update`: one query per load) and
     // behind `RowByRow` (one query per row, the trait's default), alternating in one run.
-    let path = temp_sqlite("project");
-    let sqlite = rt.block_on(async {
-        let store = SqliteEventRepository::open(&path)
-            .await
-            .expect("open sqlite");
-        fill(&store, READ_EVENTS / 10, 10)
-            .await
-            .expect("fill sqlite");
-        store
-    });
+    let (path, sqlite) = filled_sqlite(&rt, "project");
     let views = sqlite.views::<BalanceView>();
     bench_sql_catch_up(&mut group, &rt, "sqlite", &sqlite, &views);
     if let Some(url) = postgres_url() {
-        let schema = format!("cqrs_bench_{}", Uuid::new_v4().simple());
-        let postgres = rt.block_on(async {
-            let store = PostgresEventRepository::connect(&url)
-                .await
-                .expect("connect postgres")
-                .with_schema(&schema)
-                .expect("schema name");
-            store.migrate().await.expect("migrate postgres");
-            fill(&store, READ_EVENTS / 10, 10)
-                .await
-                .expect("fill postgres");
-            store
-        });
+        let (schema, postgres) = filled_postgres(&rt, &url);
         let views = postgres.views::<BalanceView>();
         bench_sql_catch_up(&mut group, &rt, "postgres", &postgres, &views);
         rt.block_on(drop_schema(&url, &schema));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use aws_smithy_http_client::tls;
 use cqrs::{CQRSError, EventRepository};
 use cqrs_aws::aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
-use cqrs_aws::aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use cqrs_aws::aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use cqrs_aws::aws_sdk_dynamodb::types::AttributeValue;
 use cqrs_aws::aws_sdk_dynamodb::Client;
 use cqrs_aws::{DynamoDbEventRepository, DynamoDbViewRepository};
@@ -210,13 +210,8 @@ impl DynamoDbKeyTable {
                 .condition_expression("attribute_not_exists(pk)")
                 .send()
                 .await;
-            match put {
-                Ok(_) => return Ok(Claim::Claimed),
-                Err(error)
-                    if error
-                        .as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
-                Err(error) => return Err(sdk_error("PutItem", &self.table, error)),
+            if applied("PutItem", &self.table, put)? {
+                return Ok(Claim::Claimed);
             }
             if let Some(row) = self.row(key).await? {
                 return Ok(Claim::Taken(row));
@@ -287,17 +282,7 @@ impl DynamoDbKeyTable {
             .expression_attribute_values(":claimed_at", n(claimed_at))
             .send()
             .await;
-        match done {
-            Ok(_) => Ok(()),
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
-            Err(error) => Err(sdk_error("UpdateItem", &self.table, error)),
-        }
+        applied("UpdateItem", &self.table, done).map(|_| ())
     }
 
     /// Frees `key`, claimed at `claimed_at` and not completed (nothing, if another request
@@ -329,17 +314,7 @@ impl DynamoDbKeyTable {
             .expression_attribute_values(":claimed_at", n(claimed_at))
             .send()
             .await;
-        match done {
-            Ok(_) => Ok(true),
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(error) => Err(sdk_error("UpdateItem", &self.table, error)),
-        }
+        applied("UpdateItem", &self.table, done)
     }
 
     /// Deletes at most `limit` keys that were claimed before `before` and hold a response:
@@ -410,17 +385,7 @@ impl DynamoDbKeyTable {
             .expression_attribute_values(":claimed_at", n(claimed_at))
             .send()
             .await;
-        match done {
-            Ok(_) => Ok(true),
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(error) => Err(sdk_error("DeleteItem", &self.table, error)),
-        }
+        applied("DeleteItem", &self.table, done)
     }
 }
 
@@ -445,6 +410,30 @@ fn damaged(table: &str, key: &str, problem: &str) -> CQRSError {
 }
 
 /// A failed request, with the SDK's whole message (its `Display` says only "service error").
+/// Whether a conditional write was applied: `Ok(false)` when its condition refused it.
+fn applied<T, E, R>(
+    operation: &str,
+    table: &str,
+    result: Result<T, SdkError<E, R>>,
+) -> Result<bool, CQRSError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(error)
+            if error
+                .as_service_error()
+                .and_then(ProvideErrorMetadata::code)
+                == Some("ConditionalCheckFailedException") =>
+        {
+            Ok(false)
+        }
+        Err(error) => Err(sdk_error(operation, table, error)),
+    }
+}
+
 fn sdk_error<E, R>(operation: &str, table: &str, error: SdkError<E, R>) -> CQRSError
 where
     E: std::error::Error + Send + Sync + 'static,
