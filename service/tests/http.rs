@@ -107,10 +107,24 @@ impl TestDb {
                 let mut connection = sqlx::PgConnection::connect(&url)
                     .await
                     .expect("connect to drop the test schema");
-                sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                    .execute(&mut connection)
-                    .await
-                    .expect("drop the test schema");
+                // A stopped service's projection may still be finishing a commit in the
+                // schema: the drop can then lose a deadlock to it, and is tried again.
+                let mut attempts = 0;
+                loop {
+                    let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                        .execute(&mut connection)
+                        .await;
+                    match dropped {
+                        Ok(_) => break,
+                        Err(sqlx::Error::Database(error))
+                            if error.code().as_deref() == Some("40P01") && attempts < 10 =>
+                        {
+                            attempts += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                        Err(error) => panic!("drop the test schema: {error}"),
+                    }
+                }
             }
             #[cfg(feature = "dynamodb")]
             Cleanup::Tables { endpoint, tables } => {
