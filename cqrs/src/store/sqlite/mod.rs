@@ -53,6 +53,11 @@ use self::writer::{Job, Readers, WriteConnection};
 pub enum Durability {
     /// `synchronous=FULL`: every commit waits for the write-ahead log to reach the disk. An
     /// `Ok` from `append` survives a power cut. The default.
+    ///
+    /// A commit of nothing but view rows and their checkpoint (a projection's batch that
+    /// no append shared) skips its own fsync and becomes durable with the next append's:
+    /// a power cut takes those rows and the checkpoint back together, and the projection
+    /// applies the same events again.
     #[default]
     Full,
     /// `synchronous=NORMAL`: the log is synced only at checkpoints. Much faster on slow
@@ -346,12 +351,15 @@ impl SqliteEventRepository {
         let position = Arc::new(watch::channel(initial).0);
         let (jobs, receiver) = mpsc::channel(options.queue_capacity);
         let readers = Arc::new(Readers::default());
+        let relax_views = matches!(writer, WriteConnection::Dedicated(_))
+            && options.durability == Durability::Full;
         tokio::spawn(writer::run(
             writer,
             receiver,
             options.max_group_size,
             Arc::clone(&position),
             Arc::clone(&readers),
+            relax_views,
         ));
         Ok(SqliteEventRepository {
             inner: Arc::new(Shared {

@@ -238,16 +238,48 @@ const MAX_GATHER: Duration = Duration::from_millis(2);
 /// the few that happened to be first. The wait ends when the last such read has finished
 /// (and its caller had a moment to send its append), after [`MAX_GATHER`], or at the group
 /// limit; a lone writer never waits.
+///
+/// With `relax_views` (a dedicated connection in `synchronous=FULL`), a group of nothing but
+/// view batches is committed under `synchronous=NORMAL`: without an fsync of its own, durable
+/// with the next commit that has one. Views are derived from the events and commit with
+/// their checkpoint, so a power cut can only take both back to an earlier consistent point,
+/// from which the projection applies the same events again; the events themselves are never
+/// written without the fsync. The connection goes back to `FULL` before any other group.
 pub(super) async fn run(
     mut connection: WriteConnection,
     mut jobs: mpsc::Receiver<Job>,
     max_group: usize,
     position: Arc<watch::Sender<i64>>,
     readers: Arc<Readers>,
+    relax_views: bool,
 ) {
     let mut group = Vec::with_capacity(max_group);
+    let mut relaxed = false;
     while jobs.recv_many(&mut group, max_group).await > 0 {
         gather(&mut jobs, &mut group, max_group, &readers).await;
+        let views_only = relax_views && group.iter().all(|job| matches!(job, Job::Views { .. }));
+        if views_only != relaxed {
+            let sql = if views_only {
+                "PRAGMA synchronous = NORMAL"
+            } else {
+                "PRAGMA synchronous = FULL"
+            };
+            let switched = match connection.lease().await {
+                Ok(mut lease) => execute(lease.connection(), sql).await,
+                Err(error) => Err(error),
+            };
+            match switched {
+                Ok(()) => relaxed = views_only,
+                // Still relaxed: nothing but views may be written until `FULL` is back.
+                Err(error) if relaxed => {
+                    tracing::warn!(%error, "could not restore synchronous=FULL");
+                    fail_all(std::mem::take(&mut group), error);
+                    continue;
+                }
+                // Still `FULL`: the views are written durably, as any other group.
+                Err(error) => tracing::debug!(%error, "could not relax synchronous for views"),
+            }
+        }
         let span = tracing::trace_span!("sqlite_group_commit", jobs = group.len());
         commit_group(&mut connection, std::mem::take(&mut group), &position)
             .instrument(span)
@@ -800,15 +832,31 @@ async fn save_checkpoint(
 
 /// Writes a view batch and its checkpoint under a savepoint; a stale row or a checkpoint
 /// that would go backwards undoes the whole batch.
+///
+/// The batch is first written with one script ([`write_views_together`]): the savepoint,
+/// one `INSERT` of the new rows, one `UPDATE` of the others and the checkpoint's upsert, in
+/// one round trip to the connection's thread. When a count falls short (a stale row, a
+/// checkpoint behind the stored one) or a constraint refuses the `INSERT`, the savepoint is
+/// rolled back and the rows are written one by one ([`write_views`]), which names the row
+/// that was refused.
 async fn commit_views(
     conn: &mut SqliteConnection,
     commit: &ViewCommit,
 ) -> Result<Result<(), CQRSError>, sqlx::Error> {
-    execute(conn, "SAVEPOINT cqrs_views").await?;
-    let refusal = match write_views(conn, commit).await {
-        Ok(refusal) => refusal,
+    match write_views_together(conn, commit).await {
+        Ok(true) => {
+            execute(conn, "RELEASE cqrs_views").await?;
+            return Ok(Ok(()));
+        }
+        Ok(false) => execute(conn, "ROLLBACK TO cqrs_views").await?,
+        // The script stopped at the refused statement, which SQLite undid; the savepoint
+        // is open.
+        Err(error) if constraint_violation(&error).is_some() => {
+            execute(conn, "ROLLBACK TO cqrs_views").await?;
+        }
         Err(error) => return Err(error),
-    };
+    }
+    let refusal = write_views(conn, commit).await?;
     if refusal.is_some() {
         execute(conn, "ROLLBACK TO cqrs_views").await?;
     }
@@ -817,6 +865,85 @@ async fn commit_views(
         Some(error) => Err(error),
         None => Ok(()),
     })
+}
+
+/// Opens the `cqrs_views` savepoint and writes the whole batch with one script; `Ok(true)`
+/// when every row and the checkpoint were written, `Ok(false)` when a count fell short. The
+/// savepoint stays open either way, for the caller to release or roll back.
+///
+/// The rows travel as two JSON arrays read with `json_each`, so the script's text depends
+/// only on the table and on whether there is a checkpoint: SQLite prepares it once.
+async fn write_views_together(
+    conn: &mut SqliteConnection,
+    commit: &ViewCommit,
+) -> Result<bool, sqlx::Error> {
+    use futures_util::TryStreamExt;
+    use sqlx::Executor;
+
+    let table = &commit.table;
+    let now = to_micros(chrono::Utc::now());
+    let mut inserts = Vec::new();
+    let mut updates = Vec::new();
+    for row in &commit.rows {
+        if row.expected_version == 0 {
+            inserts.push((row.view_id.as_str(), row.payload.as_str()));
+        } else {
+            updates.push((
+                row.view_id.as_str(),
+                row.payload.as_str(),
+                row.expected_version,
+            ));
+        }
+    }
+    let encode = |rows: serde_json::Result<String>| {
+        rows.map_err(|error| sqlx::Error::Encode(Box::new(error)))
+    };
+    let inserts_json = encode(serde_json::to_string(&inserts))?;
+    let updates_json = encode(serde_json::to_string(&updates))?;
+    let mut sql = format!(
+        "SAVEPOINT cqrs_views; \
+         INSERT INTO \"{table}\" (view_id, view_version, row_version, payload, updated_at) \
+         SELECT value ->> 0, ?1, 1, value ->> 1, ?2 FROM json_each(?3); \
+         UPDATE \"{table}\" SET row_version = row_version + 1, payload = v.payload, \
+         updated_at = ?2 \
+         FROM (SELECT value ->> 0 AS view_id, value ->> 1 AS payload, value ->> 2 AS expected \
+               FROM json_each(?4)) AS v \
+         WHERE \"{table}\".view_id = v.view_id AND \"{table}\".view_version = ?1 \
+           AND \"{table}\".row_version = v.expected"
+    );
+    if commit.checkpoint.is_some() {
+        // Forward only; the same position again only for a batch without rows (a
+        // projection that saw nothing it handles).
+        sql.push_str(
+            "; INSERT INTO cqrs_checkpoints (name, position, updated_at) VALUES (?5, ?6, ?2) \
+             ON CONFLICT (name) DO UPDATE SET \
+                 position = excluded.position, updated_at = excluded.updated_at \
+             WHERE excluded.position > cqrs_checkpoints.position \
+                OR (excluded.position = cqrs_checkpoints.position AND ?7)",
+        );
+    }
+    let mut query = sqlx::query(&sql)
+        .bind(commit.view_version)
+        .bind(now)
+        .bind(inserts_json)
+        .bind(updates_json);
+    if let Some(checkpoint) = &commit.checkpoint {
+        query = query
+            .bind(checkpoint.name.as_str())
+            .bind(checkpoint.position)
+            .bind(commit.rows.is_empty());
+    }
+    let counts: Vec<u64> = conn
+        .execute_many(query)
+        .map_ok(|done| done.rows_affected())
+        .try_collect()
+        .await?;
+    // The first count is the savepoint's, which SQLite does not reset: skip it.
+    let mut expected = vec![inserts.len() as u64, updates.len() as u64];
+    if commit.checkpoint.is_some() {
+        expected.push(1);
+    }
+    Ok(counts.get(1..) == Some(expected.as_slice()))
 }
 
 async fn write_views(
@@ -977,6 +1104,158 @@ mod tests {
         let troubled: i64 = (2..40).map(|i| 1 + i % 3).sum();
         let total = store.read_all(0, 1000).await.unwrap().len() as i64;
         assert_eq!(total, 3 + clean + troubled);
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    /// A view batch goes in one script when nothing is stale; a stale row, a taken new
+    /// row or a checkpoint that would not move forward sends it to the row-by-row path,
+    /// which refuses the whole batch and names the row.
+    #[tokio::test]
+    async fn view_batches_go_together_unless_refused() {
+        use sqlx::Connection;
+
+        use super::{commit_views, execute, write_views_together, ViewCommit, ViewRow};
+        use crate::store::Checkpoint;
+
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::raw_sql(super::super::schema::MIGRATION)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&super::super::schema::view_table_ddl("totals"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let row = |id: &str, expected_version: i64, payload: &str| ViewRow {
+            view_id: id.to_owned(),
+            expected_version,
+            payload: payload.to_owned(),
+        };
+        let commit = |rows: Vec<ViewRow>, position: Option<i64>| ViewCommit {
+            table: "totals".to_owned(),
+            view_version: 1,
+            rows,
+            checkpoint: position.map(|position| Checkpoint {
+                name: "p".to_owned(),
+                position,
+            }),
+        };
+        // Each case: the batch, whether the script writes it, whether it commits.
+        let cases = [
+            (
+                commit(vec![row("a", 0, "1"), row("b\"'", 0, "2")], Some(2)),
+                true,
+                true,
+            ),
+            (
+                commit(vec![row("a", 1, "3"), row("c", 0, "4")], Some(4)),
+                true,
+                true,
+            ),
+            // Stale: "a" is at row version 2.
+            (
+                commit(vec![row("c", 1, "5"), row("a", 1, "6")], Some(6)),
+                false,
+                false,
+            ),
+            // Taken: "c" exists.
+            (
+                commit(vec![row("d", 0, "7"), row("c", 0, "8")], Some(8)),
+                false,
+                false,
+            ),
+            // The checkpoint is behind, then at the stored position with rows.
+            (commit(vec![row("d", 0, "9")], Some(3)), false, false),
+            (commit(vec![row("d", 0, "9")], Some(4)), false, false),
+            // At the stored position without rows; a batch without a checkpoint.
+            (commit(Vec::new(), Some(4)), true, true),
+            (commit(vec![row("a", 2, "10")], None), true, true),
+        ];
+        for (index, (batch, together, commits)) in cases.into_iter().enumerate() {
+            execute(&mut conn, "BEGIN").await.unwrap();
+            let written = write_views_together(&mut conn, &batch).await;
+            assert_eq!(written.is_ok_and(|all| all), together, "case {index}");
+            execute(&mut conn, "ROLLBACK TO cqrs_views").await.unwrap();
+            execute(&mut conn, "RELEASE cqrs_views").await.unwrap();
+            let outcome = commit_views(&mut conn, &batch).await.unwrap();
+            assert_eq!(outcome.is_ok(), commits, "case {index}: {outcome:?}");
+            execute(&mut conn, "COMMIT").await.unwrap();
+        }
+        let rows: Vec<(String, i64, String)> =
+            sqlx::query_as("SELECT view_id, row_version, payload FROM totals ORDER BY view_id")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        let expected = [("a", 3, "10"), ("b\"'", 1, "2"), ("c", 1, "4")];
+        let expected: Vec<(String, i64, String)> = expected
+            .iter()
+            .map(|(id, version, payload)| (id.to_string(), *version, payload.to_string()))
+            .collect();
+        assert_eq!(rows, expected);
+        let position: i64 = sqlx::query_scalar("SELECT position FROM cqrs_checkpoints")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(position, 4);
+    }
+
+    /// A group of nothing but view batches is committed without an fsync of its own
+    /// (`synchronous=NORMAL`); every other group, an append's or a migration's, runs with
+    /// `FULL` again. A trigger on the view table and a statement after it record the level
+    /// each ran at.
+    #[tokio::test]
+    async fn only_groups_of_views_commit_without_their_own_fsync() {
+        use super::{Job, ViewCommit, ViewRow};
+
+        let path = std::env::temp_dir().join(format!("cqrs-writer-{}.sqlite", Uuid::new_v4()));
+        let store = SqliteEventRepository::open(&path).await.unwrap();
+        let execute = |sql: &str| {
+            let store = store.clone();
+            let sql = sql.to_owned();
+            async move { store.submit(|reply| Job::Execute { sql, reply }).await }
+        };
+        execute(&super::super::schema::view_table_ddl("totals"))
+            .await
+            .unwrap();
+        execute("CREATE TABLE probe (level INTEGER NOT NULL)")
+            .await
+            .unwrap();
+        execute(
+            "CREATE TRIGGER totals_level AFTER INSERT ON totals BEGIN \
+             INSERT INTO probe SELECT synchronous FROM pragma_synchronous; END",
+        )
+        .await
+        .unwrap();
+        for round in 0..2 {
+            let commit = ViewCommit {
+                table: "totals".to_owned(),
+                view_version: 1,
+                rows: vec![ViewRow {
+                    view_id: format!("v{round}"),
+                    expected_version: 0,
+                    payload: "{}".to_owned(),
+                }],
+                checkpoint: None,
+            };
+            store
+                .submit(|reply| Job::Views { commit, reply })
+                .await
+                .unwrap();
+            execute("INSERT INTO probe SELECT synchronous FROM pragma_synchronous")
+                .await
+                .unwrap();
+        }
+        let levels: Vec<i64> = sqlx::query_scalar("SELECT level FROM probe ORDER BY rowid")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        // NORMAL is 1, FULL 2.
+        assert_eq!(levels, [1, 2, 1, 2]);
         drop(store);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
