@@ -705,8 +705,9 @@ async fn run_side(target: &Target, side: Side, clients: usize, settings: &Settin
             drive(clients, warm, settings.secs, move || {
                 let framework = Arc::clone(&framework);
                 async move {
+                    // A time-ordered id, as the service gives a new order.
                     framework
-                        .dispatch_new(Uuid::new_v4(), place_command())
+                        .dispatch_new(Uuid::now_v7(), place_command())
                         .await
                         .map(|receipt| receipt.positions.last().copied())
                         .map_err(|e| format!("dispatch_new: {e}"))
@@ -722,8 +723,9 @@ async fn run_side(target: &Target, side: Side, clients: usize, settings: &Settin
             drive(clients, warm, settings.secs, move || {
                 let framework = Arc::clone(&framework);
                 async move {
+                    // A time-ordered id, as the service gives a new order.
                     framework
-                        .dispatch_new(Uuid::new_v4(), place_command())
+                        .dispatch_new(Uuid::now_v7(), place_command())
                         .await
                         .map(|receipt| receipt.positions.last().copied())
                         .map_err(|e| format!("dispatch_new: {e}"))

@@ -379,17 +379,26 @@ struct Command {
     command: OrderCommand,
 }
 
+/// The id of a new order: a time-ordered UUID (version 7). The order view's rows, the
+/// events' aggregate index and the idempotency keys' outcomes are keyed by it, so new
+/// orders land at the right edge of those B-trees: a commit of a few dozen new orders
+/// writes a few pages instead of one per order (docs/benchmarks.md, "The service under
+/// load").
+fn new_order_id() -> Uuid {
+    Uuid::now_v7()
+}
+
 impl Shared {
     /// Runs a command, through its idempotency key if it has one.
     async fn command(&self, headers: &HeaderMap, command: Command) -> Result<Response, Problem> {
         let Some(key) = idempotency_key(headers)? else {
-            let id = command.order_id.unwrap_or_else(Uuid::new_v4);
+            let id = command.order_id.unwrap_or_else(new_order_id);
             return Ok(self.dispatch(id, None, command).await.into_response());
         };
         let started = tokio::time::Instant::now();
         loop {
             let this = &command;
-            let fresh_id = this.order_id.unwrap_or_else(Uuid::new_v4);
+            let fresh_id = this.order_id.unwrap_or_else(new_order_id);
             let now = chrono::Utc::now().timestamp_millis();
             let claim = self
                 .stores
