@@ -212,7 +212,9 @@ impl Task {
 
     /// True when the runner has ended.
     pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
+        // The runner drops `ending` as its last step, a moment before tokio marks the task
+        // finished: either says it has ended, so `finished` and this agree.
+        self.ended.has_changed().is_err() || self.task.is_finished()
     }
 
     /// The last error the runner met, rendered.
@@ -227,6 +229,13 @@ impl Task {
     /// Asks the runner to stop.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+
+    /// Waits until the runner has ended, without taking the handle.
+    pub async fn finished(&self) {
+        let mut ended = self.ended.clone();
+        // The sender is never written, only dropped when the runner ends.
+        let _ = ended.changed().await;
     }
 
     /// Waits for the runner to end; resumes its panic.

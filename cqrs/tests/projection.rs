@@ -580,6 +580,34 @@ async fn a_stopped_runner_resumes_at_its_checkpoint() {
     runner.shutdown().await.unwrap();
 }
 
+/// `finished` waits, through a shared reference, for the runner to end after `stop`; the
+/// handle then says so, and nothing more is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_handle_waits_for_its_runner_to_end() {
+    let store = MemoryEventRepository::new();
+    let framework = CQRSFramework::<Ledger>::new(store.clone());
+    let views = MemoryViewRepository::<Balance>::new();
+    let id = Uuid::new_v4();
+    let first = framework.dispatch(id, vec![1; 30]).await.unwrap();
+    let runner = Arc::new(
+        Projection::<Ledger, Balance>::new(store.clone(), views.clone())
+            .with_batch_size(4)
+            .start(),
+    );
+    runner
+        .wait_for(first.last_position().unwrap(), WAIT)
+        .await
+        .unwrap();
+    assert!(!runner.is_finished());
+    runner.stop();
+    tokio::time::timeout(WAIT, runner.finished()).await.unwrap();
+    assert!(runner.is_finished());
+    framework.dispatch(id, vec![2; 10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(runner.position(), 30);
+    assert_eq!(load(&views, &id.to_string()).await.unwrap().sum, 30);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_stops_when_its_shutdown_future_completes() {
     let store = MemoryEventRepository::new();

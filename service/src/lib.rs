@@ -396,16 +396,30 @@ impl Service {
         self.shared.projection.position()
     }
 
+    /// True once the order view's projection has ended: after [`shutdown`](Self::shutdown),
+    /// or on an error it does not retry (the operator page shows it).
+    pub fn view_finished(&self) -> bool {
+        self.shared.projection.is_finished()
+    }
+
     /// Stops the projection (the view stays where it is; the next start resumes from its
-    /// checkpoint).
+    /// checkpoint). It may still be committing a batch when this returns; see
+    /// [`shutdown`](Self::shutdown).
     pub fn stop(&self) {
         self.shared.pruner.abort();
         self.shared.projection.stop();
     }
+
+    /// [`stop`](Self::stop), then waits until the projection has ended: its last batch is
+    /// committed (or rolled back) and nothing of the service writes to the database any more.
+    pub async fn shutdown(&self) {
+        self.stop();
+        self.shared.projection.finished().await;
+    }
 }
 
 /// Serves `service` on `listener` until `shutdown` completes; requests in flight then
-/// finish before it returns, and the projection stops.
+/// finish, and the projection commits its last batch and stops, before it returns.
 ///
 /// # Errors
 /// The listener's I/O error.
@@ -417,6 +431,6 @@ pub async fn serve(
     let served = axum::serve(listener, service.router())
         .with_graceful_shutdown(shutdown)
         .await;
-    service.stop();
+    service.shutdown().await;
     served
 }

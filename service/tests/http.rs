@@ -107,8 +107,9 @@ impl TestDb {
                 let mut connection = sqlx::PgConnection::connect(&url)
                     .await
                     .expect("connect to drop the test schema");
-                // A stopped service's projection may still be finishing a commit in the
-                // schema: the drop can then lose a deadlock to it, and is tried again.
+                // A test that ends without `shutdown` (a failed one) may leave its
+                // projection committing in the schema: the drop can then lose a deadlock to
+                // it, and is tried again.
                 let mut attempts = 0;
                 loop {
                     let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
@@ -180,7 +181,11 @@ impl Running {
             .await
             .expect("the server task")
             .expect("the server ends cleanly");
-        self.service.stop();
+        // `serve` has shut the service down: its projection has ended.
+        assert!(
+            self.service.view_finished(),
+            "the projection is still running"
+        );
     }
 
     fn url(&self, path: &str) -> String {

@@ -243,6 +243,22 @@ impl ProjectionHandle {
         self.task.stop();
     }
 
+    /// Waits until the runner has ended, after [`stop`](Self::stop) or on its own, without
+    /// taking the handle (for a handle kept behind an `Arc`); [`last_error`](Self::last_error)
+    /// then says how it ended. A batch in flight when it was stopped has been committed or
+    /// rolled back by then.
+    ///
+    /// ```
+    /// # async fn demo(handle: cqrs::ProjectionHandle) {
+    /// handle.stop();
+    /// handle.finished().await;
+    /// assert!(handle.is_finished());
+    /// # }
+    /// ```
+    pub async fn finished(&self) {
+        self.task.finished().await;
+    }
+
     /// Waits for the runner to end and returns how it ended.
     ///
     /// # Errors
