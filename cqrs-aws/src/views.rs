@@ -1,11 +1,13 @@
 //! [`DynamoDbViewRepository`]: view rows committed with their checkpoint in one transaction.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use aws_sdk_dynamodb::types::{Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem};
+use aws_sdk_dynamodb::types::{
+    KeysAndAttributes, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+};
 use aws_sdk_dynamodb::Client;
 use chrono::Utc;
 use cqrs::{Aggregate, CQRSError, Checkpoint, View, ViewContext, ViewRepository};
@@ -29,6 +31,13 @@ use crate::{build_error, sdk_error, DynamoDbCheckpointRepository, DynamoDbDeadLe
 /// event, `Projection::with_batch_size(MAX_VIEW_ROWS_PER_COMMIT)` never exceeds it; with one
 /// that updates `k` rows per event, a batch size of `MAX_VIEW_ROWS_PER_COMMIT / k`.
 pub const MAX_VIEW_ROWS_PER_COMMIT: usize = TRANSACTION_ITEM_LIMIT - 1;
+
+/// The most keys DynamoDB takes in one `BatchGetItem`.
+const KEYS_PER_BATCH_GET: usize = 100;
+
+/// How many times a projection's load asks again for the keys a `BatchGetItem` left
+/// unprocessed before it fails.
+const BATCH_GET_ATTEMPTS: u32 = 8;
 
 /// Creates the view table `table` if it does not exist, and waits until it is active.
 ///
@@ -71,7 +80,10 @@ pub async fn ensure_view_table(client: &Client, table: &str) -> Result<(), CQRSE
 /// applies every event exactly once. A commit holds at most [`MAX_VIEW_ROWS_PER_COMMIT`]
 /// rows with its checkpoint: tell the projection a batch size that fits.
 ///
-/// Loads are strongly consistent `GetItem`s. [`list`](ViewRepository::list) queries the
+/// Loads are strongly consistent: a `GetItem` for one row, and for a projection's batch
+/// ([`load_many_for_update`](ViewRepository::load_many_for_update)) `BatchGetItem`s of up to
+/// 100 keys, the keys DynamoDB leaves unprocessed asked again after a backoff.
+/// [`list`](ViewRepository::list) queries the
 /// table's `view_list` index, which orders ids by their UTF-8 bytes like every view store;
 /// on AWS an index is eventually consistent, so a row committed a moment ago may be missing
 /// from a page for a moment. A view id longer than about 1,000 bytes does not fit the
@@ -269,6 +281,73 @@ impl Rows<'_> {
         Ok(Some((payload, row_version)))
     }
 
+    /// The payload and row version of each of `view_ids` that has a row, by id, strongly
+    /// consistent: `BatchGetItem`s of up to [`KEYS_PER_BATCH_GET`] distinct keys, the keys
+    /// DynamoDB leaves unprocessed (throttling, the 16 MB answer limit) asked again after a
+    /// backoff, at most [`BATCH_GET_ATTEMPTS`] times.
+    async fn get_many(
+        &self,
+        view_ids: &[String],
+    ) -> Result<HashMap<String, (String, i64)>, CQRSError> {
+        let mut distinct: Vec<&str> = view_ids.iter().map(String::as_str).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut found = HashMap::with_capacity(distinct.len());
+        for chunk in distinct.chunks(KEYS_PER_BATCH_GET) {
+            let keys: Vec<Item> = chunk
+                .iter()
+                .map(|view_id| key(view_pk(self.view, view_id), self.version))
+                .collect();
+            let mut pending = Some(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(build_error)?,
+            );
+            let mut attempts = 0;
+            while let Some(request) = pending.take() {
+                attempts += 1;
+                if attempts > 1 {
+                    tokio::time::sleep(cqrs::__private::backoff(attempts - 2)).await;
+                }
+                let output = self
+                    .client
+                    .batch_get_item()
+                    .request_items(self.table, request)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("BatchGetItem", self.table, e))?;
+                let items = output
+                    .responses()
+                    .and_then(|tables| tables.get(self.table))
+                    .map_or(&[][..], Vec::as_slice);
+                for item in items {
+                    let r = Reader(item);
+                    let corrupt = |problem: String| {
+                        CQRSError::persistence(damaged(self.table, item, problem))
+                    };
+                    let view_id = r.string(items::VIEW_ID).map_err(corrupt)?.to_owned();
+                    let payload = r.string(items::PAYLOAD).map_err(corrupt)?.to_owned();
+                    let row_version = r.number(items::ROW_VERSION).map_err(corrupt)?;
+                    found.insert(view_id, (payload, row_version));
+                }
+                pending = output
+                    .unprocessed_keys()
+                    .and_then(|tables| tables.get(self.table))
+                    .filter(|left| !left.keys().is_empty())
+                    .cloned();
+                if pending.is_some() && attempts >= BATCH_GET_ATTEMPTS {
+                    return Err(CQRSError::persistence(format!(
+                        "BatchGetItem on {}: keys still unprocessed after {attempts} attempts",
+                        self.table
+                    )));
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Up to `limit` (id, payload) pairs after `after`, in id byte order, through the list
     /// index, following `LastEvaluatedKey` until the page is full or the rows end.
     async fn list(
@@ -449,6 +528,19 @@ where
             view,
             version,
         })
+    }
+
+    async fn load_many_for_update(
+        &self,
+        view_ids: &[String],
+    ) -> Result<Vec<ViewContext<V>>, CQRSError> {
+        let rows = self.rows::<A>()?.get_many(view_ids).await?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for (view_id, (payload, version)) in rows {
+            let view = decode::<A, V>(&view_id, &payload)?;
+            found.insert(view_id, (view, version));
+        }
+        Ok(ViewContext::in_order(view_ids, found))
     }
 
     async fn commit(

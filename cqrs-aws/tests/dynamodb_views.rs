@@ -452,6 +452,15 @@ async fn damaged_view_items_give_typed_errors() {
         }
         other => panic!("a damaged row must be a typed error, got {other:?}"),
     }
+    // The same row among others in one batch read.
+    let ids = ["fresh", "a:b#c%d"].map(String::from);
+    match ViewRepository::<Counter, CounterView>::load_many_for_update(&views, &ids).await {
+        Err(CQRSError::PersistenceError(source)) => {
+            let damage = source.downcast_ref::<DamagedItem>().unwrap();
+            assert!(damage.problem.contains("row_version"), "{damage}");
+        }
+        other => panic!("a damaged row in a batch must be a typed error, got {other:?}"),
+    }
     set(
         "$checkpoint#cp",
         "0",

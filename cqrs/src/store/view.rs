@@ -212,28 +212,44 @@ pub trait ViewRepository<A: Aggregate, V: View<A>>: Send + Sync {
     }
 }
 
-/// The contexts of `view_ids`, in their order, from the rows a store found (by id, with their
-/// row versions): a missing row is the default view at version 0.
-pub(crate) fn contexts_in_order<V: Clone + Default>(
-    view_ids: &[String],
-    mut found: std::collections::HashMap<String, (V, i64)>,
-) -> Vec<ViewContext<V>> {
-    let mut contexts: Vec<ViewContext<V>> = Vec::with_capacity(view_ids.len());
-    // Where each id was first answered: an id asked for again gets a copy of that answer.
-    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for view_id in view_ids {
-        let (view, version) = match first.get(view_id.as_str()) {
-            Some(&at) => (contexts[at].view.clone(), contexts[at].version),
-            None => found.remove(view_id).unwrap_or_else(|| (V::default(), 0)),
-        };
-        first.entry(view_id).or_insert(contexts.len());
-        contexts.push(ViewContext {
-            view_id: view_id.clone(),
-            view,
-            version,
-        });
+impl<V: Clone + Default> ViewContext<V> {
+    /// The contexts of `view_ids`, in their order, from the rows a store found (by id, with
+    /// their row versions): what [`ViewRepository::load_many_for_update`] returns, for a
+    /// store that reads many rows in one request in no particular order. A missing row is
+    /// the default view at version 0, and an id asked for again gets a copy of its first
+    /// answer.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use cqrs::ViewContext;
+    ///
+    /// let found = HashMap::from([("b".to_owned(), (7_u32, 3_i64))]);
+    /// let ids = ["a", "b", "a"].map(String::from);
+    /// let contexts = ViewContext::in_order(&ids, found);
+    /// let answers: Vec<_> = contexts.iter().map(|c| (c.view_id.as_str(), c.view, c.version)).collect();
+    /// assert_eq!(answers, [("a", 0, 0), ("b", 7, 3), ("a", 0, 0)]);
+    /// ```
+    pub fn in_order(
+        view_ids: &[String],
+        mut found: std::collections::HashMap<String, (V, i64)>,
+    ) -> Vec<Self> {
+        let mut contexts: Vec<ViewContext<V>> = Vec::with_capacity(view_ids.len());
+        // Where each id was first answered: an id asked for again gets a copy of that answer.
+        let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for view_id in view_ids {
+            let (view, version) = match first.get(view_id.as_str()) {
+                Some(&at) => (contexts[at].view.clone(), contexts[at].version),
+                None => found.remove(view_id).unwrap_or_else(|| (V::default(), 0)),
+            };
+            first.entry(view_id).or_insert(contexts.len());
+            contexts.push(ViewContext {
+                view_id: view_id.clone(),
+                view,
+                version,
+            });
+        }
+        contexts
     }
-    contexts
 }
 
 /// The name of the checkpoint under which the provided

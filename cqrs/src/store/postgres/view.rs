@@ -14,7 +14,6 @@ use super::schema::{validate_identifier, view_table_ddl, InvalidIdentifier};
 use super::PostgresEventRepository;
 use crate::aggregate::Aggregate;
 use crate::error::CQRSError;
-use crate::store::view::contexts_in_order;
 use crate::store::CheckpointRepository;
 use crate::store::{Checkpoint, ViewContext, ViewRepository};
 use crate::view::View;
@@ -283,7 +282,7 @@ where
             let view = decode_view(V::TABLE_NAME, &view_id, payload)?;
             found.insert(view_id, (view, row_version));
         }
-        Ok(contexts_in_order(view_ids, found))
+        Ok(ViewContext::in_order(view_ids, found))
     }
 
     async fn commit(

@@ -9,7 +9,6 @@ use sqlx::Row;
 
 use crate::aggregate::Aggregate;
 use crate::error::CQRSError;
-use crate::store::view::contexts_in_order;
 use crate::store::{Checkpoint, ViewContext, ViewRepository};
 use crate::view::View;
 
@@ -255,7 +254,7 @@ where
                 })?;
             found.insert(view_id, (view, row_version));
         }
-        Ok(contexts_in_order(view_ids, found))
+        Ok(ViewContext::in_order(view_ids, found))
     }
 
     async fn commit(
