@@ -21,7 +21,8 @@
 //!
 //! Each run is closed-loop (every client sends its next request when the previous one is
 //! answered) for `LOAD_SECS` seconds after a warm-up of a quarter of that, and the next run
-//! starts once the view has caught up. The figures are the medians over the rounds; a ratio
+//! starts once the view has caught up and the machine has gone quiet (under 30% busy for
+//! 100 ms, waited for at most 2 s; a run that started on a busy machine says so). The figures are the medians over the rounds; a ratio
 //! is the median of the rounds' ratios. Any answer that is not `2xx`, and any dispatch
 //! error, is an error: they are counted, the first is printed, and the program exits with a
 //! failure.
@@ -819,6 +820,28 @@ async fn catch_up(view_position: impl Fn() -> i64, position: i64) -> Option<Dura
     Some(started.elapsed())
 }
 
+/// The longest a run waits for the machine to go quiet before it starts.
+const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+
+/// Waits, at most [`SETTLE_LIMIT`], until the machine was under 30% busy for 100 ms: the
+/// work a run leaves behind (the database server's vacuum or checkpoint after the keyed
+/// side's writes, a view catching up) then does not count against the next run. How long
+/// that took, `None` if the machine stayed busier (another process's load).
+async fn settle() -> Option<Duration> {
+    let started = Instant::now();
+    let mut before = machine_ticks()?;
+    while started.elapsed() < SETTLE_LIMIT {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = machine_ticks()?;
+        let (busy, total) = (after.0 - before.0, after.1 - before.1);
+        if total > 0 && busy * 10 < total * 3 {
+            return Some(started.elapsed());
+        }
+        before = after;
+    }
+    None
+}
+
 /// Every configuration on one backend: the errors seen and the summary lines.
 async fn measure(settings: &Settings, kind: &Kind, target: &Target) -> (u64, Vec<String>) {
     let sides = &settings.sides;
@@ -828,6 +851,7 @@ async fn measure(settings: &Settings, kind: &Kind, target: &Target) -> (u64, Vec
         let mut runs: Vec<Vec<RunStats>> = vec![Vec::new(); sides.len()];
         for round in 1..=settings.rounds {
             for (i, &side) in sides.iter().enumerate() {
+                let settled = settle().await;
                 let appends_before = append_totals(target).await;
                 let stats = run_side(target, side, clients, settings).await;
                 let appends_after = append_totals(target).await;
@@ -870,6 +894,9 @@ async fn measure(settings: &Settings, kind: &Kind, target: &Target) -> (u64, Vec
                         }
                         None => line.push_str("  (view still behind after 30 s)"),
                     }
+                }
+                if settled.is_none() {
+                    line.push_str("  (started on a busy machine)");
                 }
                 println!("{line}");
                 if let Some(error) = &stats.first_error {
