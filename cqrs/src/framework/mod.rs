@@ -493,14 +493,19 @@ impl<A: Aggregate> CQRSFramework<A> {
                 duplicate: false,
             });
         }
-        let persistable = match self.to_persistable(aggregate_id, &mut loaded, &events, stamp) {
+        let mut persistable = match self.to_persistable(aggregate_id, &mut loaded, &events, stamp) {
             Ok(persistable) => persistable,
             Err(error) => {
                 self.keep(aggregate_id, loaded);
                 return Outcome::Failed(error);
             }
         };
-        match self.events.append(persistable).await {
+        // A store that never waits appends without the boxed future of `append`.
+        let appended = match self.events.try_append_now(&mut persistable) {
+            Some(appended) => appended,
+            None => self.events.append(persistable).await,
+        };
+        match appended {
             Ok(positions) => {
                 let sequence = loaded.sequence + events.len() as i64;
                 self.after_append(aggregate_id, loaded, &events).await;

@@ -17,7 +17,8 @@ pub use self::views::MemoryViewRepository;
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
 use crate::store::{
-    validate_batch, Checkpoint, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
+    validate_batch_against, Checkpoint, CheckpointRepository, EventRepository, Snapshot,
+    SnapshotRepository,
 };
 
 /// A fast hasher with a random per-process seed: the default SipHash was about a sixth of an
@@ -55,10 +56,20 @@ struct Shared {
 struct Inner {
     /// All events; `position` is the index plus one.
     events: Vec<PersistableDomainEvent>,
-    /// aggregate type -> aggregate id -> indexes into `events`, in sequence order.
-    streams: HashMap<SmolStr, HashMap<Uuid, Vec<usize>, Hasher>, Hasher>,
+    /// aggregate type -> aggregate id -> the aggregate's stream.
+    streams: HashMap<SmolStr, HashMap<Uuid, Stream, Hasher>, Hasher>,
     /// event id -> index into `events`.
     ids: HashMap<Uuid, usize, Hasher>,
+}
+
+/// One aggregate's events.
+#[derive(Debug, Default)]
+struct Stream {
+    /// Indexes into `Inner::events`, in sequence order.
+    indexes: Vec<usize>,
+    /// The `aggregate_type_id` of a batch [`validate_batch`](crate::validate_batch) accepted for this aggregate: the
+    /// one key that names it, so a later batch carrying the same text needs no new check.
+    key: Option<SmolStr>,
 }
 
 impl Default for MemoryEventRepository {
@@ -122,6 +133,7 @@ impl MemoryEventRepository {
             .or_default()
             .entry(event.aggregate_id)
             .or_default()
+            .indexes
             .push(index);
         inner.events.push(event);
         drop(inner);
@@ -149,8 +161,9 @@ impl MemoryEventRepository {
             .streams
             .get(aggregate_type)
             .and_then(|s| s.get(&aggregate_id))
-            .and_then(|indexes| {
-                indexes
+            .and_then(|stream| {
+                stream
+                    .indexes
                     .iter()
                     .copied()
                     .find(|&i| inner.events[i].sequence == sequence)
@@ -181,6 +194,7 @@ impl MemoryEventRepository {
             .streams
             .get_mut(aggregate_type)
             .and_then(|s| s.get_mut(&aggregate_id))
+            .map(|stream| &mut stream.indexes)
         else {
             return false;
         };
@@ -204,16 +218,25 @@ impl MemoryEventRepository {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
 
-#[async_trait]
-impl EventRepository for MemoryEventRepository {
-    async fn append(&self, mut events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
-        let expected = validate_batch(&events)?;
-        let mut inner = self.write();
+    /// The append of [`EventRepository::append`], done at once: the store never waits.
+    fn append_now(&self, mut events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        let mut guard = self.write();
+        let inner = &mut *guard;
+        let Some(first) = events.first() else {
+            return Err(CQRSError::InvalidAppend("empty batch".into()));
+        };
+        let (aggregate_id, first_id) = (first.aggregate_id, first.event_id);
+        // One lookup of the stream, kept for the whole append (a new stream is made below).
+        let mut stream = inner
+            .streams
+            .get_mut(first.aggregate_type.as_str())
+            .and_then(|streams| streams.get_mut(&aggregate_id));
+        let checked_key = stream.as_ref().and_then(|s| s.key.as_deref());
+        let expected = validate_batch_against(&events, checked_key)?;
 
         // An id we already hold: either this exact batch is being retried, or it is a misuse.
-        if let Some(&index) = inner.ids.get(&events[0].event_id) {
+        if let Some(&index) = inner.ids.get(&first_id) {
             let mut positions = Vec::with_capacity(events.len());
             for event in &events {
                 match inner.ids.get(&event.event_id) {
@@ -234,24 +257,25 @@ impl EventRepository for MemoryEventRepository {
             }
             return Ok(positions);
         }
-        if let Some(dup) = events.iter().find(|e| inner.ids.contains_key(&e.event_id)) {
+        // The first id was just looked up.
+        if let Some(dup) = events[1..]
+            .iter()
+            .find(|e| inner.ids.contains_key(&e.event_id))
+        {
             return Err(CQRSError::DuplicateEventId {
                 event_id: dup.event_id,
             });
         }
 
-        let first = &events[0];
-        let current = inner
-            .streams
-            .get(first.aggregate_type.as_str())
-            .and_then(|s| s.get(&first.aggregate_id))
-            .and_then(|indexes| indexes.last())
+        let current = stream
+            .as_ref()
+            .and_then(|s| s.indexes.last())
             .map_or(0, |&i| inner.events[i].sequence);
         if current != expected {
             if current > expected {
                 return Err(CQRSError::Conflict {
                     aggregate_type: first.aggregate_type.to_string(),
-                    aggregate_id: first.aggregate_id,
+                    aggregate_id,
                     expected_sequence: expected,
                 });
             }
@@ -262,31 +286,52 @@ impl EventRepository for MemoryEventRepository {
         }
 
         let start = inner.events.len();
-        let inner = &mut *inner;
-        for (offset, event) in events.iter().enumerate() {
-            inner.ids.insert(event.event_id, start + offset);
-        }
-        // Look the type up by `&str` first: only a new aggregate type allocates its key.
-        let streams = match inner.streams.get_mut(first.aggregate_type.as_str()) {
-            Some(streams) => streams,
-            None => inner
-                .streams
-                .entry(first.aggregate_type.clone())
-                .or_default(),
+        let stream = match stream.take() {
+            Some(stream) => stream,
+            // A new aggregate; the type's key is allocated only for a new aggregate type.
+            None => {
+                let streams = match inner.streams.get_mut(first.aggregate_type.as_str()) {
+                    Some(streams) => streams,
+                    None => inner
+                        .streams
+                        .entry(first.aggregate_type.clone())
+                        .or_default(),
+                };
+                streams.entry(aggregate_id).or_insert_with(|| Stream {
+                    indexes: Vec::with_capacity(8),
+                    key: None,
+                })
+            }
         };
-        streams
-            .entry(first.aggregate_id)
-            .or_insert_with(|| Vec::with_capacity(8))
-            .extend(start..start + events.len());
+        if stream.key.is_none() {
+            stream.key = Some(first.aggregate_type_id.clone());
+        }
+        stream.indexes.extend(start..start + events.len());
         let mut positions = Vec::with_capacity(events.len());
         for (offset, event) in events.iter_mut().enumerate() {
+            inner.ids.insert(event.event_id, start + offset);
             event.position = (start + offset) as i64 + 1;
             positions.push(event.position);
         }
-        inner.events.extend(events);
+        inner.events.append(&mut events);
         let last = inner.events.len() as i64;
+        drop(guard);
         self.publish(last);
         Ok(positions)
+    }
+}
+
+#[async_trait]
+impl EventRepository for MemoryEventRepository {
+    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        self.append_now(events)
+    }
+
+    fn try_append_now(
+        &self,
+        events: &mut Vec<PersistableDomainEvent>,
+    ) -> Option<Result<Vec<i64>, CQRSError>> {
+        Some(self.append_now(std::mem::take(events)))
     }
 
     async fn load_events(
@@ -300,6 +345,7 @@ impl EventRepository for MemoryEventRepository {
             .streams
             .get(aggregate_type)
             .and_then(|s| s.get(&aggregate_id))
+            .map(|stream| &stream.indexes)
         else {
             return Ok(Vec::new());
         };
@@ -326,6 +372,7 @@ impl EventRepository for MemoryEventRepository {
             .streams
             .get(aggregate_type)
             .and_then(|s| s.get(&aggregate_id))
+            .map(|stream| &stream.indexes)
         else {
             return Ok(());
         };
@@ -346,7 +393,7 @@ impl EventRepository for MemoryEventRepository {
             .streams
             .get(aggregate_type)
             .and_then(|s| s.get(&aggregate_id))
-            .and_then(|indexes| indexes.last())
+            .and_then(|stream| stream.indexes.last())
             .map_or(0, |&i| inner.events[i].sequence))
     }
 
