@@ -1,8 +1,10 @@
 //! Domain events and their stored form.
 
+use std::cell::Cell;
 use std::fmt::Debug;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -170,6 +172,39 @@ pub trait DomainEvent:
     fn try_all_from_persisted(event: &PersistableDomainEvent) -> Result<Vec<Self>, CQRSError> {
         Self::decode_all(&event.event_type, &event.event_version, &event.payload)
             .map_err(|kind| decode_error(event, kind))
+    }
+}
+
+/// `Utc::now()`, reusing the calendar date of this thread's previous call while the day is
+/// the same: turning a day number into a date is half of what `Utc::now` costs.
+fn now() -> DateTime<Utc> {
+    thread_local! {
+        /// The last day number since the epoch this thread stamped, and its date.
+        static DAY: Cell<Option<(u64, NaiveDate)>> = const { Cell::new(None) };
+    }
+    let Ok(since_epoch) = SystemTime::now().duration_since(UNIX_EPOCH) else {
+        return Utc::now();
+    };
+    let (seconds, nanos) = (since_epoch.as_secs(), since_epoch.subsec_nanos());
+    let day = seconds / 86_400;
+    let date = match DAY.with(Cell::get) {
+        Some((cached, date)) if cached == day => Some(date),
+        _ => i64::try_from(seconds)
+            .ok()
+            .and_then(|seconds| DateTime::from_timestamp(seconds, 0))
+            .map(|midnight| {
+                let date = midnight.date_naive();
+                DAY.with(|cell| cell.set(Some((day, date))));
+                date
+            }),
+    };
+    // Seconds since midnight are below 86,400 and nanoseconds below 10^9: always a time.
+    match date.zip(NaiveTime::from_num_seconds_from_midnight_opt(
+        (seconds % 86_400) as u32,
+        nanos,
+    )) {
+        Some((date, time)) => NaiveDateTime::new(date, time).and_utc(),
+        None => Utc::now(),
     }
 }
 
@@ -379,7 +414,7 @@ impl PersistableDomainEvent {
             event_version: SmolStr::new_static(event.persisted_event_version()),
             payload,
             metadata,
-            timestamp: Utc::now(),
+            timestamp: now(),
             correlation_id: None,
             causation_id: None,
         })

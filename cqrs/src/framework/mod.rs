@@ -583,23 +583,21 @@ impl<A: Aggregate> CQRSFramework<A> {
         let aggregate_type_id = loaded
             .key
             .get_or_insert_with(|| PersistableDomainEvent::type_id_for(A::NAME, aggregate_id));
-        events
-            .iter()
-            .enumerate()
-            .map(|(i, event)| {
-                let mut stored = PersistableDomainEvent::for_aggregate(
-                    &aggregate_type,
-                    aggregate_type_id,
-                    aggregate_id,
-                    after_sequence + 1 + i as i64,
-                    event,
-                    stamp.metadata.clone(),
-                )?;
-                stored.correlation_id = stamp.correlation_id;
-                stored.causation_id = stamp.causation_id;
-                Ok(stored)
-            })
-            .collect()
+        let mut batch = Vec::with_capacity(events.len());
+        for (i, event) in events.iter().enumerate() {
+            let mut stored = PersistableDomainEvent::for_aggregate(
+                &aggregate_type,
+                aggregate_type_id,
+                aggregate_id,
+                after_sequence + 1 + i as i64,
+                event,
+                stamp.metadata.clone(),
+            )?;
+            stored.correlation_id = stamp.correlation_id;
+            stored.causation_id = stamp.causation_id;
+            batch.push(stored);
+        }
+        Ok(batch)
     }
 
     /// Folds the appended events into the state, then updates the cache and the snapshot.
