@@ -128,7 +128,9 @@ pub trait EventRepository: Send + Sync {
     /// and falls back to `append` when it returns `None`.
     ///
     /// The default returns `None` and leaves `events` as it is. A store that returns `Some`
-    /// has taken the events out of `events`, whatever the result.
+    /// has taken the events out of `events` when the append succeeded (the vector's
+    /// allocation stays with the caller, who may reuse it); after an error, `events` may
+    /// still hold them.
     fn try_append_now(
         &self,
         events: &mut Vec<PersistableDomainEvent>,
@@ -522,8 +524,13 @@ pub(crate) fn validate_batch_against(
             first.sequence
         )));
     }
+    // Clones of one `SmolStr` share its text: equal addresses need no comparison.
+    let same_key = |event: &PersistableDomainEvent, key: &str| {
+        let text = event.aggregate_type_id.as_str();
+        std::ptr::eq(text, key) || text == key
+    };
     let keys_checked =
-        checked_key.is_some_and(|key| events.iter().all(|e| e.aggregate_type_id == key));
+        checked_key.is_some_and(|key| events.iter().all(|event| same_key(event, key)));
     // The key's id part as `type_id_for` writes it (lower-case, hyphenated): one encoding on
     // the stack, compared with every event's key (parsing each key cost more).
     let mut buffer = Uuid::encode_buffer();
@@ -533,18 +540,22 @@ pub(crate) fn validate_batch_against(
         first.aggregate_id.hyphenated().encode_lower(&mut buffer)
     };
     for (i, event) in events.iter().enumerate() {
-        if event.aggregate_type != first.aggregate_type || event.aggregate_id != first.aggregate_id
-        {
-            return Err(CQRSError::InvalidAppend(
-                "events of more than one aggregate in one append".into(),
-            ));
-        }
-        let expected = first.sequence + i as i64;
-        if event.sequence != expected {
-            return Err(CQRSError::InvalidAppend(format!(
-                "sequence {} where {expected} was expected",
-                event.sequence
-            )));
+        // The first event is the one the others are compared with.
+        if i > 0 {
+            if event.aggregate_type != first.aggregate_type
+                || event.aggregate_id != first.aggregate_id
+            {
+                return Err(CQRSError::InvalidAppend(
+                    "events of more than one aggregate in one append".into(),
+                ));
+            }
+            let expected = first.sequence + i as i64;
+            if event.sequence != expected {
+                return Err(CQRSError::InvalidAppend(format!(
+                    "sequence {} where {expected} was expected",
+                    event.sequence
+                )));
+            }
         }
         let key_ok = keys_checked
             || event

@@ -1,5 +1,6 @@
 //! In-memory stores: the same contract as the durable ones, kept in the process.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -219,8 +220,48 @@ impl MemoryEventRepository {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// What an append of `events` is when one of its ids is already stored: a retry of a
+    /// batch stored before (its positions), or a misuse ([`CQRSError::DuplicateEventId`]).
+    /// `None` when no id of the batch is stored.
+    fn stored_ids(
+        ids: &HashMap<Uuid, usize, Hasher>,
+        stored: &[PersistableDomainEvent],
+        events: &[PersistableDomainEvent],
+    ) -> Option<Result<Vec<i64>, CQRSError>> {
+        let Some(&index) = events.first().and_then(|first| ids.get(&first.event_id)) else {
+            return events[1..]
+                .iter()
+                .find(|e| ids.contains_key(&e.event_id))
+                .map(|dup| {
+                    Err(CQRSError::DuplicateEventId {
+                        event_id: dup.event_id,
+                    })
+                });
+        };
+        let mut positions = Vec::with_capacity(events.len());
+        for event in events {
+            match ids.get(&event.event_id) {
+                Some(&i)
+                    if i == index + positions.len()
+                        && stored[i].aggregate_id == event.aggregate_id
+                        && stored[i].aggregate_type == event.aggregate_type
+                        && stored[i].sequence == event.sequence =>
+                {
+                    positions.push(i as i64 + 1)
+                }
+                _ => {
+                    return Some(Err(CQRSError::DuplicateEventId {
+                        event_id: event.event_id,
+                    }))
+                }
+            }
+        }
+        Some(Ok(positions))
+    }
+
     /// The append of [`EventRepository::append`], done at once: the store never waits.
-    fn append_now(&self, mut events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+    /// On success `events` is left empty (its allocation kept); on an error, as it was.
+    fn append_now(&self, events: &mut Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
         let mut guard = self.write();
         let inner = &mut *guard;
         let Some(first) = events.first() else {
@@ -233,45 +274,17 @@ impl MemoryEventRepository {
             .get_mut(first.aggregate_type.as_str())
             .and_then(|streams| streams.get_mut(&aggregate_id));
         let checked_key = stream.as_ref().and_then(|s| s.key.as_deref());
-        let expected = validate_batch_against(&events, checked_key)?;
-
-        // An id we already hold: either this exact batch is being retried, or it is a misuse.
-        if let Some(&index) = inner.ids.get(&first_id) {
-            let mut positions = Vec::with_capacity(events.len());
-            for event in &events {
-                match inner.ids.get(&event.event_id) {
-                    Some(&i)
-                        if i == index + positions.len()
-                            && inner.events[i].aggregate_id == event.aggregate_id
-                            && inner.events[i].aggregate_type == event.aggregate_type
-                            && inner.events[i].sequence == event.sequence =>
-                    {
-                        positions.push(i as i64 + 1)
-                    }
-                    _ => {
-                        return Err(CQRSError::DuplicateEventId {
-                            event_id: event.event_id,
-                        })
-                    }
-                }
-            }
-            return Ok(positions);
-        }
-        // The first id was just looked up.
-        if let Some(dup) = events[1..]
-            .iter()
-            .find(|e| inner.ids.contains_key(&e.event_id))
-        {
-            return Err(CQRSError::DuplicateEventId {
-                event_id: dup.event_id,
-            });
-        }
+        let expected = validate_batch_against(events, checked_key)?;
 
         let current = stream
             .as_ref()
             .and_then(|s| s.indexes.last())
             .map_or(0, |&i| inner.events[i].sequence);
         if current != expected {
+            // A batch stored before (a retry) or an id stored for another event comes first.
+            if let Some(answer) = Self::stored_ids(&inner.ids, &inner.events, events) {
+                return answer;
+            }
             if current > expected {
                 return Err(CQRSError::Conflict {
                     aggregate_type: first.aggregate_type.to_string(),
@@ -284,8 +297,27 @@ impl MemoryEventRepository {
                 expected + 1
             )));
         }
-
         let start = inner.events.len();
+        if events.len() == 1 {
+            // One lookup of the id: it is taken here, or the append is answered as a retry.
+            match inner.ids.entry(first_id) {
+                Entry::Vacant(slot) => {
+                    slot.insert(start);
+                }
+                Entry::Occupied(_) => {
+                    return Self::stored_ids(&inner.ids, &inner.events, events)
+                        .unwrap_or(Err(CQRSError::DuplicateEventId { event_id: first_id }));
+                }
+            }
+        } else {
+            if let Some(answer) = Self::stored_ids(&inner.ids, &inner.events, events) {
+                return answer;
+            }
+            for (offset, event) in events.iter().enumerate() {
+                inner.ids.insert(event.event_id, start + offset);
+            }
+        }
+
         let stream = match stream.take() {
             Some(stream) => stream,
             // A new aggregate; the type's key is allocated only for a new aggregate type.
@@ -309,11 +341,10 @@ impl MemoryEventRepository {
         stream.indexes.extend(start..start + events.len());
         let mut positions = Vec::with_capacity(events.len());
         for (offset, event) in events.iter_mut().enumerate() {
-            inner.ids.insert(event.event_id, start + offset);
             event.position = (start + offset) as i64 + 1;
             positions.push(event.position);
         }
-        inner.events.append(&mut events);
+        inner.events.append(events);
         let last = inner.events.len() as i64;
         drop(guard);
         self.publish(last);
@@ -323,15 +354,15 @@ impl MemoryEventRepository {
 
 #[async_trait]
 impl EventRepository for MemoryEventRepository {
-    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
-        self.append_now(events)
+    async fn append(&self, mut events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        self.append_now(&mut events)
     }
 
     fn try_append_now(
         &self,
         events: &mut Vec<PersistableDomainEvent>,
     ) -> Option<Result<Vec<i64>, CQRSError>> {
-        Some(self.append_now(std::mem::take(events)))
+        Some(self.append_now(events))
     }
 
     async fn load_events(
