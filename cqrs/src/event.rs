@@ -394,7 +394,53 @@ impl PersistableDomainEvent {
         event: &E,
         metadata: Value,
     ) -> Result<Self, CQRSError> {
-        let payload = event
+        let payload = Self::payload_of(aggregate_type, aggregate_id, event)?;
+        Ok(Self::stored(
+            aggregate_type,
+            aggregate_type_id,
+            aggregate_id,
+            sequence,
+            event,
+            payload,
+            metadata,
+            (None, None),
+        ))
+    }
+
+    /// [`for_aggregate`](Self::for_aggregate) with the correlation and causation ids, pushed
+    /// onto `batch`: the event is built where it is stored, not moved there.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push_for_aggregate<E: DomainEvent>(
+        batch: &mut Vec<Self>,
+        aggregate_type: &SmolStr,
+        aggregate_type_id: &SmolStr,
+        aggregate_id: Uuid,
+        sequence: i64,
+        event: &E,
+        metadata: Value,
+        correlation_and_causation: (Option<Uuid>, Option<Uuid>),
+    ) -> Result<(), CQRSError> {
+        let payload = Self::payload_of(aggregate_type, aggregate_id, event)?;
+        batch.push(Self::stored(
+            aggregate_type,
+            aggregate_type_id,
+            aggregate_id,
+            sequence,
+            event,
+            payload,
+            metadata,
+            correlation_and_causation,
+        ));
+        Ok(())
+    }
+
+    /// The payload of `event`, or the serialization error naming it.
+    fn payload_of<E: DomainEvent>(
+        aggregate_type: &SmolStr,
+        aggregate_id: Uuid,
+        event: &E,
+    ) -> Result<Payload, CQRSError> {
+        event
             .to_payload()
             .map_err(|source| CQRSError::Serialization {
                 what: format!(
@@ -402,8 +448,22 @@ impl PersistableDomainEvent {
                     event.persisted_event_name()
                 ),
                 source,
-            })?;
-        Ok(PersistableDomainEvent {
+            })
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn stored<E: DomainEvent>(
+        aggregate_type: &SmolStr,
+        aggregate_type_id: &SmolStr,
+        aggregate_id: Uuid,
+        sequence: i64,
+        event: &E,
+        payload: Payload,
+        metadata: Value,
+        (correlation_id, causation_id): (Option<Uuid>, Option<Uuid>),
+    ) -> Self {
+        PersistableDomainEvent {
             event_id: Uuid::new_v4(),
             aggregate_type_id: aggregate_type_id.clone(),
             aggregate_id,
@@ -415,9 +475,9 @@ impl PersistableDomainEvent {
             payload,
             metadata,
             timestamp: now(),
-            correlation_id: None,
-            causation_id: None,
-        })
+            correlation_id,
+            causation_id,
+        }
     }
 
     /// Decodes the payload into every event it stands for today (see

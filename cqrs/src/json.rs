@@ -93,7 +93,7 @@ fn needs_escape(bytes: &[u8]) -> bool {
 }
 
 /// Appends `value` as a JSON string.
-#[inline]
+#[inline(always)]
 fn write_str(out: &mut String, value: &str) {
     if needs_escape(value.as_bytes()) {
         write_escaped(out, value);
@@ -309,7 +309,7 @@ impl<'a> ser::Serializer for Writer<'a> {
 
     fn serialize_seq(self, _len: Option<usize>) -> Result<Compound<'a>> {
         self.out.push('[');
-        Ok(Compound::new(self.out, ""))
+        Ok(Compound::new(self.out, false))
     }
 
     fn serialize_tuple(self, len: usize) -> Result<Compound<'a>> {
@@ -329,12 +329,12 @@ impl<'a> ser::Serializer for Writer<'a> {
     ) -> Result<Compound<'a>> {
         self.begin_variant(variant);
         self.out.push('[');
-        Ok(Compound::new(self.out, "}"))
+        Ok(Compound::new(self.out, true))
     }
 
     fn serialize_map(self, _len: Option<usize>) -> Result<Compound<'a>> {
         self.out.push('{');
-        Ok(Compound::new(self.out, ""))
+        Ok(Compound::new(self.out, false))
     }
 
     fn serialize_struct(self, name: &'static str, len: usize) -> Result<Compound<'a>> {
@@ -353,7 +353,7 @@ impl<'a> ser::Serializer for Writer<'a> {
     ) -> Result<Compound<'a>> {
         self.begin_variant(variant);
         self.out.push('{');
-        Ok(Compound::new(self.out, "}"))
+        Ok(Compound::new(self.out, true))
     }
 }
 
@@ -361,16 +361,16 @@ impl<'a> ser::Serializer for Writer<'a> {
 pub(crate) struct Compound<'a> {
     out: &'a mut String,
     first: bool,
-    /// What closes the enum variant around it, if any.
-    variant_end: &'static str,
+    /// Whether it is the data of an enum variant, whose object closes after it.
+    in_variant: bool,
 }
 
 impl<'a> Compound<'a> {
-    fn new(out: &'a mut String, variant_end: &'static str) -> Self {
+    fn new(out: &'a mut String, in_variant: bool) -> Self {
         Compound {
             out,
             first: true,
-            variant_end,
+            in_variant,
         }
     }
 
@@ -402,7 +402,9 @@ impl<'a> Compound<'a> {
 
     fn close(self, bracket: char) -> Result {
         self.out.push(bracket);
-        self.out.push_str(self.variant_end);
+        if self.in_variant {
+            self.out.push('}');
+        }
         Ok(())
     }
 }
