@@ -1,8 +1,10 @@
 //! Domain events and their stored form.
 
+use std::cell::Cell;
 use std::fmt::Debug;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -170,6 +172,39 @@ pub trait DomainEvent:
     fn try_all_from_persisted(event: &PersistableDomainEvent) -> Result<Vec<Self>, CQRSError> {
         Self::decode_all(&event.event_type, &event.event_version, &event.payload)
             .map_err(|kind| decode_error(event, kind))
+    }
+}
+
+/// `Utc::now()`, reusing the calendar date of this thread's previous call while the day is
+/// the same: turning a day number into a date is half of what `Utc::now` costs.
+fn now() -> DateTime<Utc> {
+    thread_local! {
+        /// The last day number since the epoch this thread stamped, and its date.
+        static DAY: Cell<Option<(u64, NaiveDate)>> = const { Cell::new(None) };
+    }
+    let Ok(since_epoch) = SystemTime::now().duration_since(UNIX_EPOCH) else {
+        return Utc::now();
+    };
+    let (seconds, nanos) = (since_epoch.as_secs(), since_epoch.subsec_nanos());
+    let day = seconds / 86_400;
+    let date = match DAY.with(Cell::get) {
+        Some((cached, date)) if cached == day => Some(date),
+        _ => i64::try_from(seconds)
+            .ok()
+            .and_then(|seconds| DateTime::from_timestamp(seconds, 0))
+            .map(|midnight| {
+                let date = midnight.date_naive();
+                DAY.with(|cell| cell.set(Some((day, date))));
+                date
+            }),
+    };
+    // Seconds since midnight are below 86,400 and nanoseconds below 10^9: always a time.
+    match date.zip(NaiveTime::from_num_seconds_from_midnight_opt(
+        (seconds % 86_400) as u32,
+        nanos,
+    )) {
+        Some((date, time)) => NaiveDateTime::new(date, time).and_utc(),
+        None => Utc::now(),
     }
 }
 
@@ -359,7 +394,53 @@ impl PersistableDomainEvent {
         event: &E,
         metadata: Value,
     ) -> Result<Self, CQRSError> {
-        let payload = event
+        let payload = Self::payload_of(aggregate_type, aggregate_id, event)?;
+        Ok(Self::stored(
+            aggregate_type,
+            aggregate_type_id,
+            aggregate_id,
+            sequence,
+            event,
+            payload,
+            metadata,
+            (None, None),
+        ))
+    }
+
+    /// [`for_aggregate`](Self::for_aggregate) with the correlation and causation ids, pushed
+    /// onto `batch`: the event is built where it is stored, not moved there.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push_for_aggregate<E: DomainEvent>(
+        batch: &mut Vec<Self>,
+        aggregate_type: &SmolStr,
+        aggregate_type_id: &SmolStr,
+        aggregate_id: Uuid,
+        sequence: i64,
+        event: &E,
+        metadata: Value,
+        correlation_and_causation: (Option<Uuid>, Option<Uuid>),
+    ) -> Result<(), CQRSError> {
+        let payload = Self::payload_of(aggregate_type, aggregate_id, event)?;
+        batch.push(Self::stored(
+            aggregate_type,
+            aggregate_type_id,
+            aggregate_id,
+            sequence,
+            event,
+            payload,
+            metadata,
+            correlation_and_causation,
+        ));
+        Ok(())
+    }
+
+    /// The payload of `event`, or the serialization error naming it.
+    fn payload_of<E: DomainEvent>(
+        aggregate_type: &SmolStr,
+        aggregate_id: Uuid,
+        event: &E,
+    ) -> Result<Payload, CQRSError> {
+        event
             .to_payload()
             .map_err(|source| CQRSError::Serialization {
                 what: format!(
@@ -367,8 +448,22 @@ impl PersistableDomainEvent {
                     event.persisted_event_name()
                 ),
                 source,
-            })?;
-        Ok(PersistableDomainEvent {
+            })
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn stored<E: DomainEvent>(
+        aggregate_type: &SmolStr,
+        aggregate_type_id: &SmolStr,
+        aggregate_id: Uuid,
+        sequence: i64,
+        event: &E,
+        payload: Payload,
+        metadata: Value,
+        (correlation_id, causation_id): (Option<Uuid>, Option<Uuid>),
+    ) -> Self {
+        PersistableDomainEvent {
             event_id: Uuid::new_v4(),
             aggregate_type_id: aggregate_type_id.clone(),
             aggregate_id,
@@ -379,10 +474,10 @@ impl PersistableDomainEvent {
             event_version: SmolStr::new_static(event.persisted_event_version()),
             payload,
             metadata,
-            timestamp: Utc::now(),
-            correlation_id: None,
-            causation_id: None,
-        })
+            timestamp: now(),
+            correlation_id,
+            causation_id,
+        }
     }
 
     /// Decodes the payload into every event it stands for today (see

@@ -9,6 +9,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::json;
+
 /// An event's payload: one JSON value, kept as its text.
 ///
 /// Stores hand the text over as they read it and the framework writes it as it serialized
@@ -42,8 +44,8 @@ pub struct Payload(Arc<str>);
 
 thread_local! {
     /// The buffer `Payload::from_serialize` writes into, so that serializing costs one
-    /// allocation (the shared text) however the serializer grows its output.
-    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// allocation (the shared text) however the writer grows its output.
+    static BUFFER: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
 impl Payload {
@@ -95,18 +97,25 @@ impl Payload {
         BUFFER.with(|buffer| match buffer.try_borrow_mut() {
             Ok(mut buffer) => {
                 buffer.clear();
-                serde_json::to_writer(&mut *buffer, value)?;
-                let text = std::str::from_utf8(&buffer).map_err(serde::ser::Error::custom)?;
-                let payload = Payload(Arc::from(text));
+                let payload = match json::write(&mut buffer, value) {
+                    Ok(()) => Ok(Payload(Arc::from(buffer.as_str()))),
+                    // What the writer leaves to serde_json (or an error, which serde_json
+                    // reports in its own terms).
+                    Err(json::Unsupported) => Self::from_serde_json(value),
+                };
                 // Keep the buffer for the next event, unless one payload made it large.
                 if buffer.capacity() > 64 * 1024 {
-                    *buffer = Vec::new();
+                    *buffer = String::new();
                 }
-                Ok(payload)
+                payload
             }
             // A `Serialize` impl that serializes a payload itself: use a buffer of its own.
-            Err(_) => Ok(Payload(Arc::from(serde_json::to_string(value)?))),
+            Err(_) => Self::from_serde_json(value),
         })
+    }
+
+    fn from_serde_json<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
+        Ok(Payload(Arc::from(serde_json::to_string(value)?)))
     }
 
     /// The payload of a JSON value.

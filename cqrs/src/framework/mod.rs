@@ -11,6 +11,7 @@ mod context;
 mod load;
 mod retry;
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -34,6 +35,19 @@ pub use self::retry::RetryPolicy;
 /// The policy of `dispatch_new`, whatever the framework's: a retry would meet the same
 /// history.
 const NO_RETRY: RetryPolicy = RetryPolicy::none();
+
+/// A state to decide on, and where it came from.
+type ToDecideOn<S> = (Loaded<S>, Source);
+
+/// The largest batch vector kept for reuse ([`SPARE_BATCH`]).
+const SPARE_BATCH_CAPACITY: usize = 16;
+
+thread_local! {
+    /// A batch vector a store emptied by appending at once
+    /// ([`EventRepository::try_append_now`]), reused by this thread's next dispatch instead
+    /// of allocating one.
+    static SPARE_BATCH: Cell<Vec<PersistableDomainEvent>> = const { Cell::new(Vec::new()) };
+}
 
 /// How many aggregates' states a [`CQRSFramework`] keeps in memory unless told otherwise
 /// ([`CQRSFramework::with_state_cache`], [`CQRSFramework::without_state_cache`]).
@@ -356,7 +370,10 @@ impl<A: Aggregate> CQRSFramework<A> {
         Ok(self.load_from_store(aggregate_id).await?.state)
     }
 
-    /// `dispatch` (`new` false) or `dispatch_new` (`new` true), in its tracing span.
+    /// `dispatch` (`new` false) or `dispatch_new` (`new` true), in its tracing span when a
+    /// subscriber takes debug spans. Bare otherwise: a disabled span would still cost on
+    /// every poll of the future it wraps (more with `tracing`'s `log` fallback, which sqlx
+    /// turns on).
     async fn run(
         &self,
         aggregate_id: Uuid,
@@ -365,7 +382,17 @@ impl<A: Aggregate> CQRSFramework<A> {
         new: bool,
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
         let span = dispatch_span(A::NAME, aggregate_id, new);
-        in_span(span, || self.tries(aggregate_id, command, stamp, new)).await
+        if span.is_none() {
+            return self.tries(aggregate_id, command, stamp, new).await;
+        }
+        let result = self
+            .tries(aggregate_id, command, stamp, new)
+            .instrument(span.clone())
+            .await;
+        if let Ok(receipt) = &result {
+            span.record("sequence", receipt.sequence);
+        }
+        result
     }
 
     /// Gets a state, tries the command on it, and retries or returns as [`Attempts::next`]
@@ -379,7 +406,10 @@ impl<A: Aggregate> CQRSFramework<A> {
     ) -> Result<DispatchReceipt<A::Events>, A::Errors> {
         let mut attempts = Attempts::start(if new { &NO_RETRY } else { &self.retry });
         loop {
-            let (loaded, source) = self.state_to_decide_on(aggregate_id, new).await?;
+            let (loaded, source) = match self.state_without_reading(aggregate_id, new)? {
+                Some(found) => found,
+                None => self.state_to_decide_on(aggregate_id, new).await?,
+            };
             let sequence = loaded.sequence;
             if let Some(command_id) = stamp.once {
                 // After the read of the state: an append of this command that the read did
@@ -441,7 +471,21 @@ impl<A: Aggregate> CQRSFramework<A> {
         &self,
         aggregate_id: Uuid,
         new: bool,
-    ) -> Result<(Loaded<A::State>, Source), CQRSError> {
+    ) -> Result<ToDecideOn<A::State>, CQRSError> {
+        match self.state_without_reading(aggregate_id, new)? {
+            Some(found) => Ok(found),
+            None => Ok((self.load_from_store(aggregate_id).await?, Source::Store)),
+        }
+    }
+
+    /// The state of [`state_to_decide_on`](Self::state_to_decide_on) when it needs no read
+    /// of the store (`None` when it does): kept apart so that the usual dispatch, which finds
+    /// its state in the cache, does not go through the future of that read.
+    fn state_without_reading(
+        &self,
+        aggregate_id: Uuid,
+        new: bool,
+    ) -> Result<Option<ToDecideOn<A::State>>, CQRSError> {
         let cached = self
             .cache
             .as_ref()
@@ -452,13 +496,10 @@ impl<A: Aggregate> CQRSFramework<A> {
                     self.keep(aggregate_id, cached);
                     Err(Self::conflict(aggregate_id, 0))
                 }
-                _ => Ok((Loaded::new(A::State::default(), 0), Source::Empty)),
+                _ => Ok(Some((Loaded::new(A::State::default(), 0), Source::Empty))),
             };
         }
-        match cached {
-            Some(loaded) => Ok((loaded, Source::Cache)),
-            None => Ok((self.load_from_store(aggregate_id).await?, Source::Store)),
-        }
+        Ok(cached.map(|loaded| (loaded, Source::Cache)))
     }
 
     /// Decides on `loaded` and appends the result once. The state goes back into the cache
@@ -493,17 +534,30 @@ impl<A: Aggregate> CQRSFramework<A> {
                 duplicate: false,
             });
         }
-        let persistable = match self.to_persistable(aggregate_id, &mut loaded, &events, stamp) {
+        let mut persistable = match self.to_persistable(aggregate_id, &mut loaded, &events, stamp) {
             Ok(persistable) => persistable,
             Err(error) => {
                 self.keep(aggregate_id, loaded);
                 return Outcome::Failed(error);
             }
         };
-        match self.events.append(persistable).await {
+        // A store that never waits appends without the boxed future of `append`.
+        let appended = match self.events.try_append_now(&mut persistable) {
+            Some(appended) => {
+                // Emptied by the store: the next dispatch on this thread fills it again.
+                if persistable.is_empty() && persistable.capacity() <= SPARE_BATCH_CAPACITY {
+                    SPARE_BATCH.with(|spare| spare.set(persistable));
+                }
+                appended
+            }
+            None => self.events.append(persistable).await,
+        };
+        match appended {
             Ok(positions) => {
                 let sequence = loaded.sequence + events.len() as i64;
-                self.after_append(aggregate_id, loaded, &events).await;
+                if let Some(due) = self.fold_appended(aggregate_id, loaded, &events) {
+                    self.snapshot_and_keep(aggregate_id, due).await;
+                }
                 Outcome::Appended(DispatchReceipt {
                     events,
                     sequence,
@@ -578,52 +632,61 @@ impl<A: Aggregate> CQRSFramework<A> {
         let aggregate_type_id = loaded
             .key
             .get_or_insert_with(|| PersistableDomainEvent::type_id_for(A::NAME, aggregate_id));
-        events
-            .iter()
-            .enumerate()
-            .map(|(i, event)| {
-                let mut stored = PersistableDomainEvent::for_aggregate(
-                    &aggregate_type,
-                    aggregate_type_id,
-                    aggregate_id,
-                    after_sequence + 1 + i as i64,
-                    event,
-                    stamp.metadata.clone(),
-                )?;
-                stored.correlation_id = stamp.correlation_id;
-                stored.causation_id = stamp.causation_id;
-                Ok(stored)
-            })
-            .collect()
+        let mut batch = SPARE_BATCH.with(Cell::take);
+        batch.reserve(events.len());
+        for (i, event) in events.iter().enumerate() {
+            PersistableDomainEvent::push_for_aggregate(
+                &mut batch,
+                &aggregate_type,
+                aggregate_type_id,
+                aggregate_id,
+                after_sequence + 1 + i as i64,
+                event,
+                stamp.metadata.clone(),
+                (stamp.correlation_id, stamp.causation_id),
+            )?;
+        }
+        Ok(batch)
     }
 
-    /// Folds the appended events into the state, then updates the cache and the snapshot.
-    async fn after_append(
+    /// Folds the appended events into the state and puts it back into the cache, unless a
+    /// snapshot is due: then the state is returned, for [`snapshot_and_keep`]. The usual
+    /// append does not wait here, so it does not go through a future.
+    ///
+    /// [`snapshot_and_keep`]: Self::snapshot_and_keep
+    fn fold_appended(
         &self,
         aggregate_id: Uuid,
         mut loaded: Loaded<A::State>,
         events: &[A::Events],
-    ) {
-        let needs_state =
-            self.cache.is_some() || matches!(self.snapshots, Some((_, SnapshotPolicy::Every(_))));
-        if !needs_state {
-            return;
+    ) -> Option<Loaded<A::State>> {
+        let snapshot_every = match &self.snapshots {
+            Some((_, SnapshotPolicy::Every(n))) => Some(i64::from(*n)),
+            _ => None,
+        };
+        if self.cache.is_none() && snapshot_every.is_none() {
+            return None;
         }
         let before = loaded.sequence;
         for event in events {
             self.aggregate.handle_event(&mut loaded.state, event);
         }
         loaded.sequence += events.len() as i64;
-        if let Some((repository, SnapshotPolicy::Every(n))) = &self.snapshots {
-            let n = i64::from(*n);
-            if before / n != loaded.sequence / n {
-                self.save_snapshot(repository.as_ref(), aggregate_id, &loaded)
-                    .await;
-            }
+        if snapshot_every.is_some_and(|n| before / n != loaded.sequence / n) {
+            return Some(loaded);
         }
-        if let Some(cache) = &self.cache {
-            cache.put(aggregate_id, loaded);
+        self.keep(aggregate_id, loaded);
+        None
+    }
+
+    /// Saves a snapshot of the state [`fold_appended`](Self::fold_appended) returned, then
+    /// puts it back into the cache.
+    async fn snapshot_and_keep(&self, aggregate_id: Uuid, loaded: Loaded<A::State>) {
+        if let Some((repository, _)) = &self.snapshots {
+            self.save_snapshot(repository.as_ref(), aggregate_id, &loaded)
+                .await;
         }
+        self.keep(aggregate_id, loaded);
     }
 }
 
@@ -678,22 +741,4 @@ fn dispatch_span(aggregate_type: &'static str, aggregate_id: Uuid, new: bool) ->
             sequence = tracing::field::Empty,
         )
     }
-}
-
-/// Runs the dispatch `run` makes inside `span`, recording the new sequence on it, or bare
-/// when the span is `none`: a disabled span still costs on every poll of the future it
-/// wraps (more with `tracing`'s `log` fallback, which sqlx turns on). The future is made
-/// here, where it is awaited, so that it is not moved once more on every dispatch.
-async fn in_span<E, Err, F: std::future::Future<Output = Result<DispatchReceipt<E>, Err>>>(
-    span: tracing::Span,
-    run: impl FnOnce() -> F,
-) -> Result<DispatchReceipt<E>, Err> {
-    if span.is_none() {
-        return run().await;
-    }
-    let result = run().instrument(span.clone()).await;
-    if let Ok(receipt) = &result {
-        span.record("sequence", receipt.sequence);
-    }
-    result
 }

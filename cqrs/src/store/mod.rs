@@ -122,6 +122,23 @@ pub trait EventRepository: Send + Sync {
     /// [`CQRSError::PersistenceError`] when the back end fails.
     async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError>;
 
+    /// [`append`](EventRepository::append) done at once, for a store that never waits (one
+    /// that keeps its events in memory): the same checks and the same result, without the
+    /// boxed future an `async` trait method costs on every call. The framework calls it first
+    /// and falls back to `append` when it returns `None`.
+    ///
+    /// The default returns `None` and leaves `events` as it is. A store that returns `Some`
+    /// has taken the events out of `events` when the append succeeded (the vector's
+    /// allocation stays with the caller, who may reuse it); after an error, `events` may
+    /// still hold them.
+    fn try_append_now(
+        &self,
+        events: &mut Vec<PersistableDomainEvent>,
+    ) -> Option<Result<Vec<i64>, CQRSError>> {
+        let _ = events;
+        None
+    }
+
     /// The events of one aggregate with a sequence greater than `after_sequence`, in order.
     ///
     /// # Errors
@@ -244,6 +261,12 @@ impl<T: EventRepository + ?Sized> EventRepository for std::sync::Arc<T> {
         Self: 'async_trait,
     {
         (**self).append(events)
+    }
+    fn try_append_now(
+        &self,
+        events: &mut Vec<PersistableDomainEvent>,
+    ) -> Option<Result<Vec<i64>, CQRSError>> {
+        (**self).try_append_now(events)
     }
     fn load_events<'life0, 'life1, 'async_trait>(
         &'life0 self,
@@ -482,6 +505,16 @@ impl<T: CheckpointRepository + ?Sized> CheckpointRepository for std::sync::Arc<T
 /// [`CQRSError::InvalidAppend`] describing the first problem, or
 /// [`CQRSError::DuplicateEventId`] for an id used twice in the batch.
 pub fn validate_batch(events: &[PersistableDomainEvent]) -> Result<i64, CQRSError> {
+    validate_batch_against(events, None)
+}
+
+/// [`validate_batch`] for a store that keeps the `aggregate_type_id` it accepted before for
+/// the batch's aggregate (`checked_key`): when every event carries that same text, the key
+/// needs no other check.
+pub(crate) fn validate_batch_against(
+    events: &[PersistableDomainEvent],
+    checked_key: Option<&str>,
+) -> Result<i64, CQRSError> {
     let first = events
         .first()
         .ok_or_else(|| CQRSError::InvalidAppend("empty batch".into()))?;
@@ -491,29 +524,45 @@ pub fn validate_batch(events: &[PersistableDomainEvent]) -> Result<i64, CQRSErro
             first.sequence
         )));
     }
+    // Clones of one `SmolStr` share its text: equal addresses need no comparison.
+    let same_key = |event: &PersistableDomainEvent, key: &str| {
+        let text = event.aggregate_type_id.as_str();
+        std::ptr::eq(text, key) || text == key
+    };
+    let keys_checked =
+        checked_key.is_some_and(|key| events.iter().all(|event| same_key(event, key)));
     // The key's id part as `type_id_for` writes it (lower-case, hyphenated): one encoding on
     // the stack, compared with every event's key (parsing each key cost more).
     let mut buffer = Uuid::encode_buffer();
-    let id_text: &str = first.aggregate_id.hyphenated().encode_lower(&mut buffer);
+    let id_text: &str = if keys_checked {
+        ""
+    } else {
+        first.aggregate_id.hyphenated().encode_lower(&mut buffer)
+    };
     for (i, event) in events.iter().enumerate() {
-        if event.aggregate_type != first.aggregate_type || event.aggregate_id != first.aggregate_id
-        {
-            return Err(CQRSError::InvalidAppend(
-                "events of more than one aggregate in one append".into(),
-            ));
+        // The first event is the one the others are compared with.
+        if i > 0 {
+            if event.aggregate_type != first.aggregate_type
+                || event.aggregate_id != first.aggregate_id
+            {
+                return Err(CQRSError::InvalidAppend(
+                    "events of more than one aggregate in one append".into(),
+                ));
+            }
+            let expected = first.sequence + i as i64;
+            if event.sequence != expected {
+                return Err(CQRSError::InvalidAppend(format!(
+                    "sequence {} where {expected} was expected",
+                    event.sequence
+                )));
+            }
         }
-        let expected = first.sequence + i as i64;
-        if event.sequence != expected {
-            return Err(CQRSError::InvalidAppend(format!(
-                "sequence {} where {expected} was expected",
-                event.sequence
-            )));
-        }
-        let key_ok = event
-            .aggregate_type_id
-            .strip_prefix(event.aggregate_type.as_str())
-            .and_then(|rest| rest.strip_prefix(':'))
-            == Some(id_text);
+        let key_ok = keys_checked
+            || event
+                .aggregate_type_id
+                .strip_prefix(event.aggregate_type.as_str())
+                .and_then(|rest| rest.strip_prefix(':'))
+                == Some(id_text);
         if !key_ok {
             return Err(CQRSError::InvalidAppend(format!(
                 "aggregate_type_id {:?} does not name {}:{}",

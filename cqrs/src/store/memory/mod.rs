@@ -1,5 +1,6 @@
 //! In-memory stores: the same contract as the durable ones, kept in the process.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -17,7 +18,8 @@ pub use self::views::MemoryViewRepository;
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
 use crate::store::{
-    validate_batch, Checkpoint, CheckpointRepository, EventRepository, Snapshot, SnapshotRepository,
+    validate_batch_against, Checkpoint, CheckpointRepository, EventRepository, Snapshot,
+    SnapshotRepository,
 };
 
 /// A fast hasher with a random per-process seed: the default SipHash was about a sixth of an
@@ -55,10 +57,20 @@ struct Shared {
 struct Inner {
     /// All events; `position` is the index plus one.
     events: Vec<PersistableDomainEvent>,
-    /// aggregate type -> aggregate id -> indexes into `events`, in sequence order.
-    streams: HashMap<SmolStr, HashMap<Uuid, Vec<usize>, Hasher>, Hasher>,
+    /// aggregate type -> aggregate id -> the aggregate's stream.
+    streams: HashMap<SmolStr, HashMap<Uuid, Stream, Hasher>, Hasher>,
     /// event id -> index into `events`.
     ids: HashMap<Uuid, usize, Hasher>,
+}
+
+/// One aggregate's events.
+#[derive(Debug, Default)]
+struct Stream {
+    /// Indexes into `Inner::events`, in sequence order.
+    indexes: Vec<usize>,
+    /// The `aggregate_type_id` of a batch [`validate_batch`](crate::validate_batch) accepted for this aggregate: the
+    /// one key that names it, so a later batch carrying the same text needs no new check.
+    key: Option<SmolStr>,
 }
 
 impl Default for MemoryEventRepository {
@@ -122,6 +134,7 @@ impl MemoryEventRepository {
             .or_default()
             .entry(event.aggregate_id)
             .or_default()
+            .indexes
             .push(index);
         inner.events.push(event);
         drop(inner);
@@ -149,8 +162,9 @@ impl MemoryEventRepository {
             .streams
             .get(aggregate_type)
             .and_then(|s| s.get(&aggregate_id))
-            .and_then(|indexes| {
-                indexes
+            .and_then(|stream| {
+                stream
+                    .indexes
                     .iter()
                     .copied()
                     .find(|&i| inner.events[i].sequence == sequence)
@@ -181,6 +195,7 @@ impl MemoryEventRepository {
             .streams
             .get_mut(aggregate_type)
             .and_then(|s| s.get_mut(&aggregate_id))
+            .map(|stream| &mut stream.indexes)
         else {
             return false;
         };
@@ -204,54 +219,76 @@ impl MemoryEventRepository {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
 
-#[async_trait]
-impl EventRepository for MemoryEventRepository {
-    async fn append(&self, mut events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
-        let expected = validate_batch(&events)?;
-        let mut inner = self.write();
-
-        // An id we already hold: either this exact batch is being retried, or it is a misuse.
-        if let Some(&index) = inner.ids.get(&events[0].event_id) {
-            let mut positions = Vec::with_capacity(events.len());
-            for event in &events {
-                match inner.ids.get(&event.event_id) {
-                    Some(&i)
-                        if i == index + positions.len()
-                            && inner.events[i].aggregate_id == event.aggregate_id
-                            && inner.events[i].aggregate_type == event.aggregate_type
-                            && inner.events[i].sequence == event.sequence =>
-                    {
-                        positions.push(i as i64 + 1)
-                    }
-                    _ => {
-                        return Err(CQRSError::DuplicateEventId {
-                            event_id: event.event_id,
-                        })
-                    }
+    /// What an append of `events` is when one of its ids is already stored: a retry of a
+    /// batch stored before (its positions), or a misuse ([`CQRSError::DuplicateEventId`]).
+    /// `None` when no id of the batch is stored.
+    fn stored_ids(
+        ids: &HashMap<Uuid, usize, Hasher>,
+        stored: &[PersistableDomainEvent],
+        events: &[PersistableDomainEvent],
+    ) -> Option<Result<Vec<i64>, CQRSError>> {
+        let Some(&index) = events.first().and_then(|first| ids.get(&first.event_id)) else {
+            return events[1..]
+                .iter()
+                .find(|e| ids.contains_key(&e.event_id))
+                .map(|dup| {
+                    Err(CQRSError::DuplicateEventId {
+                        event_id: dup.event_id,
+                    })
+                });
+        };
+        let mut positions = Vec::with_capacity(events.len());
+        for event in events {
+            match ids.get(&event.event_id) {
+                Some(&i)
+                    if i == index + positions.len()
+                        && stored[i].aggregate_id == event.aggregate_id
+                        && stored[i].aggregate_type == event.aggregate_type
+                        && stored[i].sequence == event.sequence =>
+                {
+                    positions.push(i as i64 + 1)
+                }
+                _ => {
+                    return Some(Err(CQRSError::DuplicateEventId {
+                        event_id: event.event_id,
+                    }))
                 }
             }
-            return Ok(positions);
         }
-        if let Some(dup) = events.iter().find(|e| inner.ids.contains_key(&e.event_id)) {
-            return Err(CQRSError::DuplicateEventId {
-                event_id: dup.event_id,
-            });
-        }
+        Some(Ok(positions))
+    }
 
-        let first = &events[0];
-        let current = inner
+    /// The append of [`EventRepository::append`], done at once: the store never waits.
+    /// On success `events` is left empty (its allocation kept); on an error, as it was.
+    fn append_now(&self, events: &mut Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        let mut guard = self.write();
+        let inner = &mut *guard;
+        let Some(first) = events.first() else {
+            return Err(CQRSError::InvalidAppend("empty batch".into()));
+        };
+        let (aggregate_id, first_id) = (first.aggregate_id, first.event_id);
+        // One lookup of the stream, kept for the whole append (a new stream is made below).
+        let mut stream = inner
             .streams
-            .get(first.aggregate_type.as_str())
-            .and_then(|s| s.get(&first.aggregate_id))
-            .and_then(|indexes| indexes.last())
+            .get_mut(first.aggregate_type.as_str())
+            .and_then(|streams| streams.get_mut(&aggregate_id));
+        let checked_key = stream.as_ref().and_then(|s| s.key.as_deref());
+        let expected = validate_batch_against(events, checked_key)?;
+
+        let current = stream
+            .as_ref()
+            .and_then(|s| s.indexes.last())
             .map_or(0, |&i| inner.events[i].sequence);
         if current != expected {
+            // A batch stored before (a retry) or an id stored for another event comes first.
+            if let Some(answer) = Self::stored_ids(&inner.ids, &inner.events, events) {
+                return answer;
+            }
             if current > expected {
                 return Err(CQRSError::Conflict {
                     aggregate_type: first.aggregate_type.to_string(),
-                    aggregate_id: first.aggregate_id,
+                    aggregate_id,
                     expected_sequence: expected,
                 });
             }
@@ -260,33 +297,72 @@ impl EventRepository for MemoryEventRepository {
                 expected + 1
             )));
         }
-
         let start = inner.events.len();
-        let inner = &mut *inner;
-        for (offset, event) in events.iter().enumerate() {
-            inner.ids.insert(event.event_id, start + offset);
+        if events.len() == 1 {
+            // One lookup of the id: it is taken here, or the append is answered as a retry.
+            match inner.ids.entry(first_id) {
+                Entry::Vacant(slot) => {
+                    slot.insert(start);
+                }
+                Entry::Occupied(_) => {
+                    return Self::stored_ids(&inner.ids, &inner.events, events)
+                        .unwrap_or(Err(CQRSError::DuplicateEventId { event_id: first_id }));
+                }
+            }
+        } else {
+            if let Some(answer) = Self::stored_ids(&inner.ids, &inner.events, events) {
+                return answer;
+            }
+            for (offset, event) in events.iter().enumerate() {
+                inner.ids.insert(event.event_id, start + offset);
+            }
         }
-        // Look the type up by `&str` first: only a new aggregate type allocates its key.
-        let streams = match inner.streams.get_mut(first.aggregate_type.as_str()) {
-            Some(streams) => streams,
-            None => inner
-                .streams
-                .entry(first.aggregate_type.clone())
-                .or_default(),
+
+        let stream = match stream.take() {
+            Some(stream) => stream,
+            // A new aggregate; the type's key is allocated only for a new aggregate type.
+            None => {
+                let streams = match inner.streams.get_mut(first.aggregate_type.as_str()) {
+                    Some(streams) => streams,
+                    None => inner
+                        .streams
+                        .entry(first.aggregate_type.clone())
+                        .or_default(),
+                };
+                streams.entry(aggregate_id).or_insert_with(|| Stream {
+                    indexes: Vec::with_capacity(8),
+                    key: None,
+                })
+            }
         };
-        streams
-            .entry(first.aggregate_id)
-            .or_insert_with(|| Vec::with_capacity(8))
-            .extend(start..start + events.len());
+        if stream.key.is_none() {
+            stream.key = Some(first.aggregate_type_id.clone());
+        }
+        stream.indexes.extend(start..start + events.len());
         let mut positions = Vec::with_capacity(events.len());
         for (offset, event) in events.iter_mut().enumerate() {
             event.position = (start + offset) as i64 + 1;
             positions.push(event.position);
         }
-        inner.events.extend(events);
+        inner.events.append(events);
         let last = inner.events.len() as i64;
+        drop(guard);
         self.publish(last);
         Ok(positions)
+    }
+}
+
+#[async_trait]
+impl EventRepository for MemoryEventRepository {
+    async fn append(&self, mut events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
+        self.append_now(&mut events)
+    }
+
+    fn try_append_now(
+        &self,
+        events: &mut Vec<PersistableDomainEvent>,
+    ) -> Option<Result<Vec<i64>, CQRSError>> {
+        Some(self.append_now(events))
     }
 
     async fn load_events(
@@ -300,6 +376,7 @@ impl EventRepository for MemoryEventRepository {
             .streams
             .get(aggregate_type)
             .and_then(|s| s.get(&aggregate_id))
+            .map(|stream| &stream.indexes)
         else {
             return Ok(Vec::new());
         };
@@ -326,6 +403,7 @@ impl EventRepository for MemoryEventRepository {
             .streams
             .get(aggregate_type)
             .and_then(|s| s.get(&aggregate_id))
+            .map(|stream| &stream.indexes)
         else {
             return Ok(());
         };
@@ -346,7 +424,7 @@ impl EventRepository for MemoryEventRepository {
             .streams
             .get(aggregate_type)
             .and_then(|s| s.get(&aggregate_id))
-            .and_then(|indexes| indexes.last())
+            .and_then(|stream| stream.indexes.last())
             .map_or(0, |&i| inner.events[i].sequence))
     }
 
