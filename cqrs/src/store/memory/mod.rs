@@ -229,8 +229,9 @@ impl MemoryEventRepository {
         events: &[PersistableDomainEvent],
     ) -> Option<Result<Vec<i64>, CQRSError>> {
         let Some(&index) = events.first().and_then(|first| ids.get(&first.event_id)) else {
-            return events[1..]
+            return events
                 .iter()
+                .skip(1)
                 .find(|e| ids.contains_key(&e.event_id))
                 .map(|dup| {
                     Err(CQRSError::DuplicateEventId {
