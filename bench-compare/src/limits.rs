@@ -111,7 +111,7 @@ async fn sqlite_plain(rows: usize, batch: usize, table: PlainTable) -> BoxResult
         let mut tx = conn.begin().await?;
         for i in written..(written + batch).min(rows) {
             sqlx::query(sql)
-                .bind(Uuid::new_v4().to_string())
+                .bind(Uuid::now_v7().to_string())
                 .bind("bank_account")
                 .bind(ids[i / 10].to_string())
                 .bind((i % 10 + 1) as i64)
@@ -283,7 +283,7 @@ async fn postgres_plain(url: &str, schema: &str, concurrency: usize) -> BoxResul
                     id = Uuid::new_v4();
                 }
                 sqlx::query(&sql)
-                    .bind(Uuid::new_v4())
+                    .bind(Uuid::now_v7())
                     .bind("bank_account")
                     .bind(id)
                     .bind((i % 10 + 1) as i64)

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use smol_str::SmolStr;
-use uuid::Uuid;
+use uuid::{NoContext, Timestamp, Uuid};
 
 use crate::error::{CQRSError, DecodeError, EventDecodeError, ViewHandlerError};
 use crate::payload::Payload;
@@ -175,17 +175,26 @@ pub trait DomainEvent:
     }
 }
 
-/// `Utc::now()`, reusing the calendar date of this thread's previous call while the day is
-/// the same: turning a day number into a date is half of what `Utc::now` costs.
-fn now() -> DateTime<Utc> {
+/// A new event's id and timestamp, from one reading of the clock.
+///
+/// The id is a UUID v7 of that same instant (milliseconds since the epoch, then random
+/// bits): ids of events appended one after the other grow, so a store's unique index on
+/// `event_id` takes each new id near the last one instead of on a random page.
+///
+/// The timestamp is `Utc::now()`, reusing the calendar date of this thread's previous call
+/// while the day is the same: turning a day number into a date is half of what `Utc::now`
+/// costs.
+fn stamp() -> (Uuid, DateTime<Utc>) {
     thread_local! {
         /// The last day number since the epoch this thread stamped, and its date.
         static DAY: Cell<Option<(u64, NaiveDate)>> = const { Cell::new(None) };
     }
     let Ok(since_epoch) = SystemTime::now().duration_since(UNIX_EPOCH) else {
-        return Utc::now();
+        // A clock before 1970: the id cannot carry it, and falls back to random.
+        return (Uuid::new_v4(), Utc::now());
     };
     let (seconds, nanos) = (since_epoch.as_secs(), since_epoch.subsec_nanos());
+    let id = Uuid::new_v7(Timestamp::from_unix(NoContext, seconds, nanos));
     let day = seconds / 86_400;
     let date = match DAY.with(Cell::get) {
         Some((cached, date)) if cached == day => Some(date),
@@ -199,13 +208,14 @@ fn now() -> DateTime<Utc> {
             }),
     };
     // Seconds since midnight are below 86,400 and nanoseconds below 10^9: always a time.
-    match date.zip(NaiveTime::from_num_seconds_from_midnight_opt(
+    let timestamp = match date.zip(NaiveTime::from_num_seconds_from_midnight_opt(
         (seconds % 86_400) as u32,
         nanos,
     )) {
         Some((date, time)) => NaiveDateTime::new(date, time).and_utc(),
         None => Utc::now(),
-    }
+    };
+    (id, timestamp)
 }
 
 fn decode_error(event: &PersistableDomainEvent, kind: DecodeError) -> CQRSError {
@@ -297,7 +307,8 @@ impl UpcastEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PersistableDomainEvent {
     /// Unique id of this event, set once by the writer: a retried append carrying the same ids
-    /// is recognised and not stored twice.
+    /// is recognised and not stored twice. The framework gives each new event a UUID v7 of its
+    /// `timestamp`'s millisecond, so ids grow with time; stores accept any id.
     pub event_id: Uuid,
     /// `"{aggregate_type}:{aggregate_id}"`: one key naming the aggregate instance.
     pub aggregate_type_id: SmolStr,
@@ -463,8 +474,9 @@ impl PersistableDomainEvent {
         metadata: Value,
         (correlation_id, causation_id): (Option<Uuid>, Option<Uuid>),
     ) -> Self {
+        let (event_id, timestamp) = stamp();
         PersistableDomainEvent {
-            event_id: Uuid::new_v4(),
+            event_id,
             aggregate_type_id: aggregate_type_id.clone(),
             aggregate_id,
             aggregate_type: aggregate_type.clone(),
@@ -474,7 +486,7 @@ impl PersistableDomainEvent {
             event_version: SmolStr::new_static(event.persisted_event_version()),
             payload,
             metadata,
-            timestamp: now(),
+            timestamp,
             correlation_id,
             causation_id,
         }
@@ -702,5 +714,46 @@ impl ViewHandlerError {
             event_version: stored.event_version.to_string(),
             message: message.to_string(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doc::CounterEvent;
+
+    #[test]
+    fn new_events_get_v7_ids_of_their_own_timestamp_in_growing_order() {
+        let aggregate = Uuid::new_v4();
+        let events: Vec<PersistableDomainEvent> = (1..=200)
+            .map(|sequence| {
+                PersistableDomainEvent::new(
+                    "counter",
+                    aggregate,
+                    sequence,
+                    &CounterEvent::Incremented { by: 1 },
+                    Value::Null,
+                )
+            })
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for event in &events {
+            assert_eq!(event.event_id.get_version_num(), 7, "{}", event.event_id);
+            let (seconds, nanos) = event.event_id.get_timestamp().unwrap().to_unix();
+            let id_millis = seconds * 1000 + u64::from(nanos / 1_000_000);
+            assert_eq!(
+                i64::try_from(id_millis).unwrap(),
+                event.timestamp.timestamp_millis(),
+                "the id carries the event's own millisecond"
+            );
+        }
+        for pair in events.windows(2) {
+            // Within one millisecond the rest is random; across them, ids grow.
+            let millis = |id: Uuid| id.as_u128() >> 80;
+            assert!(millis(pair[0].event_id) <= millis(pair[1].event_id));
+        }
+        let distinct: std::collections::HashSet<Uuid> =
+            events.iter().map(|event| event.event_id).collect();
+        assert_eq!(distinct.len(), events.len());
     }
 }
