@@ -278,6 +278,21 @@ pub enum CQRSError {
         /// What it was asked for and does not offer.
         capability: String,
     },
+
+    /// An application's own write statement (`SqliteEventRepository::execute_write`) broke
+    /// a constraint of the database: a `UNIQUE` or `PRIMARY KEY` value already taken, a
+    /// `CHECK`, `NOT NULL` or `FOREIGN KEY`, a trigger's `RAISE(ABORT, ...)`. The statement
+    /// changed nothing; the writes committed beside it are not affected.
+    ///
+    /// ### Handling
+    /// The same statement is refused again as long as the data is the same: read what is
+    /// stored and decide (the key was taken by another request, say), or fix the statement.
+    #[error("write refused by a constraint: {message}")]
+    ConstraintViolation {
+        /// The database's message, naming the constraint (`UNIQUE constraint failed:
+        /// keys.id`).
+        message: String,
+    },
 }
 
 impl CQRSError {
@@ -454,6 +469,10 @@ impl PartialEq for CQRSError {
                     capability: b_capability,
                 },
             ) => a_store == b_store && a_capability == b_capability,
+            (
+                E::ConstraintViolation { message: a_message },
+                E::ConstraintViolation { message: b_message },
+            ) => a_message == b_message,
             // Every variant is named here, so a new one cannot be forgotten above.
             (
                 E::Conflict { .. }
@@ -472,7 +491,8 @@ impl PartialEq for CQRSError {
                 | E::ProjectionStopped(_)
                 | E::StreamBehind { .. }
                 | E::ProcessLoop { .. }
-                | E::Unsupported { .. },
+                | E::Unsupported { .. }
+                | E::ConstraintViolation { .. },
                 _,
             ) => false,
         }

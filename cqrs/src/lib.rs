@@ -92,8 +92,9 @@ pub use crate::store::postgres::{
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::store::sqlite::{
-    CorruptRow, Durability, InvalidTableName, SqliteDeadLetters, SqliteEventRepository,
-    SqliteOptions, SqliteProcessStore, SqliteSnapshotRepository, SqliteViewRepository, WriterError,
+    CorruptRow, Durability, InvalidStatement, InvalidTableName, SqliteBindValue, SqliteDeadLetters,
+    SqliteEventRepository, SqliteOptions, SqliteProcessStore, SqliteSnapshotRepository,
+    SqliteViewRepository, SqliteWriteStatement, WriterError,
 };
 /// The async-nats crate the NATS relay and projection are built on, re-exported so that the
 /// [`jetstream::Context`](async_nats::jetstream::Context) they take is built with the very

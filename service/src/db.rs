@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cqrs::sqlx::{self, Row};
 use cqrs::{
     CQRSError, DeadLetters, EventRepository, PostgresDeadLetters, PostgresEventRepository,
-    SqliteDeadLetters, SqliteEventRepository, ViewRepository,
+    SqliteDeadLetters, SqliteEventRepository, SqliteWriteStatement, ViewRepository,
 };
 
 use crate::order::{Order, OrderSummary};
@@ -85,12 +85,12 @@ impl Stores {
             Database::Sqlite(path) => {
                 let store = SqliteEventRepository::open(path).await?;
                 let keys = SqlKeyTable {
-                    pool: Pool::Sqlite(store.pool().clone()),
+                    pool: Pool::Sqlite(store.clone()),
                     table: TABLE.to_owned(),
                 };
                 keys.migrate().await?;
                 let events_table = EventsTable {
-                    pool: Pool::Sqlite(store.pool().clone()),
+                    pool: Pool::Sqlite(store.clone()),
                     table: EVENTS_TABLE.to_owned(),
                 };
                 let dead_letters = SqliteDeadLetters::new(&store);
@@ -172,14 +172,14 @@ impl EventsTable {
     async fn aggregates(&self, limit: i64) -> Result<Vec<AggregateRow>, CQRSError> {
         let table = &self.table;
         let rows = match &self.pool {
-            Pool::Sqlite(pool) => {
+            Pool::Sqlite(store) => {
                 let sql = format!(
                     "SELECT aggregate_type, aggregate_id, COUNT(*), MAX(position) FROM {table} \
                      GROUP BY aggregate_type, aggregate_id ORDER BY MAX(position) DESC LIMIT ?"
                 );
                 sqlx::query_as::<_, (String, String, i64, i64)>(&sql)
                     .bind(limit)
-                    .fetch_all(pool)
+                    .fetch_all(store.pool())
                     .await
             }
             Pool::Postgres(pool) => {
@@ -212,7 +212,7 @@ impl EventsTable {
     async fn head(&self) -> Result<i64, CQRSError> {
         let sql = format!("SELECT COALESCE(MAX(position), 0) FROM {}", self.table);
         let head: Result<i64, sqlx::Error> = match &self.pool {
-            Pool::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+            Pool::Sqlite(store) => sqlx::query_scalar(&sql).fetch_one(store.pool()).await,
             Pool::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
         };
         head.map_err(CQRSError::persistence)
@@ -330,33 +330,26 @@ pub(crate) struct SqlKeyTable {
     table: String,
 }
 
+/// Where the SQL tables are read and written.
 #[derive(Debug, Clone)]
 enum Pool {
-    Sqlite(sqlx::SqlitePool),
+    /// The SQLite store: reads on its pool, writes through its writer
+    /// ([`SqliteEventRepository::execute_write`]), in the transactions it groups the
+    /// appends in.
+    Sqlite(SqliteEventRepository),
+    /// The PostgreSQL store's pool, for reads and writes.
     Postgres(sqlx::PgPool),
+}
+
+/// A value bound to a statement of the keys table.
+#[derive(Debug, Clone, Copy)]
+enum Arg<'a> {
+    Text(&'a str),
+    Integer(i64),
 }
 
 /// The table's name.
 const TABLE: &str = "http_idempotency";
-
-/// Executes the statement `$sql` (written with PostgreSQL's `$n` placeholders, rewritten to
-/// `?` for SQLite, so each is used once and in order) as `$run` binds it, on whichever pool
-/// `$table` holds; the result is the number of rows affected.
-macro_rules! on_pool {
-    ($table:expr, $sql:expr, |$q:ident, $pool:ident| $run:expr) => {
-        match &$table.pool {
-            Pool::Sqlite($pool) => {
-                let sql = sqlite_placeholders(&$sql);
-                let $q = sqlx::query(&sql);
-                $run.await.map(|done| done.rows_affected())
-            }
-            Pool::Postgres($pool) => {
-                let $q = sqlx::query(&$sql);
-                $run.await.map(|done| done.rows_affected())
-            }
-        }
-    };
-}
 
 /// `$1`, `$2`, ... as SQLite's `?`, so one statement serves both databases.
 fn sqlite_placeholders(sql: &str) -> String {
@@ -376,6 +369,52 @@ fn sqlite_placeholders(sql: &str) -> String {
 }
 
 impl SqlKeyTable {
+    /// Runs the data-changing statement `sql` (written with PostgreSQL's `$n` placeholders,
+    /// rewritten to `?` for SQLite, so each is used once and in order) with `args`, and
+    /// returns the number of rows it changed.
+    ///
+    /// On SQLite it goes through the store's writer: it joins the transaction the writer
+    /// commits the appends of the moment in, instead of waiting for the file's write lock
+    /// behind them and paying a commit of its own.
+    async fn write(&self, sql: &str, args: &[Arg<'_>]) -> Result<u64, CQRSError> {
+        match &self.pool {
+            Pool::Sqlite(store) => {
+                let mut statement = SqliteWriteStatement::new(sqlite_placeholders(sql));
+                for arg in args {
+                    statement = match *arg {
+                        Arg::Text(text) => statement.bind(text),
+                        Arg::Integer(number) => statement.bind(number),
+                    };
+                }
+                store.execute_write(statement).await
+            }
+            Pool::Postgres(pool) => {
+                let mut query = sqlx::query(sql);
+                for arg in args {
+                    query = match *arg {
+                        Arg::Text(text) => query.bind(text),
+                        Arg::Integer(number) => query.bind(number),
+                    };
+                }
+                query
+                    .execute(pool)
+                    .await
+                    .map(|done| done.rows_affected())
+                    .map_err(CQRSError::persistence)
+            }
+        }
+    }
+
+    /// Runs a statement of the table's definition, on the pool (once, when the service
+    /// opens the database).
+    async fn define(&self, sql: &str) -> Result<(), CQRSError> {
+        match &self.pool {
+            Pool::Sqlite(store) => sqlx::query(sql).execute(store.pool()).await.map(drop),
+            Pool::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(drop),
+        }
+        .map_err(CQRSError::persistence)
+    }
+
     /// Creates the table if it does not exist (`BIGINT` is an integer in SQLite too).
     async fn migrate(&self) -> Result<(), CQRSError> {
         let sql = format!(
@@ -388,18 +427,14 @@ impl SqlKeyTable {
             )",
             self.table
         );
-        on_pool!(self, sql, |q, pool| q.execute(pool))
-            .map(drop)
-            .map_err(CQRSError::persistence)?;
+        self.define(&sql).await?;
         // The prune finds the old keys by this index. An index lives in its table's
         // schema on PostgreSQL, so its name is not qualified.
         let sql = format!(
             "CREATE INDEX IF NOT EXISTS {TABLE}_claimed_at ON {} (claimed_at)",
             self.table
         );
-        on_pool!(self, sql, |q, pool| q.execute(pool))
-            .map(drop)
-            .map_err(CQRSError::persistence)
+        self.define(&sql).await
     }
 
     /// Deletes at most `limit` keys that were claimed before `before` (milliseconds since
@@ -412,11 +447,8 @@ impl SqlKeyTable {
                 WHERE claimed_at < $1 AND response IS NOT NULL LIMIT $2)",
             table = self.table
         );
-        on_pool!(self, sql, |q, pool| q
-            .bind(before)
-            .bind(limit)
-            .execute(pool))
-        .map_err(CQRSError::persistence)
+        self.write(&sql, &[Arg::Integer(before), Arg::Integer(limit)])
+            .await
     }
 
     /// Claims `key` for a request, or returns the row of the request that holds it.
@@ -432,13 +464,17 @@ impl SqlKeyTable {
              VALUES ($1, $2, $3, $4) ON CONFLICT (idempotency_key) DO NOTHING",
             self.table
         );
-        let inserted = on_pool!(self, sql, |q, pool| q
-            .bind(key)
-            .bind(request)
-            .bind(aggregate_id)
-            .bind(now)
-            .execute(pool))
-        .map_err(CQRSError::persistence)?;
+        let inserted = self
+            .write(
+                &sql,
+                &[
+                    Arg::Text(key),
+                    Arg::Text(request),
+                    Arg::Text(aggregate_id),
+                    Arg::Integer(now),
+                ],
+            )
+            .await?;
         if inserted == 1 {
             return Ok(Claim::Claimed);
         }
@@ -457,9 +493,9 @@ impl SqlKeyTable {
             self.table
         );
         let row = match &self.pool {
-            Pool::Sqlite(pool) => sqlx::query(&sqlite_placeholders(&sql))
+            Pool::Sqlite(store) => sqlx::query(&sqlite_placeholders(&sql))
                 .bind(key)
-                .fetch_optional(pool)
+                .fetch_optional(store.pool())
                 .await
                 .and_then(|row| row.map(|r| key_row(&r)).transpose()),
             Pool::Postgres(pool) => sqlx::query(&sql)
@@ -484,13 +520,16 @@ impl SqlKeyTable {
              WHERE idempotency_key = $2 AND claimed_at = $3 AND response IS NULL",
             self.table
         );
-        on_pool!(self, sql, |q, pool| q
-            .bind(response)
-            .bind(key)
-            .bind(claimed_at)
-            .execute(pool))
+        self.write(
+            &sql,
+            &[
+                Arg::Text(response),
+                Arg::Text(key),
+                Arg::Integer(claimed_at),
+            ],
+        )
+        .await
         .map(drop)
-        .map_err(CQRSError::persistence)
     }
 
     /// Frees `key`, claimed at `claimed_at`, after a request that stored nothing and must be
@@ -500,12 +539,9 @@ impl SqlKeyTable {
             "DELETE FROM {} WHERE idempotency_key = $1 AND claimed_at = $2 AND response IS NULL",
             self.table
         );
-        on_pool!(self, sql, |q, pool| q
-            .bind(key)
-            .bind(claimed_at)
-            .execute(pool))
-        .map(drop)
-        .map_err(CQRSError::persistence)
+        self.write(&sql, &[Arg::Text(key), Arg::Integer(claimed_at)])
+            .await
+            .map(drop)
     }
 
     /// Takes over a claim that was abandoned (claimed at `claimed_at`, never completed):
@@ -521,13 +557,12 @@ impl SqlKeyTable {
              WHERE idempotency_key = $2 AND claimed_at = $3 AND response IS NULL",
             self.table
         );
-        on_pool!(self, sql, |q, pool| q
-            .bind(now)
-            .bind(key)
-            .bind(claimed_at)
-            .execute(pool))
+        self.write(
+            &sql,
+            &[Arg::Integer(now), Arg::Text(key), Arg::Integer(claimed_at)],
+        )
+        .await
         .map(|rows| rows == 1)
-        .map_err(CQRSError::persistence)
     }
 }
 

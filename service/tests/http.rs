@@ -4,6 +4,7 @@
 //! `dynamodb`, on DynamoDB (`CQRS_DYNAMODB_ENDPOINT`, an emulator, each test on tables of its
 //! own; skipped with a note when the variable is unset).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -341,6 +342,7 @@ on_backends! {
     racing_if_match_one_wins,
     idempotent_retry_returns_the_first_outcome,
     ten_concurrent_requests_with_one_key_append_once,
+    concurrent_requests_on_many_keys_append_once_per_key,
     idempotency_survives_a_restart,
     abandoned_claim_is_recovered_from_the_events,
     key_held_by_a_running_request_is_409,
@@ -849,6 +851,75 @@ async fn ten_concurrent_requests_with_one_key_append_once(db: Database) {
         "{bodies:?}"
     );
     assert_eq!(running.event_count(&db).await, before + 1, "one append");
+    running.shutdown().await;
+}
+
+/// Many keyed requests at once, several on each key: each key's command runs once (one
+/// append, carrying the key) and every request under it is answered with that outcome.
+async fn concurrent_requests_on_many_keys_append_once_per_key(db: Database) {
+    let running = Running::start(Config::new(db.clone())).await;
+    let mut orders = Vec::new();
+    for cents in 1..=6 {
+        orders.push(running.place(100 * cents).await.0);
+    }
+    let before = running.event_count(&db).await;
+    // Each order paid under a key of its own by four requests; twelve creates with a key
+    // each; eight creates under one key. (key, path, body, status)
+    let mut requests = Vec::new();
+    for (i, id) in (1_u64..).zip(&orders) {
+        let key = format!("pay-{i}-{}", Uuid::new_v4());
+        let body = json!({ "amount_cents": 100 * i, "payment_reference": "p" });
+        for _ in 0..4 {
+            let path = format!("/orders/{id}/payment");
+            requests.push((key.clone(), path, body.clone(), StatusCode::OK));
+        }
+    }
+    for i in 0..12 {
+        let key = format!("create-{i}-{}", Uuid::new_v4());
+        let created = StatusCode::CREATED;
+        requests.push((key, "/orders".to_owned(), place_body(10 + i), created));
+    }
+    let shared = format!("create-shared-{}", Uuid::new_v4());
+    for _ in 0..8 {
+        let created = StatusCode::CREATED;
+        requests.push((shared.clone(), "/orders".to_owned(), place_body(7), created));
+    }
+    let headers: Vec<[(&str, &str); 1]> = requests
+        .iter()
+        .map(|(key, ..)| [("idempotency-key", key.as_str())])
+        .collect();
+    let sent = requests
+        .iter()
+        .zip(&headers)
+        .map(|((_, path, body, _), headers)| running.post(path, body, headers));
+    let responses = futures_util::future::join_all(sent).await;
+    let mut runs: HashMap<&str, usize> = HashMap::new();
+    let mut bodies: HashMap<&str, Vec<Value>> = HashMap::new();
+    for ((key, path, _, status), response) in requests.iter().zip(responses) {
+        assert_eq!(response.status(), *status, "{path} under {key}");
+        let ran = !response.headers().contains_key("idempotent-replayed");
+        *runs.entry(key).or_default() += usize::from(ran);
+        let body = response.json::<Value>().await.expect("JSON");
+        bodies.entry(key).or_default().push(body);
+    }
+    let mut keys: Vec<&str> = runs.keys().copied().collect();
+    keys.sort_unstable();
+    assert_eq!(keys.len(), 6 + 12 + 1);
+    for key in &keys {
+        assert_eq!(runs[key], 1, "one request under {key} ran");
+        let answers = &bodies[key];
+        assert!(
+            answers.windows(2).all(|pair| pair[0] == pair[1]),
+            "{answers:?}"
+        );
+    }
+    let metadata = metadata(&db).await;
+    let mut appended: Vec<&str> = metadata[before..]
+        .iter()
+        .map(|metadata| metadata["idempotency_key"].as_str().expect("the key"))
+        .collect();
+    appended.sort_unstable();
+    assert_eq!(appended, keys, "one append per key");
     running.shutdown().await;
 }
 

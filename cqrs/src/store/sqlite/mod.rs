@@ -7,6 +7,7 @@ mod process;
 mod reader;
 mod rows;
 mod schema;
+mod statement;
 mod view;
 mod writer;
 
@@ -36,6 +37,7 @@ pub use self::dead_letters::SqliteDeadLetters;
 pub use self::process::SqliteProcessStore;
 pub use self::rows::CorruptRow;
 pub use self::schema::InvalidTableName;
+pub use self::statement::{InvalidStatement, SqliteBindValue, SqliteWriteStatement};
 pub use self::view::SqliteViewRepository;
 pub use self::writer::WriterError;
 
@@ -191,7 +193,9 @@ impl SqliteOptions {
 ///   dispatches share an fsync; each write still fails or succeeds on its own (a lost race
 ///   is that append's [`CQRSError::Conflict`], not its neighbours'). It waits briefly for
 ///   dispatches still reading their aggregate, and inserts a group's events with one
-///   statement, so a group of small appends costs one round trip to SQLite.
+///   statement, so a group of small appends costs one round trip to SQLite. The
+///   application's own writes to tables in the file join the groups through
+///   [`execute_write`](Self::execute_write).
 /// * **Races are caught by the schema.** `UNIQUE (aggregate_type, aggregate_id, sequence)`
 ///   refuses the second of two writers; `UNIQUE (event_id)` makes a retried append
 ///   recognisable; a trigger refuses a sequence that skips ahead. Nothing is decided by a
@@ -461,6 +465,74 @@ impl SqliteEventRepository {
     pub async fn save_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), CQRSError> {
         self.submit(|reply| Job::Checkpoint { checkpoint, reply })
             .await
+    }
+
+    /// Runs one `INSERT`, `REPLACE`, `UPDATE` or `DELETE` of the application's own tables
+    /// in the file through the store's writer, and returns the number of rows it changed.
+    ///
+    /// The statement is a write like an append: it joins the group the writer is about to
+    /// commit, runs in that group's transaction under a savepoint of its own, and is answered
+    /// after the group's `COMMIT`, with the same durability as an append (a group holding
+    /// one is never committed under the relaxed `synchronous` of a group of views). Writes
+    /// of the application's tables that go through the pool instead wait in SQLite's busy
+    /// handler for the writer's transactions, each paying a commit of its own; through
+    /// here they share the group's.
+    ///
+    /// Reads stay on the [`pool`](Self::pool): they never wait for the writer, and see the
+    /// statement once this returns. The store's own tables (`cqrs_*`) are written only by
+    /// the store.
+    ///
+    /// # Errors
+    /// * [`CQRSError::ConstraintViolation`] when the statement broke a constraint (a
+    ///   `UNIQUE` key already taken): it changed nothing, and the writes grouped with it
+    ///   commit.
+    /// * [`CQRSError::PersistenceError`] whose source is an [`InvalidStatement`] when it is
+    ///   not one such statement or its values do not match its parameters (nothing was
+    ///   queued); with SQLite's error when the statement is wrong for the schema (a missing
+    ///   table, a syntax error), also undone alone; with a [`WriterError`] for a failure
+    ///   of the database itself (I/O, disk full) or a statement whose conflict clause or
+    ///   trigger rolls the transaction back, after which the group's other writes run again
+    ///   in a new transaction, as for an append.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use cqrs::{CQRSError, SqliteEventRepository, SqliteWriteStatement};
+    /// # let path = std::env::temp_dir().join(format!("cqrs-doc-{}.sqlite", uuid::Uuid::new_v4()));
+    /// let store = SqliteEventRepository::open(&path).await?;
+    /// cqrs::sqlx::query("CREATE TABLE IF NOT EXISTS reservations (seat TEXT PRIMARY KEY, guest TEXT)")
+    ///     .execute(store.pool())
+    ///     .await
+    ///     .map_err(CQRSError::persistence)?;
+    ///
+    /// let reserve = |seat: &str, guest: &str| {
+    ///     SqliteWriteStatement::new("INSERT INTO reservations (seat, guest) VALUES (?, ?)")
+    ///         .bind(seat)
+    ///         .bind(guest)
+    /// };
+    /// assert_eq!(store.execute_write(reserve("12A", "ada")).await?, 1);
+    /// // The seat is taken: the second insert is refused, and changes nothing.
+    /// let taken = store.execute_write(reserve("12A", "grace")).await;
+    /// assert!(matches!(taken, Err(CQRSError::ConstraintViolation { .. })));
+    ///
+    /// let rename = SqliteWriteStatement::new("UPDATE reservations SET guest = ?1 WHERE guest = ?2")
+    ///     .bind("ada lovelace")
+    ///     .bind("ada");
+    /// assert_eq!(store.execute_write(rename).await?, 1);
+    /// let guest: String = cqrs::sqlx::query_scalar("SELECT guest FROM reservations WHERE seat = '12A'")
+    ///     .fetch_one(store.pool())
+    ///     .await
+    ///     .map_err(CQRSError::persistence)?;
+    /// assert_eq!(guest, "ada lovelace");
+    /// # drop(store);
+    /// # for suffix in ["", "-wal", "-shm"] {
+    /// #     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    /// # }
+    /// # Ok::<(), CQRSError>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn execute_write(&self, statement: SqliteWriteStatement) -> Result<u64, CQRSError> {
+        statement::check(&statement).map_err(CQRSError::persistence)?;
+        self.submit(|reply| Job::Write { statement, reply }).await
     }
 
     /// Sends a job to the writer and waits for its answer.

@@ -34,6 +34,7 @@ use crate::store::Snapshot;
 
 use super::rows::to_micros;
 use super::schema::GAP_MARKER;
+use super::statement::{SqliteBindValue, SqliteWriteStatement};
 
 /// Rows per multi-row `INSERT`: 11 parameters each stays under SQLite's oldest limit of 999
 /// parameters per statement.
@@ -79,6 +80,12 @@ pub(super) enum Job {
         sql: String,
         reply: oneshot::Sender<Result<(), CQRSError>>,
     },
+    /// Run an application's write statement under a savepoint of its own; answer the rows
+    /// it changed.
+    Write {
+        statement: SqliteWriteStatement,
+        reply: oneshot::Sender<Result<u64, CQRSError>>,
+    },
 }
 
 /// A batch of view changes for one view table, with the checkpoint to store beside them.
@@ -105,6 +112,7 @@ pub(super) struct ViewRow {
 enum Outcome {
     Positions(Result<Vec<i64>, CQRSError>),
     Done(Result<(), CQRSError>),
+    Rows(Result<u64, CQRSError>),
 }
 
 impl Job {
@@ -124,6 +132,9 @@ impl Job {
             ) => {
                 let _ = reply.send(result);
             }
+            (Job::Write { reply, .. }, Outcome::Rows(result)) => {
+                let _ = reply.send(result);
+            }
             // Each job's outcome is computed by its own arm of `apply`; dropping the reply
             // tells the caller the writer failed rather than answering the wrong thing.
             _ => {}
@@ -141,6 +152,9 @@ impl Job {
             | Job::Views { reply, .. }
             | Job::Checkpoint { reply, .. }
             | Job::Execute { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Job::Write { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -604,6 +618,9 @@ async fn apply(conn: &mut SqliteConnection, job: &Job, last: bool) -> Result<Out
             .await
             .map(|()| Outcome::Done(Ok(()))),
         Job::Execute { sql, .. } => execute(conn, sql).await.map(|()| Outcome::Done(Ok(()))),
+        Job::Write { statement, .. } => write_statement(conn, statement, last)
+            .await
+            .map(Outcome::Rows),
     }
 }
 
@@ -831,6 +848,90 @@ async fn save_checkpoint(
     .execute(conn)
     .await
     .map(|_| ())
+}
+
+/// SQLite's primary result codes for the mistakes of a statement itself (`SQLITE_ERROR`: a
+/// syntax error, a missing table or column; `SQLITE_TOOBIG`, `SQLITE_MISMATCH`,
+/// `SQLITE_RANGE`). SQLite undoes the statement and keeps the transaction.
+const STATEMENT_MISTAKES: [i32; 4] = [1, 18, 20, 25];
+
+/// Runs an application's write statement under the savepoint `cqrs_write`, with the
+/// `SAVEPOINT` and the `RELEASE` in one script with it (one round trip). `Ok` carries the
+/// rows it changed, or its own refusal, undone by rolling back to the savepoint: a
+/// constraint it broke ([`CQRSError::ConstraintViolation`]) or a mistake of the statement
+/// (a [`CQRSError::PersistenceError`]). `Err` is any other error, or a refusal that took the
+/// savepoint with it (a conflict clause or trigger that rolls the whole transaction back):
+/// the transaction is no longer the group's, and the caller rolls it back as for any job.
+///
+/// The savepoint, not SQLite's undoing of a failed statement, is what keeps the refusal to
+/// this job: an `OR FAIL` conflict clause keeps the rows a statement changed before it
+/// failed. With `last` (nothing else runs before the `COMMIT`), the savepoint is left for
+/// the `COMMIT` to end.
+async fn write_statement(
+    conn: &mut SqliteConnection,
+    statement: &SqliteWriteStatement,
+    last: bool,
+) -> Result<Result<u64, CQRSError>, sqlx::Error> {
+    use futures_util::TryStreamExt;
+    use sqlx::Executor;
+
+    // The statement is one statement (checked before it was queued); the line breaks end a
+    // trailing `--` comment.
+    let release = if last { "" } else { ";RELEASE cqrs_write" };
+    let sql = format!("SAVEPOINT cqrs_write;\n{}\n{release}", statement.body());
+    let mut query = sqlx::query(&sql);
+    for value in statement.values() {
+        query = match value {
+            SqliteBindValue::Null => query.bind(None::<i64>),
+            SqliteBindValue::Integer(value) => query.bind(*value),
+            SqliteBindValue::Real(value) => query.bind(*value),
+            SqliteBindValue::Text(value) => query.bind(value.as_str()),
+            SqliteBindValue::Blob(value) => query.bind(value.as_slice()),
+        };
+    }
+    let counts: Result<Vec<u64>, sqlx::Error> = conn
+        .execute_many(query)
+        .map_ok(|done| done.rows_affected())
+        .try_collect()
+        .await;
+    let error = match counts {
+        // The first count is the savepoint's: the statement's is the second.
+        Ok(counts) => {
+            return match counts.get(1) {
+                Some(&rows) => Ok(Ok(rows)),
+                None => Err(sqlx::Error::Protocol(format!(
+                    "a write statement's script reported {} results",
+                    counts.len()
+                ))),
+            };
+        }
+        Err(error) => error,
+    };
+    // The statement's own refusal: a broken constraint's message, or `None` for a mistake.
+    let constraint = match &error {
+        sqlx::Error::Database(database) if error_code(&error) == Some(SQLITE_CONSTRAINT) => {
+            Some(database.message().to_owned())
+        }
+        sqlx::Error::Database(_)
+            if error_code(&error).is_some_and(|code| STATEMENT_MISTAKES.contains(&code)) =>
+        {
+            None
+        }
+        // A value sqlx refused to bind, before SQLite ran the statement.
+        sqlx::Error::Protocol(_) | sqlx::Error::Encode(_) => None,
+        _ => return Err(error),
+    };
+    match execute(conn, "ROLLBACK TO cqrs_write; RELEASE cqrs_write").await {
+        Ok(()) => Ok(Err(match constraint {
+            Some(message) => CQRSError::ConstraintViolation { message },
+            None => CQRSError::persistence(error),
+        })),
+        // The savepoint went with the transaction: the statement's error is the group's.
+        Err(rollback) => {
+            tracing::debug!(%rollback, "ROLLBACK TO after a refused write statement");
+            Err(error)
+        }
+    }
 }
 
 /// Writes a view batch and its checkpoint under a savepoint; a stale row or a checkpoint
@@ -1215,9 +1316,204 @@ mod tests {
         assert_eq!(position, 4);
     }
 
+    fn remove_store_files(path: &std::path::Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    /// An application's write statement sent with appends runs in their group's
+    /// transaction and commits with them; a statement refused by a constraint fails alone,
+    /// undone to its savepoint even when SQLite would keep part of it (`OR FAIL`), and a
+    /// statement that rolls the whole transaction back (`OR ROLLBACK`) fails alone too while
+    /// its neighbours run again. Each answers the rows it changed.
+    #[tokio::test]
+    async fn write_statements_commit_with_the_appends_of_their_group() {
+        use futures_util::future::{join_all, BoxFuture, FutureExt};
+
+        use crate::store::sqlite::{InvalidStatement, SqliteWriteStatement};
+        use crate::CQRSError;
+
+        /// What a job of a group answered.
+        #[derive(Debug)]
+        enum Answer {
+            Appended(Result<Vec<i64>, CQRSError>),
+            Wrote(Result<u64, CQRSError>),
+        }
+
+        let path = std::env::temp_dir().join(format!("cqrs-writer-{}.sqlite", Uuid::new_v4()));
+        let store = SqliteEventRepository::open(&path).await.unwrap();
+        let create = "CREATE TABLE seats (seat TEXT PRIMARY KEY, seen INTEGER NOT NULL)";
+        sqlx::query(create).execute(store.pool()).await.unwrap();
+        // The statement records how many events its transaction sees: the appends of its
+        // own group are inserted before it.
+        let reserve = |seat: &str| {
+            SqliteWriteStatement::new(
+                "INSERT INTO seats (seat, seen) VALUES (?, (SELECT count(*) FROM cqrs_events))",
+            )
+            .bind(seat)
+        };
+        let append = |store: &SqliteEventRepository| {
+            let store = store.clone();
+            let events = batch(Uuid::new_v4(), 1, 1);
+            async move { Answer::Appended(store.append(events).await) }.boxed()
+        };
+        let write = |store: &SqliteEventRepository, statement: SqliteWriteStatement| {
+            let store = store.clone();
+            async move { Answer::Wrote(store.execute_write(statement).await) }.boxed()
+        };
+        // On this single-threaded runtime every job of a round is queued before the writer
+        // runs again: each round is one group.
+        async fn group(jobs: Vec<BoxFuture<'static, Answer>>) -> Vec<Answer> {
+            join_all(jobs).await
+        }
+        let seen = |seat: &'static str| {
+            let pool = store.pool().clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT seen FROM seats WHERE seat = ?")
+                    .bind(seat)
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+
+        // Appends and statements together: the statements see all five events.
+        let mut jobs: Vec<_> = (0..5).map(|_| append(&store)).collect();
+        for seat in ["1A", "1B", "1C"] {
+            jobs.push(write(&store, reserve(seat)));
+        }
+        for answer in group(jobs).await {
+            match answer {
+                Answer::Appended(Ok(positions)) => assert_eq!(positions.len(), 1),
+                Answer::Wrote(Ok(rows)) => assert_eq!(rows, 1),
+                other => panic!("{other:?}"),
+            }
+        }
+        for seat in ["1A", "1B", "1C"] {
+            assert_eq!(seen(seat).await, Some(5), "seat {seat}");
+        }
+
+        // Refusals in a group: a taken seat; two rows of which the second is taken, under
+        // `OR FAIL` (which keeps the first row unless the savepoint undoes it). The append,
+        // the other statements and their counts are not disturbed.
+        let update = SqliteWriteStatement::new("UPDATE seats SET seen = seen + 100 WHERE seat < ?")
+            .bind("2");
+        let jobs =
+            vec![
+            write(&store, reserve("1A")),
+            append(&store),
+            write(
+                &store,
+                SqliteWriteStatement::new(
+                    "INSERT OR FAIL INTO seats (seat, seen) VALUES ('2A', 0), (?, 0)",
+                )
+                .bind("1B"),
+            ),
+            write(&store, reserve("2B")),
+            write(&store, update),
+            write(
+                &store,
+                SqliteWriteStatement::new(
+                    "INSERT INTO seats (seat, seen) VALUES (?1, 0) ON CONFLICT (seat) DO NOTHING",
+                )
+                .bind("1C"),
+            ),
+            write(&store, SqliteWriteStatement::new("DELETE FROM seats WHERE seat = 'none'")),
+            // Wrong for the schema: refused by SQLite, undone alone.
+            write(&store, SqliteWriteStatement::new("DELETE FROM no_such_table")),
+        ];
+        let answers = group(jobs).await;
+        let rows: Vec<String> = answers
+            .iter()
+            .map(|answer| match answer {
+                Answer::Appended(Ok(positions)) => format!("appended {positions:?}"),
+                Answer::Wrote(Ok(rows)) => format!("wrote {rows}"),
+                Answer::Wrote(Err(CQRSError::ConstraintViolation { message })) => {
+                    format!("refused: {message}")
+                }
+                Answer::Wrote(Err(CQRSError::PersistenceError(error))) => {
+                    format!("failed: {error}")
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                "refused: UNIQUE constraint failed: seats.seat",
+                "appended [6]",
+                "refused: UNIQUE constraint failed: seats.seat",
+                "wrote 1",
+                // 1A, 1B, 1C: the refused statements changed nothing.
+                "wrote 3",
+                "wrote 0",
+                "wrote 0",
+                // SQLite's error itself, not a `WriterError`: the transaction went on.
+                "failed: error returned from database: (code: 1) no such table: no_such_table",
+            ]
+        );
+        assert_eq!(seen("2A").await, None, "the OR FAIL statement was undone");
+        assert_eq!(seen("2B").await, Some(6));
+        assert_eq!(seen("1A").await, Some(105));
+
+        // A statement that rolls back the whole transaction fails with the database's error;
+        // the others of its group run again in a new transaction and commit once.
+        let jobs = vec![
+            append(&store),
+            write(
+                &store,
+                SqliteWriteStatement::new(
+                    "INSERT OR ROLLBACK INTO seats (seat, seen) VALUES (?, 0)",
+                )
+                .bind("1A"),
+            ),
+            write(&store, reserve("3A")),
+        ];
+        let answers = group(jobs).await;
+        assert!(
+            matches!(&answers[0], Answer::Appended(Ok(positions)) if positions == &[7]),
+            "{answers:?}"
+        );
+        match &answers[1] {
+            Answer::Wrote(Err(CQRSError::PersistenceError(error))) => {
+                assert!(error.is::<super::WriterError>(), "{error}");
+                assert!(
+                    error.to_string().contains("UNIQUE constraint failed"),
+                    "{error}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(answers[2], Answer::Wrote(Ok(1))), "{answers:?}");
+        assert_eq!(seen("3A").await, Some(7));
+        assert_eq!(seen("1A").await, Some(105));
+        assert_eq!(store.read_all(0, 100).await.unwrap().len(), 7);
+
+        // What is not one write statement with matching values never reaches the writer.
+        for statement in [
+            SqliteWriteStatement::new("COMMIT"),
+            SqliteWriteStatement::new("DELETE FROM seats; DROP TABLE seats"),
+            SqliteWriteStatement::new("DELETE FROM seats WHERE seat = ?"),
+        ] {
+            let error = store.execute_write(statement).await.unwrap_err();
+            let CQRSError::PersistenceError(source) = &error else {
+                panic!("{error:?}");
+            };
+            assert!(source.is::<InvalidStatement>(), "{error}");
+        }
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM seats")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(count, 5, "1A, 1B, 1C, 2B, 3A");
+        drop(store);
+        remove_store_files(&path);
+    }
+
     /// A group of nothing but view batches is committed without an fsync of its own
-    /// (`synchronous=NORMAL`); every other group, an append's or a migration's, runs with
-    /// `FULL` again. A trigger on the view table and a statement after it record the level
+    /// (`synchronous=NORMAL`); every other group, an append's, a migration's or one holding
+    /// an application's write statement, runs with `FULL` again. A trigger on the view table and a statement after it record the level
     /// each ran at.
     #[tokio::test]
     async fn only_groups_of_views_commit_without_their_own_fsync() {
@@ -1242,7 +1538,8 @@ mod tests {
         )
         .await
         .unwrap();
-        for round in 0..2 {
+        let view = |round: usize| {
+            let store = store.clone();
             let commit = ViewCommit {
                 table: "totals".to_owned(),
                 view_version: 1,
@@ -1253,20 +1550,27 @@ mod tests {
                 }],
                 checkpoint: None,
             };
-            store
-                .submit(|reply| Job::Views { commit, reply })
-                .await
-                .unwrap();
-            execute("INSERT INTO probe SELECT synchronous FROM pragma_synchronous")
-                .await
-                .unwrap();
+            async move { store.submit(|reply| Job::Views { commit, reply }).await }
+        };
+        let probe = "INSERT INTO probe SELECT synchronous FROM pragma_synchronous";
+        for round in 0..2 {
+            view(round).await.unwrap();
+            execute(probe).await.unwrap();
         }
+        // A view batch grouped with an application's write statement (both queued before
+        // the writer runs on this single-threaded runtime) commits with the fsync, as the
+        // statement needs; a view batch alone after it is relaxed again.
+        let statement = crate::store::sqlite::SqliteWriteStatement::new(probe);
+        let (viewed, wrote) = tokio::join!(view(2), store.execute_write(statement));
+        viewed.unwrap();
+        assert_eq!(wrote.unwrap(), 1);
+        view(3).await.unwrap();
         let levels: Vec<i64> = sqlx::query_scalar("SELECT level FROM probe ORDER BY rowid")
             .fetch_all(store.pool())
             .await
             .unwrap();
         // NORMAL is 1, FULL 2.
-        assert_eq!(levels, [1, 2, 1, 2]);
+        assert_eq!(levels, [1, 2, 1, 2, 2, 2, 1]);
         drop(store);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
