@@ -427,6 +427,83 @@ async fn without_group_commit_every_append_goes_alone() {
     fx.drop_schema().await;
 }
 
+/// A connection may keep a generic plan of the group statement made while the table was
+/// empty, for as long as it lives. Such a plan must still probe the unique index per append:
+/// a hash join over the table would read every stored event on every group (seen under load
+/// as appends slowing down as the table grew). `force_generic_plan` makes every execution
+/// use the plan made on the empty table; the table's own statistics then show whether the
+/// group statements scanned it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_appends_probe_the_index_even_with_a_plan_made_on_an_empty_table() {
+    let Some(url) = url("group_appends_probe_the_index_even_with_a_plan_made_on_an_empty_table")
+    else {
+        return;
+    };
+    let options: cqrs::sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.options([("plan_cache_mode", "force_generic_plan")]))
+        .await
+        .unwrap_or_else(|e| panic!("{URL_VAR} is set but the server is unreachable: {e}"));
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let store = PostgresEventRepository::from_pool(pool)
+        .with_schema(&schema)
+        .unwrap()
+        .with_notifications(false);
+    store.migrate().await.unwrap();
+
+    let (writers, commands) = (16, 25);
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = Uuid::new_v4();
+            for sequence in 1..=commands {
+                store
+                    .append(vec![counter_event(id, sequence, sequence)])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let counts = store.group_commit_counts();
+    assert!(counts.group_statements > 5, "{counts:?}");
+    let pool = store.pool().clone();
+    // Backends report their statistics when they end (or within a second of going idle).
+    pool.close().await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let expected = i64::from(writers) * commands;
+    let mut scanned = None;
+    for _ in 0..100 {
+        let row = sqlx::query(
+            "SELECT n_tup_ins, seq_scan, seq_tup_read FROM pg_stat_user_tables \
+             WHERE schemaname = $1 AND relname = 'cqrs_events'",
+        )
+        .bind(&schema)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        // Rows of a statement that failed as a whole count too.
+        let inserted: i64 = row.get(0);
+        if inserted >= expected {
+            scanned = Some((row.get::<i64, _>(1), row.get::<i64, _>(2)));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (seq_scans, rows_read) = scanned.expect("the appends' statistics never arrived");
+    assert_eq!(
+        rows_read, 0,
+        "the group statements read the table ({seq_scans} sequential scans)"
+    );
+    conn.execute(format!("DROP SCHEMA \"{schema}\" CASCADE").as_str())
+        .await
+        .unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Gap safety.
 

@@ -133,10 +133,13 @@ pub(super) struct Statements {
     /// an append, so an append is stored whole or left out whole. Returns
     /// `(event_id, position)` per stored event.
     ///
-    /// The probe of the previous sequence is a scalar subquery (one row at most, by the
-    /// unique key) rather than `EXISTS`: beside an `OR`, PostgreSQL may plan an `EXISTS` as a
-    /// hashed subplan that reads the whole table, while a scalar subquery is always the
-    /// per-row index probe.
+    /// Both probes (the previous sequence stored, the first sequence not stored) are scalar
+    /// subqueries (one row at most, by the unique key) rather than `EXISTS` / `NOT EXISTS`:
+    /// a scalar subquery is always a per-row probe of the unique index, whatever the plan.
+    /// An `EXISTS` beside an `OR` may become a hashed subplan, and a `NOT EXISTS` an anti
+    /// join; both read the whole table when the planner takes it for small. A connection
+    /// may keep a generic plan made while the table was empty for as long as it lives, so
+    /// such a plan would read every stored event on every group.
     pub(super) append_group: String,
     pub(super) find_ids: String,
     pub(super) load_events: String,
@@ -215,9 +218,10 @@ impl Statements {
                    AND (u.expected = 0 OR (SELECT true FROM {s}.cqrs_events p \
                         WHERE p.aggregate_type = u.aggregate_type \
                           AND p.aggregate_id = u.aggregate_id AND p.sequence = u.expected)) \
-                   AND NOT EXISTS (SELECT 1 FROM {s}.cqrs_events q \
+                   AND (SELECT true FROM {s}.cqrs_events q \
                         WHERE q.aggregate_type = u.aggregate_type \
-                          AND q.aggregate_id = u.aggregate_id AND q.sequence = u.expected + 1) \
+                          AND q.aggregate_id = u.aggregate_id \
+                          AND q.sequence = u.expected + 1) IS NULL \
                  ORDER BY u.ord \
                  RETURNING e.event_id, e.position"
             ),
