@@ -1021,6 +1021,125 @@ async fn projection_commits_views_and_checkpoint_together() {
     fx.drop_schema().await;
 }
 
+/// A view's batch must read the rows of its own views, not every row of the view's table,
+/// even on a connection that planned the batch's statements while the table was small (the
+/// plans PostgreSQL keeps per connection; see
+/// `group_appends_probe_the_index_even_with_a_plan_made_on_an_empty_table`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn view_batches_read_their_own_rows_after_the_table_grew() {
+    let Some(url) = url("view_batches_read_their_own_rows_after_the_table_grew") else {
+        return;
+    };
+    let options: cqrs::sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.options([("plan_cache_mode", "force_generic_plan")]))
+        .await
+        .unwrap_or_else(|e| panic!("{URL_VAR} is set but the server is unreachable: {e}"));
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let store = PostgresEventRepository::from_pool(pool)
+        .with_schema(&schema)
+        .unwrap()
+        .with_notifications(false);
+    store.migrate().await.unwrap();
+    let framework = Arc::new(CQRSFramework::<Counter>::new(store.clone()));
+    let views = PostgresViewRepository::<CounterView>::new(&store);
+    let projection = Arc::new(
+        Projection::<Counter, CounterView>::new(store.clone(), views.clone()).with_batch_size(10),
+    );
+    let create = |count: usize| {
+        let framework = Arc::clone(&framework);
+        async move {
+            let mut tasks = Vec::new();
+            for _ in 0..16 {
+                let framework = Arc::clone(&framework);
+                tasks.push(tokio::spawn(async move {
+                    let mut ids = Vec::new();
+                    for _ in 0..count / 16 {
+                        let id = Uuid::new_v4();
+                        framework
+                            .dispatch(id, CounterCommand::Add(1))
+                            .await
+                            .unwrap();
+                        ids.push(id);
+                    }
+                    ids
+                }));
+            }
+            let mut ids = Vec::new();
+            for task in tasks {
+                ids.extend(task.await.unwrap());
+            }
+            ids
+        }
+    };
+    let change = |ids: Vec<Uuid>| {
+        let framework = Arc::clone(&framework);
+        let projection = Arc::clone(&projection);
+        async move {
+            for id in ids {
+                framework
+                    .dispatch(id, CounterCommand::Add(1))
+                    .await
+                    .unwrap();
+            }
+            projection.catch_up().await.unwrap();
+        }
+    };
+
+    // A small table, on which both connections plan the batch's statements.
+    let small = create(320).await;
+    projection.catch_up().await.unwrap();
+    for round in 0..2 {
+        change(small[round * 10..round * 10 + 10].to_vec()).await;
+    }
+    // The table grows twelvefold; then 10 batches change 10 views each.
+    let grown = create(4000).await;
+    projection.catch_up().await.unwrap();
+    for round in 0..10 {
+        change(grown[round * 100..round * 100 + 10].to_vec()).await;
+    }
+    let repo: &dyn ViewRepository<Counter, CounterView> = &views;
+    assert_eq!(
+        repo.load(&grown[0].to_string())
+            .await
+            .unwrap()
+            .unwrap()
+            .events,
+        2
+    );
+
+    // Backends report their statistics when they end.
+    store.pool().close().await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let mut stats = (0, 0);
+    for _ in 0..200 {
+        let row = sqlx::query(
+            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0), n_tup_upd \
+             FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = $2",
+        )
+        .bind(&schema)
+        .bind(CounterView::TABLE_NAME)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        stats = (row.get::<i64, _>(0), row.get::<i64, _>(1));
+        if stats.1 >= 120 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (rows_read, updated) = stats;
+    assert_eq!(updated, 120, "the changed views were updated once each");
+    // While the table was small its batches may have read all of it (2 x 320 rows); after
+    // that each batch reads its own 10 views twice (load, update): about 900 rows in all.
+    // A plan that kept reading the whole table would read 40,000 more.
+    assert!(rows_read <= 3_000, "the batches read {rows_read} view rows");
+    conn.execute(format!("DROP SCHEMA \"{schema}\" CASCADE").as_str())
+        .await
+        .unwrap();
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct BadlyNamed;
 

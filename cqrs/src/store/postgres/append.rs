@@ -142,7 +142,10 @@ impl PostgresEventRepository {
         expected: i64,
     ) -> Result<Vec<i64>, CQRSError> {
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        // Not kept prepared: this runs rarely, and a generic plan made while the table was
+        // small scans it (`event_id = ANY(..)` on a few pages), for the connection's life.
         let rows = sqlx::query(&self.inner.sql.find_ids)
+            .persistent(false)
             .bind(&ids)
             .fetch_all(&self.inner.pool)
             .await

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::error::CQRSError;
 use crate::process::{conflict, stored_next_due, Deadline, ProcessRow, ProcessStore};
 
+use super::schema::CUSTOM_PLANS_TRANSACTION;
 use super::PostgresEventRepository;
 
 const COLUMNS: &str = "instance, state, version, correlation_id, deadlines, finished";
@@ -323,7 +324,7 @@ impl ProcessStore for PostgresProcessStore {
         let mut tx = self
             .store
             .pool()
-            .begin()
+            .begin_with(CUSTOM_PLANS_TRANSACTION)
             .await
             .map_err(CQRSError::persistence)?;
         if let Some(position) = checkpoint {

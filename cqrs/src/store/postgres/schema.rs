@@ -103,6 +103,15 @@ pub(super) fn validate_identifier(kind: &'static str, name: &str) -> Result<(), 
     Ok(())
 }
 
+/// Starts a transaction whose statements are each planned for their own arguments and the
+/// tables as they are now, in the same round trip as the `BEGIN`. A pooled connection keeps
+/// a generic plan of a statement it runs often; one made while a table was small may read
+/// the whole table (a sequential scan, or a hash join over one) on every run once the table
+/// is large. The transactions of view and process batches, whose `UPDATE ... FROM unnest(..)`
+/// the planner may join either way, start with this.
+pub(super) const CUSTOM_PLANS_TRANSACTION: &str =
+    "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
+
 /// The columns every event query selects, in the order `decode_event` reads them.
 const EVENT_COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, sequence, \
      event_type, event_version, payload, metadata, \"timestamp\", correlation_id, causation_id";

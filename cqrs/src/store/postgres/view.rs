@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::Row;
 
-use super::schema::{validate_identifier, view_table_ddl, InvalidIdentifier};
+use super::schema::{
+    validate_identifier, view_table_ddl, InvalidIdentifier, CUSTOM_PLANS_TRANSACTION,
+};
 use super::PostgresEventRepository;
 use crate::aggregate::Aggregate;
 use crate::error::CQRSError;
@@ -369,7 +371,12 @@ fn write_views(
             expected_version,
         };
 
-        let mut tx = store.pool().begin().await.map_err(CQRSError::persistence)?;
+        // Each statement planned for this batch (see `CUSTOM_PLANS_TRANSACTION`).
+        let mut tx = store
+            .pool()
+            .begin_with(CUSTOM_PLANS_TRANSACTION)
+            .await
+            .map_err(CQRSError::persistence)?;
         // The checkpoint first: its row lock orders concurrent commits of one projection,
         // and a projector whose checkpoint is behind (another one applied these events)
         // is refused before it writes a row. Equal is fine only when no row changes.
@@ -417,7 +424,8 @@ fn write_views(
                 "UPDATE {table} AS t \
                  SET row_version = t.row_version + 1, payload = u.payload, updated_at = now() \
                  FROM unnest($1::text[], $3::bigint[], $4::jsonb[]) AS u(id, row_version, payload) \
-                 WHERE t.view_id = u.id AND t.view_version = $2 AND t.row_version = u.row_version \
+                 WHERE t.view_id = ANY($1) AND t.view_version = $2 \
+                   AND t.view_id = u.id AND t.row_version = u.row_version \
                  RETURNING t.view_id"
             ))
             .bind(&old_ids)
