@@ -427,6 +427,25 @@ async fn without_group_commit_every_append_goes_alone() {
     fx.drop_schema().await;
 }
 
+/// A migrated store in a fresh schema (returned with it), on `connections` connections
+/// that always run the generic plan of a prepared statement: the plan PostgreSQL made when
+/// the statement was first run, on the tables as they were then.
+async fn generic_plans_store(url: &str, connections: u32) -> (PostgresEventRepository, String) {
+    let options: cqrs::sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(connections)
+        .connect_with(options.options([("plan_cache_mode", "force_generic_plan")]))
+        .await
+        .unwrap_or_else(|e| panic!("{URL_VAR} is set but the server is unreachable: {e}"));
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let store = PostgresEventRepository::from_pool(pool)
+        .with_schema(&schema)
+        .unwrap()
+        .with_notifications(false);
+    store.migrate().await.unwrap();
+    (store, schema)
+}
+
 /// A connection may keep a generic plan of the group statement made while the table was
 /// empty, for as long as it lives. Such a plan must still probe the unique index per append:
 /// a hash join over the table would read every stored event on every group (seen under load
@@ -439,18 +458,7 @@ async fn group_appends_probe_the_index_even_with_a_plan_made_on_an_empty_table()
     else {
         return;
     };
-    let options: cqrs::sqlx::postgres::PgConnectOptions = url.parse().unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(options.options([("plan_cache_mode", "force_generic_plan")]))
-        .await
-        .unwrap_or_else(|e| panic!("{URL_VAR} is set but the server is unreachable: {e}"));
-    let schema = format!("t_{}", Uuid::new_v4().simple());
-    let store = PostgresEventRepository::from_pool(pool)
-        .with_schema(&schema)
-        .unwrap()
-        .with_notifications(false);
-    store.migrate().await.unwrap();
+    let (store, schema) = generic_plans_store(&url, 4).await;
 
     let (writers, commands) = (16, 25);
     let mut tasks = Vec::new();
@@ -1030,18 +1038,7 @@ async fn view_batches_read_their_own_rows_after_the_table_grew() {
     let Some(url) = url("view_batches_read_their_own_rows_after_the_table_grew") else {
         return;
     };
-    let options: cqrs::sqlx::postgres::PgConnectOptions = url.parse().unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(options.options([("plan_cache_mode", "force_generic_plan")]))
-        .await
-        .unwrap_or_else(|e| panic!("{URL_VAR} is set but the server is unreachable: {e}"));
-    let schema = format!("t_{}", Uuid::new_v4().simple());
-    let store = PostgresEventRepository::from_pool(pool)
-        .with_schema(&schema)
-        .unwrap()
-        .with_notifications(false);
-    store.migrate().await.unwrap();
+    let (store, schema) = generic_plans_store(&url, 2).await;
     let framework = Arc::new(CQRSFramework::<Counter>::new(store.clone()));
     let views = PostgresViewRepository::<CounterView>::new(&store);
     let projection = Arc::new(
