@@ -35,6 +35,10 @@
 //! `CQRS_POSTGRES_URL` (unset: PostgreSQL is skipped with a note). The method and the
 //! figures are in `docs/benchmarks.md`.
 
+/// The service's own allocator (as its binaries use), for both sides.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
