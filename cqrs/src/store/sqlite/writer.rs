@@ -294,14 +294,40 @@ pub(super) async fn run(
                 Err(error) => tracing::debug!(%error, "could not relax synchronous for views"),
             }
         }
-        let span = tracing::trace_span!("sqlite_group_commit", jobs = group.len());
+        let size = group.len();
+        let span = tracing::trace_span!("sqlite_group_commit", jobs = size);
         commit_group(&mut connection, std::mem::take(&mut group), &position)
             .instrument(span)
             .await;
         // The callers just answered are ready to run: let those on this thread send their
-        // next write before the next group is taken.
-        tokio::task::yield_now().await;
+        // next write before the next group is taken. When fewer jobs than that group are
+        // waiting then, the writer also waits for the runtime's next poll of its I/O driver,
+        // which gives the callers on other worker threads time to send theirs (without it, 8
+        // producers in a closed loop made smaller groups, about 10% slower).
+        run_after_woken().await;
+        if jobs.len() < size {
+            tokio::task::yield_now().await;
+        }
     }
+}
+
+/// Lets the tasks woken so far run first: the writer wakes itself and waits once, which puts
+/// it behind them in its worker's run queue. `tokio::task::yield_now` waits for the
+/// runtime's next poll of its I/O driver as well, behind every task that poll readies: under
+/// an HTTP load at 64 connections, where jobs are already waiting after each group, that was
+/// about 0.6 ms of the writer's 2.3 ms per group.
+async fn run_after_woken() {
+    let mut woken = false;
+    std::future::poll_fn(|cx| {
+        if woken {
+            std::task::Poll::Ready(())
+        } else {
+            woken = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// Adds to `group` the jobs of callers whose reads are in progress (see [`run`]).
