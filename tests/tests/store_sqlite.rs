@@ -244,6 +244,54 @@ async fn grouped_appends_keep_their_own_outcomes() {
     assert_eq!(store.read_all(0, 1000).await.unwrap().len(), 2 + 32 * 3);
 }
 
+/// Groups small enough for one `INSERT` run it as a transaction of its own: when a constraint
+/// refuses it, the appends are inserted one by one in a new transaction, and only the losers
+/// of the race fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_group_of_small_appends_commits_the_rest() {
+    let db = TempDb::new("sqlite-test");
+    let store = db.open().await;
+    for _ in 0..20 {
+        let contested = Uuid::new_v4();
+        let fresh: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let store = store.clone();
+            let id = if i % 2 == 0 { contested } else { fresh[i / 2] };
+            tasks.push(tokio::spawn(async move {
+                (id, store.append(counter_batch(id, 1, 1)).await)
+            }));
+        }
+        let mut winners = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                (id, Ok(positions)) => {
+                    assert_eq!(positions.len(), 1);
+                    if id == contested {
+                        winners += 1;
+                    }
+                }
+                (id, Err(CQRSError::Conflict { aggregate_id, .. })) => {
+                    assert_eq!((id, aggregate_id), (contested, contested));
+                }
+                (id, other) => panic!("unexpected outcome for {id}: {other:?}"),
+            }
+        }
+        assert_eq!(winners, 1, "exactly one of the racing appends wins");
+        for id in fresh {
+            assert_eq!(store.event_sequence(Counter::NAME, id).await.unwrap(), 1);
+        }
+        assert_eq!(
+            store
+                .event_sequence(Counter::NAME, contested)
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    assert_eq!(store.read_all(0, 1000).await.unwrap().len(), 20 * 7);
+}
+
 #[tokio::test]
 async fn a_batch_larger_than_one_statement_is_atomic() {
     let db = TempDb::new("sqlite-test");

@@ -3,9 +3,9 @@
 //!
 //! The task owns the write connection and a queue. It takes every job waiting (up to a
 //! limit, after waiting for the appends of reads in progress), runs `BEGIN IMMEDIATE`,
-//! inserts the events of the group's appends with one statement (sent with the `BEGIN` and
-//! the `COMMIT` as one script when nothing else is in the group), applies the other jobs
-//! one after the other, and commits once. If a constraint refuses the grouped statement,
+//! inserts the events of the group's appends with one statement (a transaction of its own
+//! when nothing else is in the group), applies the other jobs one after the other, and
+//! commits once. If a constraint refuses the grouped statement,
 //! the appends are inserted one by one instead.
 //! A job that fails on a constraint (a lost race, a duplicate id, a stale view) is undone on
 //! its own, by the statement's own rollback or by a savepoint, and answered with its error;
@@ -396,7 +396,7 @@ async fn commit_group(
                     outcomes.extend(positions.into_iter().map(|p| Outcome::Positions(Ok(p))));
                     begun = true;
                 }
-                Together::Refused => begun = true,
+                Together::Refused { open } => begun = open,
                 Together::Skipped => {}
                 Together::Failed(error) => {
                     rollback(conn).await;
@@ -469,22 +469,25 @@ enum Together {
     /// The first appends (as many as there are position lists) are inserted in the open
     /// transaction; the other jobs are still to run.
     Inserted(Vec<Vec<i64>>),
-    /// The transaction is open but a constraint refused the grouped `INSERT` (which SQLite
-    /// undid): every job is still to run, one at a time, each to learn its own outcome.
-    Refused,
+    /// A constraint refused the grouped `INSERT` (which SQLite undid): every job is still
+    /// to run, one at a time, each to learn its own outcome. `open`: the transaction the
+    /// `INSERT` ran in is still open (when it ran in a transaction of its own, it is not).
+    Refused { open: bool },
     /// Nothing was run: the first job is not a small append.
     Skipped,
     /// An unexpected error; the transaction's state is unknown.
     Failed(sqlx::Error),
 }
 
-/// Opens the transaction and inserts the events of the leading appends of `pending` with
-/// one multi-row `INSERT`, committing too when nothing else is left: one statement, one
-/// round trip to the connection's thread, for the common group of small appends.
+/// Inserts the events of the leading appends of `pending` with one multi-row `INSERT`: one
+/// round trip to the connection's thread, for the common group of small appends. When
+/// nothing else is in the group, the `INSERT` is its own transaction (SQLite commits a
+/// statement run outside a transaction by itself); otherwise it opens the transaction the
+/// rest of the group runs in.
 ///
-/// A constraint violation by any of them undoes the whole statement (never the
-/// transaction); the caller then inserts the appends one by one, so that only the
-/// refused one fails.
+/// A constraint violation by any of them undoes the whole statement (never an open
+/// transaction); the caller then inserts the appends one by one, so that only the refused
+/// one fails.
 async fn insert_together(conn: &mut SqliteConnection, pending: &[Job]) -> Together {
     let mut batches: Vec<&[PersistableDomainEvent]> = Vec::new();
     let mut rows = 0;
@@ -526,28 +529,28 @@ async fn insert_together(conn: &mut SqliteConnection, pending: &[Job]) -> Togeth
                 Together::Inserted(positions)
             }
         }
-        Err(error) if constraint_violation(&error).is_some() => Together::Refused,
+        Err(error) if constraint_violation(&error).is_some() => Together::Refused { open: !all },
         Err(error) => Together::Failed(error),
     }
 }
 
-/// `BEGIN IMMEDIATE`, the `INSERT` of `rows` events, and `COMMIT` if `commit`, as one
-/// script (sqlx runs the statements in order on one round trip, binding the parameters
-/// across them, and stops at the first error). Built once per shape.
+/// The `INSERT` of `rows` events alone when it is the whole group (`commit`): a statement
+/// outside a transaction is committed by SQLite as one, and answers with one result instead
+/// of a script's three, each a wake-up of the writer from the connection's thread.
+/// Otherwise `BEGIN IMMEDIATE` and the `INSERT` as one script (sqlx runs the statements in
+/// order on one round trip, binding the parameters across them, and stops at the first
+/// error). Built once per shape.
 fn group_sql(rows: usize, commit: bool) -> &'static str {
-    static SQL: OnceLock<[Vec<String>; 2]> = OnceLock::new();
+    if commit {
+        return insert_sql(rows);
+    }
+    static SQL: OnceLock<Vec<String>> = OnceLock::new();
     let all = SQL.get_or_init(|| {
-        let script = |commit: bool| {
-            (1..=ROWS_PER_INSERT)
-                .map(|rows| {
-                    let end = if commit { "; COMMIT" } else { "" };
-                    format!("BEGIN IMMEDIATE; {}{end}", insert_sql(rows))
-                })
-                .collect()
-        };
-        [script(false), script(true)]
+        (1..=ROWS_PER_INSERT)
+            .map(|rows| format!("BEGIN IMMEDIATE; {}", insert_sql(rows)))
+            .collect()
     });
-    all[usize::from(commit)][rows.clamp(1, ROWS_PER_INSERT) - 1].as_str()
+    all[rows.clamp(1, ROWS_PER_INSERT) - 1].as_str()
 }
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
