@@ -3,10 +3,10 @@
 //!
 //! The task owns the write connection and a queue. It takes every job waiting (up to a
 //! limit, after waiting for the appends of reads in progress), runs `BEGIN IMMEDIATE`,
-//! inserts the events of the group's appends with one statement (a transaction of its own
-//! when nothing else is in the group), applies the other jobs one after the other, and
-//! commits once. If a constraint refuses the grouped statement,
-//! the appends are inserted one by one instead.
+//! inserts the events of the group's appends with one statement, applies the other jobs
+//! one after the other, and commits once; a group of nothing but small appends is that one
+//! statement alone, which SQLite commits as a transaction of its own. If a constraint
+//! refuses the grouped statement, the appends are inserted one by one instead.
 //! A job that fails on a constraint (a lost race, a duplicate id, a stale view) is undone on
 //! its own, by the statement's own rollback or by a savepoint, and answered with its error;
 //! its neighbours still commit. Only an unexpected database error (disk full, I/O) undoes
