@@ -1,6 +1,5 @@
 //! In-memory stores: the same contract as the durable ones, kept in the process.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -10,11 +9,13 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 mod dead_letters;
+mod ids;
 mod views;
 
 pub use self::dead_letters::MemoryDeadLetters;
 pub use self::views::MemoryViewRepository;
 
+use self::ids::IdIndex;
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
 use crate::store::{
@@ -60,7 +61,7 @@ struct Inner {
     /// aggregate type -> aggregate id -> the aggregate's stream.
     streams: HashMap<SmolStr, HashMap<Uuid, Stream, Hasher>, Hasher>,
     /// event id -> index into `events`.
-    ids: HashMap<Uuid, usize, Hasher>,
+    ids: IdIndex,
 }
 
 /// One aggregate's events.
@@ -90,19 +91,28 @@ impl MemoryEventRepository {
         }
     }
 
-    /// Publishes the new last position to the receivers of
-    /// [`subscribe`](EventRepository::subscribe).
+    /// Whether an append must [`publish`](Self::publish) its last position: only when
+    /// someone has [subscribed](EventRepository::subscribe).
     ///
-    /// A watch channel wakes its waiters under a round of locks on every send. With no
-    /// receiver there is nobody to wake, so the value changes without that round. The
-    /// count is read under the channel's write lock, and a receiver counts itself before
-    /// it can read the value: one that subscribes meanwhile either is counted (and woken)
-    /// or reads the new value.
+    /// Asked under the store's write lock, before the append releases it. A subscriber
+    /// counts itself and sets the channel's value to the store's length under the read
+    /// lock, so it is either counted before the append asks (and woken by the append) or
+    /// reads a length that includes the append. Publishing takes the channel's lock; a store
+    /// nobody follows skips it on every append.
+    fn must_publish(&self) -> bool {
+        self.inner.position.receiver_count() > 0
+    }
+
+    /// Publishes a new last position to the receivers of
+    /// [`subscribe`](EventRepository::subscribe). Two appenders publish in either order:
+    /// the value only grows.
     fn publish(&self, position: i64) {
-        let sender = &self.inner.position;
-        sender.send_if_modified(|current| {
-            *current = position;
-            sender.receiver_count() > 0
+        self.inner.position.send_if_modified(|current| {
+            let newer = position > *current;
+            if newer {
+                *current = position;
+            }
+            newer
         });
     }
 
@@ -124,10 +134,13 @@ impl MemoryEventRepository {
     /// application code.
     #[doc(hidden)]
     pub fn insert_unchecked(&self, mut event: PersistableDomainEvent) -> i64 {
-        let mut inner = self.write();
+        let mut guard = self.write();
+        let inner = &mut *guard;
         let index = inner.events.len();
         event.position = index as i64 + 1;
-        inner.ids.insert(event.event_id, index);
+        if let Ok(slot) = u32::try_from(index) {
+            inner.ids.replace(event.event_id, slot, &inner.events);
+        }
         inner
             .streams
             .entry(event.aggregate_type.clone())
@@ -137,8 +150,11 @@ impl MemoryEventRepository {
             .indexes
             .push(index);
         inner.events.push(event);
-        drop(inner);
-        self.publish(index as i64 + 1);
+        let publish = self.must_publish();
+        drop(guard);
+        if publish {
+            self.publish(index as i64 + 1);
+        }
         index as i64 + 1
     }
 
@@ -224,15 +240,18 @@ impl MemoryEventRepository {
     /// batch stored before (its positions), or a misuse ([`CQRSError::DuplicateEventId`]).
     /// `None` when no id of the batch is stored.
     fn stored_ids(
-        ids: &HashMap<Uuid, usize, Hasher>,
+        ids: &IdIndex,
         stored: &[PersistableDomainEvent],
         events: &[PersistableDomainEvent],
     ) -> Option<Result<Vec<i64>, CQRSError>> {
-        let Some(&index) = events.first().and_then(|first| ids.get(&first.event_id)) else {
+        let Some(index) = events
+            .first()
+            .and_then(|first| ids.get(first.event_id, stored))
+        else {
             return events
                 .iter()
                 .skip(1)
-                .find(|e| ids.contains_key(&e.event_id))
+                .find(|e| ids.get(e.event_id, stored).is_some())
                 .map(|dup| {
                     Err(CQRSError::DuplicateEventId {
                         event_id: dup.event_id,
@@ -241,8 +260,8 @@ impl MemoryEventRepository {
         };
         let mut positions = Vec::with_capacity(events.len());
         for event in events {
-            match ids.get(&event.event_id) {
-                Some(&i)
+            match ids.get(event.event_id, stored) {
+                Some(i)
                     if i == index + positions.len()
                         && stored[i].aggregate_id == event.aggregate_id
                         && stored[i].aggregate_type == event.aggregate_type
@@ -299,23 +318,34 @@ impl MemoryEventRepository {
             )));
         }
         let start = inner.events.len();
+        // The id index counts events in `u32`.
+        let Some(start_slot) = u32::try_from(start + events.len())
+            .ok()
+            .and_then(|_| u32::try_from(start).ok())
+        else {
+            return Err(CQRSError::InvalidAppend(format!(
+                "the in-memory store holds {start} events, its most is {}",
+                u32::MAX
+            )));
+        };
         if events.len() == 1 {
             // One lookup of the id: it is taken here, or the append is answered as a retry.
-            match inner.ids.entry(first_id) {
-                Entry::Vacant(slot) => {
-                    slot.insert(start);
-                }
-                Entry::Occupied(_) => {
-                    return Self::stored_ids(&inner.ids, &inner.events, events)
-                        .unwrap_or(Err(CQRSError::DuplicateEventId { event_id: first_id }));
-                }
+            if inner
+                .ids
+                .insert(first_id, start_slot, &inner.events)
+                .is_err()
+            {
+                return Self::stored_ids(&inner.ids, &inner.events, events)
+                    .unwrap_or(Err(CQRSError::DuplicateEventId { event_id: first_id }));
             }
         } else {
             if let Some(answer) = Self::stored_ids(&inner.ids, &inner.events, events) {
                 return answer;
             }
-            for (offset, event) in events.iter().enumerate() {
-                inner.ids.insert(event.event_id, start + offset);
+            // None of the ids is stored and they are distinct (`validate_batch_against`):
+            // every insert takes its id.
+            for (offset, event) in (start_slot..).zip(events.iter()) {
+                let _taken = inner.ids.insert(event.event_id, offset, &inner.events);
             }
         }
 
@@ -347,8 +377,11 @@ impl MemoryEventRepository {
         }
         inner.events.append(events);
         let last = inner.events.len() as i64;
+        let publish = self.must_publish();
         drop(guard);
-        self.publish(last);
+        if publish {
+            self.publish(last);
+        }
         Ok(positions)
     }
 }
@@ -443,7 +476,18 @@ impl EventRepository for MemoryEventRepository {
     }
 
     fn subscribe(&self) -> Option<watch::Receiver<i64>> {
-        Some(self.inner.position.subscribe())
+        // Counted and brought up to date under the read lock: see `must_publish`.
+        let inner = self.read();
+        let receiver = self.inner.position.subscribe();
+        let last = inner.events.len() as i64;
+        // The value catches up with appends that published nothing; receivers that were
+        // woken for those already are not woken again.
+        self.inner.position.send_if_modified(|current| {
+            *current = (*current).max(last);
+            false
+        });
+        drop(inner);
+        Some(receiver)
     }
 }
 
@@ -594,5 +638,52 @@ mod tests {
         // The subscriber is gone again: the next append still moves the position.
         store.append(vec![event(id, 4)]).await.unwrap();
         assert_eq!(*store.subscribe().unwrap().borrow(), 4);
+    }
+
+    #[test]
+    fn a_subscriber_racing_appends_nobody_followed_starts_at_their_position() {
+        const WRITERS: usize = 2;
+        const APPENDS: usize = 3_000;
+        let store = MemoryEventRepository::new();
+        let subscriber = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                // Each receiver is dropped at once: most appends find nobody subscribed and
+                // publish nothing.
+                for _ in 0..3_000 {
+                    let before = store.len() as i64;
+                    let seen = *store.subscribe().unwrap().borrow();
+                    assert!(seen >= before, "subscribed at {seen} after {before} events");
+                }
+            })
+        };
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let id = Uuid::new_v4();
+                    for sequence in 1..=APPENDS as i64 {
+                        let mut batch = vec![event(id, sequence)];
+                        store.try_append_now(&mut batch).unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        subscriber.join().unwrap();
+        let total = (WRITERS * APPENDS) as i64;
+        assert_eq!(*store.subscribe().unwrap().borrow(), total);
+    }
+
+    #[test]
+    fn the_published_position_never_falls() {
+        let store = MemoryEventRepository::new();
+        let receiver = store.subscribe().unwrap();
+        // Two appenders that release the store in one order and publish in the other.
+        store.publish(6);
+        store.publish(5);
+        assert_eq!(*receiver.borrow(), 6);
     }
 }
