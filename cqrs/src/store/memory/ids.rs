@@ -107,21 +107,9 @@ mod tests {
     use uuid::Uuid;
 
     fn event(id: Uuid) -> PersistableDomainEvent {
-        let aggregate_id = Uuid::new_v4();
         PersistableDomainEvent {
             event_id: id,
-            aggregate_type_id: PersistableDomainEvent::type_id_for("t", aggregate_id),
-            aggregate_id,
-            aggregate_type: "t".into(),
-            sequence: 1,
-            position: 0,
-            event_type: "E".into(),
-            event_version: "1".into(),
-            payload: serde_json::json!({}).into(),
-            metadata: serde_json::Value::Null,
-            timestamp: chrono::Utc::now(),
-            correlation_id: None,
-            causation_id: None,
+            ..crate::store::memory::tests::event(Uuid::new_v4(), 1)
         }
     }
 

@@ -594,7 +594,8 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn event(aggregate_id: Uuid, sequence: i64) -> PersistableDomainEvent {
+    /// An event of aggregate type `t` with a fresh random id.
+    pub(super) fn event(aggregate_id: Uuid, sequence: i64) -> PersistableDomainEvent {
         PersistableDomainEvent {
             event_id: Uuid::new_v4(),
             aggregate_type_id: PersistableDomainEvent::type_id_for("t", aggregate_id),
