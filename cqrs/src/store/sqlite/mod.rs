@@ -2,6 +2,7 @@
 //! the readers, row decoding, the schema, views and dead letters in the files beside it.
 //! What it guarantees is documented on [`SqliteEventRepository`].
 
+mod appends;
 mod dead_letters;
 mod process;
 mod reader;
@@ -41,6 +42,7 @@ pub use self::statement::{InvalidStatement, SqliteBindValue, SqliteWriteStatemen
 pub use self::view::SqliteViewRepository;
 pub use self::writer::WriterError;
 
+use self::appends::AppendConnection;
 use self::reader::EventReader;
 use self::rows::{decode_events, EVENT_COLUMNS};
 use self::writer::{Job, Readers, WriteConnection};
@@ -325,6 +327,12 @@ impl SqliteEventRepository {
             options.busy_timeout,
             options.read_connections,
         );
+        // Only for a plain file, as the readers: the connection must reach the same database.
+        let appends = reader.as_ref().and_then(|_| {
+            AppendConnection::open(connect.get_filename(), options.durability)
+                .map_err(|error| tracing::debug!(%error, "no append connection; appends use sqlx"))
+                .ok()
+        });
         let pool = SqlitePoolOptions::new()
             .max_connections(options.read_connections)
             .min_connections(0)
@@ -332,7 +340,7 @@ impl SqliteEventRepository {
             .await
             .map_err(CQRSError::persistence)?;
         let writer = WriteConnection::Dedicated(Box::new(writer));
-        Self::start(pool, writer, reader, &options).await
+        Self::start(pool, writer, reader, appends, &options).await
     }
 
     /// A store on a pool you configured yourself. Reads use the pool; the writer takes one
@@ -342,13 +350,21 @@ impl SqliteEventRepository {
     /// # Errors
     /// [`CQRSError::PersistenceError`] when the database cannot be read.
     pub async fn from_pool(pool: SqlitePool, options: SqliteOptions) -> Result<Self, CQRSError> {
-        Self::start(pool.clone(), WriteConnection::Pool(pool), None, &options).await
+        Self::start(
+            pool.clone(),
+            WriteConnection::Pool(pool),
+            None,
+            None,
+            &options,
+        )
+        .await
     }
 
     async fn start(
         pool: SqlitePool,
         writer: WriteConnection,
         reader: Option<EventReader>,
+        appends: Option<AppendConnection>,
         options: &SqliteOptions,
     ) -> Result<Self, CQRSError> {
         let initial = last_position(&pool).await?;
@@ -364,6 +380,7 @@ impl SqliteEventRepository {
             Arc::clone(&position),
             Arc::clone(&readers),
             relax_views,
+            appends,
         ));
         Ok(SqliteEventRepository {
             inner: Arc::new(Shared {

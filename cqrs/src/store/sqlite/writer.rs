@@ -32,13 +32,14 @@ use crate::event::PersistableDomainEvent;
 use crate::store::Checkpoint;
 use crate::store::Snapshot;
 
+use super::appends::{AppendConnection, Inserted};
 use super::rows::to_micros;
 use super::schema::GAP_MARKER;
 use super::statement::{SqliteBindValue, SqliteWriteStatement};
 
 /// Rows per multi-row `INSERT`: 11 parameters each stays under SQLite's oldest limit of 999
 /// parameters per statement.
-const ROWS_PER_INSERT: usize = 90;
+pub(super) const ROWS_PER_INSERT: usize = 90;
 
 /// SQLite's primary result code for every constraint violation (`SQLITE_CONSTRAINT`).
 const SQLITE_CONSTRAINT: i32 = 19;
@@ -266,6 +267,7 @@ pub(super) async fn run(
     position: Arc<watch::Sender<i64>>,
     readers: Arc<Readers>,
     relax_views: bool,
+    mut appends: Option<AppendConnection>,
 ) {
     let mut group = Vec::with_capacity(max_group);
     let mut relaxed = false;
@@ -296,9 +298,14 @@ pub(super) async fn run(
         }
         let size = group.len();
         let span = tracing::trace_span!("sqlite_group_commit", jobs = size);
-        commit_group(&mut connection, std::mem::take(&mut group), &position)
-            .instrument(span)
-            .await;
+        commit_group(
+            &mut connection,
+            appends.as_mut(),
+            std::mem::take(&mut group),
+            &position,
+        )
+        .instrument(span)
+        .await;
         // The callers just answered are ready to run: let those on this thread send their
         // next write before the next group is taken. When fewer jobs than that group are
         // waiting then, the writer also waits for the runtime's next poll of its I/O driver,
@@ -369,6 +376,7 @@ const GRACE_YIELDS: usize = 2;
 
 async fn commit_group(
     connection: &mut WriteConnection,
+    mut appends: Option<&mut AppendConnection>,
     mut pending: Vec<Job>,
     position: &watch::Sender<i64>,
 ) {
@@ -387,7 +395,7 @@ async fn commit_group(
         let mut begun = false;
         if together {
             together = false;
-            match insert_together(conn, &pending).await {
+            match insert_together(conn, appends.as_deref_mut(), &pending).await {
                 Together::Committed(positions) => {
                     outcomes.extend(positions.into_iter().map(|p| Outcome::Positions(Ok(p))));
                     committed = true;
@@ -485,10 +493,17 @@ enum Together {
 /// statement run outside a transaction by itself); otherwise it opens the transaction the
 /// rest of the group runs in.
 ///
+/// A group of nothing but appends goes through `appends` when the store has that
+/// connection (see its module), and through `conn` when it gives the group back.
+///
 /// A constraint violation by any of them undoes the whole statement (never an open
 /// transaction); the caller then inserts the appends one by one, so that only the refused
 /// one fails.
-async fn insert_together(conn: &mut SqliteConnection, pending: &[Job]) -> Together {
+async fn insert_together(
+    conn: &mut SqliteConnection,
+    appends: Option<&mut AppendConnection>,
+    pending: &[Job],
+) -> Together {
     let mut batches: Vec<&[PersistableDomainEvent]> = Vec::new();
     let mut rows = 0;
     for job in pending {
@@ -505,30 +520,34 @@ async fn insert_together(conn: &mut SqliteConnection, pending: &[Job]) -> Togeth
         return Together::Skipped;
     }
     let all = batches.len() == pending.len();
+    // The rows get consecutive positions ending at the last one (see `insert_chunk`).
+    let positions = |last: i64| {
+        let mut next = last - rows as i64 + 1;
+        batches
+            .iter()
+            .map(|events| {
+                let count = events.len() as i64;
+                let range = (next..next + count).collect();
+                next += count;
+                range
+            })
+            .collect()
+    };
+    if let (true, Some(appends)) = (all, appends) {
+        match appends.insert(batches.iter().flat_map(|events| events.iter()), rows) {
+            Inserted::Last(last) => return Together::Committed(positions(last)),
+            Inserted::Refused => return Together::Refused { open: false },
+            Inserted::GivenBack => {}
+        }
+    }
     let sql = group_sql(rows, all);
     let mut query = sqlx::query(sql);
     for event in batches.iter().flat_map(|events| events.iter()) {
         query = bind_event(query, event);
     }
     match execute_query(conn, query).await {
-        Ok(last) => {
-            // The rows got consecutive positions ending at `last` (see `insert_chunk`).
-            let mut next = last - rows as i64 + 1;
-            let positions = batches
-                .iter()
-                .map(|events| {
-                    let count = events.len() as i64;
-                    let range = (next..next + count).collect();
-                    next += count;
-                    range
-                })
-                .collect();
-            if all {
-                Together::Committed(positions)
-            } else {
-                Together::Inserted(positions)
-            }
-        }
+        Ok(last) if all => Together::Committed(positions(last)),
+        Ok(last) => Together::Inserted(positions(last)),
         Err(error) if constraint_violation(&error).is_some() => Together::Refused { open: !all },
         Err(error) => Together::Failed(error),
     }
@@ -654,7 +673,7 @@ async fn apply(conn: &mut SqliteConnection, job: &Job, last: bool) -> Result<Out
 }
 
 /// The `INSERT` of `rows` events (1 to [`ROWS_PER_INSERT`]), built once.
-fn insert_sql(rows: usize) -> &'static str {
+pub(super) fn insert_sql(rows: usize) -> &'static str {
     static SQL: OnceLock<Vec<String>> = OnceLock::new();
     let all = SQL.get_or_init(|| {
         let mut all = Vec::with_capacity(ROWS_PER_INSERT);
@@ -1157,7 +1176,7 @@ async fn write_views(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::HashMap;
 
     use uuid::Uuid;
@@ -1166,7 +1185,11 @@ mod tests {
     use crate::store::sqlite::SqliteEventRepository;
     use crate::store::EventRepository;
 
-    fn batch(id: Uuid, from: i64, count: i64) -> Vec<PersistableDomainEvent> {
+    pub(in crate::store::sqlite) fn batch(
+        id: Uuid,
+        from: i64,
+        count: i64,
+    ) -> Vec<PersistableDomainEvent> {
         (from..from + count)
             .map(|sequence| PersistableDomainEvent {
                 event_id: Uuid::new_v4(),
@@ -1345,7 +1368,7 @@ mod tests {
         assert_eq!(position, 4);
     }
 
-    fn remove_store_files(path: &std::path::Path) {
+    pub(in crate::store::sqlite) fn remove_store_files(path: &std::path::Path) {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }
