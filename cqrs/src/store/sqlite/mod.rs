@@ -195,9 +195,12 @@ impl SqliteOptions {
 ///   dispatches share an fsync; each write still fails or succeeds on its own (a lost race
 ///   is that append's [`CQRSError::Conflict`], not its neighbours'). It waits briefly for
 ///   dispatches still reading their aggregate, and inserts a group's events with one
-///   statement, so a group of small appends costs one round trip to SQLite. The
-///   application's own writes to tables in the file join the groups through
-///   [`execute_write`](Self::execute_write).
+///   statement, so a group of small appends costs one round trip to SQLite. A group of
+///   nothing but appends runs on the writer task itself, through a second connection to
+///   the file (for a store opened on a file path): its commit, fsync included, takes a
+///   runtime worker for that long; a write lock held by another process sends it back to
+///   the sqlx connection, which waits on its own thread. The application's own writes to
+///   tables in the file join the groups through [`execute_write`](Self::execute_write).
 /// * **Races are caught by the schema.** `UNIQUE (aggregate_type, aggregate_id, sequence)`
 ///   refuses the second of two writers; `UNIQUE (event_id)` makes a retried append
 ///   recognisable; a trigger refuses a sequence that skips ahead. Nothing is decided by a
