@@ -5,7 +5,7 @@ use std::hash::BuildHasher;
 use hashbrown::hash_table::{Entry, HashTable};
 use uuid::Uuid;
 
-use crate::event::PersistableDomainEvent;
+use super::log::EventLog;
 
 /// Which stored event carries a given id: what finds a retried append and refuses an id
 /// that is taken.
@@ -32,7 +32,7 @@ struct Slot {
 
 impl Slot {
     /// Whether this slot is the one of `id`: its event (when stored) carries `id`.
-    fn is(self, tag: u32, id: Uuid, events: &[PersistableDomainEvent]) -> bool {
+    fn is(self, tag: u32, id: Uuid, events: &EventLog) -> bool {
         self.tag == tag
             && events
                 .get(self.index as usize)
@@ -54,7 +54,7 @@ impl IdIndex {
     }
 
     /// The index of the stored event carrying `id`.
-    pub(super) fn get(&self, id: Uuid, events: &[PersistableDomainEvent]) -> Option<usize> {
+    pub(super) fn get(&self, id: Uuid, events: &EventLog) -> Option<usize> {
         let tag = self.tag(id);
         self.table
             .find(Self::spread(tag), |slot| slot.is(tag, id, events))
@@ -66,12 +66,7 @@ impl IdIndex {
     ///
     /// An id recorded for an event not stored yet (a batch being appended) is matched by
     /// no lookup until the event is in `events`; a batch's own ids are distinct.
-    pub(super) fn insert(
-        &mut self,
-        id: Uuid,
-        index: u32,
-        events: &[PersistableDomainEvent],
-    ) -> Result<(), usize> {
+    pub(super) fn insert(&mut self, id: Uuid, index: u32, events: &EventLog) -> Result<(), usize> {
         let tag = self.tag(id);
         match self.table.entry(
             Self::spread(tag),
@@ -88,7 +83,7 @@ impl IdIndex {
 
     /// Records `id` for the event at `index`, taking the id from any event that had it (the
     /// test hook that stores an event bypassing every check).
-    pub(super) fn replace(&mut self, id: Uuid, index: u32, events: &[PersistableDomainEvent]) {
+    pub(super) fn replace(&mut self, id: Uuid, index: u32, events: &EventLog) {
         if let Err(earlier) = self.insert(id, index, events) {
             let tag = self.tag(id);
             if let Some(slot) = self.table.find_mut(Self::spread(tag), |slot| {
@@ -104,6 +99,7 @@ impl IdIndex {
 mod tests {
     use super::IdIndex;
     use crate::event::PersistableDomainEvent;
+    use crate::store::memory::log::EventLog;
     use uuid::Uuid;
 
     fn event(id: Uuid) -> PersistableDomainEvent {
@@ -113,19 +109,26 @@ mod tests {
         }
     }
 
+    fn log(events: &[PersistableDomainEvent]) -> EventLog {
+        let mut log = EventLog::default();
+        log.append(&mut events.to_vec());
+        log
+    }
+
     #[test]
     fn finds_every_stored_id_and_refuses_a_taken_one() {
         let mut index = IdIndex::default();
-        let mut events = Vec::new();
+        let mut events = EventLog::default();
         // Enough ids for the table to grow several times: growing rehashes from tags.
         for n in 0..5_000u32 {
             let id = Uuid::new_v4();
             assert_eq!(index.insert(id, n, &events), Ok(()));
             events.push(event(id));
         }
-        for (n, stored) in events.iter().enumerate() {
-            assert_eq!(index.get(stored.event_id, &events), Some(n));
-            assert_eq!(index.insert(stored.event_id, 9_999, &events), Err(n));
+        for n in 0..events.len() {
+            let id = events[n].event_id;
+            assert_eq!(index.get(id, &events), Some(n));
+            assert_eq!(index.insert(id, 9_999, &events), Err(n));
         }
         assert_eq!(index.get(Uuid::new_v4(), &events), None);
     }
@@ -134,9 +137,9 @@ mod tests {
     fn an_id_recorded_for_an_event_not_stored_yet_is_not_found() {
         let mut index = IdIndex::default();
         let id = Uuid::new_v4();
-        assert_eq!(index.insert(id, 0, &[]), Ok(()));
-        assert_eq!(index.get(id, &[]), None);
-        assert_eq!(index.get(id, &[event(id)]), Some(0));
+        assert_eq!(index.insert(id, 0, &log(&[])), Ok(()));
+        assert_eq!(index.get(id, &log(&[])), None);
+        assert_eq!(index.get(id, &log(&[event(id)])), Some(0));
     }
 
     #[test]
@@ -144,9 +147,9 @@ mod tests {
         let mut index = IdIndex::default();
         let id = Uuid::new_v4();
         let events = vec![event(id), event(id)];
-        index.replace(id, 0, &events[..0]);
-        index.replace(id, 1, &events[..1]);
-        assert_eq!(index.get(id, &events[..1]), None);
-        assert_eq!(index.get(id, &events), Some(1));
+        index.replace(id, 0, &log(&events[..0]));
+        index.replace(id, 1, &log(&events[..1]));
+        assert_eq!(index.get(id, &log(&events[..1])), None);
+        assert_eq!(index.get(id, &log(&events)), Some(1));
     }
 }

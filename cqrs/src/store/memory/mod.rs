@@ -10,12 +10,14 @@ use uuid::Uuid;
 
 mod dead_letters;
 mod ids;
+mod log;
 mod views;
 
 pub use self::dead_letters::MemoryDeadLetters;
 pub use self::views::MemoryViewRepository;
 
 use self::ids::IdIndex;
+use self::log::EventLog;
 use crate::error::CQRSError;
 use crate::event::PersistableDomainEvent;
 use crate::store::{
@@ -57,7 +59,7 @@ struct Shared {
 #[derive(Debug, Default)]
 struct Inner {
     /// All events; `position` is the index plus one.
-    events: Vec<PersistableDomainEvent>,
+    events: EventLog,
     /// aggregate type -> aggregate id -> the aggregate's stream.
     streams: HashMap<SmolStr, HashMap<Uuid, Stream, Hasher>, Hasher>,
     /// event id -> index into `events`.
@@ -241,7 +243,7 @@ impl MemoryEventRepository {
     /// `None` when no id of the batch is stored.
     fn stored_ids(
         ids: &IdIndex,
-        stored: &[PersistableDomainEvent],
+        stored: &EventLog,
         events: &[PersistableDomainEvent],
     ) -> Option<Result<Vec<i64>, CQRSError>> {
         let Some(index) = events
@@ -472,7 +474,7 @@ impl EventRepository for MemoryEventRepository {
             .unwrap_or(usize::MAX)
             .min(inner.events.len());
         let to = from.saturating_add(limit).min(inner.events.len());
-        Ok(inner.events[from..to].to_vec())
+        Ok(inner.events.to_vec(from, to))
     }
 
     fn subscribe(&self) -> Option<watch::Receiver<i64>> {
