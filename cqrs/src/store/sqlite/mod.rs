@@ -206,8 +206,10 @@ impl SqliteOptions {
 ///   recognisable; a trigger refuses a sequence that skips ahead. Nothing is decided by a
 ///   read before the write.
 /// * **Reads** never wait for the writer (WAL). Event reads (`load_events`, `read_all`) run
-///   on read-only connections of the store's own, one blocking-thread job per read that
-///   also decodes the rows; other reads use the sqlx pool ([`pool`](Self::pool)).
+///   on read-only connections of the store's own, one blocking job per read that
+///   also decodes the rows: in place under `block_in_place` on a multi-threaded runtime
+///   (the worker's other tasks move to another thread meanwhile), on a blocking thread on a
+///   current-thread one. Other reads use the sqlx pool ([`pool`](Self::pool)).
 /// * **Correlation and causation** are columns of their own (`correlation_id`,
 ///   `causation_id`: UUID text, `NULL` when the event has none), and
 ///   [`events_caused_by`](EventRepository::events_caused_by) is one range of a partial index
