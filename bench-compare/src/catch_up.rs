@@ -9,9 +9,14 @@
 //!   sends, drained through sqlx with the bytes counted and nothing parsed.
 //!
 //! Both run alternately with ours on the same 10,000 events, so the ratio holds on any
-//! machine, where the events/s figures do not.
+//! machine, where the events/s figures do not. A read takes about 10 ms (SQLite) to 40 ms
+//! (PostgreSQL), short enough for one scheduler hiccup on two shared cores to move it by a
+//! third: each figure is [`PAIRS_PER_RUN`] pairs per run, the ratio is the median of the
+//! pairs' own ratios, and each store's part starts once the machine has gone quiet
+//! ([`settle`]), so the database server's work after the parts before it (a checkpoint, a
+//! vacuum) does not land on one side.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cqrs::{
     EventRepository, PersistableDomainEvent, PostgresEventRepository, SqliteEventRepository,
@@ -36,15 +41,72 @@ const COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, sequenc
                        event_version, payload, metadata, \"timestamp\", correlation_id, causation_id";
 /// How many [`COLUMNS`] there are.
 const COLUMN_COUNT: usize = 12;
+/// Alternating pairs (ours, then the baseline) per run asked for.
+pub const PAIRS_PER_RUN: usize = 7;
+/// The longest a store's part waits for the machine to go quiet.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
-/// Catch-up figures of one store, events/s.
+/// Catch-up figures of one store: events/s, medians over the pairs.
 pub struct CatchUp {
     /// `read_all` in pages of [`PAGE`].
     pub ours: f64,
     /// The same pages, undecoded.
     pub raw: f64,
+    /// The median of each pair's `ours / raw`.
+    pub ratio: f64,
     /// PostgreSQL only: all events in one `COPY`, unparsed (what paging costs the server).
     pub raw_one: Option<f64>,
+}
+
+impl CatchUp {
+    /// The medians of alternating measurements, pair by pair.
+    fn of(mut ours: Vec<f64>, mut raw: Vec<f64>, raw_one: Option<Vec<f64>>) -> CatchUp {
+        let mut ratios: Vec<f64> = ours.iter().zip(&raw).map(|(o, r)| o / r).collect();
+        CatchUp {
+            ratio: median(&mut ratios),
+            ours: median(&mut ours),
+            raw: median(&mut raw),
+            raw_one: raw_one.map(|mut one| median(&mut one)),
+        }
+    }
+}
+
+/// The machine's busy and total CPU ticks since boot (the first line of `/proc/stat`);
+/// `None` where that cannot be read.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let all: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4)?;
+    Some((all.saturating_sub(idle), all))
+}
+
+/// Waits, at most [`SETTLE_LIMIT`], until the machine was under 30% busy for 100 ms, and
+/// says so when it did not get there (another process's load).
+async fn settle(part: &str) {
+    let started = Instant::now();
+    let Some(mut before) = cpu_ticks() else {
+        return;
+    };
+    while started.elapsed() < SETTLE_LIMIT {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some(now) = cpu_ticks() else {
+            return;
+        };
+        let (busy, all) = (now.0 - before.0, now.1 - before.1);
+        if all > 0 && busy * 10 < all * 3 {
+            return;
+        }
+        before = now;
+    }
+    report!("  ({part}: the machine stayed over 30% busy for {SETTLE_LIMIT:?}; measured anyway)");
 }
 
 /// Writes [`EVENTS`] bank events: [`ACCOUNTS`] accounts, one append of [`PER_ACCOUNT`] each.
@@ -151,13 +213,14 @@ pub async fn sqlite_one_side(ours: bool, runs: usize) -> BoxResult<()> {
     Ok(())
 }
 
-/// SQLite: ours against the raw scan, `runs` of each, alternating.
-pub async fn sqlite(runs: usize) -> BoxResult<CatchUp> {
+/// SQLite: ours against the raw scan, `pairs` of each, alternating.
+pub async fn sqlite(pairs: usize) -> BoxResult<CatchUp> {
     let path = crate::limits::temp_file("catch-up");
     let store = SqliteEventRepository::open(&path).await?;
     fill(&store).await?;
+    settle("sqlite catch-up").await;
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
+    for _ in 0..pairs {
         ours.push(read_all_rate(&store, PAGE).await?);
         let file = path.clone();
         raw.push(
@@ -167,11 +230,7 @@ pub async fn sqlite(runs: usize) -> BoxResult<CatchUp> {
     }
     drop(store);
     crate::limits::remove_sqlite(&path);
-    Ok(CatchUp {
-        ours: median(&mut ours),
-        raw: median(&mut raw),
-        raw_one: None,
-    })
+    Ok(CatchUp::of(ours, raw, None))
 }
 
 /// The PostgreSQL pages our store sends (of `page` rows), drained through sqlx and not
@@ -214,8 +273,8 @@ async fn postgres_raw(pool: &sqlx::PgPool, schema: &str, page: usize) -> BoxResu
     Ok(rate)
 }
 
-/// PostgreSQL: ours against the raw COPY, `runs` of each, alternating.
-pub async fn postgres(url: &str, runs: usize) -> BoxResult<CatchUp> {
+/// PostgreSQL: ours against the raw COPY, `pairs` of each, alternating.
+pub async fn postgres(url: &str, pairs: usize) -> BoxResult<CatchUp> {
     let schema = format!("bench_catchup_{}", Uuid::new_v4().simple());
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
@@ -224,8 +283,9 @@ pub async fn postgres(url: &str, runs: usize) -> BoxResult<CatchUp> {
     let store = PostgresEventRepository::from_pool(pool.clone()).with_schema(&schema)?;
     store.migrate().await?;
     fill(&store).await?;
+    settle("postgres catch-up").await;
     let (mut ours, mut raw, mut raw_one) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
+    for _ in 0..pairs {
         // A fresh handle each time: no settled watermark carried over.
         let reader = PostgresEventRepository::from_pool(pool.clone()).with_schema(&schema)?;
         ours.push(read_all_rate(&reader, PAGE).await?);
@@ -237,19 +297,16 @@ pub async fn postgres(url: &str, runs: usize) -> BoxResult<CatchUp> {
         .execute(&pool)
         .await?;
     pool.close().await;
-    Ok(CatchUp {
-        ours: median(&mut ours),
-        raw: median(&mut raw),
-        raw_one: Some(median(&mut raw_one)),
-    })
+    Ok(CatchUp::of(ours, raw, Some(raw_one)))
 }
 
-/// Prints both stores' figures and pushes their ratios.
+/// Prints both stores' figures and pushes their ratios: [`PAIRS_PER_RUN`] pairs per run.
 pub async fn run(runs: usize, ratios: &mut Vec<String>) -> BoxResult<()> {
+    let pairs = runs * PAIRS_PER_RUN;
     report!(
-        "\ncatch-up: {EVENTS} events in pages of {PAGE}, events/s (median of {runs}, alternating):"
+        "\ncatch-up: {EVENTS} events in pages of {PAGE}, events/s (medians of {pairs} alternating pairs; ratios: the median of the pairs' ratios):"
     );
-    let sqlite = sqlite(runs).await?;
+    let sqlite = sqlite(pairs).await?;
     report!(
         "  sqlite: ours read_all {:>10.0}   raw rusqlite scan, undecoded {:>10.0}",
         sqlite.ours,
@@ -257,11 +314,11 @@ pub async fn run(runs: usize, ratios: &mut Vec<String>) -> BoxResult<()> {
     );
     ratios.push(format!(
         "ratio sqlite_catch_up_vs_raw_scan {:.2}   (higher is better; 1.0 = the cost of SQLite alone)",
-        sqlite.ours / sqlite.raw
+        sqlite.ratio
     ));
     match std::env::var("CQRS_POSTGRES_URL") {
         Ok(url) => {
-            let pg = postgres(&url, runs).await?;
+            let pg = postgres(&url, pairs).await?;
             report!(
                 "  postgres: ours read_all {:>10.0}   raw COPY pages, unparsed {:>10.0}   raw, one COPY of all {:>10.0}",
                 pg.ours,
@@ -270,7 +327,7 @@ pub async fn run(runs: usize, ratios: &mut Vec<String>) -> BoxResult<()> {
             );
             ratios.push(format!(
                 "ratio postgres_catch_up_vs_raw_copy {:.2}   (higher is better; 1.0 = the cost of the COPY alone)",
-                pg.ours / pg.raw
+                pg.ratio
             ));
         }
         Err(_) => report!("  skipping postgres catch-up: set CQRS_POSTGRES_URL to run it"),

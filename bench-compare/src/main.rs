@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Environment: `BENCH_RUNS` (runs per in-memory throughput figure, default 5),
-//! `BENCH_LIMIT_RUNS` (runs per SQLite/PostgreSQL figure, default 3), `BENCH_SAMPLES`
+//! `BENCH_LIMIT_RUNS` (runs per SQLite/PostgreSQL figure, default 3; the catch-up takes 7
+//! alternating pairs per run), `BENCH_SAMPLES`
 //! (latency samples per stream length, default 31), `CQRS_POSTGRES_URL` (the PostgreSQL
 //! limits are skipped when unset), `BENCH_CHART` (where the PNG goes, default
 //! `docs/benchmarks-latency.png` beside this crate).
