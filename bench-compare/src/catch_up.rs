@@ -54,6 +54,8 @@ pub struct CatchUp {
     pub raw: f64,
     /// The median of each pair's `ours / raw`.
     pub ratio: f64,
+    /// The lowest and highest of the pairs' ratios.
+    pub ratio_range: (f64, f64),
     /// PostgreSQL only: all events in one `COPY`, unparsed (what paging costs the server).
     pub raw_one: Option<f64>,
 }
@@ -62,8 +64,13 @@ impl CatchUp {
     /// The medians of alternating measurements, pair by pair.
     fn of(mut ours: Vec<f64>, mut raw: Vec<f64>, raw_one: Option<Vec<f64>>) -> CatchUp {
         let mut ratios: Vec<f64> = ours.iter().zip(&raw).map(|(o, r)| o / r).collect();
+        let ratio = median(&mut ratios);
         CatchUp {
-            ratio: median(&mut ratios),
+            ratio,
+            ratio_range: (
+                ratios.first().copied().unwrap_or(f64::NAN),
+                ratios.last().copied().unwrap_or(f64::NAN),
+            ),
             ours: median(&mut ours),
             raw: median(&mut raw),
             raw_one: raw_one.map(|mut one| median(&mut one)),
@@ -308,9 +315,11 @@ pub async fn run(runs: usize, ratios: &mut Vec<String>) -> BoxResult<()> {
     );
     let sqlite = sqlite(pairs).await?;
     report!(
-        "  sqlite: ours read_all {:>10.0}   raw rusqlite scan, undecoded {:>10.0}",
+        "  sqlite: ours read_all {:>10.0}   raw rusqlite scan, undecoded {:>10.0}   pairs' ratios {:.2}–{:.2}",
         sqlite.ours,
-        sqlite.raw
+        sqlite.raw,
+        sqlite.ratio_range.0,
+        sqlite.ratio_range.1
     );
     ratios.push(format!(
         "ratio sqlite_catch_up_vs_raw_scan {:.2}   (higher is better; 1.0 = the cost of SQLite alone)",
@@ -320,10 +329,12 @@ pub async fn run(runs: usize, ratios: &mut Vec<String>) -> BoxResult<()> {
         Ok(url) => {
             let pg = postgres(&url, pairs).await?;
             report!(
-                "  postgres: ours read_all {:>10.0}   raw COPY pages, unparsed {:>10.0}   raw, one COPY of all {:>10.0}",
+                "  postgres: ours read_all {:>10.0}   raw COPY pages, unparsed {:>10.0}   raw, one COPY of all {:>10.0}   pairs' ratios {:.2}–{:.2}",
                 pg.ours,
                 pg.raw,
-                pg.raw_one.unwrap_or(f64::NAN)
+                pg.raw_one.unwrap_or(f64::NAN),
+                pg.ratio_range.0,
+                pg.ratio_range.1
             );
             ratios.push(format!(
                 "ratio postgres_catch_up_vs_raw_copy {:.2}   (higher is better; 1.0 = the cost of the COPY alone)",
