@@ -4,7 +4,8 @@
 //! what the database takes to hand over the same rows, undecoded:
 //!
 //! * SQLite: the same `SELECT`, in the same pages, stepped with `rusqlite` (the SQLite
-//!   library our store reads with), every column's bytes touched and nothing decoded;
+//!   library our store reads with) on one connection kept open, as the store keeps its
+//!   readers', every column's bytes touched and nothing decoded;
 //! * PostgreSQL: the same `COPY (SELECT ..) TO STDOUT (FORMAT binary)` pages our store
 //!   sends, drained through sqlx with the bytes counted and nothing parsed.
 //!
@@ -161,42 +162,65 @@ pub async fn read_all_rate(store: &dyn EventRepository, page: usize) -> BoxResul
     Ok(rate)
 }
 
-/// The SQLite pages stepped with rusqlite on a read-only connection; events/s.
-fn sqlite_raw(path: &std::path::Path) -> BoxResult<f64> {
-    use rusqlite::types::ValueRef;
-    let connection = rusqlite::Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    let mut statement = connection.prepare(&format!(
-        "SELECT {COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2"
-    ))?;
-    let start = Instant::now();
-    let (mut after, mut read, mut bytes) = (0i64, 0usize, 0usize);
-    loop {
-        let mut rows = statement.query((after, PAGE as i64))?;
-        let mut in_page = 0;
-        while let Some(row) = rows.next()? {
-            for column in 0..COLUMN_COUNT {
-                bytes += match row.get_ref(column)? {
-                    ValueRef::Text(text) | ValueRef::Blob(text) => text.len(),
-                    ValueRef::Integer(value) => value as usize & 1,
-                    ValueRef::Real(_) | ValueRef::Null => 0,
-                };
+/// A read-only rusqlite connection to the store's file, kept across measurements as the
+/// store keeps its readers' connections (and their page caches).
+struct RawScan {
+    connection: rusqlite::Connection,
+}
+
+impl RawScan {
+    fn open(path: &std::path::Path) -> BoxResult<RawScan> {
+        let connection = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Ok(RawScan { connection })
+    }
+
+    /// The SQLite pages stepped on this connection, every column's bytes touched; events/s.
+    fn rate(&self) -> BoxResult<f64> {
+        use rusqlite::types::ValueRef;
+        let mut statement = self.connection.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2"
+        ))?;
+        let start = Instant::now();
+        let (mut after, mut read, mut bytes) = (0i64, 0usize, 0usize);
+        loop {
+            let mut rows = statement.query((after, PAGE as i64))?;
+            let mut in_page = 0;
+            while let Some(row) = rows.next()? {
+                for column in 0..COLUMN_COUNT {
+                    bytes += match row.get_ref(column)? {
+                        ValueRef::Text(text) | ValueRef::Blob(text) => text.len(),
+                        ValueRef::Integer(value) => value as usize & 1,
+                        ValueRef::Real(_) | ValueRef::Null => 0,
+                    };
+                }
+                after = row.get(0)?;
+                in_page += 1;
             }
-            after = row.get(0)?;
-            in_page += 1;
+            if in_page == 0 {
+                break;
+            }
+            read += in_page;
         }
-        if in_page == 0 {
-            break;
+        let rate = read as f64 / start.elapsed().as_secs_f64();
+        if read != EVENTS || bytes == 0 {
+            return Err(format!("raw SQLite scan read {read} of {EVENTS} rows").into());
         }
-        read += in_page;
+        Ok(rate)
     }
-    let rate = read as f64 / start.elapsed().as_secs_f64();
-    if read != EVENTS || bytes == 0 {
-        return Err(format!("raw SQLite scan read {read} of {EVENTS} rows").into());
+
+    /// [`rate`](Self::rate) on a blocking thread, as the store's reads leave the runtime's
+    /// worker; the connection comes back with the figure.
+    async fn rate_blocking(self) -> BoxResult<(RawScan, f64)> {
+        let (scan, rate) = tokio::task::spawn_blocking(move || {
+            let rate = self.rate().map_err(|e| e.to_string());
+            (self, rate)
+        })
+        .await?;
+        Ok((scan, rate?))
     }
-    Ok(rate)
 }
 
 /// One side of the SQLite catch-up alone, `runs` times, for callgrind
@@ -206,15 +230,15 @@ pub async fn sqlite_one_side(ours: bool, runs: usize) -> BoxResult<()> {
     let path = crate::limits::temp_file("cg-catch-up");
     let store = SqliteEventRepository::open(&path).await?;
     fill(&store).await?;
+    let mut scan = RawScan::open(&path)?;
     for _ in 0..runs {
         if ours {
             read_all_rate(&store, PAGE).await?;
         } else {
-            let file = path.clone();
-            tokio::task::spawn_blocking(move || sqlite_raw(&file).map_err(|e| e.to_string()))
-                .await??;
+            scan = scan.rate_blocking().await?.0;
         }
     }
+    drop(scan);
     drop(store);
     crate::limits::remove_sqlite(&path);
     Ok(())
@@ -227,14 +251,14 @@ pub async fn sqlite(pairs: usize) -> BoxResult<CatchUp> {
     fill(&store).await?;
     settle("sqlite catch-up").await;
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    let mut scan = RawScan::open(&path)?;
     for _ in 0..pairs {
         ours.push(read_all_rate(&store, PAGE).await?);
-        let file = path.clone();
-        raw.push(
-            tokio::task::spawn_blocking(move || sqlite_raw(&file).map_err(|e| e.to_string()))
-                .await??,
-        );
+        let (kept, rate) = scan.rate_blocking().await?;
+        raw.push(rate);
+        scan = kept;
     }
+    drop(scan);
     drop(store);
     crate::limits::remove_sqlite(&path);
     Ok(CatchUp::of(ours, raw, None))
