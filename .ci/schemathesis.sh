@@ -7,9 +7,10 @@
 #   .ci/schemathesis.sh [SERVICE_BINARY]
 #
 # Starts the service (built with cargo unless a binary is given) on a temporary SQLite file
-# on a free local port, waits for it, runs schemathesis (installed into .ci/.venv when
-# missing), and stops the service. The run is bounded by examples per operation and by
-# time (SCHEMATHESIS_MAX_EXAMPLES, SCHEMATHESIS_MAX_TIME) so that it takes a few minutes.
+# on a free local port, waits for it, runs schemathesis (installed when missing into the
+# virtual environment $CQRS_CI_VENV, .ci/.venv by default), and stops the service. The run
+# is bounded by examples per operation and by time (SCHEMATHESIS_MAX_EXAMPLES,
+# SCHEMATHESIS_MAX_TIME) so that it takes a few minutes.
 # The failures that are not the service's are dropped, each for a stated reason, by
 # .ci/schemathesis_hooks.py.
 set -euo pipefail
@@ -18,11 +19,12 @@ cd "$(dirname "$0")/.."
 max_examples="${SCHEMATHESIS_MAX_EXAMPLES:-40}"
 max_time="${SCHEMATHESIS_MAX_TIME:-120}"
 
-schemathesis=.ci/.venv/bin/schemathesis
+venv="${CQRS_CI_VENV:-.ci/.venv}"
+schemathesis="$venv/bin/schemathesis"
 if ! "$schemathesis" --version 2>/dev/null | grep -q 'version 4\.'; then
-  echo "schemathesis 4 is not installed; installing it into .ci/.venv"
-  { [ -x .ci/.venv/bin/pip ] || python3 -m venv .ci/.venv; } \
-    && .ci/.venv/bin/pip install -q 'schemathesis>=4.3,<5' \
+  echo "schemathesis 4 is not installed; installing it into $venv"
+  { [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"; } \
+    && "$venv/bin/pip" install -q 'schemathesis>=4.3,<5' \
     || { echo "FATAL: cannot install schemathesis" >&2; exit 1; }
 fi
 echo "$("$schemathesis" --version)"
