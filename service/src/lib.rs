@@ -24,7 +24,8 @@
 //! * **`GET /openapi.json`** is the API's OpenAPI 3.1 document, generated from the handlers
 //!   (utoipa); `service/openapi.json` is its reviewed copy.
 //! * **Observability.** Each request's `x-request-id` names its `tracing` span and is the
-//!   `correlation_id` of the events its command appends (their field, and in their metadata); spans nest request →
+//!   `correlation_id` of the events its command appends (their field; an id that is not a
+//!   UUID also as sent, in their metadata); spans nest request →
 //!   command → dispatch → append. **`GET /metrics`** is Prometheus's text format: commands by
 //!   outcome, append conflicts, idempotent replays, append latency, the view's lag.
 //! * **`GET /operator`** is a server-rendered page for operators: the projection's checkpoint

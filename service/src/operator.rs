@@ -212,19 +212,24 @@ pub(crate) async fn stream(
         "<p><a href=\"/operator\">Operator</a> / order {id}: {} events.</p>\n<table id=\"events\">",
         events.len()
     );
-    body.push_str("<tr><th>sequence</th><th>position</th><th>event</th><th>timestamp</th><th>payload</th><th>metadata</th></tr>\n");
+    body.push_str("<tr><th>sequence</th><th>position</th><th>event</th><th>timestamp</th><th>correlation</th><th>payload</th><th>metadata</th></tr>\n");
     for event in &events {
         let metadata =
             serde_json::to_string_pretty(&event.metadata).unwrap_or_else(|_| "null".to_owned());
         let _ = writeln!(
             body,
             "<tr><td>{}</td><td>{}</td><td class=\"event-type\">{} {}</td><td>{}</td>\
-             <td><pre class=\"payload\">{}</pre></td><td><pre class=\"metadata\">{}</pre></td></tr>",
+             <td class=\"correlation\">{}</td><td><pre class=\"payload\">{}</pre></td>\
+             <td><pre class=\"metadata\">{}</pre></td></tr>",
             event.sequence,
             event.position,
             escape(&event.event_type),
             escape(&event.event_version),
             event.timestamp.to_rfc3339(),
+            event
+                .correlation_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
             escape(&pretty(event.payload.as_str())),
             escape(&metadata),
         );

@@ -1496,14 +1496,22 @@ async fn request_id_is_the_events_correlation_id(db: Database) {
     assert_eq!(generated.status(), StatusCode::CREATED);
     let request_id = header_text(&generated, "x-request-id");
     assert!(Uuid::parse_str(&request_id).is_ok(), "{request_id}");
+    let upper = "6F9619FF-8B86-D011-B42D-00C04FC964FF";
+    let shouted = running
+        .post("/orders", &place_body(300), &[("x-request-id", upper)])
+        .await;
+    assert_eq!(shouted.status(), StatusCode::CREATED);
     running.shutdown().await;
 
+    // The metadata keeps the request id's text only when the events' own field cannot give
+    // it back: not for a generated (canonical) UUID.
     let metadata = metadata(&db).await;
     assert_eq!(
         metadata,
         vec![
             json!({ "correlation_id": "req-from-client", "idempotency_key": "k-1" }),
-            json!({ "correlation_id": request_id }),
+            Value::Null,
+            json!({ "correlation_id": upper }),
         ]
     );
     // The events' own correlation field: the request id when it is a UUID, else a UUID
@@ -1519,7 +1527,12 @@ async fn request_id_is_the_events_correlation_id(db: Database) {
         vec![
             Some(cqrs_service::correlation_uuid("req-from-client")),
             Some(Uuid::parse_str(&request_id).expect("a UUID")),
+            Some(Uuid::parse_str(upper).expect("a UUID")),
         ]
+    );
+    assert_eq!(
+        stored[1].correlation_id.map(|id| id.to_string()),
+        Some(request_id)
     );
     assert_ne!(stored[0].causation_id, stored[1].causation_id);
 }
@@ -1655,6 +1668,13 @@ async fn operator_page_shows_aggregates_streams_and_dead_letters(db: Database) {
         "markup from a payload is escaped"
     );
     assert!(placed_row.contains("&quot;correlation_id&quot;: &quot;req-operator&quot;"));
+    assert!(
+        placed_row.contains(&format!(
+            "<td class=\"correlation\">{}</td>",
+            cqrs_service::correlation_uuid("req-operator")
+        )),
+        "the correlation column: {placed_row}"
+    );
     assert!(
         placed_row.contains("+00:00</td>"),
         "an RFC 3339 timestamp: {placed_row}"
