@@ -531,7 +531,7 @@ impl Shared {
         // The events' `correlation_id` field holds the request id as a UUID; the metadata
         // keeps the text as sent only when that field cannot give it back (an id that is
         // not a UUID in its canonical form). Most events then carry no metadata: none to
-        // write, and none for the view to parse (10 to 20% of a request's CPU under load,
+        // write, and none for the view to parse (9 to 23% of a request's CPU under load,
         // docs/benchmarks.md).
         if let Some(request_id) = command
             .correlation_id
