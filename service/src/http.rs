@@ -84,15 +84,6 @@ pub fn correlation_uuid(request_id: &str) -> Uuid {
         .unwrap_or_else(|_| Uuid::new_v5(&REQUEST_NAMESPACE, request_id.as_bytes()))
 }
 
-/// True when `text` is a UUID written as the events' `correlation_id` field reads back:
-/// hyphenated, lower case.
-fn is_canonical_uuid(text: &str) -> bool {
-    Uuid::try_parse(text).is_ok_and(|id| {
-        let mut buffer = Uuid::encode_buffer();
-        id.hyphenated().encode_lower(&mut buffer) == text
-    })
-}
-
 /// The span of one request, carrying its `x-request-id`: the correlation id of the events
 /// its command appends.
 fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
@@ -527,18 +518,22 @@ impl Shared {
         key: Option<&str>,
         command: Command,
     ) -> Result<Reply, Problem> {
-        let mut metadata = serde_json::Map::new();
-        // The events' `correlation_id` field holds the request id as a UUID; the metadata
-        // keeps the text as sent only when that field cannot give it back (an id that is
-        // not a UUID in its canonical form). Most events then carry no metadata: none to
-        // write, and none for the view to parse (9 to 23% of a request's CPU under load,
+        // The request id is the workflow's correlation id: the events' own field holds it as a
+        // UUID (the id itself when it is one, else a UUID derived from its text). The
+        // metadata keeps the text as sent only when that field cannot give it back (an id
+        // that is not a UUID in its canonical form), so most events carry no metadata: none
+        // to write, none for the view to parse (9 to 23% of a request's CPU under load,
         // docs/benchmarks.md).
-        if let Some(request_id) = command
+        let correlation = command
             .correlation_id
             .as_deref()
-            .filter(|id| !is_canonical_uuid(id))
-        {
-            metadata.insert("correlation_id".to_owned(), json!(request_id));
+            .map(|request_id| (request_id, correlation_uuid(request_id)));
+        let mut metadata = serde_json::Map::new();
+        if let Some((request_id, uuid)) = correlation {
+            let mut buffer = Uuid::encode_buffer();
+            if uuid.hyphenated().encode_lower(&mut buffer) != request_id {
+                metadata.insert("correlation_id".to_owned(), json!(request_id));
+            }
         }
         if let Some(key) = key {
             metadata.insert("idempotency_key".to_owned(), json!(key));
@@ -548,14 +543,11 @@ impl Shared {
         } else {
             serde_json::Value::Object(metadata)
         };
-        // The request id is the workflow's correlation id: the events' own field holds it as a
-        // UUID (the id itself when it is one, else a UUID derived from its text), the
-        // metadata as sent.
         let mut context = cqrs::CommandContext::new()
             .with_metadata(&metadata)
             .map_err(|e| Problem::from_framework(&e))?;
-        if let Some(request_id) = &command.correlation_id {
-            context = context.correlated_with(correlation_uuid(request_id));
+        if let Some((_, uuid)) = correlation {
+            context = context.correlated_with(uuid);
         }
         let framework = &self.framework;
         let receipt = if command.new {
