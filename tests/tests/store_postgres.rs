@@ -530,6 +530,74 @@ async fn group_appends_probe_the_index_even_with_a_plan_made_on_an_empty_table()
         .unwrap();
 }
 
+/// The appends' statements are planned once per connection, not on every execution: a
+/// custom plan that counts the elements of its array parameters looks cheaper than the
+/// generic plan, and PostgreSQL would then plan each group anew (as long as running it).
+/// `pg_prepared_statements` counts each connection's custom and generic plans per
+/// statement; PostgreSQL tries five custom plans before it compares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn append_statements_keep_their_generic_plan() {
+    let Some(fx) = Fixture::new("append_statements_keep_their_generic_plan").await else {
+        return;
+    };
+    let (writers, commands) = (8, 100);
+    let mut tasks = Vec::new();
+    for writer in 0..writers {
+        let store = fx.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = Uuid::new_v4();
+            let mut sequence = 0;
+            for _ in 0..commands {
+                // Half the writers append two events at a time: the one-aggregate statement
+                // when such an append runs alone.
+                let events: Vec<_> = (0..1 + writer % 2)
+                    .map(|_| {
+                        sequence += 1;
+                        counter_event(id, sequence, 1)
+                    })
+                    .collect();
+                store.append(events).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let counts = fx.store.group_commit_counts();
+    assert!(counts.group_statements > 5, "{counts:?}");
+
+    let pool = fx.store.pool();
+    let mut held = Vec::new();
+    while let Some(connection) = pool.try_acquire() {
+        held.push(connection);
+    }
+    let mut generic_plans = 0;
+    for connection in &mut held {
+        let rows = sqlx::query(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
+             WHERE statement LIKE 'INSERT%unnest((SELECT%'",
+        )
+        .fetch_all(&mut **connection)
+        .await
+        .unwrap();
+        for row in rows {
+            let (statement, generic, custom): (String, i64, i64) =
+                (row.get(0), row.get(1), row.get(2));
+            generic_plans += generic;
+            assert!(
+                custom <= 5,
+                "planned {custom} times, generic plan used {generic} times: {statement}"
+            );
+        }
+    }
+    assert!(
+        generic_plans > 0,
+        "no append statement ran on a generic plan on the pool's idle connections"
+    );
+    drop(held);
+    fx.drop_schema().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Gap safety.
 
