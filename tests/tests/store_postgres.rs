@@ -575,7 +575,7 @@ async fn append_statements_keep_their_generic_plan() {
     for connection in &mut held {
         let rows = sqlx::query(
             "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
-             WHERE statement LIKE 'INSERT%unnest((SELECT%'",
+             WHERE statement LIKE 'INSERT INTO%cqrs_events%unnest(%'",
         )
         .fetch_all(&mut **connection)
         .await
