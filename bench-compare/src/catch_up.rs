@@ -211,6 +211,79 @@ impl RawScan {
         Ok(rate)
     }
 
+    /// The same pages copied into one buffer per page, each row's text columns as offsets
+    /// into it (what a read API whose rows borrow their page would do); with `checked`, also
+    /// the checks the store makes of each row today (the two UUIDs, UTF-8 of the names and
+    /// the payload, JSON of non-`null` metadata, the timestamp's range, the optional ids).
+    /// For callgrind only: the floor of such a reader, with and without its checks.
+    fn page_rate(&self, checked: bool) -> BoxResult<f64> {
+        use rusqlite::types::ValueRef;
+        let mut statement = self.connection.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2"
+        ))?;
+        let start = Instant::now();
+        let mut buffer: Vec<u8> = Vec::with_capacity(512 * PAGE);
+        let mut rows: Vec<([u32; 10], i64, i64, i64)> = Vec::with_capacity(PAGE);
+        let (mut after, mut read, mut bytes) = (0i64, 0usize, 0usize);
+        const TEXT: [usize; 9] = [1, 2, 3, 5, 6, 7, 8, 10, 11];
+        loop {
+            buffer.clear();
+            rows.clear();
+            let mut query = statement.query((after, PAGE as i64))?;
+            while let Some(row) = query.next()? {
+                let position: i64 = row.get(0)?;
+                let sequence: i64 = row.get(4)?;
+                let micros: i64 = row.get(9)?;
+                let mut offsets = [0u32; 10];
+                offsets[0] = buffer.len() as u32;
+                for (slot, column) in TEXT.iter().enumerate() {
+                    match row.get_ref(*column)? {
+                        ValueRef::Text(text) => buffer.extend_from_slice(text),
+                        ValueRef::Null => {}
+                        _ => return Err("not text".into()),
+                    }
+                    offsets[slot + 1] = buffer.len() as u32;
+                }
+                if checked {
+                    let field =
+                        |slot: usize| &buffer[offsets[slot] as usize..offsets[slot + 1] as usize];
+                    Uuid::try_parse_ascii(field(0))?;
+                    std::str::from_utf8(field(1))?;
+                    Uuid::try_parse_ascii(field(2))?;
+                    std::str::from_utf8(field(3))?;
+                    std::str::from_utf8(field(4))?;
+                    std::str::from_utf8(field(5))?;
+                    if field(6) != b"null" {
+                        serde_json::from_slice::<serde::de::IgnoredAny>(field(6))?;
+                    }
+                    if chrono::DateTime::from_timestamp_micros(micros).is_none() {
+                        return Err("timestamp".into());
+                    }
+                    for slot in [7, 8] {
+                        if !field(slot).is_empty() {
+                            Uuid::try_parse_ascii(field(slot))?;
+                        }
+                    }
+                }
+                rows.push((offsets, position, sequence, micros));
+            }
+            drop(query);
+            let Some(last) = rows.last() else {
+                break;
+            };
+            after = last.1;
+            read += rows.len();
+            for (offsets, ..) in &rows {
+                bytes += (offsets[6] - offsets[5]) as usize;
+            }
+        }
+        let rate = read as f64 / start.elapsed().as_secs_f64();
+        if read != EVENTS || bytes == 0 {
+            return Err(format!("page scan read {read} of {EVENTS} rows").into());
+        }
+        Ok(rate)
+    }
+
     /// [`rate`](Self::rate) on a blocking thread, as the store's reads leave the runtime's
     /// worker; the connection comes back with the figure.
     async fn rate_blocking(self) -> BoxResult<(RawScan, f64)> {
@@ -223,19 +296,37 @@ impl RawScan {
     }
 }
 
+/// What [`sqlite_one_side`] reads with.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Side {
+    /// `read_all`, as the comparison's `ours`.
+    Ours,
+    /// The raw scan, as the comparison's baseline.
+    Raw,
+    /// The raw scan copying each page into one buffer ([`RawScan::page_rate`]).
+    Page,
+    /// The same with the store's checks of each row.
+    PageChecked,
+}
+
 /// One side of the SQLite catch-up alone, `runs` times, for callgrind
-/// (`BENCH_PROFILE=cg_catch_up_ours|cg_catch_up_raw`): instructions per row are
-/// (Ir at `runs` R2 − Ir at R1) / ((R2 − R1) × [`EVENTS`]), which cancels the fill.
-pub async fn sqlite_one_side(ours: bool, runs: usize) -> BoxResult<()> {
+/// (`BENCH_PROFILE=cg_catch_up_ours|cg_catch_up_raw|cg_catch_up_page|cg_catch_up_page_checked`):
+/// instructions per row are (Ir at `runs` R2 − Ir at R1) / ((R2 − R1) × [`EVENTS`]), which
+/// cancels the fill.
+pub async fn sqlite_one_side(side: Side, runs: usize) -> BoxResult<()> {
     let path = crate::limits::temp_file("cg-catch-up");
     let store = SqliteEventRepository::open(&path).await?;
     fill(&store).await?;
     let mut scan = RawScan::open(&path)?;
     for _ in 0..runs {
-        if ours {
-            read_all_rate(&store, PAGE).await?;
-        } else {
-            scan = scan.rate_blocking().await?.0;
+        match side {
+            Side::Ours => {
+                read_all_rate(&store, PAGE).await?;
+            }
+            Side::Raw => scan = scan.rate_blocking().await?.0,
+            Side::Page | Side::PageChecked => {
+                scan.page_rate(side == Side::PageChecked)?;
+            }
         }
     }
     drop(scan);

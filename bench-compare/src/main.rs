@@ -15,7 +15,9 @@
 //!
 //! One part alone: `BENCH_PROFILE=a|b|memory|long|sqlite|postgres|catch_up|lag`
 //! (`cg_ours|cg_es`: workload (a) `BENCH_RUNS` times on one side, for callgrind;
-//! `cg_catch_up_ours|cg_catch_up_raw`: the SQLite catch-up read on one side). For the
+//! `cg_catch_up_ours|cg_catch_up_raw`: the SQLite catch-up read on one side;
+//! `cg_catch_up_page|cg_catch_up_page_checked`: the raw scan copying each page into one
+//! buffer, without and with the store's checks of each row). For the
 //! PostgreSQL part, `BENCH_PG_ONLY=plain|append|dispatch|dispatch_cache` runs one variant
 //! (for a profiler), `BENCH_PG_LEVELS` lists the numbers of dispatchers (default `8,32`),
 //! and `BENCH_PG_PARTS=catch_up` measures `read_all` (pages of
@@ -193,9 +195,14 @@ async fn profile(mode: &str) -> BoxResult<()> {
             }
         }
         "lag" => lag::profile().await?,
-        "cg_catch_up_ours" | "cg_catch_up_raw" => {
-            catch_up::sqlite_one_side(mode == "cg_catch_up_ours", env_usize("BENCH_RUNS", 1))
-                .await?;
+        "cg_catch_up_ours" | "cg_catch_up_raw" | "cg_catch_up_page" | "cg_catch_up_page_checked" => {
+            let side = match mode {
+                "cg_catch_up_ours" => catch_up::Side::Ours,
+                "cg_catch_up_raw" => catch_up::Side::Raw,
+                "cg_catch_up_page" => catch_up::Side::Page,
+                _ => catch_up::Side::PageChecked,
+            };
+            catch_up::sqlite_one_side(side, env_usize("BENCH_RUNS", 1)).await?;
         }
         // For callgrind: workload (a) `BENCH_RUNS` times on one side only, nothing timed.
         // Instructions per command = (Ir at runs R2 - Ir at runs R1) / ((R2 - R1) * 100,000).
@@ -227,7 +234,7 @@ async fn profile(mode: &str) -> BoxResult<()> {
         }
         other => {
             return Err(format!(
-                "unknown BENCH_PROFILE {other:?}: a, b, memory, long, sqlite, postgres, catch_up, lag, cg_ours, cg_es, cg_catch_up_ours or cg_catch_up_raw"
+                "unknown BENCH_PROFILE {other:?}: a, b, memory, long, sqlite, postgres, catch_up, lag, cg_ours, cg_es, cg_catch_up_ours, cg_catch_up_raw, cg_catch_up_page or cg_catch_up_page_checked"
             )
             .into())
         }
