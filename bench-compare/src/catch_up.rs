@@ -177,12 +177,18 @@ impl RawScan {
         Ok(RawScan { connection })
     }
 
+    /// The store's page query (`?1` the position after which, `?2` the page size), cached
+    /// on this connection.
+    fn page_statement(&self) -> rusqlite::Result<rusqlite::CachedStatement<'_>> {
+        self.connection.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2"
+        ))
+    }
+
     /// The SQLite pages stepped on this connection, every column's bytes touched; events/s.
     fn rate(&self) -> BoxResult<f64> {
         use rusqlite::types::ValueRef;
-        let mut statement = self.connection.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2"
-        ))?;
+        let mut statement = self.page_statement()?;
         let start = Instant::now();
         let (mut after, mut read, mut bytes) = (0i64, 0usize, 0usize);
         loop {
@@ -218,9 +224,7 @@ impl RawScan {
     /// For callgrind only: the floor of such a reader, with and without its checks.
     fn page_rate(&self, checked: bool) -> BoxResult<f64> {
         use rusqlite::types::ValueRef;
-        let mut statement = self.connection.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2"
-        ))?;
+        let mut statement = self.page_statement()?;
         let start = Instant::now();
         let mut buffer: Vec<u8> = Vec::with_capacity(512 * PAGE);
         let mut rows: Vec<([u32; 10], i64, i64, i64)> = Vec::with_capacity(PAGE);
