@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use smol_str::SmolStr;
-use uuid::{NoContext, Timestamp, Uuid};
+use uuid::Uuid;
 
 use crate::error::{CQRSError, DecodeError, EventDecodeError, ViewHandlerError};
 use crate::payload::Payload;
@@ -177,8 +177,8 @@ pub trait DomainEvent:
 
 /// A new event's id and timestamp, from one reading of the clock.
 ///
-/// The id is a UUID v7 of that same instant (milliseconds since the epoch, then random
-/// bits): ids of events appended one after the other grow, so a store's unique index on
+/// The id is a UUID v7 of that same instant (milliseconds since the epoch, then bits
+/// unique to this id, see `crate::ids`): ids of events appended one after the other grow, so a store's unique index on
 /// `event_id` takes each new id near the last one instead of on a random page.
 ///
 /// The timestamp is `Utc::now()`, reusing the calendar date of this thread's previous call
@@ -194,7 +194,7 @@ fn stamp() -> (Uuid, DateTime<Utc>) {
         return (Uuid::new_v4(), Utc::now());
     };
     let (seconds, nanos) = (since_epoch.as_secs(), since_epoch.subsec_nanos());
-    let id = Uuid::new_v7(Timestamp::from_unix(NoContext, seconds, nanos));
+    let id = crate::ids::v7_at(seconds * 1_000 + u64::from(nanos / 1_000_000));
     let day = seconds / 86_400;
     let date = match DAY.with(Cell::get) {
         Some((cached, date)) if cached == day => Some(date),

@@ -14,6 +14,7 @@ pub mod doc;
 mod error;
 mod event;
 mod framework;
+mod ids;
 mod json;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
