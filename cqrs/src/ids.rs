@@ -8,6 +8,11 @@
 //! those 64 bits within 2^64 ids, whatever the clock does; two threads collide only if
 //! their random 64-bit starting points fall within the number of ids drawn of each other.
 //! The remaining 10 bits come from the same sequence's next output.
+//!
+//! Such ids are unique, not unguessable: whoever sees one can compute the thread's next
+//! ones. Nothing in the framework treats an event or command id as a secret; an id that
+//! must not be guessed (a resource a URL alone grants access to) comes from
+//! [`Uuid::new_v4`] or [`Uuid::now_v7`], as the example service's order ids do.
 
 use std::cell::Cell;
 
