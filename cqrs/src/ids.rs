@@ -12,7 +12,9 @@
 //! Such ids are unique, not unguessable: whoever sees one can compute the thread's next
 //! ones. Nothing in the framework treats an event or command id as a secret; an id that
 //! must not be guessed (a resource a URL alone grants access to) comes from
-//! [`Uuid::new_v4`] or [`Uuid::now_v7`], as the example service's order ids do.
+//! [`Uuid::new_v4`] or [`Uuid::now_v7`], as the example service's order ids do. As with the
+//! `uuid` crate's own thread-local generator, a child process forked from a thread that has
+//! made ids continues that thread's sequence: it must not make ids on that thread.
 
 use std::cell::Cell;
 
