@@ -8,6 +8,7 @@
 //! | commands through `CQRSFramework`, stored envelopes, projected views | [`Scenario`] → [`Dispatched`] | in-memory stores (made for you) |
 //! | a process manager's decisions: commands, state, deadlines, completion | [`ProcessFixture`] → [`ProcessGiven`] → [`ProcessThen`] | nothing but the process manager |
 //! | a workflow across aggregates: commands, process runners, deadlines, correlation and causation | [`WorkflowScenario`] → [`Workflow`] | in-memory stores, your frameworks and routers |
+//! | what your code does when the store fails: a lost race, a server gone, a lost answer | [`FaultyStore`] | in memory, or the store you wrap |
 //! | an `EventRepository` implementation | [`conformance::check_event_repository`] | a [`conformance::StoreHarness`] |
 //! | that every stored event version still decodes | [`schema_lock::SchemaLock`] | recorded payloads committed in your crate |
 //!
@@ -489,6 +490,7 @@
 
 mod aggregate;
 pub mod conformance;
+mod faulty;
 mod outcome;
 mod process;
 mod process_scenario;
@@ -499,6 +501,7 @@ pub mod schema_lock;
 mod view;
 
 pub use crate::aggregate::{AggregateFixture, Given, Then};
+pub use crate::faulty::{Calls, Fault, FaultyStore};
 pub use crate::process::{
     on, ProcessEvent, ProcessFixture, ProcessGiven, ProcessThen, SentCommand,
 };

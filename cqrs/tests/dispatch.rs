@@ -459,66 +459,13 @@ async fn sixteen_writers_retrying_within_a_time_all_succeed() {
     );
 }
 
-/// A store on which every append loses the race: another writer always got there first.
-struct AlwaysConflicts {
-    inner: MemoryEventRepository,
-    appends: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-#[async_trait::async_trait]
-impl EventRepository for AlwaysConflicts {
-    async fn append(
-        &self,
-        events: Vec<cqrs::PersistableDomainEvent>,
-    ) -> Result<Vec<i64>, CQRSError> {
-        self.appends
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Err(CQRSError::Conflict {
-            aggregate_type: events[0].aggregate_type.to_string(),
-            aggregate_id: events[0].aggregate_id,
-            expected_sequence: events[0].sequence - 1,
-        })
-    }
-
-    async fn load_events(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        after_sequence: i64,
-    ) -> Result<Vec<cqrs::PersistableDomainEvent>, CQRSError> {
-        self.inner
-            .load_events(aggregate_type, aggregate_id, after_sequence)
-            .await
-    }
-
-    async fn event_sequence(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-    ) -> Result<i64, CQRSError> {
-        self.inner
-            .event_sequence(aggregate_type, aggregate_id)
-            .await
-    }
-
-    async fn read_all(
-        &self,
-        after_position: i64,
-        limit: usize,
-    ) -> Result<Vec<cqrs::PersistableDomainEvent>, CQRSError> {
-        self.inner.read_all(after_position, limit).await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn retrying_within_a_time_gives_up_with_the_conflict_when_the_time_is_up() {
-    let appends = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let store = AlwaysConflicts {
-        inner: MemoryEventRepository::new(),
-        appends: Arc::clone(&appends),
-    };
+    // Every append loses the race: another writer always got there first.
+    let store = cqrs_testkit::FaultyStore::new();
+    store.fail_every_append(cqrs_testkit::Fault::Conflict);
     let time = std::time::Duration::from_millis(200);
-    let framework = CQRSFramework::<Account>::new(store)
+    let framework = CQRSFramework::<Account>::new(store.clone())
         .without_state_cache()
         .with_retry(RetryPolicy::within(time).with_backoff(
             std::time::Duration::from_millis(1),
@@ -538,7 +485,7 @@ async fn retrying_within_a_time_gives_up_with_the_conflict_when_the_time_is_up()
         matches!(conflict_of(&error), Some(CQRSError::Conflict { .. })),
         "expected the last conflict, got {error:?}"
     );
-    let attempts = appends.load(std::sync::atomic::Ordering::SeqCst);
+    let attempts = store.calls().appends;
     assert!(
         attempts > 10,
         "only {attempts} attempts in {time:?} with backoffs of at most 10 ms"
@@ -622,70 +569,16 @@ async fn the_state_cache_serves_dispatches_and_recovers_from_a_foreign_writer() 
     assert_eq!(cached.load(id).await.unwrap().balance, 0);
 }
 
-/// A store that counts the reads a dispatch makes.
-#[derive(Clone, Default)]
-struct CountingReads {
-    inner: MemoryEventRepository,
-    loads: Arc<std::sync::atomic::AtomicUsize>,
-    sequence_reads: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl CountingReads {
-    fn loads(&self) -> usize {
-        self.loads.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn sequence_reads(&self) -> usize {
-        self.sequence_reads
-            .load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-#[async_trait::async_trait]
-impl EventRepository for CountingReads {
-    async fn append(
-        &self,
-        events: Vec<cqrs::PersistableDomainEvent>,
-    ) -> Result<Vec<i64>, CQRSError> {
-        self.inner.append(events).await
-    }
-
-    async fn load_events(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        after_sequence: i64,
-    ) -> Result<Vec<cqrs::PersistableDomainEvent>, CQRSError> {
-        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner
-            .load_events(aggregate_type, aggregate_id, after_sequence)
-            .await
-    }
-
-    async fn event_sequence(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-    ) -> Result<i64, CQRSError> {
-        self.sequence_reads
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner
-            .event_sequence(aggregate_type, aggregate_id)
-            .await
-    }
-
-    async fn read_all(
-        &self,
-        after_position: i64,
-        limit: usize,
-    ) -> Result<Vec<cqrs::PersistableDomainEvent>, CQRSError> {
-        self.inner.read_all(after_position, limit).await
-    }
+/// The (aggregate reads, `event_sequence` reads) a store was asked for: an aggregate is read
+/// with `fold_events` or `load_events`.
+fn reads(store: &cqrs_testkit::FaultyStore) -> (usize, usize) {
+    let calls = store.calls();
+    (calls.fold_events + calls.load_events, calls.event_sequence)
 }
 
 #[tokio::test]
 async fn dispatch_new_appends_at_sequence_one_without_reading_the_store() {
-    let store = CountingReads::default();
+    let store = cqrs_testkit::FaultyStore::new();
     let framework = CQRSFramework::<Account>::new(store.clone());
     let id = Uuid::new_v4();
     let receipt = framework
@@ -694,15 +587,15 @@ async fn dispatch_new_appends_at_sequence_one_without_reading_the_store() {
         .unwrap();
     assert_eq!(receipt.sequence, 1);
     assert_eq!(receipt.events, vec![AccountEvent::Opened]);
-    assert_eq!((store.loads(), store.sequence_reads()), (0, 0));
+    assert_eq!(reads(&store), (0, 0));
     // The state it decided on is cached: the next command reads nothing either.
     framework
         .dispatch(id, AccountCommand::Deposit(7))
         .await
         .unwrap();
-    assert_eq!(store.loads(), 0);
-    assert_eq!(store.inner.len(), 2);
-    let fresh = CQRSFramework::<Account>::new(store.inner.clone());
+    assert_eq!(reads(&store).0, 0);
+    assert_eq!(store.store().len(), 2);
+    let fresh = CQRSFramework::<Account>::new(store.store().clone());
     assert_eq!(
         fresh.load(id).await.unwrap(),
         AccountState {
@@ -752,9 +645,9 @@ async fn dispatch_new_on_an_existing_aggregate_is_a_conflict_and_stores_nothing(
 
 #[tokio::test]
 async fn dispatch_new_checks_the_premise_before_returning_a_refusal_or_no_change() {
-    let store = CountingReads::default();
+    let store = cqrs_testkit::FaultyStore::new();
     let framework = CQRSFramework::<Account>::new(store.clone());
-    let other = CQRSFramework::<Account>::new(store.inner.clone());
+    let other = CQRSFramework::<Account>::new(store.store().clone());
     let (new, existing) = (Uuid::new_v4(), Uuid::new_v4());
     open_with(&other, existing, &[10]).await;
 
@@ -769,7 +662,7 @@ async fn dispatch_new_checks_the_premise_before_returning_a_refusal_or_no_change
         .await
         .unwrap();
     assert_eq!((receipt.sequence, receipt.events.len()), (0, 0));
-    assert_eq!((store.loads(), store.sequence_reads()), (0, 2));
+    assert_eq!(reads(&store), (0, 2));
 
     // On an existing one, the refusal ("not open") and the no-op were decided on a state
     // that is not the aggregate's: both are conflicts instead.
@@ -782,7 +675,7 @@ async fn dispatch_new_checks_the_premise_before_returning_a_refusal_or_no_change
         .dispatch(existing, AccountCommand::Withdraw(10))
         .await
         .unwrap();
-    assert_eq!(store.inner.len(), 3);
+    assert_eq!(store.store().len(), 3);
 }
 
 #[tokio::test]

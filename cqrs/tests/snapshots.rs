@@ -3,15 +3,11 @@
 //! never decided on; the framework replays the history and repairs the row. A confirmed
 //! snapshot costs one read of the events, and the event at its sequence is not decoded.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
-use async_trait::async_trait;
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, DomainEvent, EventRepository, MemoryEventRepository,
-    MemorySnapshotRepository, Payload, PersistableDomainEvent, Snapshot, SnapshotPolicy,
-    SnapshotRepository,
+    MemorySnapshotRepository, Payload, Snapshot, SnapshotPolicy, SnapshotRepository,
 };
+use cqrs_testkit::FaultyStore;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -269,82 +265,18 @@ async fn an_undecodable_snapshot_is_rewritten_in_place_or_replaced_when_ahead() 
     );
 }
 
-/// The memory store, counting the reads the framework makes.
-#[derive(Default)]
-struct CountingStore {
-    inner: MemoryEventRepository,
-    folds: AtomicUsize,
-    loads: AtomicUsize,
-    sequences: AtomicUsize,
-}
-
-impl CountingStore {
-    fn reads(&self) -> (usize, usize, usize) {
-        (
-            self.folds.load(Ordering::SeqCst),
-            self.loads.load(Ordering::SeqCst),
-            self.sequences.load(Ordering::SeqCst),
-        )
-    }
-}
-
-#[async_trait]
-impl EventRepository for CountingStore {
-    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
-        self.inner.append(events).await
-    }
-
-    async fn load_events(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        after_sequence: i64,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        self.loads.fetch_add(1, Ordering::SeqCst);
-        self.inner
-            .load_events(aggregate_type, aggregate_id, after_sequence)
-            .await
-    }
-
-    async fn fold_events(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        after_sequence: i64,
-        visit: &mut (dyn for<'e> FnMut(&'e PersistableDomainEvent) -> Result<(), CQRSError> + Send),
-    ) -> Result<(), CQRSError> {
-        self.folds.fetch_add(1, Ordering::SeqCst);
-        self.inner
-            .fold_events(aggregate_type, aggregate_id, after_sequence, visit)
-            .await
-    }
-
-    async fn event_sequence(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-    ) -> Result<i64, CQRSError> {
-        self.sequences.fetch_add(1, Ordering::SeqCst);
-        self.inner
-            .event_sequence(aggregate_type, aggregate_id)
-            .await
-    }
-
-    async fn read_all(
-        &self,
-        after_position: i64,
-        limit: usize,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        self.inner.read_all(after_position, limit).await
-    }
+/// The (folds, `load_events`, `event_sequence`) a store was asked for.
+fn reads(store: &FaultyStore) -> (usize, usize, usize) {
+    let calls = store.calls();
+    (calls.fold_events, calls.load_events, calls.event_sequence)
 }
 
 #[tokio::test]
 async fn a_confirmed_snapshot_costs_one_read_and_its_own_event_is_not_decoded() {
-    let store = Arc::new(CountingStore::default());
+    let store = FaultyStore::new();
     let snapshots = MemorySnapshotRepository::new();
     let id = Uuid::new_v4();
-    let writer = CQRSFramework::<Book>::new(Arc::clone(&store))
+    let writer = CQRSFramework::<Book>::new(store.clone())
         .with_snapshots(snapshots.clone(), SnapshotPolicy::every(3));
     writer
         .dispatch(id, BookCommand::Lend("ada".into()))
@@ -362,21 +294,21 @@ async fn a_confirmed_snapshot_costs_one_read_and_its_own_event_is_not_decoded() 
 
     // The event at the snapshot's sequence no longer decodes: the snapshot holds it, so a
     // load through the snapshot never decodes it, while a full replay fails on it.
-    assert!(store.inner.update_unchecked(Book::NAME, id, 3, |event| {
+    assert!(store.store().update_unchecked(Book::NAME, id, 3, |event| {
         event.payload = Payload::from_value(&json!("not a book event"));
     }));
-    let without_snapshots = CQRSFramework::<Book>::new(Arc::clone(&store)).without_state_cache();
+    let without_snapshots = CQRSFramework::<Book>::new(store.clone()).without_state_cache();
     assert!(matches!(
         without_snapshots.load(id).await,
         Err(BookError::Framework(CQRSError::EventDecode(_)))
     ));
 
-    let reader = CQRSFramework::<Book>::new(Arc::clone(&store))
+    let reader = CQRSFramework::<Book>::new(store.clone())
         .with_snapshots(snapshots.clone(), SnapshotPolicy::every(3))
         .without_state_cache();
-    let before = store.reads();
+    let before = reads(&store);
     assert_eq!(reader.load(id).await.unwrap(), lent_to("bob"));
-    let after = store.reads();
+    let after = reads(&store);
     assert_eq!(
         (after.0 - before.0, after.1 - before.1, after.2 - before.2),
         (1, 0, 0),
@@ -384,11 +316,11 @@ async fn a_confirmed_snapshot_costs_one_read_and_its_own_event_is_not_decoded() 
     );
 
     // The tail after the snapshot is folded as usual, still in one read per dispatch.
-    let before = store.reads();
+    let before = reads(&store);
     let receipt = reader.dispatch(id, BookCommand::Return).await.unwrap();
     assert_eq!(receipt.sequence, 4);
     assert_eq!(reader.load(id).await.unwrap(), BookState::default());
-    let after = store.reads();
+    let after = reads(&store);
     assert_eq!(
         (after.0 - before.0, after.1 - before.1, after.2 - before.2),
         (2, 0, 0)
@@ -401,16 +333,16 @@ async fn a_confirmed_snapshot_costs_one_read_and_its_own_event_is_not_decoded() 
 
 #[tokio::test]
 async fn without_a_snapshot_store_a_load_is_one_read() {
-    let store = Arc::new(CountingStore::default());
+    let store = FaultyStore::new();
     let id = Uuid::new_v4();
-    let framework = CQRSFramework::<Book>::new(Arc::clone(&store)).without_state_cache();
+    let framework = CQRSFramework::<Book>::new(store.clone()).without_state_cache();
     framework
         .dispatch(id, BookCommand::Lend("ada".into()))
         .await
         .unwrap();
-    let before = store.reads();
+    let before = reads(&store);
     assert_eq!(framework.load(id).await.unwrap(), lent_to("ada"));
-    let after = store.reads();
+    let after = reads(&store);
     assert_eq!(
         (after.0 - before.0, after.1 - before.1, after.2 - before.2),
         (1, 0, 0)
