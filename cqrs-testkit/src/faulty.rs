@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use cqrs::{CQRSError, EventRepository, MemoryEventRepository, PersistableDomainEvent};
+use cqrs::{CQRSError, DamagedRow, EventRepository, MemoryEventRepository, PersistableDomainEvent};
 use uuid::Uuid;
 
 /// How a scripted append fails: the ways a production store's append goes wrong.
@@ -120,6 +120,11 @@ struct Script {
     every_append: Option<Fault>,
     /// How many of the next reads fail.
     reads: usize,
+    /// A row `read_all` cannot read: its position, and how many more pages that start at
+    /// it fail.
+    damaged: Option<(i64, usize)>,
+    /// `subscribe` answers `None`.
+    deaf: bool,
 }
 
 impl FaultyStore<MemoryEventRepository> {
@@ -177,6 +182,23 @@ impl<S: EventRepository> FaultyStore<S> {
     /// `event_sequence`, `read_all`) fail with [`CQRSError::PersistenceError`].
     pub fn fail_reads(&self, count: usize) -> &Self {
         self.script().reads += count;
+        self
+    }
+
+    /// The row at `position` cannot be read, as a store's row with a malformed payload or
+    /// metadata: `read_all` follows its contract for such a row (a page that reaches it ends
+    /// before it, and a page that starts at it is [`CQRSError::DamagedRow`]) for the next
+    /// `pages` pages that start at it (`usize::MAX`: until [`heal`](Self::heal)). Reads of
+    /// one aggregate are not affected.
+    pub fn damage_row(&self, position: i64, pages: usize) -> &Self {
+        self.script().damaged = Some((position, pages));
+        self
+    }
+
+    /// `subscribe` answers `None`, as a store that cannot notify: projections and relays
+    /// poll it. Until [`heal`](Self::heal).
+    pub fn without_notifications(&self) -> &Self {
+        self.script().deaf = true;
         self
     }
 
@@ -305,10 +327,46 @@ impl<S: EventRepository> EventRepository for FaultyStore<S> {
         limit: usize,
     ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
         self.read("read_all", |calls| &mut calls.read_all)?;
-        self.inner.store.read_all(after_position, limit).await
+        let mut events = self.inner.store.read_all(after_position, limit).await?;
+        let Some((damaged, pages)) = self.script().damaged else {
+            return Ok(events);
+        };
+        let Some(index) = events.iter().position(|event| event.position == damaged) else {
+            return Ok(events);
+        };
+        if index > 0 {
+            events.truncate(index);
+            return Ok(events);
+        }
+        {
+            let mut script = self.script();
+            match pages {
+                0 => {
+                    script.damaged = None;
+                    return Ok(events);
+                }
+                usize::MAX => {}
+                _ => script.damaged = Some((damaged, pages - 1)),
+            }
+        }
+        let event = &events[0];
+        Err(DamagedRow {
+            position: event.position,
+            event_id: Some(event.event_id),
+            aggregate_type: Some(event.aggregate_type.to_string()),
+            aggregate_id: Some(event.aggregate_id),
+            sequence: Some(event.sequence),
+            event_type: Some(event.event_type.to_string()),
+            event_version: Some(event.event_version.to_string()),
+            problem: "FaultyStore: the row is damaged, as scripted".to_owned(),
+        }
+        .into())
     }
 
     fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        if self.script().deaf {
+            return None;
+        }
         self.inner.store.subscribe()
     }
 }

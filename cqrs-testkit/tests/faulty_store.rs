@@ -194,3 +194,46 @@ async fn failed_reads_reach_the_caller_and_the_next_read_succeeds() {
     assert_eq!(tallies.load(id).await.ok(), Some(2));
     assert!(store.read_all(0, 10).await.is_ok());
 }
+
+#[tokio::test]
+async fn a_damaged_row_ends_pages_before_it_and_fails_the_pages_that_start_at_it() {
+    let store = FaultyStore::new();
+    let tallies = CQRSFramework::<Tally>::new(store.clone());
+    for by in 1..=4 {
+        tallies
+            .dispatch(Uuid::new_v4(), by)
+            .await
+            .map_err(|e| e.to_string())
+            .unwrap();
+    }
+    store.damage_row(3, 1);
+
+    let positions = |page: Result<Vec<cqrs::PersistableDomainEvent>, CQRSError>| {
+        page.map(|events| events.iter().map(|e| e.position).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        positions(store.read_all(0, 10).await).ok(),
+        Some(vec![1, 2])
+    );
+    match store.read_all(2, 10).await {
+        Err(CQRSError::DamagedRow(row)) => assert_eq!(row.position, 3),
+        other => panic!("expected the damaged row at 3, got {other:?}"),
+    }
+    // One failing page was scripted: the row reads again.
+    assert_eq!(
+        positions(store.read_all(2, 10).await).ok(),
+        Some(vec![3, 4])
+    );
+    // Every page was asked of the store, the failed one included.
+    assert_eq!(store.calls().read_all, 3);
+}
+
+#[tokio::test]
+async fn a_store_without_notifications_gives_no_receiver_until_healed() {
+    let store = FaultyStore::new();
+    assert!(store.subscribe().is_some());
+    store.without_notifications();
+    assert!(store.subscribe().is_none());
+    store.heal();
+    assert!(store.subscribe().is_some());
+}

@@ -8,10 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs::{
     Aggregate, CQRSError, CQRSFramework, DomainEvent, EventEnvelope, EventRepository,
-    MemoryEventRepository, MemoryViewRepository, PersistableDomainEvent, PoisonPolicy, Projection,
-    View, ViewRepository,
+    MemoryEventRepository, MemoryViewRepository, PoisonPolicy, Projection, View, ViewRepository,
 };
 use cqrs::{HandlerRetry, ProjectionStopped};
+use cqrs_testkit::FaultyStore;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -233,46 +233,15 @@ async fn an_event_appended_after_catch_up_reaches_the_view_by_notification() {
     runner.shutdown().await.unwrap();
 }
 
-/// A store that cannot notify: the runner polls.
-struct Deaf(MemoryEventRepository);
-
-#[async_trait]
-impl EventRepository for Deaf {
-    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
-        self.0.append(events).await
-    }
-    async fn load_events(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        after_sequence: i64,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        self.0
-            .load_events(aggregate_type, aggregate_id, after_sequence)
-            .await
-    }
-    async fn event_sequence(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-    ) -> Result<i64, CQRSError> {
-        self.0.event_sequence(aggregate_type, aggregate_id).await
-    }
-    async fn read_all(
-        &self,
-        after_position: i64,
-        limit: usize,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        self.0.read_all(after_position, limit).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_notifications_the_runner_polls() {
     let store = MemoryEventRepository::new();
     let framework = CQRSFramework::<Ledger>::new(store.clone());
     let views = MemoryViewRepository::<Balance>::new();
-    let runner = Projection::<Ledger, Balance>::new(Deaf(store.clone()), views.clone())
+    // A store that cannot notify: the runner polls.
+    let deaf = FaultyStore::wrapping(store.clone());
+    deaf.without_notifications();
+    let runner = Projection::<Ledger, Balance>::new(deaf, views.clone())
         .with_poll_interval(Duration::from_millis(10))
         .start();
     let id = Uuid::new_v4();
@@ -707,83 +676,17 @@ async fn the_memory_view_store_refuses_a_checkpoint_that_goes_back() {
 // page ends before it; a page that starts with it is `DamagedRow`) and gives no change
 // notification, so the runner cannot take a short page for the end.
 
-/// The memory store with the row at `damaged` unreadable until it has been read
-/// `heals_after` times as the first row of a page (`usize::MAX`: never).
-struct DamagedAt {
-    inner: MemoryEventRepository,
-    damaged: i64,
-    heals_after: usize,
-    reads: AtomicUsize,
-}
-
-#[async_trait]
-impl EventRepository for DamagedAt {
-    async fn append(&self, events: Vec<PersistableDomainEvent>) -> Result<Vec<i64>, CQRSError> {
-        self.inner.append(events).await
-    }
-    async fn load_events(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        after_sequence: i64,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        self.inner
-            .load_events(aggregate_type, aggregate_id, after_sequence)
-            .await
-    }
-    async fn event_sequence(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-    ) -> Result<i64, CQRSError> {
-        self.inner
-            .event_sequence(aggregate_type, aggregate_id)
-            .await
-    }
-    async fn read_all(
-        &self,
-        after_position: i64,
-        limit: usize,
-    ) -> Result<Vec<PersistableDomainEvent>, CQRSError> {
-        let mut events = self.inner.read_all(after_position, limit).await?;
-        let Some(index) = events.iter().position(|e| e.position == self.damaged) else {
-            return Ok(events);
-        };
-        if index == 0 {
-            if self.reads.fetch_add(1, Ordering::SeqCst) >= self.heals_after {
-                return Ok(events);
-            }
-            let event = &events[0];
-            return Err(cqrs::DamagedRow {
-                position: event.position,
-                event_id: Some(event.event_id),
-                aggregate_type: Some(event.aggregate_type.to_string()),
-                aggregate_id: Some(event.aggregate_id),
-                sequence: Some(event.sequence),
-                event_type: Some(event.event_type.to_string()),
-                event_version: None,
-                problem: "metadata is not JSON".to_owned(),
-            }
-            .into());
-        }
-        events.truncate(index);
-        Ok(events)
-    }
-}
-
 /// Six deposits of 1..=6 on two ledgers, the third one damaged.
-async fn damaged_store(heals_after: usize) -> (Arc<DamagedAt>, Uuid) {
-    let store = Arc::new(DamagedAt {
-        inner: MemoryEventRepository::new(),
-        damaged: 3,
-        heals_after,
-        reads: AtomicUsize::new(0),
-    });
-    let framework = CQRSFramework::<Ledger>::new(Arc::clone(&store));
+async fn damaged_store(pages: usize) -> (FaultyStore, Uuid) {
+    let store = FaultyStore::new();
+    let framework = CQRSFramework::<Ledger>::new(store.clone());
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     for (id, amount) in [(a, 1), (b, 2), (a, 3), (b, 4), (a, 5), (b, 6)] {
         framework.dispatch(id, vec![amount]).await.unwrap();
     }
+    // Unreadable for the next `pages` pages that start at it, and no change notification,
+    // so the runner cannot take a short page for the end.
+    store.damage_row(3, pages).without_notifications();
     (store, a)
 }
 
@@ -791,7 +694,7 @@ async fn damaged_store(heals_after: usize) -> (Arc<DamagedAt>, Uuid) {
 async fn a_damaged_row_is_one_dead_letter_and_the_rest_applies() {
     let (store, a) = damaged_store(usize::MAX).await;
     let views = MemoryViewRepository::<GrandTotal>::new();
-    let projection = Projection::<Ledger, GrandTotal>::new(Arc::clone(&store), views.clone())
+    let projection = Projection::<Ledger, GrandTotal>::new(store.clone(), views.clone())
         .with_poison_policy(PoisonPolicy::SkipAndRecord)
         .with_handler_retry(quick_retry(2));
     assert_eq!(projection.catch_up().await.unwrap(), 6);
@@ -802,14 +705,14 @@ async fn a_damaged_row_is_one_dead_letter_and_the_rest_applies() {
     assert_eq!((letters[0].position, letters[0].aggregate_id), (3, a));
     assert_eq!(letters[0].sequence, 2);
     assert_eq!(letters[0].attempts, 2);
-    assert!(letters[0].error.contains("metadata is not JSON"));
+    assert!(letters[0].error.contains("the row is damaged"));
 }
 
 #[tokio::test]
 async fn a_damaged_row_stops_a_halting_projection_just_before_it() {
     let (store, _) = damaged_store(usize::MAX).await;
     let views = MemoryViewRepository::<GrandTotal>::new();
-    let projection = Projection::<Ledger, GrandTotal>::new(Arc::clone(&store), views.clone())
+    let projection = Projection::<Ledger, GrandTotal>::new(store.clone(), views.clone())
         .with_handler_retry(HandlerRetry::none());
     for _ in 0..2 {
         match projection.catch_up().await.unwrap_err() {
@@ -826,7 +729,7 @@ async fn a_damaged_row_stops_a_halting_projection_just_before_it() {
 async fn a_damaged_row_repaired_before_the_retries_run_out_is_applied() {
     let (store, _) = damaged_store(1).await;
     let views = MemoryViewRepository::<GrandTotal>::new();
-    let projection = Projection::<Ledger, GrandTotal>::new(Arc::clone(&store), views.clone())
+    let projection = Projection::<Ledger, GrandTotal>::new(store.clone(), views.clone())
         .with_handler_retry(quick_retry(3));
     assert_eq!(projection.catch_up().await.unwrap(), 6);
     let total = load(&views, "all").await.unwrap();
