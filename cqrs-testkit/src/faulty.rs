@@ -57,7 +57,11 @@ impl Calls {
 /// An event store that fails on purpose: it wraps a real one (in memory unless you give
 /// another) and makes the appends and reads you script fail the way a production store
 /// does, so that a test shows what your code does on a lost race, a server that went away,
-/// or an append whose outcome it never learned. Unscripted calls go to the wrapped store.
+/// an append whose outcome it never learned ([`fail_appends`](Self::fail_appends),
+/// [`fail_reads`](Self::fail_reads)), a row it cannot read
+/// ([`damage_row`](Self::damage_row)) or a store that cannot notify
+/// ([`without_notifications`](Self::without_notifications)). Unscripted calls go to the
+/// wrapped store, and every call is counted ([`calls`](Self::calls)).
 ///
 /// Clones share the script and the counts: keep one in the test and give another to the
 /// framework.
