@@ -38,10 +38,11 @@ use super::{fail, ok};
 /// async fn memory_process_store_conforms() {
 ///     check_process_store(|| async { MemoryProcessStore::new() }).await;
 /// }
-/// # fn main() {}
+/// # fn main() {
 /// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
 /// #     check_process_store(|| async { MemoryProcessStore::new() }).await;
 /// # });
+/// # }
 /// ```
 pub async fn check_process_store<S, F, Fut>(make_store: F)
 where
