@@ -105,9 +105,17 @@ impl Calls {
 /// # Ok::<(), CounterError>(())
 /// # }).unwrap();
 /// ```
-#[derive(Clone)]
 pub struct FaultyStore<S = MemoryEventRepository> {
     inner: Arc<Shared<S>>,
+}
+
+// Not derived: a clone shares the wrapped store, which need not be `Clone` itself.
+impl<S> Clone for FaultyStore<S> {
+    fn clone(&self) -> Self {
+        FaultyStore {
+            inner: Arc::clone(&self.inner),
+        }
+    }
 }
 
 struct Shared<S> {
